@@ -1,0 +1,2 @@
+//! The `ambient-cni` chained CNI plugin.
+#![forbid(unsafe_code)]

@@ -1,0 +1,103 @@
+//! Framing for the local unix-socket contracts: a 4-byte big-endian length, then that many
+//! bytes of JSON. One request and one response per connection. Lengths above
+//! [`MAX_FRAME`] are refused before anything is allocated.
+
+use std::io::{Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Largest frame either side accepts (a GC request for a few thousand attachments fits).
+pub const MAX_FRAME: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("peer closed the connection before a complete frame")]
+    Truncated(#[source] std::io::Error),
+    #[error("socket I/O failed")]
+    Io(#[source] std::io::Error),
+    #[error("frame is not a valid message: {0}")]
+    Decode(#[source] serde_json::Error),
+    #[error("message could not be encoded")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// Encodes `msg` with its length header.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg).map_err(FrameError::Encode)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Validates a length header and returns the body length it announces.
+pub fn body_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(FrameError::Decode)
+}
+
+/// Writes one frame (blocking).
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+    let bytes = encode(msg)?;
+    w.write_all(&bytes).map_err(FrameError::Io)?;
+    w.flush().map_err(FrameError::Io)
+}
+
+/// Reads one frame (blocking).
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header).map_err(truncated)?;
+    let len = body_len(header)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(truncated)?;
+    decode(&body)
+}
+
+fn truncated(e: std::io::Error) -> FrameError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        FrameError::Truncated(e)
+    } else {
+        FrameError::Io(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let bytes = encode(&serde_json::json!({"a": 1})).unwrap();
+        let v: serde_json::Value = read_frame(&mut &bytes[..]).unwrap();
+        assert_eq!(v["a"], 1);
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_reading() {
+        let header = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let err = read_frame::<serde_json::Value>(&mut &header[..]).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(_)));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let bytes = encode(&serde_json::json!({"op": "status"})).unwrap();
+        for end in 0..bytes.len() {
+            assert!(read_frame::<serde_json::Value>(&mut &bytes[..end]).is_err());
+        }
+    }
+}

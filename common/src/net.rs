@@ -1,0 +1,92 @@
+//! Address types that are family-agnostic from the start (IPv4 and IPv6 alike).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An address with its prefix length, as CNI results write it: `10.244.1.5/24`, `fd00::5/64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpPrefix {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseIpPrefixError {
+    #[error("{0:?} is not an address with a prefix length (like 10.0.0.2/24)")]
+    Shape(String),
+    #[error("{0:?} has an invalid address")]
+    Address(String),
+    #[error("{0:?} has a prefix length out of range for its family")]
+    Prefix(String),
+}
+
+impl IpPrefix {
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(Self { addr, prefix })
+    }
+}
+
+impl FromStr for IpPrefix {
+    type Err = ParseIpPrefixError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| ParseIpPrefixError::Shape(s.to_owned()))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| ParseIpPrefixError::Address(s.to_owned()))?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|_| ParseIpPrefixError::Prefix(s.to_owned()))?;
+        Self::new(addr, prefix).ok_or_else(|| ParseIpPrefixError::Prefix(s.to_owned()))
+    }
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for IpPrefix {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpPrefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_families() {
+        let v4: IpPrefix = "10.244.1.5/24".parse().unwrap();
+        assert_eq!(v4.to_string(), "10.244.1.5/24");
+        let v6: IpPrefix = "fd00::5/64".parse().unwrap();
+        assert_eq!(v6.prefix, 64);
+        assert!("10.0.0.1/33".parse::<IpPrefix>().is_err());
+        assert!("10.0.0.1".parse::<IpPrefix>().is_err());
+        assert!("x/3".parse::<IpPrefix>().is_err());
+        assert!("fd00::1/129".parse::<IpPrefix>().is_err());
+    }
+
+    #[test]
+    fn every_prefix_of_a_valid_input_is_handled() {
+        let s = "fd00:10:244::17/128";
+        for end in 0..=s.len() {
+            let _ = s[..end].parse::<IpPrefix>();
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! The node agent.
+#![forbid(unsafe_code)]

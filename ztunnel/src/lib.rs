@@ -1,0 +1,2 @@
+//! ztunnel.
+#![forbid(unsafe_code)]
