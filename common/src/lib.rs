@@ -10,6 +10,8 @@
 pub mod agent_api;
 pub mod constants;
 pub mod frame;
+#[cfg(feature = "manifests")]
+pub mod manifest;
 pub mod net;
 pub mod ztunnel_api;
 
