@@ -248,7 +248,7 @@ kind: Pod
 metadata:
   name: web-1
   namespace: shop
-  uid: 1111
+  uid: "1111"
 spec:
   nodeName: node-a
   serviceAccountName: web
