@@ -91,7 +91,9 @@ pub enum AgentReply {
     /// STATUS: the agent can serve ADDs.
     Ready,
     /// GC handled; how many attachments were released.
-    Collected { released: u32 },
+    Collected {
+        released: u32,
+    },
     Error(AgentError),
 }
 
@@ -180,7 +182,10 @@ mod tests {
     #[test]
     fn reply_wire_shape_is_stable() {
         let v = serde_json::to_value(AgentReply::Added(AddOutcome::Captured)).unwrap();
-        assert_eq!(v, serde_json::json!({"result": "added", "detail": "captured"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"result": "added", "detail": "captured"})
+        );
         let e = AgentReply::Error(AgentError::new(ErrorKind::TryAgainLater, "pod not seen"));
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["detail"]["kind"], "try_again_later");

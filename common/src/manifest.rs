@@ -97,7 +97,12 @@ impl Pod {
             .filter_map(|p| p.ip.parse().ok())
             .collect();
         if out.is_empty() {
-            out.extend(self.status.pod_ip.as_deref().and_then(|s| s.parse::<std::net::IpAddr>().ok()));
+            out.extend(
+                self.status
+                    .pod_ip
+                    .as_deref()
+                    .and_then(|s| s.parse::<std::net::IpAddr>().ok()),
+            );
         }
         out
     }
@@ -283,9 +288,135 @@ metadata:
     fn bad_documents_are_precise_errors() {
         let err = parse_documents(Path::new("bad.yaml"), "kind: Pod\nspec: [").unwrap_err();
         assert!(err.to_string().contains("bad.yaml"), "{err}");
-        let err =
-            parse_documents(Path::new("bad.yaml"), "kind: Pod\nspec:\n  hostNetwork: 3\n")
-                .unwrap_err();
+        let err = parse_documents(
+            Path::new("bad.yaml"),
+            "kind: Pod\nspec:\n  hostNetwork: 3\n",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("(Pod)"), "{err}");
+    }
+}
+
+/// Whether a pod belongs in the mesh, and why: the one rule that the node agent (to capture)
+/// and ztunnel (to know which peers speak HBONE) both apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enrolment {
+    /// Namespace or pod labelled `istio.io/dataplane-mode=ambient`, not opted out.
+    Ambient,
+    /// No ambient label (or the namespace's label is something else).
+    NotAmbient,
+    /// The pod is labelled `istio.io/dataplane-mode=none`.
+    OptedOut,
+    /// The pod's namespace is excluded by configuration.
+    Excluded,
+    /// The pod uses the host network namespace.
+    HostNetwork,
+}
+
+impl Enrolment {
+    /// Applies BRIEF §3: a pod label wins over the namespace label; `none` opts out;
+    /// excluded namespaces and host-network pods are never enrolled.
+    pub fn decide(pod: &Pod, namespace: Option<&Namespace>, excluded: &[String]) -> Self {
+        use crate::constants::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+        if pod.spec.host_network {
+            return Self::HostNetwork;
+        }
+        if excluded.iter().any(|n| n == pod.namespace()) {
+            return Self::Excluded;
+        }
+        match pod.metadata.label(DATAPLANE_MODE_LABEL) {
+            Some(DATAPLANE_MODE_NONE) => return Self::OptedOut,
+            Some(DATAPLANE_MODE_AMBIENT) => return Self::Ambient,
+            _ => {}
+        }
+        let ns_label = namespace.and_then(|ns| ns.metadata.label(DATAPLANE_MODE_LABEL));
+        if ns_label == Some(DATAPLANE_MODE_AMBIENT) {
+            Self::Ambient
+        } else {
+            Self::NotAmbient
+        }
+    }
+
+    pub fn is_ambient(self) -> bool {
+        self == Self::Ambient
+    }
+}
+
+#[cfg(test)]
+mod decision_tests {
+    use super::*;
+
+    fn pod(ns: &str, label: Option<&str>, host_network: bool) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.namespace = Some(ns.into());
+        if let Some(l) = label {
+            p.metadata
+                .labels
+                .insert("istio.io/dataplane-mode".into(), l.into());
+        }
+        p.spec.host_network = host_network;
+        p
+    }
+
+    fn ns(label: Option<&str>) -> Namespace {
+        let mut n = Namespace::default();
+        if let Some(l) = label {
+            n.metadata
+                .labels
+                .insert("istio.io/dataplane-mode".into(), l.into());
+        }
+        n
+    }
+
+    #[test]
+    fn decision_table() {
+        let excluded = vec!["kube-system".to_string()];
+        let cases = [
+            (
+                pod("a", None, false),
+                Some(ns(Some("ambient"))),
+                Enrolment::Ambient,
+            ),
+            (pod("a", None, false), Some(ns(None)), Enrolment::NotAmbient),
+            (pod("a", None, false), None, Enrolment::NotAmbient),
+            (
+                pod("a", Some("ambient"), false),
+                Some(ns(None)),
+                Enrolment::Ambient,
+            ),
+            (
+                pod("a", Some("none"), false),
+                Some(ns(Some("ambient"))),
+                Enrolment::OptedOut,
+            ),
+            (
+                pod("a", Some("other"), false),
+                Some(ns(Some("ambient"))),
+                Enrolment::Ambient,
+            ),
+            (
+                pod("a", None, true),
+                Some(ns(Some("ambient"))),
+                Enrolment::HostNetwork,
+            ),
+            (
+                pod("kube-system", Some("ambient"), false),
+                Some(ns(Some("ambient"))),
+                Enrolment::Excluded,
+            ),
+            (
+                pod("a", None, false),
+                Some(ns(Some("none"))),
+                Enrolment::NotAmbient,
+            ),
+        ];
+        for (i, (p, n, want)) in cases.iter().enumerate() {
+            assert_eq!(
+                Enrolment::decide(p, n.as_ref(), &excluded),
+                *want,
+                "case {i}"
+            );
+        }
     }
 }

@@ -57,7 +57,9 @@ pub struct LocalWorkload {
 pub enum ZtunnelReply {
     /// Applied; for `Add` and `Snapshot`, certificates for the identities are held.
     Ack,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[cfg(test)]
