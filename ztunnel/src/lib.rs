@@ -18,3 +18,6 @@
 #![deny(unsafe_code)]
 
 pub mod identity;
+pub mod config;
+pub mod hbone;
+pub mod proxy;

@@ -1,0 +1,405 @@
+//! ztunnel's configuration: command-line flags ([`RunArgs`]) turned into a typed [`Config`] by
+//! a pure function ([`Config::from_args`]) that reports every bad field at once. Nothing here
+//! binds a socket; [`crate::app::App::build`] does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ambient_common::constants;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// What to do with connections to destinations outside the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutsideMesh {
+    /// Connect directly (plain TCP).
+    Allow,
+    /// Refuse the connection.
+    Deny,
+}
+
+/// Default mutual-TLS mode for plaintext arriving at a local ambient pod, when no
+/// PeerAuthentication says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsMode {
+    /// Accept plaintext (subject to authorization policy).
+    Permissive,
+    /// Refuse plaintext.
+    Strict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn d(s: &str) -> String {
+    s.to_owned()
+}
+
+/// Flags of `ztunnel run`. Every port, address, mark and path is a flag.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Name of this node (pods whose spec.nodeName equals it are local).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Directory of Kubernetes manifests (Pods, Namespaces, Services, EndpointSlices,
+    /// AuthorizationPolicies, PeerAuthentications); polled for changes.
+    #[arg(long)]
+    pub manifest_dir: Option<PathBuf>,
+    /// Directory holding ca-cert.pem, ca-key.pem and root-cert.pem (see `ztunnel ca init`).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// Unix socket on which the node agent pushes local workloads.
+    #[arg(long, default_value = constants::ZTUNNEL_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = constants::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Outbound capture listener(s) (repeat for IPv6, e.g. [::]:15001).
+    #[arg(long = "outbound-addr", default_values_t = [d("0.0.0.0:15001")])]
+    pub outbound_addrs: Vec<String>,
+    /// Inbound HBONE listener(s).
+    #[arg(long = "inbound-addr", default_values_t = [d("0.0.0.0:15008")])]
+    pub inbound_addrs: Vec<String>,
+    /// Inbound plaintext capture listener(s).
+    #[arg(long = "inbound-plaintext-addr", default_values_t = [d("0.0.0.0:15006")])]
+    pub inbound_plaintext_addrs: Vec<String>,
+    /// Port HBONE tunnels are addressed to on the destination pod's IP.
+    #[arg(long, default_value_t = constants::HBONE_PORT)]
+    pub hbone_port: u16,
+    /// Admin endpoint (/config_dump, /connections); keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: String,
+    /// Prometheus endpoint (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: String,
+    /// Readiness endpoint (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: String,
+    /// Socket mark on every socket ztunnel opens (decimal or 0x hex).
+    #[arg(long, default_value = "0x539")]
+    pub mark: String,
+    /// Keep the client pod's source IP when connecting to a local pod (IP_TRANSPARENT).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub transparent: bool,
+    /// Connections to destinations outside the mesh.
+    #[arg(long, value_enum, default_value_t = OutsideMesh::Allow)]
+    pub outside_mesh: OutsideMesh,
+    /// Default mTLS mode for plaintext to local ambient pods.
+    #[arg(long, value_enum, default_value_t = MtlsMode::Permissive)]
+    pub default_mtls_mode: MtlsMode,
+    /// Namespace whose AuthorizationPolicies and PeerAuthentications apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
+    /// Namespaces never enrolled (as the node agent is configured), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = constants::DEFAULT_EXCLUDED_NAMESPACES.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    pub excluded_namespaces: Vec<String>,
+    /// Lifetime of issued workload certificates (rotated at half-life).
+    #[arg(long, default_value = "24h")]
+    pub cert_ttl: String,
+    /// How often the manifest directory is checked for changes.
+    #[arg(long, default_value = "1s")]
+    pub poll_interval: String,
+    /// Most concurrent streams on one pooled HBONE connection.
+    #[arg(long, default_value_t = 100)]
+    pub pool_max_streams: usize,
+    /// Pooled HBONE connections unused for this long are closed.
+    #[arg(long, default_value = "60s")]
+    pub pool_idle_timeout: String,
+    /// Interval of HTTP/2 PINGs on pooled connections (dead-connection detection).
+    #[arg(long, default_value = "10s")]
+    pub ping_interval: String,
+    /// A PING unanswered for this long marks the connection dead.
+    #[arg(long, default_value = "5s")]
+    pub ping_timeout: String,
+    /// Timeout to connect to a destination (TCP and TLS).
+    #[arg(long, default_value = "10s")]
+    pub connect_timeout: String,
+    /// On SIGTERM, how long existing connections may drain before ztunnel exits.
+    #[arg(long, default_value = "30s")]
+    pub drain_timeout: String,
+    /// Worker threads of the data-plane runtime.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log one access-log line per connection (target `access`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+    /// Set net.ipv4.tcp_migrate_req=1 in ztunnel's network namespace so connections queued on
+    /// a closing listener move to a new ztunnel's (SO_REUSEPORT takeover).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp_migrate_req: bool,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub node_name: String,
+    pub manifest_dir: Option<PathBuf>,
+    pub ca_dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub trust_domain: String,
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub inbound_plaintext_addrs: Vec<SocketAddr>,
+    pub hbone_port: u16,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub mark: u32,
+    pub transparent: bool,
+    pub outside_mesh: OutsideMesh,
+    pub default_mtls_mode: MtlsMode,
+    pub root_namespace: String,
+    pub excluded_namespaces: Vec<String>,
+    pub cert_ttl: Duration,
+    pub poll_interval: Duration,
+    pub pool: PoolConfig,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub workers: usize,
+    pub log_format: LogFormat,
+    pub access_log: bool,
+    pub tcp_migrate_req: bool,
+}
+
+/// HBONE client pool settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolConfig {
+    pub max_streams: usize,
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `24h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 24h"))?;
+    let mult = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses a mark: decimal or `0x` hexadecimal.
+pub fn parse_mark(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a mark (decimal or 0x hex)"))
+}
+
+impl Config {
+    /// Validates flags; every problem is reported, not just the first.
+    pub fn from_args(a: &RunArgs) -> Result<Self, ConfigError> {
+        let mut errs = Vec::new();
+        let mut addr = |flag: &str, v: &str| -> SocketAddr {
+            v.parse().unwrap_or_else(|_| {
+                errs.push(format!("--{flag}: {v:?} is not an address:port"));
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            })
+        };
+        let outbound_addrs = a
+            .outbound_addrs
+            .iter()
+            .map(|v| addr("outbound-addr", v))
+            .collect();
+        let inbound_addrs = a
+            .inbound_addrs
+            .iter()
+            .map(|v| addr("inbound-addr", v))
+            .collect();
+        let inbound_plaintext_addrs = a
+            .inbound_plaintext_addrs
+            .iter()
+            .map(|v| addr("inbound-plaintext-addr", v))
+            .collect();
+        let admin_addr = addr("admin-addr", &a.admin_addr);
+        let metrics_addr = addr("metrics-addr", &a.metrics_addr);
+        let readiness_addr = addr("readiness-addr", &a.readiness_addr);
+        let mut dur = |flag: &str, v: &str| -> Duration {
+            parse_duration(v).unwrap_or_else(|e| {
+                errs.push(format!("--{flag}: {e}"));
+                Duration::ZERO
+            })
+        };
+        let cert_ttl = dur("cert-ttl", &a.cert_ttl);
+        let poll_interval = dur("poll-interval", &a.poll_interval);
+        let idle_timeout = dur("pool-idle-timeout", &a.pool_idle_timeout);
+        let ping_interval = dur("ping-interval", &a.ping_interval);
+        let ping_timeout = dur("ping-timeout", &a.ping_timeout);
+        let connect_timeout = dur("connect-timeout", &a.connect_timeout);
+        let drain_timeout = dur("drain-timeout", &a.drain_timeout);
+        let mark = parse_mark(&a.mark).unwrap_or_else(|e| {
+            errs.push(format!("--mark: {e}"));
+            0
+        });
+        if a.node_name.trim().is_empty() {
+            errs.push("--node-name: must not be empty".into());
+        }
+        if a.trust_domain.is_empty() || a.trust_domain.contains('/') {
+            errs.push(format!(
+                "--trust-domain: {:?} is not a trust domain",
+                a.trust_domain
+            ));
+        }
+        if cert_ttl < Duration::from_secs(60) && !cert_ttl.is_zero() {
+            errs.push("--cert-ttl: must be at least 60s".into());
+        }
+        if poll_interval.is_zero() {
+            errs.push("--poll-interval: must be positive".into());
+        }
+        if ping_interval.is_zero() || ping_timeout.is_zero() {
+            errs.push("--ping-interval/--ping-timeout: must be positive".into());
+        }
+        if a.pool_max_streams == 0 {
+            errs.push("--pool-max-streams: must be at least 1".into());
+        }
+        if a.workers == 0 {
+            errs.push("--workers: must be at least 1".into());
+        }
+        if a.hbone_port == 0 {
+            errs.push("--hbone-port: must not be 0".into());
+        }
+        if mark & constants::MARK_MASK != mark && mark != 0 {
+            tracing::debug!("mark {mark:#x} has bits outside the project's mask");
+        }
+        if !errs.is_empty() {
+            return Err(ConfigError(errs));
+        }
+        Ok(Self {
+            node_name: a.node_name.clone(),
+            manifest_dir: a.manifest_dir.clone(),
+            ca_dir: a.ca_dir.clone(),
+            agent_socket: a.agent_socket.clone(),
+            trust_domain: a.trust_domain.clone(),
+            outbound_addrs,
+            inbound_addrs,
+            inbound_plaintext_addrs,
+            hbone_port: a.hbone_port,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
+            mark,
+            transparent: a.transparent,
+            outside_mesh: a.outside_mesh,
+            default_mtls_mode: a.default_mtls_mode,
+            root_namespace: a.root_namespace.clone(),
+            excluded_namespaces: a.excluded_namespaces.clone(),
+            cert_ttl,
+            poll_interval,
+            pool: PoolConfig {
+                max_streams: a.pool_max_streams,
+                idle_timeout,
+                ping_interval,
+                ping_timeout,
+            },
+            connect_timeout,
+            drain_timeout,
+            workers: a.workers,
+            log_format: a.log_format,
+            access_log: a.access_log,
+            tcp_migrate_req: a.tcp_migrate_req,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["ztunnel", "--node-name", "n1", "--ca-dir", "/ca"];
+        argv.extend_from_slice(extra);
+        Config::from_args(&Cli::try_parse_from(argv).unwrap().run)
+    }
+
+    #[test]
+    fn defaults_follow_the_brief() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.outbound_addrs[0].port(), constants::OUTBOUND_PORT);
+        assert_eq!(c.inbound_addrs[0].port(), constants::HBONE_PORT);
+        assert_eq!(c.inbound_plaintext_addrs[0].port(), constants::INBOUND_PLAINTEXT_PORT);
+        assert_eq!(c.admin_addr.port(), constants::ADMIN_PORT);
+        assert!(c.admin_addr.ip().is_loopback());
+        assert_eq!(c.metrics_addr.port(), constants::METRICS_PORT);
+        assert_eq!(c.readiness_addr.port(), constants::READINESS_PORT);
+        assert_eq!(c.mark, constants::ZTUNNEL_MARK);
+        assert_eq!(c.cert_ttl, Duration::from_secs(24 * 3600));
+        assert!(c.transparent);
+        assert_eq!(c.agent_socket, PathBuf::from(constants::ZTUNNEL_SOCKET));
+    }
+
+    #[test]
+    fn every_bad_field_is_reported() {
+        let err = parse(&[
+            "--outbound-addr",
+            "nope",
+            "--cert-ttl",
+            "3x",
+            "--mark",
+            "0xzz",
+            "--workers",
+            "0",
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 4, "{err}");
+        let c = parse(&["--transparent", "false", "--outbound-addr", "127.0.0.1:0"]).unwrap();
+        assert!(!c.transparent);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+        assert_eq!(parse_mark("1337").unwrap(), 0x539);
+    }
+}

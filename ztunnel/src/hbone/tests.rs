@@ -1,0 +1,249 @@
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+use crate::config::PoolConfig;
+use crate::identity::Identity;
+
+#[test]
+fn authority_table() {
+    let ok = [
+        ("10.0.0.5:80", "10.0.0.5:80"),
+        ("[fd00::5]:8080", "[fd00::5]:8080"),
+        ("127.0.0.1:65535", "127.0.0.1:65535"),
+    ];
+    for (s, want) in ok {
+        assert_eq!(parse_authority(s).unwrap(), want.parse::<SocketAddr>().unwrap());
+    }
+    let bad = [
+        ("", AuthorityError::Missing),
+        ("web.shop.svc:80", AuthorityError::Shape("web.shop.svc:80".into())),
+        ("10.0.0.5", AuthorityError::Shape("10.0.0.5".into())),
+        ("fd00::5:80", AuthorityError::Shape("fd00::5:80".into())),
+        ("10.0.0.5:0", AuthorityError::PortZero("10.0.0.5:0".into())),
+        ("0.0.0.0:80", AuthorityError::NotUnicast("0.0.0.0:80".into())),
+        ("224.0.0.1:80", AuthorityError::NotUnicast("224.0.0.1:80".into())),
+        ("10.0.0.5:80/x", AuthorityError::Shape("10.0.0.5:80/x".into())),
+        ("10.0.0.5:99999", AuthorityError::Shape("10.0.0.5:99999".into())),
+    ];
+    for (s, want) in bad {
+        assert_eq!(parse_authority(s).unwrap_err(), want, "{s}");
+    }
+    for a in ["10.1.2.3:443", "[fd00::1]:1"] {
+        let addr: SocketAddr = a.parse().unwrap();
+        assert_eq!(parse_authority(&authority(addr)).unwrap(), addr);
+    }
+}
+
+#[test]
+fn forwarded_for() {
+    assert_eq!(parse_forwarded_for("for=10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
+    assert_eq!(
+        parse_forwarded_for("proto=http;for=\"[fd00::1]\""),
+        Some("fd00::1".parse().unwrap())
+    );
+    assert_eq!(parse_forwarded_for("for=unknown"), None);
+    assert_eq!(parse_forwarded_for(""), None);
+}
+
+proptest! {
+    #[test]
+    fn authority_never_panics(s in ".{0,40}") {
+        let _ = parse_authority(&s);
+        let _ = parse_forwarded_for(&s);
+    }
+
+    #[test]
+    fn authority_round_trips(ip in any::<std::net::IpAddr>(), port in 1u16..) {
+        let addr = SocketAddr::new(ip, port);
+        if let Ok(parsed) = parse_authority(&authority(addr)) {
+            prop_assert_eq!(parsed, addr);
+        }
+    }
+}
+
+/// A plain-TCP dialer to a test HBONE server (TLS is covered in identity's tests and the
+/// integration tests).
+struct PlainDialer(SocketAddr);
+
+impl Dialer for PlainDialer {
+    fn dial<'a>(&'a self, _key: &'a PoolKey) -> DialFuture<'a> {
+        Box::pin(async move {
+            let s = TcpStream::connect(self.0).await.map_err(|e| {
+                PoolError::Dial(crate::proxy::SocketError::Connect {
+                    addr: self.0,
+                    source: e,
+                })
+            })?;
+            Ok(Box::new(s) as Box<dyn Io>)
+        })
+    }
+}
+
+use super::pool::{DialFuture, PoolError};
+
+async fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HBONE server without TLS that relays every CONNECT to the authority.
+async fn hbone_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut conn = server_builder().handshake::<_, bytes::Bytes>(s).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(dst) =
+                            parse_authority(req.uri().authority().map(|a| a.as_str()).unwrap_or(""))
+                        else {
+                            let resp = http::Response::builder().status(400).body(()).unwrap();
+                            let _ = respond.send_response(resp, true);
+                            return;
+                        };
+                        let up = TcpStream::connect(dst).await.unwrap();
+                        let resp = http::Response::builder().status(200).body(()).unwrap();
+                        let send = respond.send_response(resp, false).unwrap();
+                        let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+                        let _ = relay_h2(up, send, req.into_body(), &a, &b).await;
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn key(expected: &str) -> PoolKey {
+    PoolKey {
+        src: Identity::new("td", "a", "src"),
+        dst: "127.0.0.1:15008".parse().unwrap(),
+        expected: Identity::new("td", "b", expected),
+    }
+}
+
+fn pool(server: SocketAddr, max_streams: usize, idle: Duration) -> Arc<Pool> {
+    Pool::new(
+        PoolConfig {
+            max_streams,
+            idle_timeout: idle,
+            ping_interval: Duration::from_secs(1),
+            ping_timeout: Duration::from_secs(1),
+        },
+        Box::new(PlainDialer(server)),
+    )
+}
+
+async fn roundtrip(stream: HboneStream, payload: Vec<u8>) -> Vec<u8> {
+    // Relay through a local socket pair so the client side also uses relay_h2.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (inner, _) = l.accept().await.unwrap();
+    let relay = tokio::spawn(async move {
+        let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+        relay_h2(inner, stream.send, stream.recv, &a, &b).await.unwrap();
+        (a.into_inner(), b.into_inner())
+    });
+    let (mut r, mut w) = client.split();
+    let write = async {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap(); // half-close
+    };
+    let mut got = Vec::new();
+    let read = r.read_to_end(&mut got);
+    let ((), res) = tokio::join!(write, read);
+    res.unwrap();
+    let (up, down) = relay.await.unwrap();
+    assert_eq!(up as usize, payload.len());
+    assert_eq!(down as usize, payload.len());
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfer_with_half_close_is_intact() {
+    let upstream = echo_upstream().await;
+    let p = pool(hbone_server().await, 10, Duration::from_secs(60));
+    let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let s = p.connect(&key("b"), upstream, None).await.unwrap();
+    let got = roundtrip(s, payload.clone()).await;
+    assert!(got == payload, "echoed bytes differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_limit_opens_more_connections_and_keys_separate() {
+    let upstream = echo_upstream().await;
+    let p = pool(hbone_server().await, 2, Duration::from_secs(60));
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(p.connect(&key("b"), upstream, None).await.unwrap());
+    }
+    let stats = p.stats();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].connections, 3, "5 streams, 2 per connection");
+    assert_eq!(stats[0].streams, 5);
+    // A different expected identity never shares a connection.
+    held.push(p.connect(&key("c"), upstream, None).await.unwrap());
+    assert_eq!(p.stats().len(), 2);
+    // Released slots are reused.
+    held.truncate(1);
+    let _again = p.connect(&key("b"), upstream, None).await.unwrap();
+    let b: Vec<_> = p.stats().into_iter().filter(|s| s.key == key("b")).collect();
+    assert_eq!(b[0].connections, 3);
+    assert_eq!(b[0].streams, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_evicted_and_many_streams_share_one() {
+    let upstream = echo_upstream().await;
+    let p = pool(hbone_server().await, 100, Duration::from_millis(200));
+    let mut tasks = Vec::new();
+    for i in 0..50u8 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = p.connect(&key("b"), upstream, None).await.unwrap();
+            let payload = vec![i; 10_000 + i as usize];
+            assert_eq!(roundtrip(s, payload.clone()).await, payload);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(p.stats()[0].connections, 1, "one connection multiplexes 50 streams");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    p.evict_idle();
+    assert!(p.stats().is_empty(), "idle connection closed");
+}
+
+#[tokio::test]
+async fn non_200_is_an_error() {
+    let p = pool(hbone_server().await, 10, Duration::from_secs(60));
+    // Port 1 on loopback: the test server answers 200 only after connecting, so use an
+    // authority the server rejects instead.
+    let err = p
+        .connect(&key("b"), "0.0.0.0:80".parse().unwrap(), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("400"), "{err}");
+}

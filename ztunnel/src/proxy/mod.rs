@@ -1,0 +1,5 @@
+//! The listeners: outbound capture, inbound HBONE, inbound plaintext; and the socket factory.
+
+mod socket;
+
+pub use socket::{canonical, original_dst, SocketError, SocketFactory};
