@@ -1,0 +1,354 @@
+//! Nodes and pods built from namespaces: a [`Node`] is a network namespace with its own CNI
+//! configuration (pod CIDR, attachment kind, agent socket) and optional underlay links to other
+//! nodes; a [`Pod`] is a network namespace attached through the node's real CNI chain and
+//! detached (DEL) when dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tempfile::TempDir;
+
+use crate::bins;
+use crate::cni::{self, Attach, ChainSpec, CniArgs, CniError, CniRunner, ConfList, RuntimeConf};
+use crate::netns::{NetNs, NetNsError};
+
+static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopoError {
+    #[error("namespace setup failed")]
+    NetNs(#[from] NetNsError),
+    #[error("CNI chain failed")]
+    Cni(#[from] CniError),
+    #[error("cannot create the node's working directory")]
+    TempDir(#[source] std::io::Error),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pod CIDR {0:?} is not an IPv4 prefix like 10.71.1.0/24")]
+    BadCidr(String),
+}
+
+/// What a node is made of.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Short tag for namespace names (the test's name).
+    pub tag: String,
+    /// This node's pod range (host-local subnet); disjoint between nodes of one test.
+    pub pod_cidr: String,
+    pub attach: Attach,
+    /// The node agent's socket, put into the chain as `agentSocket`; `None` leaves
+    /// `ambient-cni` out of the chain.
+    pub agent_socket: Option<PathBuf>,
+    /// The plugin binary; defaults to the workspace's built `ambient-cni`.
+    pub ambient_cni: Option<PathBuf>,
+    /// Extra keys for the `ambient-cni` conflist entry.
+    pub ambient_extra: Map<String, Value>,
+    pub cni_version: String,
+}
+
+impl NodeSpec {
+    pub fn new(tag: &str, pod_cidr: &str, attach: Attach) -> Self {
+        Self {
+            tag: tag.to_owned(),
+            pod_cidr: pod_cidr.to_owned(),
+            attach,
+            agent_socket: None,
+            ambient_cni: None,
+            ambient_extra: Map::new(),
+            cni_version: "1.0.0".to_owned(),
+        }
+    }
+
+    pub fn agent_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.agent_socket = Some(path.into());
+        self
+    }
+}
+
+#[derive(Debug)]
+struct NodeCore {
+    // Field order is drop order: processes in the namespace stop before their files go.
+    ns: NetNs,
+    dir: TempDir,
+    runner: CniRunner,
+    conflist: ConfList,
+    pod_cidr: String,
+}
+
+/// A node: a network namespace with IP forwarding on and a CNI chain to attach pods.
+#[derive(Debug, Clone)]
+pub struct Node {
+    core: Arc<NodeCore>,
+}
+
+impl Node {
+    pub fn new(spec: &NodeSpec) -> Result<Self, TopoError> {
+        if gateway_of(&spec.pod_cidr).is_none() {
+            return Err(TopoError::BadCidr(spec.pod_cidr.clone()));
+        }
+        let ns = NetNs::new(&format!("{}-node", spec.tag))?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-", ns.name()))
+            .tempdir()
+            .map_err(TopoError::TempDir)?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let cni_bin = dir.path().join("cni-bin");
+        let ambient = match (&spec.agent_socket, &spec.ambient_cni) {
+            (None, _) => None,
+            (Some(_), Some(p)) => Some(p.clone()),
+            (Some(_), None) => Some(
+                bins::BinDir::current()
+                    .and_then(|d| d.find(bins::AMBIENT_CNI))
+                    .map_err(CniError::from)?,
+            ),
+        };
+        cni::assemble_cni_path(&cni_bin, ambient.as_deref())?;
+        let chain = ChainSpec {
+            network: format!("{}-net", spec.tag),
+            cni_version: spec.cni_version.clone(),
+            attach: spec.attach,
+            bridge: "cni0".to_owned(),
+            subnet: spec.pod_cidr.clone(),
+            ipam_data_dir: dir.path().join("ipam"),
+            agent_socket: spec.agent_socket.clone(),
+            ambient_extra: spec.ambient_extra.clone(),
+        };
+        let conflist = ConfList::from_json(&chain.conflist())?;
+        let runner = CniRunner::new(cni_bin, Some(ns.name().to_owned()));
+        Ok(Self {
+            core: Arc::new(NodeCore {
+                ns,
+                dir,
+                runner,
+                conflist,
+                pod_cidr: spec.pod_cidr.clone(),
+            }),
+        })
+    }
+
+    pub fn ns(&self) -> &NetNs {
+        &self.core.ns
+    }
+
+    /// The node's scratch directory (CNI_PATH, IPAM state, logs, sockets).
+    pub fn dir(&self) -> &Path {
+        self.core.dir.path()
+    }
+
+    pub fn runner(&self) -> &CniRunner {
+        &self.core.runner
+    }
+
+    pub fn conflist(&self) -> &ConfList {
+        &self.core.conflist
+    }
+
+    pub fn pod_cidr(&self) -> &str {
+        &self.core.pod_cidr
+    }
+
+    /// Writes the conflist to `dir/<NN>-<network>.conflist` (for a runtime that reads a conf dir).
+    pub fn write_conflist(&self, conf_dir: &Path) -> Result<PathBuf, TopoError> {
+        let path = conf_dir.join(format!("10-{}.conflist", self.core.conflist.name));
+        let write = |source| TopoError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(conf_dir).map_err(write)?;
+        let body = serde_json::to_vec_pretty(&self.core.conflist.to_json())
+            .expect("a JSON value always serializes");
+        std::fs::write(&path, body).map_err(write)?;
+        Ok(path)
+    }
+
+    /// Joins two nodes with a veth "underlay" (`a_addr`/`b_addr` in CIDR notation, same
+    /// subnet) and routes each node's pod CIDR via the other.
+    pub fn link(
+        a: &Node,
+        a_if: &str,
+        a_addr: &str,
+        b: &Node,
+        b_if: &str,
+        b_addr: &str,
+    ) -> Result<(), TopoError> {
+        NetNs::veth_pair(a.ns(), a_if, Some(a_addr), b.ns(), b_if, Some(b_addr))?;
+        let host = |cidr: &str| cidr.split('/').next().unwrap_or(cidr).to_owned();
+        a.ns()
+            .ip(&["route", "add", b.pod_cidr(), "via", &host(b_addr)])?;
+        b.ns()
+            .ip(&["route", "add", a.pod_cidr(), "via", &host(a_addr)])?;
+        Ok(())
+    }
+
+    /// Creates a pod namespace and attaches it through the chain (ADD), as a runtime would.
+    /// When ADD fails the chain is cleaned with DEL (as containerd does) and the error returned.
+    pub fn add_pod(&self, meta: &PodMeta) -> Result<Pod, TopoError> {
+        let ns = NetNs::new(&format!("{}-pod", meta.name))?;
+        let container_id = format!(
+            "{:08x}{:016x}{:08x}",
+            std::process::id(),
+            CONTAINER_SEQ.fetch_add(1, Ordering::Relaxed),
+            rand_u32()
+        );
+        let rt = RuntimeConf {
+            container_id: container_id.clone(),
+            netns: ns.path().to_string_lossy().into_owned(),
+            ifname: "eth0".to_owned(),
+            args: CniArgs {
+                pod_namespace: meta.namespace.clone(),
+                pod_name: meta.name.clone(),
+                pod_uid: meta.uid.clone(),
+                infra_container_id: container_id,
+            },
+            runtime_config: Map::new(),
+        };
+        let mut pod = Pod {
+            node: self.core.clone(),
+            rt,
+            result: Value::Null,
+            attached: true,
+            ns,
+        };
+        match self.core.runner.add(&self.core.conflist, &pod.rt) {
+            Ok(result) => {
+                pod.result = result;
+                Ok(pod)
+            }
+            Err(e) => {
+                // Drop runs DEL without a cached result, as containerd does after a failed ADD.
+                drop(pod);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// A pod's Kubernetes identity, as the runtime passes it in `CNI_ARGS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl PodMeta {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: format!(
+                "{:08x}-0000-4000-8000-{:012x}",
+                rand_u32(),
+                u64::from(rand_u32())
+            ),
+        }
+    }
+}
+
+/// A pod: its namespace attached through the node's chain. Dropping it runs DEL (errors are
+/// printed), then deletes the namespace.
+#[derive(Debug)]
+pub struct Pod {
+    node: Arc<NodeCore>,
+    rt: RuntimeConf,
+    result: Value,
+    attached: bool,
+    ns: NetNs,
+}
+
+impl Pod {
+    pub fn ns(&self) -> &NetNs {
+        &self.ns
+    }
+
+    /// The chain's final ADD result.
+    pub fn result(&self) -> &Value {
+        &self.result
+    }
+
+    pub fn runtime_conf(&self) -> &RuntimeConf {
+        &self.rt
+    }
+
+    /// The pod's first address, without prefix length.
+    pub fn ip(&self) -> Option<String> {
+        cni::result_ips(&self.result)
+            .first()
+            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+    }
+
+    /// CHECK through the chain.
+    pub fn check(&self) -> Result<(), CniError> {
+        self.node
+            .runner
+            .check(&self.node.conflist, &self.rt, &self.result)
+    }
+
+    /// DEL through the chain now (Drop then does nothing more than delete the namespace).
+    pub fn detach(&mut self) -> Result<(), CniError> {
+        let cached = (!self.result.is_null()).then_some(&self.result);
+        let r = self.node.runner.del(&self.node.conflist, &self.rt, cached);
+        self.attached = false;
+        r
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if self.attached {
+            if let Err(e) = self.detach() {
+                eprintln!("cleanup: DEL of pod {} failed: {e}", self.rt.args.pod_name);
+            }
+        }
+    }
+}
+
+/// The first host address of an IPv4 CIDR (the bridge's gateway under host-local's defaults).
+pub fn gateway_of(cidr: &str) -> Option<std::net::Ipv4Addr> {
+    let (addr, len) = cidr.split_once('/')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    let len: u32 = len.parse().ok()?;
+    if len > 30 {
+        return None;
+    }
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    Some(std::net::Ipv4Addr::from((u32::from(addr) & mask) + 1))
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(CONTAINER_SEQ.load(Ordering::Relaxed));
+    h.finish() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_is_first_host() {
+        assert_eq!(
+            gateway_of("10.71.1.0/24"),
+            Some("10.71.1.1".parse().unwrap())
+        );
+        assert_eq!(
+            gateway_of("10.71.1.77/24"),
+            Some("10.71.1.1".parse().unwrap())
+        );
+        assert_eq!(gateway_of("10.0.0.0/31"), None);
+        assert_eq!(gateway_of("nope"), None);
+        assert_eq!(gateway_of("10.0.0.0/x"), None);
+    }
+
+    #[test]
+    fn pod_meta_uids_differ() {
+        assert_ne!(PodMeta::new("a", "b").uid, PodMeta::new("a", "b").uid);
+    }
+}
