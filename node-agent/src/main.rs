@@ -1,1 +1,102 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use node_agent::cli::{Cli, CommandKind};
+use node_agent::config::{Config, ConfigFile};
+
+fn init_logs(json: bool, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        CommandKind::Run(args) => {
+            let file = match &args.config {
+                Some(p) => match ConfigFile::load(p) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("node-agent: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => ConfigFile::default(),
+            };
+            let cfg = match Config::build(file.merge(args.to_layer())) {
+                Ok(c) => c,
+                Err(errors) => {
+                    for e in errors {
+                        eprintln!("node-agent: invalid configuration: {e}");
+                    }
+                    return ExitCode::from(2);
+                }
+            };
+            init_logs(cfg.json_logs, &cfg.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(node_agent::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %anyhow::Error::from(e), "node agent failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        CommandKind::Pods(a) => view("pods", &a),
+        CommandKind::Rules(a) => view("rules", &a),
+        CommandKind::Status(a) => view("status", &a),
+        CommandKind::Uninstall(a) => {
+            init_logs(false, "info");
+            let params = node_agent::nft::RulesetParams {
+                table: a.table.clone(),
+                outbound_port: 0,
+                inbound_plaintext_port: 0,
+                hbone_port: 0,
+                mark: 0,
+                mask: 0,
+            };
+            let res = node_agent::nft::NftDataplane::new(params)
+                .and_then(|mut dp| node_agent::nft::Dataplane::uninstall(&mut dp));
+            if let Err(e) = res {
+                eprintln!("node-agent: removing the tables failed: {e}");
+                return ExitCode::FAILURE;
+            }
+            let routing = node_agent::routing::PolicyRouting {
+                mark: ambient_common::constants::ZTUNNEL_MARK,
+                mask: ambient_common::constants::MARK_MASK,
+                table: ambient_common::constants::ROUTE_TABLE,
+                priority: ambient_common::constants::ROUTE_RULE_PRIORITY,
+            };
+            if let Err(e) = routing.uninstall() {
+                eprintln!("node-agent: removing policy routing failed: {e}");
+                return ExitCode::FAILURE;
+            }
+            let _ = std::fs::remove_file(a.run_dir.join(ambient_common::constants::STATE_FILE));
+            eprintln!("node-agent: tables, policy routing and state removed");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn view(kind: &str, args: &node_agent::cli::ViewArgs) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match node_agent::cli::view(kind, args, &mut out) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("node-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The agent's Prometheus metrics, under the `ambient_agent` prefix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub enrolments: Counter,
+    pub releases: Counter,
+    pub failures: Family<ReasonLabels, Counter>,
+    pub reconcile_runs: Counter,
+    pub drift_repairs: Counter,
+    pub enrolled_pods: Gauge,
+    pub requests: Family<OpLabels, Counter>,
+    pub add_duration: Histogram,
+    pub ztunnel_connected: Gauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            enrolments: Counter::default(),
+            releases: Counter::default(),
+            failures: Family::default(),
+            reconcile_runs: Counter::default(),
+            drift_repairs: Counter::default(),
+            enrolled_pods: Gauge::default(),
+            requests: Family::default(),
+            add_duration: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            ztunnel_connected: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("ambient_agent");
+        r.register(
+            "enrolments",
+            "Pods enrolled (redirection installed)",
+            m.enrolments.clone(),
+        );
+        r.register(
+            "releases",
+            "Pods released (redirection removed)",
+            m.releases.clone(),
+        );
+        r.register(
+            "failures",
+            "Failed operations by reason",
+            m.failures.clone(),
+        );
+        r.register(
+            "reconcile_runs",
+            "Reconcile passes",
+            m.reconcile_runs.clone(),
+        );
+        r.register(
+            "drift_repairs",
+            "Kernel drift found and repaired",
+            m.drift_repairs.clone(),
+        );
+        r.register(
+            "enrolled_pods",
+            "Pods currently enrolled",
+            m.enrolled_pods.clone(),
+        );
+        r.register(
+            "cni_requests",
+            "Plugin requests by operation",
+            m.requests.clone(),
+        );
+        r.register(
+            "add_duration_seconds",
+            "Time to handle a CNI ADD, from request to reply",
+            m.add_duration.clone(),
+        );
+        r.register(
+            "ztunnel_connected",
+            "1 while the agent holds a connection to ztunnel",
+            m.ztunnel_connected.clone(),
+        );
+        m
+    }
+
+    pub fn fail(&self, reason: &str) {
+        self.failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,588 @@
+//! The nftables ruleset: the fixed rules (rendered once from configuration) and the per-pod
+//! set and map elements (the only thing a pod's enrolment changes).
+//!
+//! Two tables named [`ambient_common::constants::NFT_TABLE`]:
+//! - `inet`: anti-spoofing at L3, capture (`nat` prerouting at -110, before kube-proxy's
+//!   DNAT at -100), fail-closed guards, ztunnel's own-traffic marking.
+//! - `bridge`: anti-spoofing at L2 for bridged pods (the inet hooks only see the bridge), and
+//!   L3 steering of bridged ambient pods' TCP so replies to ztunnel's transparent connections
+//!   reach the host stack instead of being switched straight to a neighbour.
+//!
+//! See `docs/architecture.md` for why each rule exists.
+
+use std::collections::BTreeSet;
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Values the fixed rules are rendered from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulesetParams {
+    pub table: String,
+    pub outbound_port: u16,
+    pub inbound_plaintext_port: u16,
+    pub hbone_port: u16,
+    pub mark: u32,
+    pub mask: u32,
+}
+
+/// Chain names and the number of rules each holds: what drift detection compares.
+pub const INET_CHAINS: &[(&str, usize)] = &[
+    ("guard", 4),
+    ("mark_replies", 1),
+    ("capture", 7),
+    ("closed", 2),
+    ("local_hbone", 2),
+    ("mark_own", 1),
+    ("input_guard", 1),
+];
+pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 7)];
+
+impl RulesetParams {
+    /// The fixed part of both tables, as one nft script. Applying it replaces any previous
+    /// version of the tables (and their elements) atomically.
+    pub fn render_base(&self) -> String {
+        let RulesetParams {
+            table,
+            outbound_port: out,
+            inbound_plaintext_port: inb,
+            hbone_port: hbone,
+            mark,
+            mask,
+        } = self;
+        let keep = !mask;
+        format!(
+            r#"table inet {table} {{}}
+delete table inet {table}
+table bridge {table} {{}}
+delete table bridge {table}
+table inet {table} {{
+  comment "ambient data plane: owned by node-agent, do not edit"
+  set pod_v4 {{ type ipv4_addr; comment "ambient pod addresses"; }}
+  set pod_v6 {{ type ipv6_addr; comment "ambient pod addresses"; }}
+  set pod_if_v4 {{ type ifname . ipv4_addr; comment "L3 interface . address of ambient pods"; }}
+  set pod_if_v6 {{ type ifname . ipv6_addr; comment "L3 interface . address of ambient pods"; }}
+  set routed_ports {{ type ifname; comment "host veths of routed ambient pods"; }}
+  chain guard {{
+    type filter hook prerouting priority -300; policy accept;
+    ip saddr @pod_v4 iifname . ip saddr != @pod_if_v4 counter drop comment "ambient address from a foreign interface"
+    ip6 saddr @pod_v6 iifname . ip6 saddr != @pod_if_v6 counter drop comment "ambient address from a foreign interface"
+    iifname @routed_ports iifname . ip saddr != @pod_if_v4 counter drop comment "routed ambient pod with a foreign address"
+    iifname @routed_ports ip6 saddr != fe80::/10 iifname . ip6 saddr != @pod_if_v6 counter drop comment "routed ambient pod with a foreign address"
+  }}
+  chain mark_replies {{
+    type filter hook prerouting priority mangle; policy accept;
+    ct direction reply ct mark & {mask:#x} == {mark:#x} meta mark set meta mark & {keep:#x} | {mark:#x} comment "replies to ztunnel's transparent connections go to ztunnel"
+  }}
+  chain capture {{
+    type nat hook prerouting priority -110; policy accept;
+    meta mark & {mask:#x} == {mark:#x} return
+    meta l4proto tcp ip saddr @pod_v4 counter redirect to :{out} comment "outbound"
+    meta l4proto tcp ip6 saddr @pod_v6 counter redirect to :{out} comment "outbound"
+    ip daddr @pod_v4 tcp dport {hbone} counter redirect to :{hbone} comment "inbound HBONE"
+    ip6 daddr @pod_v6 tcp dport {hbone} counter redirect to :{hbone} comment "inbound HBONE"
+    meta l4proto tcp ip daddr @pod_v4 counter redirect to :{inb} comment "inbound plaintext"
+    meta l4proto tcp ip6 daddr @pod_v6 counter redirect to :{inb} comment "inbound plaintext"
+  }}
+  chain closed {{
+    type filter hook prerouting priority -90; policy accept;
+    ct state new ct status dnat meta l4proto tcp ip daddr @pod_v4 counter reject with tcp reset comment "DNAT to an ambient pod that bypassed capture"
+    ct state new ct status dnat meta l4proto tcp ip6 daddr @pod_v6 counter reject with tcp reset comment "DNAT to an ambient pod that bypassed capture"
+  }}
+  chain local_hbone {{
+    type nat hook output priority -110; policy accept;
+    ip daddr @pod_v4 tcp dport {hbone} redirect to :{hbone} comment "HBONE to a pod of this node"
+    ip6 daddr @pod_v6 tcp dport {hbone} redirect to :{hbone} comment "HBONE to a pod of this node"
+  }}
+  chain mark_own {{
+    type filter hook output priority mangle; policy accept;
+    meta mark & {mask:#x} == {mark:#x} ct mark set ct mark & {keep:#x} | {mark:#x} comment "remember ztunnel's connections"
+  }}
+  chain input_guard {{
+    type filter hook input priority filter; policy accept;
+    tcp dport {{ {out}, {inb} }} ct status & dnat == 0 counter reject with tcp reset comment "capture ports only take captured traffic"
+  }}
+}}
+table bridge {table} {{
+  comment "ambient data plane: owned by node-agent, do not edit"
+  set ports {{ type ifname; comment "bridge ports of ambient pods"; }}
+  set port_v4 {{ type ifname . ipv4_addr; }}
+  set port_v6 {{ type ifname . ipv6_addr; }}
+  set pod_v4 {{ type ipv4_addr; comment "bridged ambient pod addresses"; }}
+  set pod_v6 {{ type ipv6_addr; comment "bridged ambient pod addresses"; }}
+  map port_bridge_mac {{ type ifname : ether_addr; }}
+  chain guard {{
+    type filter hook prerouting priority -300; policy accept;
+    ether type ip ip saddr @pod_v4 iifname . ip saddr != @port_v4 counter drop comment "ambient address from a foreign port"
+    ether type ip6 ip6 saddr @pod_v6 iifname . ip6 saddr != @port_v6 counter drop comment "ambient address from a foreign port"
+    iifname @ports ether type ip iifname . ip saddr != @port_v4 counter drop comment "ambient pod with a foreign address"
+    iifname @ports ether type ip6 ip6 saddr != fe80::/10 iifname . ip6 saddr != @port_v6 counter drop comment "ambient pod with a foreign address"
+    iifname @ports ether type arp arp saddr ip != 0.0.0.0 iifname . arp saddr ip != @port_v4 counter drop comment "ARP for a foreign address"
+    iifname @ports ether type ip ip protocol tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
+    iifname @ports ether type ip6 ip6 nexthdr tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
+  }}
+}}
+"#
+        )
+    }
+
+    /// Removes both tables (uninstall). Idempotent.
+    pub fn render_remove(&self) -> String {
+        let table = &self.table;
+        format!(
+            "table inet {table} {{}}\ndelete table inet {table}\ntable bridge {table} {{}}\ndelete table bridge {table}\n"
+        )
+    }
+}
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut out = [0u8; 6];
+        let mut parts = s.trim().split(':');
+        for b in &mut out {
+            *b = u8::from_str_radix(parts.next().ok_or(())?, 16).map_err(|_| ())?;
+        }
+        if parts.next().is_some() {
+            return Err(());
+        }
+        Ok(Mac(out))
+    }
+}
+
+/// One set or map element. The ordering makes rendering deterministic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Element {
+    PodV4(Ipv4Addr),
+    PodV6(Ipv6Addr),
+    PodIfV4(String, Ipv4Addr),
+    PodIfV6(String, Ipv6Addr),
+    RoutedPort(String),
+    BrPort(String),
+    BrPortV4(String, Ipv4Addr),
+    BrPortV6(String, Ipv6Addr),
+    BrPodV4(Ipv4Addr),
+    BrPodV6(Ipv6Addr),
+    BrPortMac(String, Mac),
+}
+
+impl Element {
+    fn family_set(&self) -> (&'static str, &'static str) {
+        match self {
+            Element::PodV4(_) => ("inet", "pod_v4"),
+            Element::PodV6(_) => ("inet", "pod_v6"),
+            Element::PodIfV4(..) => ("inet", "pod_if_v4"),
+            Element::PodIfV6(..) => ("inet", "pod_if_v6"),
+            Element::RoutedPort(_) => ("inet", "routed_ports"),
+            Element::BrPort(_) => ("bridge", "ports"),
+            Element::BrPortV4(..) => ("bridge", "port_v4"),
+            Element::BrPortV6(..) => ("bridge", "port_v6"),
+            Element::BrPodV4(_) => ("bridge", "pod_v4"),
+            Element::BrPodV6(_) => ("bridge", "pod_v6"),
+            Element::BrPortMac(..) => ("bridge", "port_bridge_mac"),
+        }
+    }
+
+    fn value(&self) -> String {
+        match self {
+            Element::PodV4(a) | Element::BrPodV4(a) => a.to_string(),
+            Element::PodV6(a) | Element::BrPodV6(a) => a.to_string(),
+            Element::PodIfV4(i, a) | Element::BrPortV4(i, a) => format!("{} . {a}", quote(i)),
+            Element::PodIfV6(i, a) | Element::BrPortV6(i, a) => format!("{} . {a}", quote(i)),
+            Element::RoutedPort(i) | Element::BrPort(i) => quote(i),
+            Element::BrPortMac(i, m) => format!("{} : {m}", quote(i)),
+        }
+    }
+}
+
+/// Interface names come from the kernel (at most 15 bytes, no quotes or whitespace); quote
+/// them so nft never reads one as a keyword.
+fn quote(ifname: &str) -> String {
+    format!("\"{ifname}\"")
+}
+
+/// Is `name` a Linux interface name nft can carry safely?
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'/' && b != b'\\' && b != b':')
+}
+
+/// How a pod's host-side veth is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attachment {
+    /// The veth is an L3 interface of the node (`ptp`, Calico).
+    Routed { veth: String },
+    /// The veth is a port of `bridge` (`bridge`, flannel).
+    Bridged {
+        veth: String,
+        bridge: String,
+        bridge_mac: Mac,
+    },
+}
+
+/// The elements that enrol one pod.
+pub fn pod_elements(attachment: &Attachment, ips: &[IpAddr]) -> BTreeSet<Element> {
+    let mut out = BTreeSet::new();
+    match attachment {
+        Attachment::Routed { veth } => {
+            out.insert(Element::RoutedPort(veth.clone()));
+            for ip in ips {
+                match *ip {
+                    IpAddr::V4(a) => {
+                        out.insert(Element::PodV4(a));
+                        out.insert(Element::PodIfV4(veth.clone(), a));
+                    }
+                    IpAddr::V6(a) => {
+                        out.insert(Element::PodV6(a));
+                        out.insert(Element::PodIfV6(veth.clone(), a));
+                    }
+                }
+            }
+        }
+        Attachment::Bridged {
+            veth,
+            bridge,
+            bridge_mac,
+        } => {
+            out.insert(Element::BrPort(veth.clone()));
+            out.insert(Element::BrPortMac(veth.clone(), *bridge_mac));
+            for ip in ips {
+                match *ip {
+                    IpAddr::V4(a) => {
+                        out.insert(Element::PodV4(a));
+                        out.insert(Element::PodIfV4(bridge.clone(), a));
+                        out.insert(Element::BrPodV4(a));
+                        out.insert(Element::BrPortV4(veth.clone(), a));
+                    }
+                    IpAddr::V6(a) => {
+                        out.insert(Element::PodV6(a));
+                        out.insert(Element::PodIfV6(bridge.clone(), a));
+                        out.insert(Element::BrPodV6(a));
+                        out.insert(Element::BrPortV6(veth.clone(), a));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Renders one transaction that deletes `remove` and adds `add`. Deletions come first so
+/// that a re-keyed element (same key, new value in a map) is replaced, not refused.
+pub fn render_changes<'a>(
+    table: &str,
+    remove: impl IntoIterator<Item = &'a Element>,
+    add: impl IntoIterator<Item = &'a Element>,
+) -> String {
+    let mut out = String::new();
+    for (verb, elems) in [
+        ("delete", remove.into_iter().collect::<Vec<_>>()),
+        ("add", add.into_iter().collect::<Vec<_>>()),
+    ] {
+        for e in elems {
+            let (family, set) = e.family_set();
+            let _ = writeln!(
+                out,
+                "{verb} element {family} {table} {set} {{ {} }}",
+                e.value()
+            );
+        }
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListingError {
+    #[error("nft listing is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unexpected element {value} in set {set}")]
+    Element { set: String, value: String },
+}
+
+/// What a JSON listing of one of the tables shows.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub elements: BTreeSet<Element>,
+    /// (chain, number of rules) as found.
+    pub chains: Vec<(String, usize)>,
+    pub present: bool,
+}
+
+/// Parses `nft -j list table <family> <table>` output, accumulating into `into`.
+pub fn parse_listing(json: &str, into: &mut Observed) -> Result<(), ListingError> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let items = v
+        .get("nftables")
+        .and_then(|n| n.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut rule_counts: Vec<(String, usize)> = Vec::new();
+    for item in items {
+        if item.get("table").is_some() {
+            into.present = true;
+        }
+        if let Some(chain) = item.get("chain") {
+            let family = chain["family"].as_str().unwrap_or("");
+            let name = format!("{family}/{}", chain["name"].as_str().unwrap_or(""));
+            rule_counts.push((name, 0));
+        }
+        if let Some(rule) = item.get("rule") {
+            let family = rule["family"].as_str().unwrap_or("");
+            let name = format!("{family}/{}", rule["chain"].as_str().unwrap_or(""));
+            if let Some(c) = rule_counts.iter_mut().find(|(n, _)| *n == name) {
+                c.1 += 1;
+            }
+        }
+        let set = item.get("set").or_else(|| item.get("map"));
+        if let Some(set) = set {
+            let family = set["family"].as_str().unwrap_or("");
+            let name = set["name"].as_str().unwrap_or("");
+            for elem in set
+                .get("elem")
+                .and_then(|e| e.as_array())
+                .into_iter()
+                .flatten()
+            {
+                into.elements.insert(parse_element(family, name, elem)?);
+            }
+        }
+    }
+    into.chains.extend(rule_counts);
+    Ok(())
+}
+
+fn parse_element(
+    family: &str,
+    set: &str,
+    elem: &serde_json::Value,
+) -> Result<Element, ListingError> {
+    let bad = || ListingError::Element {
+        set: format!("{family}/{set}"),
+        value: elem.to_string(),
+    };
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_owned).ok_or_else(bad);
+    let pair = |v: &serde_json::Value| -> Result<(String, String), ListingError> {
+        let parts = v
+            .get("concat")
+            .and_then(|c| c.as_array())
+            .or_else(|| v.as_array())
+            .ok_or_else(bad)?;
+        match parts.as_slice() {
+            [a, b] => Ok((s(a)?, s(b)?)),
+            _ => Err(bad()),
+        }
+    };
+    let v4 = |t: &str| t.parse::<Ipv4Addr>().map_err(|_| bad());
+    let v6 = |t: &str| t.parse::<Ipv6Addr>().map_err(|_| bad());
+    Ok(match (family, set) {
+        ("inet", "pod_v4") => Element::PodV4(v4(&s(elem)?)?),
+        ("inet", "pod_v6") => Element::PodV6(v6(&s(elem)?)?),
+        ("inet", "pod_if_v4") => {
+            let (i, a) = pair(elem)?;
+            Element::PodIfV4(i, v4(&a)?)
+        }
+        ("inet", "pod_if_v6") => {
+            let (i, a) = pair(elem)?;
+            Element::PodIfV6(i, v6(&a)?)
+        }
+        ("inet", "routed_ports") => Element::RoutedPort(s(elem)?),
+        ("bridge", "ports") => Element::BrPort(s(elem)?),
+        ("bridge", "port_v4") => {
+            let (i, a) = pair(elem)?;
+            Element::BrPortV4(i, v4(&a)?)
+        }
+        ("bridge", "port_v6") => {
+            let (i, a) = pair(elem)?;
+            Element::BrPortV6(i, v6(&a)?)
+        }
+        ("bridge", "pod_v4") => Element::BrPodV4(v4(&s(elem)?)?),
+        ("bridge", "pod_v6") => Element::BrPodV6(v6(&s(elem)?)?),
+        ("bridge", "port_bridge_mac") => {
+            let (i, m) = pair(elem)?;
+            Element::BrPortMac(i, m.parse().map_err(|_| bad())?)
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// Chains whose rule count differs from what [`RulesetParams::render_base`] installs.
+pub fn chain_drift(observed: &Observed) -> Vec<String> {
+    let mut drift = Vec::new();
+    for (family, chains) in [("inet", INET_CHAINS), ("bridge", BRIDGE_CHAINS)] {
+        for (name, want) in chains.iter() {
+            let key = format!("{family}/{name}");
+            match observed.chains.iter().find(|(n, _)| *n == key) {
+                None => drift.push(format!("chain {key} is missing")),
+                Some((_, got)) if got != want => {
+                    drift.push(format!("chain {key} has {got} rules, expected {want}"))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    drift
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn params() -> RulesetParams {
+        RulesetParams {
+            table: "ambient".into(),
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            hbone_port: 15008,
+            mark: 0x539,
+            mask: 0xfff,
+        }
+    }
+
+    #[test]
+    fn base_counts_match_the_drift_table() {
+        let text = params().render_base();
+        // Count rule lines per chain in the rendered text and compare with the table.
+        let mut family = "";
+        let mut chain = String::new();
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if line.starts_with("table inet") && line.ends_with('{') {
+                family = "inet";
+            } else if line.starts_with("table bridge") && line.ends_with('{') {
+                family = "bridge";
+            } else if let Some(name) = line.strip_prefix("chain ") {
+                chain = format!("{family}/{}", name.trim_end_matches(" {"));
+                counts.push((chain.clone(), 0));
+            } else if !chain.is_empty()
+                && !line.starts_with("type ")
+                && line != "}"
+                && !line.is_empty()
+            {
+                counts.last_mut().unwrap().1 += 1;
+            }
+            if line == "}" {
+                chain.clear();
+            }
+        }
+        let observed = Observed {
+            chains: counts,
+            present: true,
+            ..Default::default()
+        };
+        assert_eq!(chain_drift(&observed), Vec::<String>::new());
+    }
+
+    #[test]
+    fn routed_and_bridged_elements() {
+        let ips: Vec<IpAddr> = vec!["10.1.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let routed = pod_elements(
+            &Attachment::Routed {
+                veth: "veth1".into(),
+            },
+            &ips,
+        );
+        assert!(routed.contains(&Element::RoutedPort("veth1".into())));
+        assert!(routed.contains(&Element::PodIfV4(
+            "veth1".into(),
+            "10.1.0.5".parse().unwrap()
+        )));
+        assert_eq!(routed.len(), 5);
+        let bridged = pod_elements(
+            &Attachment::Bridged {
+                veth: "veth2".into(),
+                bridge: "cni0".into(),
+                bridge_mac: Mac([2, 0, 0, 0, 0, 1]),
+            },
+            &ips,
+        );
+        assert!(bridged.contains(&Element::PodIfV4(
+            "cni0".into(),
+            "10.1.0.5".parse().unwrap()
+        )));
+        assert!(bridged.contains(&Element::BrPortV6(
+            "veth2".into(),
+            "fd00::5".parse().unwrap()
+        )));
+        assert_eq!(bridged.len(), 10);
+    }
+
+    #[test]
+    fn renders_one_line_per_change_deletes_first() {
+        let add = [Element::PodV4("10.0.0.1".parse().unwrap())];
+        let del = [Element::BrPortMac("v".into(), Mac([0xaa, 0, 0, 0, 0, 1]))];
+        let text = render_changes("ambient", &del, &add);
+        assert_eq!(
+            text,
+            "delete element bridge ambient port_bridge_mac { \"v\" : aa:00:00:00:00:01 }\n\
+             add element inet ambient pod_v4 { 10.0.0.1 }\n"
+        );
+    }
+
+    #[test]
+    fn parses_a_real_listing() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"table": {"family": "inet", "name": "ambient", "handle": 1}},
+          {"set": {"family": "inet", "name": "pod_v4", "table": "ambient", "type": "ipv4_addr", "handle": 8, "elem": ["10.1.1.2"]}},
+          {"set": {"family": "inet", "name": "pod_if_v4", "table": "ambient", "type": ["ifname", "ipv4_addr"], "handle": 10, "elem": [{"concat": ["veth1", "10.1.1.2"]}]}},
+          {"map": {"family": "bridge", "name": "port_bridge_mac", "table": "ambient", "type": "ifname", "handle": 7, "map": "ether_addr", "elem": [["veth1", "02:00:00:00:00:01"]]}},
+          {"chain": {"family": "inet", "table": "ambient", "name": "capture", "handle": 3}},
+          {"rule": {"family": "inet", "table": "ambient", "chain": "capture", "handle": 4, "expr": []}}]}"#;
+        let mut o = Observed::default();
+        parse_listing(json, &mut o).unwrap();
+        assert!(o.present);
+        assert_eq!(o.elements.len(), 3);
+        assert!(o
+            .elements
+            .contains(&Element::BrPortMac("veth1".into(), Mac([2, 0, 0, 0, 0, 1]))));
+        assert_eq!(o.chains, vec![("inet/capture".to_string(), 1)]);
+        let mut bad = Observed::default();
+        let err = parse_listing(
+            r#"{"nftables":[{"set":{"family":"inet","name":"pod_v4","elem":["nope"]}}]}"#,
+            &mut bad,
+        );
+        assert!(err.is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn element_rendering_is_parseable_and_unique(
+            a in any::<[u8; 4]>(), b in any::<[u8; 16]>(), name in "[a-z][a-z0-9]{0,14}", mac in any::<[u8; 6]>()
+        ) {
+            let ips = vec![IpAddr::from(a), IpAddr::from(b)];
+            let att = Attachment::Bridged { veth: name.clone(), bridge: "cni0".into(), bridge_mac: Mac(mac) };
+            let elems = pod_elements(&att, &ips);
+            let text = render_changes("ambient", [], &elems);
+            prop_assert_eq!(text.lines().count(), elems.len());
+            for line in text.lines() {
+                prop_assert!(line.starts_with("add element "));
+                prop_assert!(line.ends_with(" }"), "unterminated: {}", line);
+            }
+            prop_assert!(valid_ifname(&name));
+            prop_assert_eq!(Mac(mac).to_string().parse::<Mac>(), Ok(Mac(mac)));
+        }
+
+        #[test]
+        fn ifname_validation_never_panics(s in ".{0,20}") {
+            let _ = valid_ifname(&s);
+        }
+    }
+}
