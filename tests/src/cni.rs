@@ -413,6 +413,7 @@ impl ChainSpec {
         let ipam = serde_json::json!({
             "type": "host-local",
             "ranges": [[{ "subnet": self.subnet }]],
+            "routes": [{ "dst": "0.0.0.0/0" }],
             "dataDir": self.ipam_data_dir,
         });
         let primary = match self.attach {

@@ -13,6 +13,7 @@
 //! - [`oci`]: a static pause binary and an OCI image archive built from it.
 //! - [`containerd`]: Debian's containerd run inside a node namespace with everything in a
 //!   tempdir, for the CRI end-to-end test.
+//! - [`recorder`]: a chained CNI plugin that records its calls (`cni-recorder` binary).
 //! - [`fake_agent`]: a stand-in node agent speaking `common::agent_api`, recording requests.
 //!
 //! Everything that touches the kernel needs root; the unit tests here do not. The root tests
@@ -26,6 +27,7 @@ pub mod fake_agent;
 pub mod netns;
 pub mod oci;
 pub mod probe;
+pub mod recorder;
 pub mod topo;
 
 pub use netns::{eventually, NetNs};

@@ -1,0 +1,210 @@
+//! Root tests of the harness itself: namespaces, the chain runner with the Debian plugins and a
+//! recording stand-in for `ambient-cni`, nodes and pods with bridge and ptp attachment, and
+//! traffic between pods with `netprobe`. Each test uses its own 10.2xx.0.0/16 range.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ambient_tests::cni::{Attach, CniError};
+use ambient_tests::netns::{eventually, NetNs};
+use ambient_tests::recorder::{read_calls, Call};
+use ambient_tests::topo::{Node, NodeSpec, PodMeta};
+
+const NETPROBE: &str = env!("CARGO_BIN_EXE_netprobe");
+const RECORDER: &str = env!("CARGO_BIN_EXE_cni-recorder");
+
+/// A node whose `ambient-cni` entry is the recorder, writing to `<node dir>/calls.jsonl`.
+fn recording_node(tag: &str, cidr: &str, attach: Attach) -> (Node, PathBuf) {
+    let calls = std::env::temp_dir().join(format!("{tag}-{}-calls.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&calls);
+    let mut spec = NodeSpec::new(tag, cidr, attach).agent_socket("/nonexistent/agent.sock");
+    spec.ambient_cni = Some(PathBuf::from(RECORDER));
+    spec.ambient_extra
+        .insert("recordFile".into(), calls.to_string_lossy().into());
+    (Node::new(&spec).unwrap(), calls)
+}
+
+/// Starts `netprobe listen-echo` in `ns` on `port` and waits until it listens.
+fn echo_server(ns: &NetNs, port: u16, dir: &Path) {
+    let ready = dir.join(format!("ready-{}-{port}", ns.name()));
+    ns.spawn(
+        ns.command(NETPROBE)
+            .args(["listen-echo", "--port", &port.to_string(), "--ready-file"])
+            .arg(&ready),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), || std::fs::metadata(&ready)).unwrap();
+}
+
+fn probe(ns: &NetNs, to: &str) -> Result<String, ambient_tests::netns::NetNsError> {
+    let out = ambient_tests::netns::run(
+        ns.command(NETPROBE)
+            .args(["connect", "--to", to, "--send", "hello"])
+            .env("RUST_LIB_BACKTRACE", "0"),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn netns_guard_removes_namespace_processes_and_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let (name_a, pid);
+    {
+        let a = NetNs::new("guard-a").unwrap();
+        let b = NetNs::new("guard-b").unwrap();
+        NetNs::veth_pair(
+            &a,
+            "va",
+            Some("10.201.0.1/30"),
+            &b,
+            "vb",
+            Some("10.201.0.2/30"),
+        )
+        .unwrap();
+        a.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        assert_eq!(a.sysctl_get("net.ipv4.ip_forward").unwrap(), "1");
+        assert_eq!(b.ipv4_addrs("vb").unwrap(), vec!["10.201.0.2".to_owned()]);
+        echo_server(&b, 7001, dir.path());
+        let out = probe(&a, "10.201.0.2:7001").unwrap();
+        assert!(out.contains("\"received\":\"hello\""), "{out}");
+        name_a = a.name().to_owned();
+        pid = b.spawn(b.command("sleep").arg("600")).unwrap();
+        assert!(Path::new("/run/netns").join(&name_a).exists());
+        assert!(
+            NetNs::veth_pair(&a, "a-name-that-is-too-long", None, &b, "x", None).is_err(),
+            "interface names over 15 characters are refused"
+        );
+    }
+    assert!(!Path::new("/run/netns").join(&name_a).exists());
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "sleep was killed and reaped"
+    );
+}
+
+#[test]
+fn bridge_chain_runs_with_libcni_semantics() {
+    let (node, calls) = recording_node("chain-br", "10.202.1.0/24", Attach::Bridge);
+    let meta = PodMeta::new("ns-a", "pod-a");
+    let pod = node.add_pod(&meta).unwrap();
+    let ip = pod.ip().unwrap();
+    assert!(ip.starts_with("10.202.1."), "{ip}");
+    assert_eq!(pod.ns().ipv4_addrs("eth0").unwrap(), vec![ip.clone()]);
+    // The bridge landed in the node namespace, not the host's.
+    node.ns().ip(&["link", "show", "cni0"]).unwrap();
+    assert!(std::process::Command::new("ip")
+        .args(["link", "show", "cni0"])
+        .output()
+        .unwrap()
+        .stdout
+        .is_empty());
+
+    let c = read_calls(&calls);
+    assert_eq!(c.len(), 1);
+    let add: &Call = &c[0];
+    assert_eq!(add.command, "ADD");
+    assert_eq!(add.env["CNI_NETNS"], pod.ns().path().to_string_lossy());
+    assert_eq!(add.env["CNI_IFNAME"], "eth0");
+    let args = &add.env["CNI_ARGS"];
+    assert!(args.starts_with("IgnoreUnknown=1;"), "{args}");
+    assert!(
+        args.contains(&format!("K8S_POD_UID={}", meta.uid)),
+        "{args}"
+    );
+    assert!(args.contains("K8S_POD_NAME=pod-a") && args.contains("K8S_POD_NAMESPACE=ns-a"));
+    assert_eq!(add.stdin["agentSocket"], "/nonexistent/agent.sock");
+    assert_eq!(add.stdin["name"], node.conflist().name.as_str());
+    assert_eq!(add.stdin["cniVersion"], "1.0.0");
+    assert_eq!(add.stdin["prevResult"], *pod.result());
+    let ifaces = add.stdin["prevResult"]["interfaces"].as_array().unwrap();
+    assert!(ifaces.iter().any(|i| i["name"] == "cni0"));
+
+    pod.check().unwrap();
+    let c = read_calls(&calls);
+    assert_eq!(c.last().unwrap().command, "CHECK");
+    assert_eq!(c.last().unwrap().stdin["prevResult"], *pod.result());
+
+    drop(pod);
+    let c = read_calls(&calls);
+    let del = c.last().unwrap();
+    assert_eq!(del.command, "DEL");
+    assert_eq!(
+        del.stdin["prevResult"]["ips"][0]["address"],
+        format!("{ip}/24")
+    );
+    // host-local released the address.
+    let lease = node.dir().join("ipam").join(&node.conflist().name).join(&ip);
+    assert!(!lease.exists(), "{} still leased", lease.display());
+    let _ = std::fs::remove_file(&calls);
+}
+
+#[test]
+fn pods_on_one_bridge_talk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, calls) = recording_node("talk-br", "10.203.1.0/24", Attach::Bridge);
+    let server = node.add_pod(&PodMeta::new("ns", "server")).unwrap();
+    let client = node.add_pod(&PodMeta::new("ns", "client")).unwrap();
+    echo_server(server.ns(), 8080, dir.path());
+    let out = probe(client.ns(), &format!("{}:8080", server.ip().unwrap())).unwrap();
+    assert!(out.contains(&client.ip().unwrap()), "{out}");
+    drop((server, client));
+    let _ = std::fs::remove_file(&calls);
+}
+
+#[test]
+fn ptp_pods_on_two_linked_nodes_talk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, c1) = recording_node("two-ptp1", "10.204.1.0/24", Attach::Ptp);
+    let (n2, c2) = recording_node("two-ptp2", "10.204.2.0/24", Attach::Ptp);
+    Node::link(&n1, "ul0", "10.204.0.1/30", &n2, "ul0", "10.204.0.2/30").unwrap();
+    let p1 = n1.add_pod(&PodMeta::new("ns", "p1")).unwrap();
+    let p2 = n2.add_pod(&PodMeta::new("ns", "p2")).unwrap();
+    echo_server(p2.ns(), 9090, dir.path());
+    let out = probe(p1.ns(), &format!("{}:9090", p2.ip().unwrap())).unwrap();
+    assert!(out.contains(&p1.ip().unwrap()), "{out}");
+    // ptp gives every pod its own host-side veth, named in prevResult.
+    let add = &read_calls(&c1)[0];
+    let host_if = add.stdin["prevResult"]["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i.get("sandbox").is_none())
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    n1.ns().ip(&["link", "show", &host_if]).unwrap();
+    drop((p1, p2));
+    let _ = std::fs::remove_file(&c1);
+    let _ = std::fs::remove_file(&c2);
+}
+
+#[test]
+fn failed_add_is_a_typed_error_and_is_cleaned_with_del() {
+    let calls = std::env::temp_dir().join(format!("fail-add-{}-calls.jsonl", std::process::id()));
+    let mut spec = NodeSpec::new("fail-add", "10.205.1.0/24", Attach::Bridge).agent_socket("/x");
+    spec.ambient_cni = Some(PathBuf::from(RECORDER));
+    spec.ambient_extra
+        .insert("recordFile".into(), calls.to_string_lossy().into());
+    spec.ambient_extra.insert("failAdd".into(), 11.into());
+    let node = Node::new(&spec).unwrap();
+    let err = node.add_pod(&PodMeta::new("ns", "p")).unwrap_err();
+    let ambient_tests::topo::TopoError::Cni(e) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(e.code(), Some(11), "{e}");
+    assert!(matches!(e, CniError::Plugin { plugin, .. } if plugin == "ambient-cni"));
+    let cmds: Vec<String> = read_calls(&calls).into_iter().map(|c| c.command).collect();
+    assert_eq!(cmds, ["ADD", "DEL"]);
+    // host-local's reservation was released by the DEL: the directory holds no address.
+    let ipam = node.dir().join("ipam").join(&node.conflist().name);
+    let leased = std::fs::read_dir(&ipam)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("10."))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(leased, 0);
+    let _ = std::fs::remove_file(&calls);
+}
