@@ -35,7 +35,7 @@ pub const INET_CHAINS: &[(&str, usize)] = &[
     ("mark_own", 1),
     ("input_guard", 1),
 ];
-pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 7)];
+pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 8)];
 
 impl RulesetParams {
     /// The fixed part of both tables, as one nft script. Applying it replaces any previous
@@ -117,6 +117,7 @@ table bridge {table} {{
     iifname @ports ether type ip iifname . ip saddr != @port_v4 counter drop comment "ambient pod with a foreign address"
     iifname @ports ether type ip6 ip6 saddr != fe80::/10 iifname . ip6 saddr != @port_v6 counter drop comment "ambient pod with a foreign address"
     iifname @ports ether type arp arp saddr ip != 0.0.0.0 iifname . arp saddr ip != @port_v4 counter drop comment "ARP for a foreign address"
+    ether type arp arp saddr ip @pod_v4 iifname . arp saddr ip != @port_v4 counter drop comment "ARP claiming an ambient address"
     iifname @ports ether type ip ip protocol tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
     iifname @ports ether type ip6 ip6 nexthdr tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
   }}

@@ -1,0 +1,557 @@
+//! Redirection proof (issue 2): a node as a network namespace, pods created through the real
+//! Debian CNI chain followed by `ambient-cni`, the real `node-agent` programming nftables in
+//! the node namespace, and a stand-in for ztunnel on the capture ports that records each
+//! connection's original destination. Run as root after `cargo build --workspace`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ambient_tests::bins;
+use ambient_tests::cni::Attach;
+use ambient_tests::netns::eventually;
+use ambient_tests::probe::{self, ConnRecord};
+use ambient_tests::topo::{Node, NodeSpec, Pod, PodMeta};
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(10);
+const NODE_NAME: &str = "node-1";
+
+/// A node with its agent, a manifest directory and its pods.
+struct Lab {
+    // Drop order: pods (DEL through the chain, agent still up), then the node namespace
+    // (which kills the agent and the stand-ins), then the directories.
+    pods: Vec<Pod>,
+    node: Node,
+    dir: TempDir,
+    agent_pid: Option<u32>,
+    standins: Vec<u32>,
+}
+
+impl Lab {
+    fn new(tag: &str, cidr: &str, attach: Attach) -> Lab {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("redirect-{tag}-"))
+            .tempdir()
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        std::fs::create_dir_all(dir.path().join("records")).unwrap();
+        std::fs::write(
+            dir.path().join("manifests/namespaces.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: amb\n  labels:\n    istio.io/dataplane-mode: ambient\n\
+             ---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n",
+        )
+        .unwrap();
+        let spec = NodeSpec::new(tag, cidr, attach).agent_socket(dir.path().join("run/cni.sock"));
+        let node = Node::new(&spec).unwrap();
+        let mut lab = Lab {
+            pods: Vec::new(),
+            node,
+            dir,
+            agent_pid: None,
+            standins: Vec::new(),
+        };
+        lab.start_agent();
+        lab
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn start_agent(&mut self) {
+        let _ = std::fs::remove_file(self.run_dir().join("cni.sock"));
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let mut cmd = self.node.ns().command(bins::binary(bins::NODE_AGENT));
+        cmd.args(["run", "--node-name", NODE_NAME, "--manifest-dir"])
+            .arg(self.dir.path().join("manifests"))
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .args(["--metrics-addr", "127.0.0.1:0", "--pod-wait-ms", "1500"])
+            .args(["--reconcile-interval-ms", "500", "--log-level", "debug"])
+            .stderr(log);
+        self.agent_pid = Some(self.node.ns().spawn(&mut cmd).unwrap());
+        let sock = self.run_dir().join("cni.sock");
+        eventually(WAIT, || {
+            if sock.exists() {
+                Ok(())
+            } else {
+                Err(format!("agent socket missing; log:\n{}", self.agent_log()))
+            }
+        })
+        .unwrap();
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(pid) = self.agent_pid.take() {
+            self.node.ns().stop(pid);
+        }
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Writes the pod's manifest (so the agent knows it), then creates it through the chain.
+    fn pod(&mut self, namespace: &str, name: &str, labels: &[(&str, &str)]) -> usize {
+        let meta = PodMeta::new(namespace, name);
+        self.write_pod_manifest(&meta, labels);
+        let pod = self.node.add_pod(&meta).unwrap_or_else(|e| {
+            panic!(
+                "ADD {namespace}/{name}: {e:?}\nagent log:\n{}",
+                self.agent_log()
+            )
+        });
+        self.pods.push(pod);
+        self.pods.len() - 1
+    }
+
+    fn write_pod_manifest(&self, meta: &PodMeta, labels: &[(&str, &str)]) {
+        let labels: String = labels
+            .iter()
+            .map(|(k, v)| format!("    {k}: {v}\n"))
+            .collect();
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("  labels:\n{labels}")
+        };
+        std::fs::write(
+            self.dir
+                .path()
+                .join(format!("manifests/pod-{}-{}.yaml", meta.namespace, meta.name)),
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n{labels}spec:\n  nodeName: {NODE_NAME}\n  serviceAccountName: sa-{}\n",
+                meta.name, meta.namespace, meta.uid, meta.name
+            ),
+        )
+        .unwrap();
+    }
+
+    fn ip(&self, pod: usize) -> String {
+        self.pods[pod].ip().expect("pod has an address")
+    }
+
+    /// Starts a recording echo server on `port` in the node namespace (the ztunnel stand-in)
+    /// or in a pod; returns the records file.
+    fn recorder(&mut self, pod: Option<usize>, port: u16) -> PathBuf {
+        let tag = pod.map_or("node".to_string(), |p| format!("pod{p}"));
+        let out = self.dir.path().join(format!("records/{tag}-{port}.jsonl"));
+        let ready = self.dir.path().join(format!("records/{tag}-{port}.ready"));
+        let ns = match pod {
+            Some(p) => self.pods[p].ns(),
+            None => self.node.ns(),
+        };
+        let mut cmd = ns.command(bins::binary(bins::NETPROBE));
+        cmd.args(["listen-origdst", "--port", &port.to_string(), "--out"])
+            .arg(&out)
+            .arg("--ready-file")
+            .arg(&ready);
+        let pid = ns.spawn(&mut cmd).unwrap();
+        if pod.is_none() {
+            self.standins.push(pid);
+        }
+        eventually(WAIT, || {
+            if ready.exists() {
+                Ok(())
+            } else {
+                Err("not listening")
+            }
+        })
+        .unwrap();
+        out
+    }
+
+    fn standin_ztunnel(&mut self) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            self.recorder(None, 15001),
+            self.recorder(None, 15006),
+            self.recorder(None, 15008),
+        )
+    }
+
+    fn stop_standins(&mut self) {
+        for pid in std::mem::take(&mut self.standins) {
+            self.node.ns().stop(pid);
+        }
+    }
+
+    /// Connects from a pod (or the node) to `to`; Ok(echo) or Err(reason).
+    fn connect(&self, from: Option<usize>, to: &str) -> Result<String, String> {
+        let ns = match from {
+            Some(p) => self.pods[p].ns(),
+            None => self.node.ns(),
+        };
+        ns.exec(
+            bins::binary(bins::NETPROBE),
+            &[
+                "connect",
+                "--to",
+                to,
+                "--send",
+                "hello",
+                "--timeout-ms",
+                "1500",
+            ],
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn nft_set(&self, family: &str, set: &str) -> String {
+        self.node
+            .ns()
+            .exec("nft", &["list", "set", family, "ambient", set])
+            .unwrap_or_default()
+    }
+
+    fn agent_pods(&self) -> serde_json::Value {
+        let out = Command::new(bins::binary(bins::NODE_AGENT))
+            .args(["pods", "--output", "json", "--run-dir"])
+            .arg(self.run_dir())
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn state_of(&self, name: &str) -> String {
+        self.agent_pods()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["state"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // DEL every pod while the agent is still running, as a runtime would.
+        self.pods.clear();
+    }
+}
+
+fn records(path: &Path) -> Vec<ConnRecord> {
+    probe::read_records(path).unwrap()
+}
+
+fn only_record(path: &Path) -> ConnRecord {
+    let r = eventually(WAIT, || {
+        let r = records(path);
+        if r.len() == 1 {
+            Ok(r)
+        } else {
+            Err(format!("{} records in {}", r.len(), path.display()))
+        }
+    })
+    .unwrap();
+    r[0].clone()
+}
+
+/// The whole capture matrix for one attachment kind.
+fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
+    let mut lab = Lab::new(tag, cidr, attach);
+    let client = lab.pod("amb", "client", &[]);
+    let server = lab.pod("amb", "server", &[]);
+    let plain_client = lab.pod("plain", "pclient", &[]);
+    let plain_server = lab.pod("plain", "pserver", &[]);
+    let opted_out = lab.pod("amb", "optout", &[("istio.io/dataplane-mode", "none")]);
+    let (outbound, inbound, hbone) = lab.standin_ztunnel();
+    let server_rec = lab.recorder(Some(server), 8080);
+    let plain_rec = lab.recorder(Some(plain_server), 8080);
+
+    let server_ip = lab.ip(server);
+    let client_ip = lab.ip(client);
+    assert!(lab.nft_set("inet", "pod_v4").contains(&server_ip));
+    assert!(!lab
+        .nft_set("inet", "pod_v4")
+        .contains(&lab.ip(plain_client)));
+    assert!(!lab.nft_set("inet", "pod_v4").contains(&lab.ip(opted_out)));
+    assert_eq!(lab.state_of("client"), "captured");
+    assert_eq!(lab.state_of("pclient"), "not_ambient");
+    assert_eq!(lab.state_of("optout"), "opted_out");
+
+    // Ambient -> ambient: outbound capture with the original destination recoverable.
+    lab.connect(Some(client), &format!("{server_ip}:8080"))
+        .unwrap();
+    let r = only_record(&outbound);
+    assert_eq!(
+        r.peer.ip().to_string(),
+        client_ip,
+        "client address preserved"
+    );
+    assert_eq!(r.orig_dst.unwrap().to_string(), format!("{server_ip}:8080"));
+    assert!(
+        records(&server_rec).is_empty(),
+        "nothing went around the proxy"
+    );
+
+    // Non-ambient -> non-ambient: untouched.
+    lab.connect(
+        Some(plain_client),
+        &format!("{}:8080", lab.ip(plain_server)),
+    )
+    .unwrap();
+    let r = only_record(&plain_rec);
+    assert_eq!(r.peer.ip().to_string(), lab.ip(plain_client));
+
+    // Non-ambient -> ambient: inbound plaintext capture.
+    lab.connect(Some(plain_client), &format!("{server_ip}:8080"))
+        .unwrap();
+    let r = only_record(&inbound);
+    assert_eq!(r.orig_dst.unwrap().to_string(), format!("{server_ip}:8080"));
+    assert_eq!(r.peer.ip().to_string(), lab.ip(plain_client));
+
+    // HBONE addressed to a local ambient pod reaches the 15008 listener.
+    lab.connect(Some(plain_client), &format!("{server_ip}:15008"))
+        .unwrap();
+    let r = only_record(&hbone);
+    assert_eq!(
+        r.orig_dst.unwrap().to_string(),
+        format!("{server_ip}:15008")
+    );
+
+    // Opted-out pod in an ambient namespace is left alone.
+    lab.connect(Some(opted_out), &format!("{}:8080", lab.ip(plain_server)))
+        .unwrap();
+    assert_eq!(records(&plain_rec).len(), 2);
+
+    // The node's own connection (a kubelet probe) reaches the ambient pod directly.
+    lab.connect(None, &format!("{server_ip}:8080")).unwrap();
+    let r = only_record(&server_rec);
+    assert!(r
+        .orig_dst
+        .is_none_or(|o| o.to_string() == format!("{server_ip}:8080")));
+
+    // Capture ports refuse traffic that was not redirected to them.
+    assert!(lab
+        .connect(Some(plain_client), &format!("{}:15001", cidr_gateway(cidr)))
+        .is_err());
+
+    // CHECK through the chain verifies the redirection.
+    lab.pods[client].check().unwrap();
+
+    // Fail closed: with nothing listening on the capture ports, the ambient pod's
+    // connection is refused and the destination sees nothing.
+    lab.stop_standins();
+    assert!(lab
+        .connect(Some(client), &format!("{server_ip}:8080"))
+        .is_err());
+    assert!(lab
+        .connect(Some(client), &format!("{}:8080", lab.ip(plain_server)))
+        .is_err());
+    assert_eq!(
+        records(&server_rec).len(),
+        1,
+        "only the node's probe reached the server"
+    );
+    assert_eq!(records(&plain_rec).len(), 2);
+
+    // DEL releases: the elements are gone and the pod connects directly again.
+    let mut pod = lab.pods.remove(client);
+    pod.detach().unwrap();
+    assert!(!lab.nft_set("inet", "pod_v4").contains(&client_ip));
+    drop(pod);
+}
+
+fn cidr_gateway(cidr: &str) -> String {
+    ambient_tests::topo::gateway_of(cidr).unwrap().to_string()
+}
+
+#[test]
+fn bridged_pods_are_captured_and_others_untouched() {
+    capture_matrix("rd-br", "10.181.1.0/24", Attach::Bridge);
+}
+
+#[test]
+fn routed_pods_are_captured_and_others_untouched() {
+    capture_matrix("rd-pt", "10.182.1.0/24", Attach::Ptp);
+}
+
+/// A pod that uses another pod's address: dropped before it reaches anything.
+fn spoofing(tag: &str, cidr: &str, attach: Attach) {
+    let mut lab = Lab::new(tag, cidr, attach);
+    let victim = lab.pod("amb", "victim", &[]);
+    let attacker = lab.pod("amb", "attacker", &[]);
+    let plain_attacker = lab.pod("plain", "pattacker", &[]);
+    let target = lab.pod("plain", "target", &[]);
+    let (outbound, _inbound, _hbone) = lab.standin_ztunnel();
+    let target_rec = lab.recorder(Some(target), 8080);
+    let victim_ip = lab.ip(victim);
+    let gateway = cidr_gateway(cidr);
+    let target_ip = lab.ip(target);
+    for p in [attacker, plain_attacker] {
+        let ns = lab.pods[p].ns();
+        // Use the victim's address as the source toward the target.
+        ns.ip(&["addr", "add", &format!("{victim_ip}/32"), "dev", "eth0"])
+            .unwrap();
+        ns.ip(&[
+            "route",
+            "replace",
+            &format!("{target_ip}/32"),
+            "via",
+            &gateway,
+            "dev",
+            "eth0",
+            "src",
+            &victim_ip,
+        ])
+        .unwrap();
+        let out = ns.exec(
+            bins::binary(bins::NETPROBE),
+            &[
+                "connect",
+                "--to",
+                &format!("{target_ip}:8080"),
+                "--timeout-ms",
+                "800",
+            ],
+        );
+        assert!(
+            out.is_err(),
+            "spoofed connection from pod {p} went through: {out:?}"
+        );
+    }
+    assert!(
+        records(&outbound).is_empty(),
+        "spoofed packets reached the proxy"
+    );
+    assert!(
+        records(&target_rec).is_empty(),
+        "spoofed packets reached the target"
+    );
+    // The genuine owner of the address still gets through (to the proxy).
+    lab.connect(Some(victim), &format!("{}:8080", lab.ip(target)))
+        .unwrap();
+    assert_eq!(records(&outbound).len(), 1);
+}
+
+#[test]
+fn bridged_spoofed_source_is_dropped() {
+    spoofing("sp-br", "10.183.1.0/24", Attach::Bridge);
+}
+
+#[test]
+fn routed_spoofed_source_is_dropped() {
+    spoofing("sp-pt", "10.184.1.0/24", Attach::Ptp);
+}
+
+/// Labels change in the source: running pods are enrolled and released without restarting.
+#[test]
+fn label_flips_enrol_and_release_running_pods() {
+    let mut lab = Lab::new("flip", "10.185.1.0/24", Attach::Bridge);
+    let pod = lab.pod("plain", "late", &[]);
+    let ip = lab.ip(pod);
+    assert!(!lab.nft_set("inet", "pod_v4").contains(&ip));
+    let ns_file = lab.dir.path().join("manifests/namespaces.yaml");
+    let original = std::fs::read_to_string(&ns_file).unwrap();
+    std::fs::write(
+        &ns_file,
+        original.replace(
+            "name: plain\n",
+            "name: plain\n  labels:\n    istio.io/dataplane-mode: ambient\n",
+        ),
+    )
+    .unwrap();
+    eventually(WAIT, || {
+        if lab.nft_set("inet", "pod_v4").contains(&ip) {
+            Ok(())
+        } else {
+            Err("not enrolled yet")
+        }
+    })
+    .unwrap();
+    assert_eq!(lab.state_of("late"), "captured");
+    std::fs::write(&ns_file, &original).unwrap();
+    eventually(WAIT, || {
+        if !lab.nft_set("inet", "pod_v4").contains(&ip) {
+            Ok(())
+        } else {
+            Err("not released yet")
+        }
+    })
+    .unwrap();
+    assert_eq!(lab.state_of("late"), "not_ambient");
+}
+
+/// The agent restarts: rules stay while it is down, and on start it reconciles the
+/// difference (a pod deleted meanwhile is released, the others keep their rules).
+#[test]
+fn agent_restart_keeps_rules_and_reconciles() {
+    let mut lab = Lab::new("restart", "10.186.1.0/24", Attach::Ptp);
+    let a = lab.pod("amb", "a", &[]);
+    let b = lab.pod("amb", "b", &[]);
+    let (a_ip, b_ip) = (lab.ip(a), lab.ip(b));
+    lab.stop_agent();
+    let set = lab.nft_set("inet", "pod_v4");
+    assert!(
+        set.contains(&a_ip) && set.contains(&b_ip),
+        "rules survive the agent"
+    );
+    // Pod b is deleted from the source while the agent is down.
+    std::fs::remove_file(lab.dir.path().join("manifests/pod-amb-b.yaml")).unwrap();
+    lab.start_agent();
+    eventually(WAIT, || {
+        let set = lab.nft_set("inet", "pod_v4");
+        if set.contains(&a_ip) && !set.contains(&b_ip) {
+            Ok(())
+        } else {
+            Err(set)
+        }
+    })
+    .unwrap();
+    assert_eq!(lab.state_of("a"), "captured");
+}
+
+/// Someone deletes the table: the periodic drift check puts it back with every element.
+#[test]
+fn drift_is_repaired() {
+    let mut lab = Lab::new("drift", "10.187.1.0/24", Attach::Bridge);
+    let a = lab.pod("amb", "a", &[]);
+    let ip = lab.ip(a);
+    lab.node
+        .ns()
+        .exec("nft", &["delete", "table", "inet", "ambient"])
+        .unwrap();
+    eventually(WAIT, || {
+        if lab.nft_set("inet", "pod_v4").contains(&ip) {
+            Ok(())
+        } else {
+            Err("not repaired")
+        }
+    })
+    .unwrap();
+    lab.node
+        .ns()
+        .exec(
+            "nft",
+            &[
+                "delete",
+                "element",
+                "inet",
+                "ambient",
+                "pod_v4",
+                &format!("{{ {ip} }}"),
+            ],
+        )
+        .unwrap();
+    eventually(WAIT, || {
+        if lab.nft_set("inet", "pod_v4").contains(&ip) {
+            Ok(())
+        } else {
+            Err("element not repaired")
+        }
+    })
+    .unwrap();
+}
+
+/// ADD for a pod the source does not know: bounded wait, then "try again later" (11).
+#[test]
+fn unknown_pod_is_refused_with_try_again_later() {
+    let lab = Lab::new("unknown", "10.188.1.0/24", Attach::Bridge);
+    let meta = PodMeta::new("amb", "ghost");
+    let err = lab.node.add_pod(&meta).unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("11") || text.contains("try again"), "{text}");
+}
