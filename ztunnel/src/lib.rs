@@ -21,3 +21,17 @@ pub mod identity;
 pub mod config;
 pub mod hbone;
 pub mod proxy;
+pub mod policy;
+pub mod store;
+
+/// Formats an error with its chain of sources: `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,301 @@
+//! The node agent's push of local workloads over ztunnel's unix socket
+//! (`ambient_common::ztunnel_api`). ztunnel is the server; each connection carries a
+//! Snapshot, then Adds and Removes, each answered in order. `Ack` means the workloads are in
+//! the store and a certificate is held for each identity; `Error{message}` otherwise.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambient_common::frame;
+use ambient_common::ztunnel_api::{
+    LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest, ZTUNNEL_API_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::Store;
+use crate::identity::{Identity, SecretManager};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot remove the stale socket {path}")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the directory of {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket (replacing a stale file; a ztunnel being replaced keeps serving its
+/// already-open connection).
+pub fn bind_agent_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Dir {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(AgentError::Stale {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    }
+    let l = UnixListener::bind(path).map_err(|source| AgentError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(l)
+}
+
+fn validate(w: &LocalWorkload, node: &str) -> Result<(), String> {
+    if w.uid.is_empty() {
+        return Err("workload has an empty uid".into());
+    }
+    if w.namespace.is_empty() || w.name.is_empty() {
+        return Err(format!("workload {} has an empty namespace or name", w.uid));
+    }
+    if w.ips.is_empty() {
+        return Err(format!("workload {}/{} has no IPs", w.namespace, w.name));
+    }
+    if !w.node.is_empty() && w.node != node {
+        return Err(format!(
+            "workload {}/{} is on node {:?}, this ztunnel serves {node:?}",
+            w.namespace, w.name, w.node
+        ));
+    }
+    Ok(())
+}
+
+fn local(w: &LocalWorkload, node: &str) -> LocalWorkload {
+    let mut w = w.clone();
+    w.node = node.to_owned();
+    w
+}
+
+/// Applies one request; returns the reply.
+pub async fn handle_request(
+    req: ZtunnelRequest,
+    store: &Store,
+    certs: &SecretManager,
+    cert_timeout: Duration,
+) -> ZtunnelReply {
+    if req.version != ZTUNNEL_API_VERSION {
+        return ZtunnelReply::Error {
+            message: format!(
+                "unsupported API version {} (ztunnel speaks {ZTUNNEL_API_VERSION})",
+                req.version
+            ),
+        };
+    }
+    let td = store.trust_domain().to_owned();
+    let ids: Vec<Identity> = match &req.op {
+        ZtunnelOp::Snapshot(ws) => {
+            if let Some(e) = ws.iter().find_map(|w| validate(w, store.node()).err()) {
+                return ZtunnelReply::Error { message: e };
+            }
+            let ws: Vec<_> = ws.iter().map(|w| local(w, store.node())).collect();
+            store.agent_snapshot(&ws);
+            ws.iter()
+                .map(|w| Identity::new(&td, &w.namespace, &default_sa(&w.service_account)))
+                .collect()
+        }
+        ZtunnelOp::Add(w) => {
+            if let Err(e) = validate(w, store.node()) {
+                return ZtunnelReply::Error { message: e };
+            }
+            store.agent_add(&local(w, store.node()));
+            vec![Identity::new(&td, &w.namespace, &default_sa(&w.service_account))]
+        }
+        ZtunnelOp::Remove { uid } => {
+            store.agent_remove(uid);
+            return ZtunnelReply::Ack;
+        }
+    };
+    match tokio::time::timeout(cert_timeout, certs.ensure(&ids)).await {
+        Ok(Ok(())) => ZtunnelReply::Ack,
+        Ok(Err(e)) => ZtunnelReply::Error {
+            message: crate::error_chain(&e),
+        },
+        Err(_) => ZtunnelReply::Error {
+            message: format!("no certificate within {cert_timeout:?}"),
+        },
+    }
+}
+
+fn default_sa(sa: &str) -> String {
+    if sa.is_empty() {
+        "default".into()
+    } else {
+        sa.to_owned()
+    }
+}
+
+async fn serve_conn(
+    mut conn: UnixStream,
+    store: Arc<Store>,
+    certs: Arc<SecretManager>,
+    cert_timeout: Duration,
+    on_change: Arc<dyn Fn() + Send + Sync>,
+) -> Result<(), frame::FrameError> {
+    loop {
+        let mut header = [0u8; 4];
+        match conn.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(frame::FrameError::Io(e)),
+        }
+        let len = frame::body_len(header)?;
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body)
+            .await
+            .map_err(frame::FrameError::Truncated)?;
+        let reply = match frame::decode::<ZtunnelRequest>(&body) {
+            Ok(req) => {
+                tracing::debug!(?req, "agent request");
+                let r = handle_request(req, &store, &certs, cert_timeout).await;
+                on_change();
+                r
+            }
+            Err(e) => ZtunnelReply::Error {
+                message: crate::error_chain(&e),
+            },
+        };
+        if let ZtunnelReply::Error { message } = &reply {
+            tracing::warn!(%message, "agent request refused");
+        }
+        let bytes = frame::encode(&reply)?;
+        conn.write_all(&bytes)
+            .await
+            .map_err(frame::FrameError::Io)?;
+    }
+}
+
+/// Serves the agent until the listener fails.
+pub async fn serve_agent(
+    listener: UnixListener,
+    store: Arc<Store>,
+    certs: Arc<SecretManager>,
+    cert_timeout: Duration,
+    on_change: Arc<dyn Fn() + Send + Sync>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, _)) => {
+                tracing::info!("node agent connected");
+                let (store, certs, on_change) = (store.clone(), certs.clone(), on_change.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve_conn(conn, store, certs, cert_timeout, on_change).await {
+                        tracing::warn!(error = %crate::error_chain(&e), "agent connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "accepting on the agent socket failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{ca_init, FileCa};
+
+    fn lw(uid: &str, ip: &str) -> LocalWorkload {
+        LocalWorkload {
+            uid: uid.into(),
+            namespace: "shop".into(),
+            name: format!("p-{uid}"),
+            service_account: "web".into(),
+            node: "n1".into(),
+            ips: vec![ip.parse().unwrap()],
+        }
+    }
+
+    async fn rpc(conn: &mut UnixStream, op: ZtunnelOp) -> ZtunnelReply {
+        conn.write_all(&frame::encode(&ZtunnelRequest::new(op)).unwrap())
+            .await
+            .unwrap();
+        let mut header = [0u8; 4];
+        conn.read_exact(&mut header).await.unwrap();
+        let mut body = vec![0u8; frame::body_len(header).unwrap()];
+        conn.read_exact(&mut body).await.unwrap();
+        frame::decode(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn snapshot_add_remove_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ca_init(&dir.path().join("ca"), "cluster.local", false).unwrap();
+        let certs = Arc::new(SecretManager::new(
+            Arc::new(FileCa::load(&files, "cluster.local").unwrap()),
+            Duration::from_secs(3600),
+        ));
+        let store = Store::new("n1", "cluster.local");
+        let path = dir.path().join("run/ztunnel.sock");
+        let l = bind_agent_socket(&path).unwrap();
+        tokio::spawn(serve_agent(
+            l,
+            store.clone(),
+            certs.clone(),
+            Duration::from_secs(5),
+            Arc::new(|| {}),
+        ));
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        assert_eq!(
+            rpc(&mut c, ZtunnelOp::Snapshot(vec![lw("a", "10.1.0.2")])).await,
+            ZtunnelReply::Ack
+        );
+        let id = Identity::new("cluster.local", "shop", "web");
+        assert!(certs.get(&id).is_some(), "Ack only once the certificate is held");
+        assert_eq!(rpc(&mut c, ZtunnelOp::Add(lw("b", "10.1.0.3"))).await, ZtunnelReply::Ack);
+        assert!(store.snapshot().local_workload("10.1.0.3".parse().unwrap(), "n1").is_some());
+        assert_eq!(
+            rpc(&mut c, ZtunnelOp::Remove { uid: "a".into() }).await,
+            ZtunnelReply::Ack
+        );
+        assert!(store.snapshot().workload("10.1.0.2".parse().unwrap()).is_none());
+        // Bad input: a precise error, no state change.
+        let mut bad = lw("c", "10.1.0.4");
+        bad.ips.clear();
+        let r = rpc(&mut c, ZtunnelOp::Add(bad)).await;
+        assert!(matches!(r, ZtunnelReply::Error { ref message } if message.contains("no IPs")), "{r:?}");
+        let mut foreign = lw("d", "10.1.0.5");
+        foreign.node = "n2".into();
+        let r = rpc(&mut c, ZtunnelOp::Add(foreign)).await;
+        assert!(matches!(r, ZtunnelReply::Error { .. }));
+        assert!(store.snapshot().workload("10.1.0.5".parse().unwrap()).is_none());
+        // Garbage frame: an error reply, connection stays usable.
+        let junk = b"{\"nope\":1}";
+        let mut bytes = (junk.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(junk);
+        c.write_all(&bytes).await.unwrap();
+        let mut header = [0u8; 4];
+        c.read_exact(&mut header).await.unwrap();
+        let mut body = vec![0u8; frame::body_len(header).unwrap()];
+        c.read_exact(&mut body).await.unwrap();
+        assert!(matches!(frame::decode::<ZtunnelReply>(&body).unwrap(), ZtunnelReply::Error { .. }));
+        assert_eq!(rpc(&mut c, ZtunnelOp::Remove { uid: "b".into() }).await, ZtunnelReply::Ack);
+    }
+}

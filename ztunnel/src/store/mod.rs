@@ -1,0 +1,444 @@
+//! What ztunnel knows about the cluster: workloads (pod IP -> node, namespace, service
+//! account, ambient or not), services (VIP -> endpoints), authorization policies and mTLS
+//! modes. Two sources feed it behind one interface: the manifest directory (`manifest`, all
+//! pods of the cluster) and the node agent's push of local workloads (`agent`). Readers take
+//! an immutable [`State`] snapshot; each source update rebuilds it.
+
+mod agent;
+mod manifest;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use ambient_common::ztunnel_api::LocalWorkload;
+use serde::Serialize;
+
+pub use agent::{bind_agent_socket, handle_request, serve_agent, AgentError};
+pub use manifest::{load as load_manifests, parse_manifests, poll_manifests, ManifestError, ManifestState};
+
+use crate::config::MtlsMode;
+use crate::identity::Identity;
+use crate::policy::AuthorizationPolicy;
+
+/// Where a workload was learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadSource {
+    Agent,
+    Manifest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    /// In the mesh: reached through HBONE.
+    pub ambient: bool,
+    pub source: WorkloadSource,
+}
+
+impl Workload {
+    pub fn identity(&self, trust_domain: &str) -> Identity {
+        Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    fn from_agent(w: &LocalWorkload) -> Self {
+        Self {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: if w.service_account.is_empty() {
+                "default".into()
+            } else {
+                w.service_account.clone()
+            },
+            node: w.node.clone(),
+            ips: w.ips.clone(),
+            labels: BTreeMap::new(),
+            ambient: true,
+            source: WorkloadSource::Agent,
+        }
+    }
+}
+
+/// A service port and where it leads on an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target: TargetPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub ready: bool,
+    /// Port by name, from an EndpointSlice; empty when derived from the service's selector.
+    pub ports: BTreeMap<String, u16>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+impl Clone for Service {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            vips: self.vips.clone(),
+            ports: self.ports.clone(),
+            endpoints: self.endpoints.clone(),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl PartialEq for Service {
+    fn eq(&self, o: &Self) -> bool {
+        self.name == o.name
+            && self.namespace == o.namespace
+            && self.vips == o.vips
+            && self.ports == o.ports
+            && self.endpoints == o.endpoints
+    }
+}
+
+impl Service {
+    pub fn new(
+        name: String,
+        namespace: String,
+        vips: Vec<IpAddr>,
+        ports: Vec<ServicePort>,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
+        Self {
+            name,
+            namespace,
+            vips,
+            ports,
+            endpoints,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// `<name>.<namespace>.svc` (the label Istio uses for destination_service).
+    pub fn host(&self) -> String {
+        format!("{}.{}.svc", self.name, self.namespace)
+    }
+
+    fn target_port(&self, sp: &ServicePort, ep: &Endpoint) -> Option<u16> {
+        if !ep.ports.is_empty() {
+            if let Some(p) = ep.ports.get(&sp.name) {
+                return Some(*p);
+            }
+            if ep.ports.len() == 1 && self.ports.len() == 1 {
+                return ep.ports.values().next().copied();
+            }
+        }
+        match &sp.target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(_) => None,
+        }
+    }
+
+    /// Picks a ready endpoint for `port` (round robin) and returns its address.
+    pub fn pick(&self, port: u16) -> Option<SocketAddr> {
+        let sp = self.ports.iter().find(|p| p.port == port)?;
+        let candidates: Vec<SocketAddr> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter_map(|e| self.target_port(sp, e).map(|p| SocketAddr::new(e.ip, p)))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        Some(candidates[i])
+    }
+}
+
+/// mTLS mode settings from PeerAuthentication objects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub mode: Option<MtlsMode>,
+}
+
+/// An immutable view for the data plane.
+#[derive(Debug, Default)]
+pub struct State {
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<IpAddr, Arc<Service>>,
+    pub policies: Vec<Arc<AuthorizationPolicy>>,
+    peer_auth: Vec<PeerAuthentication>,
+    pub workloads: Vec<Arc<Workload>>,
+    pub service_list: Vec<Arc<Service>>,
+}
+
+impl State {
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// An ambient workload on `node` with this IP.
+    pub fn local_workload(&self, ip: IpAddr, node: &str) -> Option<&Arc<Workload>> {
+        self.by_ip
+            .get(&ip)
+            .filter(|w| w.ambient && w.node == node)
+    }
+
+    pub fn service(&self, vip: IpAddr) -> Option<&Arc<Service>> {
+        self.services.get(&vip)
+    }
+
+    /// The effective mTLS mode for a namespace: its PeerAuthentication, else the root
+    /// namespace's, else `default`.
+    pub fn mtls_mode(&self, ns: &str, root_ns: &str, default: MtlsMode) -> MtlsMode {
+        let find = |n: &str| {
+            self.peer_auth
+                .iter()
+                .filter(|p| p.namespace == n)
+                .find_map(|p| p.mode)
+        };
+        find(ns).or_else(|| find(root_ns)).unwrap_or(default)
+    }
+}
+
+struct Inner {
+    manifest: ManifestState,
+    agent: BTreeMap<String, Workload>,
+    state: Arc<State>,
+}
+
+/// The store; cheap to share.
+pub struct Store {
+    node: String,
+    trust_domain: String,
+    inner: RwLock<Inner>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    pub fn new(node: &str, trust_domain: &str) -> Arc<Self> {
+        Arc::new(Self {
+            node: node.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            inner: RwLock::new(Inner {
+                manifest: ManifestState::default(),
+                agent: BTreeMap::new(),
+                state: Arc::new(State::default()),
+            }),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn snapshot(&self) -> Arc<State> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .clone()
+    }
+
+    /// Notified (with a generation number) after every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Inner)) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut inner);
+        inner.state = Arc::new(build(&inner.manifest, &inner.agent));
+        drop(inner);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    pub fn set_manifest(&self, m: ManifestState) {
+        self.update(|i| i.manifest = m);
+    }
+
+    /// Replaces everything the agent told us.
+    pub fn agent_snapshot(&self, ws: &[LocalWorkload]) {
+        self.update(|i| {
+            i.agent = ws
+                .iter()
+                .map(|w| (w.uid.clone(), Workload::from_agent(w)))
+                .collect();
+        });
+    }
+
+    pub fn agent_add(&self, w: &LocalWorkload) {
+        self.update(|i| {
+            i.agent.insert(w.uid.clone(), Workload::from_agent(w));
+        });
+    }
+
+    pub fn agent_remove(&self, uid: &str) {
+        self.update(|i| {
+            i.agent.remove(uid);
+        });
+    }
+
+    /// Identities of ambient workloads on this node (those we may hold certificates for).
+    pub fn local_identities(&self) -> HashSet<Identity> {
+        let state = self.snapshot();
+        state
+            .workloads
+            .iter()
+            .filter(|w| w.ambient && w.node == self.node)
+            .map(|w| w.identity(&self.trust_domain))
+            .collect()
+    }
+}
+
+fn build(m: &ManifestState, agent: &BTreeMap<String, Workload>) -> State {
+    let mut by_uid: BTreeMap<String, Workload> = BTreeMap::new();
+    let mut manifest_by_ip: HashMap<IpAddr, &Workload> = HashMap::new();
+    for w in &m.workloads {
+        by_uid.insert(w.uid.clone(), w.clone());
+        for ip in &w.ips {
+            manifest_by_ip.insert(*ip, w);
+        }
+    }
+    // The agent is the truth for local pods; labels come from the manifest when it has them.
+    for (uid, w) in agent {
+        let mut w = w.clone();
+        let known = m
+            .workloads
+            .iter()
+            .find(|mw| &mw.uid == uid)
+            .or_else(|| w.ips.iter().find_map(|ip| manifest_by_ip.get(ip).copied()));
+        if let Some(mw) = known {
+            w.labels = mw.labels.clone();
+            if mw.uid != *uid {
+                by_uid.remove(&mw.uid);
+            }
+        }
+        by_uid.insert(uid.clone(), w);
+    }
+    let mut by_ip = HashMap::new();
+    let mut workloads = Vec::new();
+    // Manifest entries first, so agent entries overwrite IPs they share.
+    let (agent_ws, manifest_ws): (Vec<_>, Vec<_>) = by_uid
+        .into_values()
+        .partition(|w| w.source == WorkloadSource::Agent);
+    for w in manifest_ws.into_iter().chain(agent_ws) {
+        let w = Arc::new(w);
+        for ip in &w.ips {
+            by_ip.insert(*ip, w.clone());
+        }
+        workloads.push(w);
+    }
+    let mut services = HashMap::new();
+    let mut service_list = Vec::new();
+    for s in &m.services {
+        let s = Arc::new(s.clone());
+        for vip in &s.vips {
+            services.insert(*vip, s.clone());
+        }
+        service_list.push(s);
+    }
+    State {
+        by_ip,
+        services,
+        policies: m.policies.iter().cloned().map(Arc::new).collect(),
+        peer_auth: m.peer_auth.clone(),
+        workloads,
+        service_list,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lw(uid: &str, ip: &str) -> LocalWorkload {
+        LocalWorkload {
+            uid: uid.into(),
+            namespace: "shop".into(),
+            name: format!("pod-{uid}"),
+            service_account: "web".into(),
+            node: "n1".into(),
+            ips: vec![ip.parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn agent_workloads_are_local_and_replaceable() {
+        let s = Store::new("n1", "cluster.local");
+        s.agent_add(&lw("a", "10.1.0.2"));
+        s.agent_add(&lw("b", "10.1.0.3"));
+        let st = s.snapshot();
+        let w = st.local_workload("10.1.0.2".parse().unwrap(), "n1").unwrap();
+        assert_eq!(w.identity("cluster.local").to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(s.local_identities().len(), 1);
+        s.agent_remove("a");
+        assert!(s.snapshot().workload("10.1.0.2".parse().unwrap()).is_none());
+        s.agent_snapshot(&[lw("c", "10.1.0.9")]);
+        let st = s.snapshot();
+        assert!(st.workload("10.1.0.3".parse().unwrap()).is_none());
+        assert!(st.workload("10.1.0.9".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn service_pick_round_robins_ready_endpoints() {
+        let ep = |ip: &str, ready| Endpoint {
+            ip: ip.parse().unwrap(),
+            ready,
+            ports: BTreeMap::new(),
+        };
+        let s = Service::new(
+            "web".into(),
+            "shop".into(),
+            vec!["10.96.0.10".parse().unwrap()],
+            vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target: TargetPort::Number(8080),
+            }],
+            vec![ep("10.1.0.2", true), ep("10.1.0.3", false), ep("10.1.0.4", true)],
+        );
+        let picks: HashSet<SocketAddr> = (0..4).map(|_| s.pick(80).unwrap()).collect();
+        assert_eq!(picks.len(), 2);
+        assert!(picks.contains(&"10.1.0.4:8080".parse().unwrap()));
+        assert!(s.pick(81).is_none());
+    }
+}
