@@ -51,7 +51,8 @@ pub struct ContainerdConfig {
     pub socket: PathBuf,
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
-    /// CRI's `netns_mounts_under`.
+    /// Where CRI bind-mounts pod network namespaces: `<state>/io.containerd.grpc.v1.cri/netns`
+    /// (`netns_mounts_under_state_dir`, containerd 1.6).
     pub netns_dir: PathBuf,
     /// runc's `--root` (state of the containers).
     pub runc_root: PathBuf,
@@ -73,7 +74,10 @@ impl ContainerdConfig {
             socket: base.join("containerd.sock"),
             cni_bin_dir: base.join("cni-bin"),
             cni_conf_dir: base.join("cni-conf"),
-            netns_dir: base.join("netns"),
+            netns_dir: base
+                .join("state")
+                .join("io.containerd.grpc.v1.cri")
+                .join("netns"),
             runc_root: base.join("runc"),
             sandbox_image: sandbox_image.to_owned(),
             snapshotter: "native".to_owned(),
@@ -118,7 +122,7 @@ impl ContainerdConfig {
         let _ = writeln!(s, "  sandbox_image = {}", toml_str(&self.sandbox_image));
         let _ = writeln!(s, "  restrict_oom_score_adj = true");
         let _ = writeln!(s, "  disable_apparmor = true");
-        let _ = writeln!(s, "  netns_mounts_under = {}", q(&self.netns_dir));
+        let _ = writeln!(s, "  netns_mounts_under_state_dir = true");
         let _ = writeln!(s, "  stream_server_address = \"127.0.0.1\"");
         let _ = writeln!(s, "  stream_server_port = \"0\"");
         let _ = writeln!(s, "\n[{cri}.containerd]");
@@ -165,6 +169,8 @@ pub struct TaskInfo {
     pub namespace: String,
     pub id: String,
     pub init_pid: Option<i32>,
+    /// Found in `/proc` (containerd 1.6 writes no `shim.pid`): the shim started for this task
+    /// by this containerd (`-address <our socket> ... -id <id>`).
     pub shim_pid: Option<i32>,
     /// The shim's socket (`unix://...` in the `address` file).
     pub shim_address: Option<String>,
@@ -303,9 +309,16 @@ impl Containerd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The tasks recorded in the state directory.
+    /// The tasks recorded in the state directory, with their shims' PIDs.
     pub fn tasks(&self) -> Vec<TaskInfo> {
-        list_tasks(&self.cfg.state.join(TASK_DIR))
+        let shims = shims_of(&self.cfg.socket);
+        let mut tasks = list_tasks(&self.cfg.state.join(TASK_DIR));
+        for t in &mut tasks {
+            if t.shim_pid.is_none() {
+                t.shim_pid = shims.iter().find(|(id, _)| *id == t.id).map(|(_, p)| *p);
+            }
+        }
+        tasks
     }
 }
 
@@ -335,6 +348,45 @@ pub fn list_tasks(task_dir: &Path) -> Vec<TaskInfo> {
         }
     }
     out
+}
+
+/// The shims started by the containerd listening on `socket`: `(task id, pid)` of every
+/// process whose command line has `-address <socket>` and `-id <id>`.
+pub fn shims_of(socket: &Path) -> Vec<(String, i32)> {
+    let socket = socket.to_string_lossy();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if let Some(id) = shim_id(&args, &socket) {
+            out.push((id, pid));
+        }
+    }
+    out
+}
+
+/// The task id of a shim command line started for the containerd at `socket`.
+pub fn shim_id(args: &[String], socket: &str) -> Option<String> {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let is_shim = args.first().is_some_and(|a| a.contains("containerd-shim"));
+    (is_shim && value("-address").is_some_and(|a| a == socket))
+        .then(|| value("-id").cloned())
+        .flatten()
 }
 
 /// Removes the cgroup directories under `parent` in every hierarchy, deepest first (only
@@ -423,10 +475,32 @@ mod tests {
         assert!(s.contains("address = \"/tmp/t/containerd.sock\""));
         assert!(s.contains("restrict_oom_score_adj = true"));
         assert!(s.contains("sandbox_image = \"localhost/p:1\""));
-        assert!(s.contains("netns_mounts_under = \"/tmp/t/netns\""));
+        assert!(s.contains("netns_mounts_under_state_dir = true"));
+        assert!(c.netns_dir.starts_with("/tmp/t/state"));
         assert!(s.contains("Root = \"/tmp/t/runc\""));
         assert!(s.contains("bin_dir = \"/tmp/t/cni-bin\""));
         assert!(!s.contains("/run/containerd/containerd.sock"));
+    }
+
+    #[test]
+    fn shim_command_lines_are_matched_by_socket() {
+        let args: Vec<String> = [
+            "/usr/bin/containerd-shim-runc-v2",
+            "-namespace",
+            "k8s.io",
+            "-id",
+            "abc",
+            "-address",
+            "/tmp/x/containerd.sock",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            shim_id(&args, "/tmp/x/containerd.sock").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(shim_id(&args, "/run/containerd/containerd.sock"), None);
+        assert_eq!(shim_id(&args[1..], "/tmp/x/containerd.sock"), None);
     }
 
     #[test]

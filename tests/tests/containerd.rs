@@ -1,1 +1,426 @@
+//! The real-runtime path: Debian's containerd, running inside a node network namespace with
+//! all its state in a tempdir, creates pod sandboxes over its CRI socket (RunPodSandbox /
+//! StopPodSandbox / RemovePodSandbox) from a locally built pause image, and runs the CNI chain
+//! `bridge` + `host-local` + `ambient-cni` exactly as on a Kubernetes node.
+//!
+//! Three variants:
+//! - the chain's last plugin is the `cni-recorder` stand-in: proves the runtime path and what
+//!   containerd hands a chained plugin, whatever the state of the other crates;
+//! - the real `ambient-cni` with a fake agent that records requests;
+//! - the real `ambient-cni` with the real `node-agent` reading a manifest directory.
+//!
+//! Needs root, containerd, runc, gcc with static libc, and `cargo build --workspace` first.
 
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ambient_common::agent_api::AgentOp;
+use ambient_tests::cni::Attach;
+use ambient_tests::containerd::{Containerd, ContainerdConfig};
+use ambient_tests::fake_agent::FakeAgent;
+use ambient_tests::netns::eventually;
+use ambient_tests::oci;
+use ambient_tests::recorder::read_calls;
+use ambient_tests::topo::{Node, NodeSpec};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const RECORDER: &str = env!("CARGO_BIN_EXE_cni-recorder");
+const PAUSE_IMAGE: &str = "localhost/ambient-test/pause:v1";
+
+/// What the last plugin of the chain is.
+enum Last {
+    Recorder(PathBuf),
+    AmbientCni,
+}
+
+/// containerd in a node namespace, with the node's chain as its only CNI config.
+struct CriLab {
+    // Drop order: containerd (and its sandboxes) before the node namespace and the files.
+    containerd: Containerd,
+    node: Node,
+    node_name: String,
+    dir: tempfile::TempDir,
+}
+
+impl CriLab {
+    fn new(tag: &str, pod_cidr: &str, last: Last) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{tag}-{}-", std::process::id()))
+            .tempdir()
+            .unwrap();
+        let agent_socket = dir.path().join("run").join("cni.sock");
+        std::fs::create_dir_all(agent_socket.parent().unwrap()).unwrap();
+        let mut spec = NodeSpec::new(tag, pod_cidr, Attach::Bridge).agent_socket(&agent_socket);
+        if let Last::Recorder(calls) = &last {
+            spec.ambient_cni = Some(PathBuf::from(RECORDER));
+            spec.ambient_extra
+                .insert("recordFile".into(), calls.to_string_lossy().into());
+        }
+        let node = Node::new(&spec).unwrap();
+        let image = oci::build_pause_image(dir.path(), PAUSE_IMAGE).unwrap();
+        let base = dir.path().join("containerd");
+        let mut cfg = ContainerdConfig::in_dir(
+            &base,
+            PAUSE_IMAGE,
+            &format!("/ambient-test-{}", node.ns().name()),
+        );
+        cfg.cni_bin_dir = node.dir().join("cni-bin");
+        node.write_conflist(&cfg.cni_conf_dir).unwrap();
+        let containerd = Containerd::start(node.ns().name(), cfg).unwrap();
+        containerd.import_image(&image).unwrap();
+        Self {
+            containerd,
+            node_name: node.ns().name().to_owned(),
+            node,
+            dir,
+        }
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.dir.path().join("run").join("cni.sock")
+    }
+
+    async fn client(&self) -> RuntimeServiceClient<Channel> {
+        let sock = self.containerd.socket().to_path_buf();
+        let channel = Endpoint::try_from("http://[::1]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        RuntimeServiceClient::new(channel)
+    }
+
+    fn sandbox_config(&self, pod: &PodIdentity) -> PodSandboxConfig {
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+                namespace: pod.namespace.clone(),
+                attempt: 0,
+            }),
+            hostname: pod.name.clone(),
+            log_directory: self.dir.path().join("logs").to_string_lossy().into_owned(),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: self.containerd.config().cgroup_parent.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+struct PodIdentity {
+    namespace: String,
+    name: String,
+    uid: String,
+}
+
+impl PodIdentity {
+    fn new(namespace: &str, name: &str) -> Self {
+        let uid = ambient_tests::topo::PodMeta::new(namespace, name).uid;
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid,
+        }
+    }
+}
+
+/// RunPodSandbox; returns the sandbox id, its IP and the call's latency.
+async fn run_sandbox(
+    lab: &CriLab,
+    client: &mut RuntimeServiceClient<Channel>,
+    pod: &PodIdentity,
+) -> (String, String, Duration) {
+    let start = Instant::now();
+    let resp = client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(lab.sandbox_config(pod)),
+            runtime_handler: String::new(),
+        })
+        .await;
+    let latency = start.elapsed();
+    let id = match resp {
+        Ok(r) => r.into_inner().pod_sandbox_id,
+        Err(e) => panic!(
+            "RunPodSandbox failed: {e}\ncontainerd log:\n{}",
+            lab.containerd.log_tail(30)
+        ),
+    };
+    let status = client
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+    (id, ip, latency)
+}
+
+async fn stop_and_remove(client: &mut RuntimeServiceClient<Channel>, id: &str) -> Duration {
+    let start = Instant::now();
+    client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        })
+        .await
+        .unwrap();
+    let stop = start.elapsed();
+    client
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        })
+        .await
+        .unwrap();
+    stop
+}
+
+fn in_cidr_24(ip: &str, cidr: &str) -> bool {
+    let net = cidr.rsplit_once('.').map(|(p, _)| p).unwrap_or(cidr);
+    ip.starts_with(&format!("{net}."))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn containerd_runs_the_chain_with_a_recording_plugin() {
+    let calls_dir = tempfile::tempdir().unwrap();
+    let calls = calls_dir.path().join("calls.jsonl");
+    let lab = CriLab::new("cri-rec", "10.206.1.0/24", Last::Recorder(calls.clone()));
+    let mut client = lab.client().await;
+    let pod = PodIdentity::new("cri-ns", "cri-pod");
+    let (id, ip, latency) = run_sandbox(&lab, &mut client, &pod).await;
+    eprintln!("measure: RunPodSandbox with bridge+host-local+cni-recorder: {latency:?}");
+    assert!(in_cidr_24(&ip, "10.206.1.0/24"), "pod IP {ip:?}");
+    let add = read_calls(&calls)
+        .into_iter()
+        .find(|c| c.command == "ADD")
+        .expect("the chained plugin ran for ADD");
+    assert_eq!(add.env["CNI_CONTAINERID"], id);
+    let args = &add.env["CNI_ARGS"];
+    for want in [
+        format!("K8S_POD_NAMESPACE={}", pod.namespace),
+        format!("K8S_POD_NAME={}", pod.name),
+        format!("K8S_POD_UID={}", pod.uid),
+        format!("K8S_POD_INFRA_CONTAINER_ID={id}"),
+    ] {
+        assert!(args.contains(&want), "{args} lacks {want}");
+    }
+    let netns = &add.env["CNI_NETNS"];
+    assert!(
+        Path::new(netns).starts_with(&lab.containerd.config().netns_dir),
+        "{netns}"
+    );
+    assert_eq!(
+        add.stdin["prevResult"]["ips"][0]["address"],
+        format!("{ip}/24")
+    );
+    assert_eq!(
+        add.stdin["agentSocket"],
+        lab.agent_socket().to_string_lossy().as_ref()
+    );
+    // The bridge is in the node namespace.
+    lab.node.ns().ip(&["link", "show", "cni0"]).unwrap();
+
+    let stop = stop_and_remove(&mut client, &id).await;
+    eprintln!("measure: StopPodSandbox: {stop:?}");
+    let cmds: Vec<String> = read_calls(&calls).into_iter().map(|c| c.command).collect();
+    assert_eq!(cmds.first().map(String::as_str), Some("ADD"));
+    assert!(cmds.iter().filter(|c| *c == "DEL").count() >= 1, "{cmds:?}");
+    assert!(
+        lab.containerd.tasks().is_empty(),
+        "sandbox task left behind"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropping_the_lab_kills_a_running_sandbox_and_cleans_up() {
+    let calls_dir = tempfile::tempdir().unwrap();
+    let lab = CriLab::new(
+        "cri-drop",
+        "10.209.1.0/24",
+        Last::Recorder(calls_dir.path().join("calls.jsonl")),
+    );
+    let mut client = lab.client().await;
+    let (id, _ip, _) = run_sandbox(&lab, &mut client, &PodIdentity::new("ns", "left")).await;
+    let tasks = lab.containerd.tasks();
+    let task = tasks.iter().find(|t| t.id == id).expect("sandbox task");
+    let (init, shim) = (task.init_pid.unwrap(), task.shim_pid.expect("shim found"));
+    let shim_socket = task.shim_address.clone().unwrap();
+    let cgroup_parent = lab.containerd.config().cgroup_parent.clone();
+    let containerd_pid = lab.containerd.pid().unwrap();
+    drop(client);
+    drop(lab);
+    let gone = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    };
+    eventually(Duration::from_secs(5), || {
+        for p in [init, shim, containerd_pid as i32] {
+            if !gone(p) {
+                return Err(format!("pid {p} still running"));
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert!(!Path::new(shim_socket.trim_start_matches("unix://")).exists());
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let dir = h.path().join(cgroup_parent.trim_start_matches('/'));
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn containerd_enrols_through_ambient_cni_with_a_fake_agent() {
+    let lab = CriLab::new("cri-fake", "10.207.1.0/24", Last::AmbientCni);
+    let agent = FakeAgent::start(&lab.agent_socket()).unwrap();
+    let mut client = lab.client().await;
+    let pod = PodIdentity::new("cri-ns", "fake-agent-pod");
+    let (id, ip, latency) = run_sandbox(&lab, &mut client, &pod).await;
+    eprintln!(
+        "measure: RunPodSandbox with bridge+host-local+ambient-cni (fake agent): {latency:?}"
+    );
+    assert!(in_cidr_24(&ip, "10.207.1.0/24"), "pod IP {ip:?}");
+
+    let adds: Vec<_> = agent
+        .requests()
+        .into_iter()
+        .filter_map(|r| match r.op {
+            AgentOp::Add(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(adds.len(), 1, "{adds:?}");
+    let a = &adds[0];
+    assert_eq!(a.pod.namespace, pod.namespace);
+    assert_eq!(a.pod.name, pod.name);
+    assert_eq!(a.pod.uid.as_deref(), Some(pod.uid.as_str()));
+    assert_eq!(a.key.container_id, id);
+    assert_eq!(a.key.ifname, "eth0");
+    assert!(
+        a.ips.iter().any(|p| p.addr.to_string() == ip),
+        "{:?}",
+        a.ips
+    );
+    assert!(a.host_interface.starts_with("veth"), "{}", a.host_interface);
+    lab.node
+        .ns()
+        .ip(&["link", "show", &a.host_interface])
+        .unwrap();
+
+    stop_and_remove(&mut client, &id).await;
+    let dels = agent
+        .requests()
+        .into_iter()
+        .filter(|r| matches!(r.op, AgentOp::Del(_)))
+        .count();
+    assert!(dels >= 1, "no DEL reached the agent");
+}
+
+/// `node-agent pods --run-dir R --output json`, entered like the agent.
+fn agent_pods(
+    lab: &CriLab,
+    agent: &Path,
+    run_dir: &Path,
+) -> Result<Vec<serde_json::Value>, String> {
+    let out = lab
+        .containerd
+        .exec_entered(
+            &agent.to_string_lossy(),
+            &[
+                "pods",
+                "--run-dir",
+                &run_dir.to_string_lossy(),
+                "--output",
+                "json",
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "needs node-agent"]
+async fn containerd_pod_is_enrolled_by_the_real_node_agent() {
+    let agent_bin = ambient_tests::bins::binary(ambient_tests::bins::NODE_AGENT);
+    let lab = CriLab::new("cri-agent", "10.208.1.0/24", Last::AmbientCni);
+    let pod = PodIdentity::new("cri-mesh", "agent-pod");
+    let manifests = lab.dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("objects.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    istio.io/dataplane-mode: ambient\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n\
+             spec:\n  nodeName: {node}\n  serviceAccountName: default\n  containers:\n  - name: app\n    image: {PAUSE_IMAGE}\n",
+            ns = pod.namespace,
+            name = pod.name,
+            uid = pod.uid,
+            node = lab.node_name,
+        ),
+    )
+    .unwrap();
+    let run_dir = lab.agent_socket().parent().unwrap().to_path_buf();
+    let mut cmd = lab.containerd.enter(&agent_bin);
+    cmd.args(["run", "--node-name", &lab.node_name, "--manifest-dir"])
+        .arg(&manifests)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .stdout(std::fs::File::create(lab.dir.path().join("agent.log")).unwrap())
+        .stderr(std::fs::File::create(lab.dir.path().join("agent.err")).unwrap());
+    lab.node.ns().spawn(&mut cmd).unwrap();
+    eventually(Duration::from_secs(10), || {
+        std::fs::metadata(lab.agent_socket())
+    })
+    .unwrap();
+
+    let mut client = lab.client().await;
+    let (id, ip, latency) = run_sandbox(&lab, &mut client, &pod).await;
+    eprintln!(
+        "measure: RunPodSandbox with bridge+host-local+ambient-cni (real agent): {latency:?}"
+    );
+    let pods = agent_pods(&lab, &agent_bin, &run_dir).unwrap();
+    let p = pods
+        .iter()
+        .find(|p| p["uid"] == pod.uid.as_str())
+        .unwrap_or_else(|| panic!("pod not enrolled: {pods:?}"));
+    assert_eq!(p["namespace"], pod.namespace.as_str());
+    assert_eq!(p["name"], pod.name.as_str());
+    assert!(p["ips"].to_string().contains(&ip), "{p}");
+    assert!(p["netns"].as_str().is_some_and(|n| !n.is_empty()), "{p}");
+    assert!(
+        p["host_interface"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("veth")),
+        "{p}"
+    );
+
+    stop_and_remove(&mut client, &id).await;
+    eventually(Duration::from_secs(5), || {
+        let pods = agent_pods(&lab, &agent_bin, &run_dir)?;
+        match pods.iter().find(|p| p["uid"] == pod.uid.as_str()) {
+            None => Ok(()),
+            Some(p) if p["state"] == "released" => Ok(()),
+            Some(p) => Err(format!("still enrolled: {p}")),
+        }
+    })
+    .unwrap();
+}

@@ -133,7 +133,11 @@ fn bridge_chain_runs_with_libcni_semantics() {
         format!("{ip}/24")
     );
     // host-local released the address.
-    let lease = node.dir().join("ipam").join(&node.conflist().name).join(&ip);
+    let lease = node
+        .dir()
+        .join("ipam")
+        .join(&node.conflist().name)
+        .join(&ip);
     assert!(!lease.exists(), "{} still leased", lease.display());
     let _ = std::fs::remove_file(&calls);
 }
