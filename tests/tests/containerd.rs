@@ -3,11 +3,13 @@
 //! StopPodSandbox / RemovePodSandbox) from a locally built pause image, and runs the CNI chain
 //! `bridge` + `host-local` + `ambient-cni` exactly as on a Kubernetes node.
 //!
-//! Three variants:
+//! Variants:
 //! - the chain's last plugin is the `cni-recorder` stand-in: proves the runtime path and what
 //!   containerd hands a chained plugin, whatever the state of the other crates;
 //! - the real `ambient-cni` with a fake agent that records requests;
-//! - the real `ambient-cni` with the real `node-agent` reading a manifest directory.
+//! - the real `ambient-cni` with the real `node-agent` reading a manifest directory (started
+//!   in containerd's mount namespace, where the pods' netns mounts are);
+//! - a sandbox left running when the lab is dropped: everything is still cleaned up.
 //!
 //! Needs root, containerd, runc, gcc with static libc, and `cargo build --workspace` first.
 
@@ -358,7 +360,6 @@ fn agent_pods(
 }
 
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "needs node-agent"]
 async fn containerd_pod_is_enrolled_by_the_real_node_agent() {
     let agent_bin = ambient_tests::bins::binary(ambient_tests::bins::NODE_AGENT);
     let lab = CriLab::new("cri-agent", "10.208.1.0/24", Last::AmbientCni);
@@ -398,10 +399,16 @@ async fn containerd_pod_is_enrolled_by_the_real_node_agent() {
         "measure: RunPodSandbox with bridge+host-local+ambient-cni (real agent): {latency:?}"
     );
     let pods = agent_pods(&lab, &agent_bin, &run_dir).unwrap();
+    eprintln!(
+        "node-agent pods: {}",
+        serde_json::Value::Array(pods.clone())
+    );
     let p = pods
         .iter()
         .find(|p| p["uid"] == pod.uid.as_str())
         .unwrap_or_else(|| panic!("pod not enrolled: {pods:?}"));
+    assert_eq!(p["state"], "captured", "{p}");
+    assert_eq!(p["container_id"], id.as_str(), "{p}");
     assert_eq!(p["namespace"], pod.namespace.as_str());
     assert_eq!(p["name"], pod.name.as_str());
     assert!(p["ips"].to_string().contains(&ip), "{p}");
@@ -411,6 +418,13 @@ async fn containerd_pod_is_enrolled_by_the_real_node_agent() {
             .as_str()
             .is_some_and(|n| n.starts_with("veth")),
         "{p}"
+    );
+
+    // The agent's table is in the node namespace, not the host's.
+    let tables = lab.node.ns().exec("nft", &["list", "tables"]).unwrap();
+    assert!(
+        tables.contains(ambient_common::constants::NFT_TABLE),
+        "{tables}"
     );
 
     stop_and_remove(&mut client, &id).await;
