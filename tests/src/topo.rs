@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 use tempfile::TempDir;
 
 use crate::bins;
-use crate::cni::{self, Attach, ChainSpec, CniArgs, CniError, CniRunner, ConfList, RuntimeConf};
+use crate::cni::{
+    self, Attach, ChainSpec, CniArgs, CniError, CniRunner, ConfList, PluginTiming, RuntimeConf,
+};
 use crate::netns::{NetNs, NetNsError};
 
 static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -189,6 +191,12 @@ impl Node {
     /// Creates a pod namespace and attaches it through the chain (ADD), as a runtime would.
     /// When ADD fails the chain is cleaned with DEL (as containerd does) and the error returned.
     pub fn add_pod(&self, meta: &PodMeta) -> Result<Pod, TopoError> {
+        self.add_pod_timed(meta).map(|(p, _)| p)
+    }
+
+    /// [`Node::add_pod`], also returning each plugin's ADD wall time (including the
+    /// `ip netns exec` that runs it in the node namespace).
+    pub fn add_pod_timed(&self, meta: &PodMeta) -> Result<(Pod, Vec<PluginTiming>), TopoError> {
         let ns = NetNs::new(&format!("{}-pod", meta.name))?;
         let container_id = format!(
             "{:08x}{:016x}{:08x}",
@@ -215,10 +223,10 @@ impl Node {
             attached: true,
             ns,
         };
-        match self.core.runner.add(&self.core.conflist, &pod.rt) {
-            Ok(result) => {
+        match self.core.runner.add_timed(&self.core.conflist, &pod.rt) {
+            Ok((result, timings)) => {
                 pod.result = result;
-                Ok(pod)
+                Ok((pod, timings))
             }
             Err(e) => {
                 // Drop runs DEL without a cached result, as containerd does after a failed ADD.
