@@ -198,9 +198,7 @@ impl Default for PoolConfig {
 /// Parses `500ms`, `30s`, `5m`, `24h` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
@@ -363,7 +361,10 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.outbound_addrs[0].port(), constants::OUTBOUND_PORT);
         assert_eq!(c.inbound_addrs[0].port(), constants::HBONE_PORT);
-        assert_eq!(c.inbound_plaintext_addrs[0].port(), constants::INBOUND_PLAINTEXT_PORT);
+        assert_eq!(
+            c.inbound_plaintext_addrs[0].port(),
+            constants::INBOUND_PLAINTEXT_PORT
+        );
         assert_eq!(c.admin_addr.port(), constants::ADMIN_PORT);
         assert!(c.admin_addr.ip().is_loopback());
         assert_eq!(c.metrics_addr.port(), constants::METRICS_PORT);

@@ -17,11 +17,14 @@
 //! - [`app`]: builds and runs everything, drains on shutdown.
 #![deny(unsafe_code)]
 
-pub mod identity;
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod hbone;
-pub mod proxy;
+pub mod identity;
+pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod store;
 
 /// Formats an error with its chain of sources: `a: b: c`.

@@ -122,12 +122,20 @@ fn contains(p: &IpPrefix, ip: IpAddr) -> bool {
     match (p.addr, ip) {
         (IpAddr::V4(net), IpAddr::V4(a)) => {
             let bits = p.prefix as u32;
-            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
             (u32::from(net) & mask) == (u32::from(a) & mask)
         }
         (IpAddr::V6(net), IpAddr::V6(a)) => {
             let bits = p.prefix as u32;
-            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
             (u128::from(net) & mask) == (u128::from(a) & mask)
         }
         _ => false,
@@ -204,7 +212,10 @@ pub fn evaluate<'p>(
     {
         return Decision::Deny(p.id());
     }
-    let mut allows = applicable.iter().filter(|p| p.action == Action::Allow).peekable();
+    let mut allows = applicable
+        .iter()
+        .filter(|p| p.action == Action::Allow)
+        .peekable();
     if allows.peek().is_none() {
         return Decision::Allow;
     }
@@ -418,7 +429,9 @@ mod tests {
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -446,39 +459,312 @@ mod tests {
             port,
             allow,
         };
-        let allow_web = || pol("shop", json!({"action": "ALLOW", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}]}]}));
-        let deny_other_ns = || pol("shop", json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}));
+        let allow_web = || {
+            pol(
+                "shop",
+                json!({"action": "ALLOW", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}]}]}),
+            )
+        };
+        let deny_other_ns = || {
+            pol(
+                "shop",
+                json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}),
+            )
+        };
         let cases = vec![
             c("no policy: allow", vec![], Some(&web), "10.0.0.1", 80, true),
-            c("no policy, plaintext: allow", vec![], None, "10.0.0.1", 80, true),
-            c("allow matches", vec![allow_web()], Some(&web), "10.0.0.1", 80, true),
-            c("allow exists, no match", vec![allow_web()], Some(&other), "10.0.0.1", 80, false),
-            c("allow exists, plaintext", vec![allow_web()], None, "10.0.0.1", 80, false),
-            c("deny matches", vec![deny_other_ns()], Some(&other), "10.0.0.1", 80, false),
-            c("deny does not match", vec![deny_other_ns()], Some(&web), "10.0.0.1", 80, true),
-            c("deny wins over allow", vec![allow_web(), pol("shop", json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["80"]}}]}]}))], Some(&web), "10.0.0.1", 80, false),
-            c("deny on other port", vec![pol("shop", json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["81"]}}]}]}))], Some(&web), "10.0.0.1", 80, true),
-            c("allow with no rules denies all", vec![pol("shop", json!({"action": "ALLOW"}))], Some(&web), "10.0.0.1", 80, false),
-            c("deny with no rules denies none", vec![pol("shop", json!({"action": "DENY"}))], Some(&web), "10.0.0.1", 80, true),
-            c("allow empty rule allows all", vec![pol("shop", json!({"rules": [{}]}))], None, "10.0.0.1", 80, true),
-            c("policy in other namespace ignored", vec![pol("elsewhere", json!({"action": "DENY", "rules": [{}]}))], Some(&web), "10.0.0.1", 80, true),
-            c("root namespace applies mesh-wide", vec![pol("istio-system", json!({"action": "DENY", "rules": [{}]}))], Some(&web), "10.0.0.1", 80, false),
-            c("selector mismatch ignored", vec![pol("shop", json!({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY", "rules": [{}]}))], Some(&web), "10.0.0.1", 80, true),
-            c("selector match applies", vec![pol("shop", json!({"selector": {"matchLabels": {"app": "db"}}, "action": "DENY", "rules": [{}]}))], Some(&web), "10.0.0.1", 80, false),
-            c("ipBlocks allow", vec![pol("shop", json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/24"]}}]}]}))], None, "10.0.0.9", 80, true),
-            c("ipBlocks miss", vec![pol("shop", json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.1.0/24", "10.9.9.9"]}}]}]}))], None, "10.0.0.9", 80, false),
-            c("notIpBlocks", vec![pol("shop", json!({"rules": [{"from": [{"source": {"notIpBlocks": ["10.0.0.0/8"]}}]}]}))], None, "10.0.0.9", 80, false),
-            c("notPrincipals excludes", vec![pol("shop", json!({"rules": [{"from": [{"source": {"notPrincipals": ["*/ns/other/sa/client"]}}]}]}))], Some(&other), "10.0.0.1", 80, false),
-            c("notPrincipals wildcard lets others", vec![pol("shop", json!({"rules": [{"from": [{"source": {"notPrincipals": ["cluster.local/ns/other/*"]}}]}]}))], Some(&web), "10.0.0.1", 80, true),
-            c("principal * needs identity", vec![pol("shop", json!({"rules": [{"from": [{"source": {"principals": ["*"]}}]}]}))], None, "10.0.0.1", 80, false),
-            c("principal * with identity", vec![pol("shop", json!({"rules": [{"from": [{"source": {"principals": ["*"]}}]}]}))], Some(&other), "10.0.0.1", 80, true),
-            c("notNamespaces", vec![pol("shop", json!({"rules": [{"from": [{"source": {"notNamespaces": ["other"]}}]}]}))], Some(&other), "10.0.0.1", 80, false),
-            c("from AND to", vec![pol("shop", json!({"rules": [{"from": [{"source": {"namespaces": ["shop"]}}], "to": [{"operation": {"ports": ["443"]}}]}]}))], Some(&web), "10.0.0.1", 80, false),
-            c("notPorts", vec![pol("shop", json!({"rules": [{"to": [{"operation": {"notPorts": ["80"]}}]}]}))], Some(&web), "10.0.0.1", 80, false),
-            c("any of from entries", vec![pol("shop", json!({"rules": [{"from": [{"source": {"namespaces": ["x"]}}, {"source": {"namespaces": ["shop"]}}]}]}))], Some(&web), "10.0.0.1", 80, true),
-            c("L7 allow never matches", vec![pol("shop", json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}))], Some(&web), "10.0.0.1", 80, false),
-            c("L7 deny applies on L4 part", vec![pol("shop", json!({"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"], "ports": ["80"]}}]}]}))], Some(&web), "10.0.0.1", 80, false),
-            c("when makes allow unmatchable", vec![pol("shop", json!({"rules": [{"when": [{"key": "request.headers[x]", "values": ["y"]}]}]}))], Some(&web), "10.0.0.1", 80, false),
+            c(
+                "no policy, plaintext: allow",
+                vec![],
+                None,
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "allow matches",
+                vec![allow_web()],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "allow exists, no match",
+                vec![allow_web()],
+                Some(&other),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "allow exists, plaintext",
+                vec![allow_web()],
+                None,
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "deny matches",
+                vec![deny_other_ns()],
+                Some(&other),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "deny does not match",
+                vec![deny_other_ns()],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "deny wins over allow",
+                vec![
+                    allow_web(),
+                    pol(
+                        "shop",
+                        json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["80"]}}]}]}),
+                    ),
+                ],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "deny on other port",
+                vec![pol(
+                    "shop",
+                    json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["81"]}}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "allow with no rules denies all",
+                vec![pol("shop", json!({"action": "ALLOW"}))],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "deny with no rules denies none",
+                vec![pol("shop", json!({"action": "DENY"}))],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "allow empty rule allows all",
+                vec![pol("shop", json!({"rules": [{}]}))],
+                None,
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "policy in other namespace ignored",
+                vec![pol("elsewhere", json!({"action": "DENY", "rules": [{}]}))],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "root namespace applies mesh-wide",
+                vec![pol(
+                    "istio-system",
+                    json!({"action": "DENY", "rules": [{}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "selector mismatch ignored",
+                vec![pol(
+                    "shop",
+                    json!({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY", "rules": [{}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "selector match applies",
+                vec![pol(
+                    "shop",
+                    json!({"selector": {"matchLabels": {"app": "db"}}, "action": "DENY", "rules": [{}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "ipBlocks allow",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/24"]}}]}]}),
+                )],
+                None,
+                "10.0.0.9",
+                80,
+                true,
+            ),
+            c(
+                "ipBlocks miss",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.1.0/24", "10.9.9.9"]}}]}]}),
+                )],
+                None,
+                "10.0.0.9",
+                80,
+                false,
+            ),
+            c(
+                "notIpBlocks",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"notIpBlocks": ["10.0.0.0/8"]}}]}]}),
+                )],
+                None,
+                "10.0.0.9",
+                80,
+                false,
+            ),
+            c(
+                "notPrincipals excludes",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"notPrincipals": ["*/ns/other/sa/client"]}}]}]}),
+                )],
+                Some(&other),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "notPrincipals wildcard lets others",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"notPrincipals": ["cluster.local/ns/other/*"]}}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "principal * needs identity",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"principals": ["*"]}}]}]}),
+                )],
+                None,
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "principal * with identity",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"principals": ["*"]}}]}]}),
+                )],
+                Some(&other),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "notNamespaces",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"notNamespaces": ["other"]}}]}]}),
+                )],
+                Some(&other),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "from AND to",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"namespaces": ["shop"]}}], "to": [{"operation": {"ports": ["443"]}}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "notPorts",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"to": [{"operation": {"notPorts": ["80"]}}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "any of from entries",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"from": [{"source": {"namespaces": ["x"]}}, {"source": {"namespaces": ["shop"]}}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                true,
+            ),
+            c(
+                "L7 allow never matches",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "L7 deny applies on L4 part",
+                vec![pol(
+                    "shop",
+                    json!({"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"], "ports": ["80"]}}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
+            c(
+                "when makes allow unmatchable",
+                vec![pol(
+                    "shop",
+                    json!({"rules": [{"when": [{"key": "request.headers[x]", "values": ["y"]}]}]}),
+                )],
+                Some(&web),
+                "10.0.0.1",
+                80,
+                false,
+            ),
         ];
         for case in cases {
             let req = Request {
@@ -495,8 +781,14 @@ mod tests {
     fn bad_specs_are_precise_errors() {
         let bad = [
             (json!({"action": "AUDIT"}), "AUDIT"),
-            (json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}), "10.0.0.0/33"),
-            (json!({"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}), "http"),
+            (
+                json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}),
+                "10.0.0.0/33",
+            ),
+            (
+                json!({"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}),
+                "http",
+            ),
             (json!({"rules": "nope"}), "invalid spec"),
         ];
         for (spec, needle) in bad {

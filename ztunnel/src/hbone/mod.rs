@@ -68,7 +68,10 @@ pub fn parse_forwarded_for(v: &str) -> Option<IpAddr> {
     v.split([';', ',']).find_map(|part| {
         let val = part.trim().strip_prefix("for=")?;
         let val = val.trim_matches('"');
-        let val = val.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(val);
+        let val = val
+            .strip_prefix('[')
+            .and_then(|x| x.strip_suffix(']'))
+            .unwrap_or(val);
         val.parse().ok()
     })
 }
@@ -98,7 +101,8 @@ pub fn server_builder() -> h2::server::Builder {
 /// Converts an h2 error to an I/O error for the relay.
 pub(crate) fn h2_io(e: h2::Error) -> std::io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| std::io::Error::other("h2 I/O error"))
+        e.into_io()
+            .unwrap_or_else(|| std::io::Error::other("h2 I/O error"))
     } else {
         std::io::Error::other(e)
     }

@@ -29,7 +29,9 @@ pub enum PoolError {
     Certificate(#[source] SecretError),
     #[error("TCP connection to the peer ztunnel failed (is port 15008 reachable?)")]
     Dial(#[source] SocketError),
-    #[error("TLS handshake with {addr} failed (wrong identity, untrusted or expired certificate?)")]
+    #[error(
+        "TLS handshake with {addr} failed (wrong identity, untrusted or expired certificate?)"
+    )]
     Tls {
         addr: SocketAddr,
         #[source]
@@ -106,7 +108,10 @@ impl Dialer for TlsDialer {
             .await
             .map_err(|_| PoolError::Tls {
                 addr: key.dst,
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ),
             })?
             .map_err(|source| PoolError::Tls {
                 addr: key.dst,
@@ -188,7 +193,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Pool")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -227,19 +234,24 @@ impl Pool {
         let conn = self.open(key).await?;
         conn.active.store(1, Ordering::Release);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.entry(key.clone()).or_default().conns.push(conn.clone());
+        entries
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn.clone());
         Ok(Lease(conn))
     }
 
     async fn open(&self, key: &PoolKey) -> Result<Arc<Conn>, PoolError> {
         let io = self.dialer.dial(key).await?;
-        let (send, mut connection) = client_builder()
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|source| PoolError::Handshake {
-                addr: key.dst,
-                source,
-            })?;
+        let (send, mut connection) =
+            client_builder()
+                .handshake::<_, Bytes>(io)
+                .await
+                .map_err(|source| PoolError::Handshake {
+                    addr: key.dst,
+                    source,
+                })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let dead = Arc::new(AtomicBool::new(false));
         let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
@@ -306,7 +318,9 @@ impl Pool {
         forwarded_for: Option<std::net::IpAddr>,
     ) -> Result<HboneStream, PoolError> {
         let auth = authority(target);
-        let mut b = Request::builder().method(Method::CONNECT).uri(auth.as_str());
+        let mut b = Request::builder()
+            .method(Method::CONNECT)
+            .uri(auth.as_str());
         if let Some(ip) = forwarded_for {
             let v = match ip {
                 std::net::IpAddr::V4(v4) => format!("for={v4}"),
@@ -361,7 +375,8 @@ impl Pool {
     /// Runs [`Pool::evict_idle`] periodically until the pool is dropped.
     pub fn spawn_reaper(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
-        let every = (self.cfg.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let every =
+            (self.cfg.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -381,7 +396,11 @@ impl Pool {
             .map(|(k, e)| PoolStats {
                 key: k.clone(),
                 connections: e.conns.len(),
-                streams: e.conns.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
+                streams: e
+                    .conns
+                    .iter()
+                    .map(|c| c.active.load(Ordering::Relaxed))
+                    .sum(),
             })
             .collect()
     }

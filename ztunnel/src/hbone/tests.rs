@@ -19,18 +19,36 @@ fn authority_table() {
         ("127.0.0.1:65535", "127.0.0.1:65535"),
     ];
     for (s, want) in ok {
-        assert_eq!(parse_authority(s).unwrap(), want.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            parse_authority(s).unwrap(),
+            want.parse::<SocketAddr>().unwrap()
+        );
     }
     let bad = [
         ("", AuthorityError::Missing),
-        ("web.shop.svc:80", AuthorityError::Shape("web.shop.svc:80".into())),
+        (
+            "web.shop.svc:80",
+            AuthorityError::Shape("web.shop.svc:80".into()),
+        ),
         ("10.0.0.5", AuthorityError::Shape("10.0.0.5".into())),
         ("fd00::5:80", AuthorityError::Shape("fd00::5:80".into())),
         ("10.0.0.5:0", AuthorityError::PortZero("10.0.0.5:0".into())),
-        ("0.0.0.0:80", AuthorityError::NotUnicast("0.0.0.0:80".into())),
-        ("224.0.0.1:80", AuthorityError::NotUnicast("224.0.0.1:80".into())),
-        ("10.0.0.5:80/x", AuthorityError::Shape("10.0.0.5:80/x".into())),
-        ("10.0.0.5:99999", AuthorityError::Shape("10.0.0.5:99999".into())),
+        (
+            "0.0.0.0:80",
+            AuthorityError::NotUnicast("0.0.0.0:80".into()),
+        ),
+        (
+            "224.0.0.1:80",
+            AuthorityError::NotUnicast("224.0.0.1:80".into()),
+        ),
+        (
+            "10.0.0.5:80/x",
+            AuthorityError::Shape("10.0.0.5:80/x".into()),
+        ),
+        (
+            "10.0.0.5:99999",
+            AuthorityError::Shape("10.0.0.5:99999".into()),
+        ),
     ];
     for (s, want) in bad {
         assert_eq!(parse_authority(s).unwrap_err(), want, "{s}");
@@ -43,7 +61,10 @@ fn authority_table() {
 
 #[test]
 fn forwarded_for() {
-    assert_eq!(parse_forwarded_for("for=10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
+    assert_eq!(
+        parse_forwarded_for("for=10.0.0.1"),
+        Some("10.0.0.1".parse().unwrap())
+    );
     assert_eq!(
         parse_forwarded_for("proto=http;for=\"[fd00::1]\""),
         Some("fd00::1".parse().unwrap())
@@ -112,12 +133,15 @@ async fn hbone_server() -> SocketAddr {
         loop {
             let (s, _) = l.accept().await.unwrap();
             tokio::spawn(async move {
-                let mut conn = server_builder().handshake::<_, bytes::Bytes>(s).await.unwrap();
+                let mut conn = server_builder()
+                    .handshake::<_, bytes::Bytes>(s)
+                    .await
+                    .unwrap();
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     tokio::spawn(async move {
-                        let Ok(dst) =
-                            parse_authority(req.uri().authority().map(|a| a.as_str()).unwrap_or(""))
-                        else {
+                        let Ok(dst) = parse_authority(
+                            req.uri().authority().map(|a| a.as_str()).unwrap_or(""),
+                        ) else {
                             let resp = http::Response::builder().status(400).body(()).unwrap();
                             let _ = respond.send_response(resp, true);
                             return;
@@ -162,7 +186,9 @@ async fn roundtrip(stream: HboneStream, payload: Vec<u8>) -> Vec<u8> {
     let (inner, _) = l.accept().await.unwrap();
     let relay = tokio::spawn(async move {
         let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
-        relay_h2(inner, stream.send, stream.recv, &a, &b).await.unwrap();
+        relay_h2(inner, stream.send, stream.recv, &a, &b)
+            .await
+            .unwrap();
         (a.into_inner(), b.into_inner())
     });
     let (mut r, mut w) = client.split();
@@ -184,7 +210,9 @@ async fn roundtrip(stream: HboneStream, payload: Vec<u8>) -> Vec<u8> {
 async fn large_transfer_with_half_close_is_intact() {
     let upstream = echo_upstream().await;
     let p = pool(hbone_server().await, 10, Duration::from_secs(60));
-    let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let payload: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
     let s = p.connect(&key("b"), upstream, None).await.unwrap();
     let got = roundtrip(s, payload.clone()).await;
     assert!(got == payload, "echoed bytes differ");
@@ -208,7 +236,11 @@ async fn stream_limit_opens_more_connections_and_keys_separate() {
     // Released slots are reused.
     held.truncate(1);
     let _again = p.connect(&key("b"), upstream, None).await.unwrap();
-    let b: Vec<_> = p.stats().into_iter().filter(|s| s.key == key("b")).collect();
+    let b: Vec<_> = p
+        .stats()
+        .into_iter()
+        .filter(|s| s.key == key("b"))
+        .collect();
     assert_eq!(b[0].connections, 3);
     assert_eq!(b[0].streams, 2);
 }
@@ -229,7 +261,11 @@ async fn idle_connections_are_evicted_and_many_streams_share_one() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(p.stats()[0].connections, 1, "one connection multiplexes 50 streams");
+    assert_eq!(
+        p.stats()[0].connections,
+        1,
+        "one connection multiplexes 50 streams"
+    );
     tokio::time::sleep(Duration::from_millis(250)).await;
     p.evict_idle();
     assert!(p.stats().is_empty(), "idle connection closed");

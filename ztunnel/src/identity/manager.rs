@@ -129,20 +129,21 @@ impl SecretManager {
     }
 
     async fn issue(&self, id: &Identity) -> Result<Arc<HeldCert>, SecretError> {
-        let cert = self
-            .provider
-            .issue(id, self.ttl)
-            .await
-            .map_err(|source| SecretError::Issue {
-                identity: id.to_string(),
-                source,
+        let cert =
+            self.provider
+                .issue(id, self.ttl)
+                .await
+                .map_err(|source| SecretError::Issue {
+                    identity: id.to_string(),
+                    source,
+                })?;
+        let server =
+            server_config(&cert, self.trust_bundle(), self.trust_domain()).map_err(|source| {
+                SecretError::Tls {
+                    identity: id.to_string(),
+                    source,
+                }
             })?;
-        let server = server_config(&cert, self.trust_bundle(), self.trust_domain()).map_err(
-            |source| SecretError::Tls {
-                identity: id.to_string(),
-                source,
-            },
-        )?;
         let held = Arc::new(HeldCert {
             cert,
             server,
@@ -186,7 +187,9 @@ impl SecretManager {
             let _guard = self.issuing.lock().await;
             match self.issue(&id).await {
                 Ok(_) => n += 1,
-                Err(e) => tracing::warn!(identity = %id, error = %e, "certificate rotation failed; will retry"),
+                Err(e) => {
+                    tracing::warn!(identity = %id, error = %e, "certificate rotation failed; will retry")
+                }
             }
         }
         n
@@ -198,7 +201,12 @@ impl SecretManager {
         let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
         let soonest = certs
             .values()
-            .map(|h| h.cert.rotation_due().duration_since(now).unwrap_or_default())
+            .map(|h| {
+                h.cert
+                    .rotation_due()
+                    .duration_since(now)
+                    .unwrap_or_default()
+            })
             .min()
             .unwrap_or(Duration::from_secs(60));
         soonest.clamp(Duration::from_secs(1), Duration::from_secs(60))
@@ -241,7 +249,11 @@ mod tests {
         let first = m.fetch(&id).await.unwrap();
         let again = m.fetch(&id).await.unwrap();
         assert!(Arc::ptr_eq(&first, &again));
-        assert_eq!(m.rotate_due().await, 0, "fresh certificates are not rotated");
+        assert_eq!(
+            m.rotate_due().await,
+            0,
+            "fresh certificates are not rotated"
+        );
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(m.rotate_due().await, 1, "past half-life: rotated");
         let rotated = m.fetch(&id).await.unwrap();

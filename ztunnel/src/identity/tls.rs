@@ -100,12 +100,10 @@ pub fn server_config(
     trust_domain: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crypto_provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(root_store(roots)?),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| TlsError::TrustBundle(rustls::Error::General(e.to_string())))?;
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider.clone())
+            .build()
+            .map_err(|e| TlsError::TrustBundle(rustls::Error::General(e.to_string())))?;
     let verifier = Arc::new(SpiffeClientVerifier {
         inner,
         trust_domain: trust_domain.to_owned(),
@@ -362,7 +360,10 @@ mod tests {
         let roots = ca.trust_bundle().to_vec();
         // The server presents a's certificate while the client expects b.
         let err = handshake(&ca_, &roots, &ca_, &roots, &b).await.unwrap_err();
-        assert!(err.contains("WrongIdentity") && err.contains("ns-b"), "{err}");
+        assert!(
+            err.contains("WrongIdentity") && err.contains("ns-b"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

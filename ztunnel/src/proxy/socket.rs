@@ -16,7 +16,9 @@ pub enum SocketError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot set {option} on the socket for {addr} (is ztunnel running with CAP_NET_ADMIN?)")]
+    #[error(
+        "cannot set {option} on the socket for {addr} (is ztunnel running with CAP_NET_ADMIN?)"
+    )]
     Option {
         option: &'static str,
         addr: SocketAddr,
@@ -86,7 +88,13 @@ impl SocketFactory {
     /// A listener with SO_REUSEADDR, SO_REUSEPORT and the mark.
     pub fn listen(&self, addr: SocketAddr) -> Result<TcpListener, SocketError> {
         let s = new_socket(addr)?;
-        let opt = |option: &'static str| move |source| SocketError::Option { option, addr, source };
+        let opt = |option: &'static str| {
+            move |source| SocketError::Option {
+                option,
+                addr,
+                source,
+            }
+        };
         s.set_reuseaddr(true).map_err(opt("SO_REUSEADDR"))?;
         s.set_reuseport(true).map_err(opt("SO_REUSEPORT"))?;
         if addr.is_ipv6() {
@@ -163,7 +171,12 @@ pub fn original_dst(s: &TcpStream) -> Result<SocketAddr, SocketError> {
             .map(canonical)
             .ok_or_else(|| SocketError::OriginalDst(std::io::Error::other("not an inet address"))),
         // ENOENT: no conntrack entry (not NATed); ENOPROTOOPT: conntrack absent.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOPROTOOPT)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENOPROTOOPT)
+            ) =>
+        {
             Ok(canonical(local))
         }
         Err(e) => Err(SocketError::OriginalDst(e)),

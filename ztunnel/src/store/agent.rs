@@ -124,7 +124,11 @@ pub async fn handle_request(
                 return ZtunnelReply::Error { message: e };
             }
             store.agent_add(&local(w, store.node()));
-            vec![Identity::new(&td, &w.namespace, &default_sa(&w.service_account))]
+            vec![Identity::new(
+                &td,
+                &w.namespace,
+                &default_sa(&w.service_account),
+            )]
         }
         ZtunnelOp::Remove { uid } => {
             store.agent_remove(uid);
@@ -268,24 +272,42 @@ mod tests {
             ZtunnelReply::Ack
         );
         let id = Identity::new("cluster.local", "shop", "web");
-        assert!(certs.get(&id).is_some(), "Ack only once the certificate is held");
-        assert_eq!(rpc(&mut c, ZtunnelOp::Add(lw("b", "10.1.0.3"))).await, ZtunnelReply::Ack);
-        assert!(store.snapshot().local_workload("10.1.0.3".parse().unwrap(), "n1").is_some());
+        assert!(
+            certs.get(&id).is_some(),
+            "Ack only once the certificate is held"
+        );
+        assert_eq!(
+            rpc(&mut c, ZtunnelOp::Add(lw("b", "10.1.0.3"))).await,
+            ZtunnelReply::Ack
+        );
+        assert!(store
+            .snapshot()
+            .local_workload("10.1.0.3".parse().unwrap(), "n1")
+            .is_some());
         assert_eq!(
             rpc(&mut c, ZtunnelOp::Remove { uid: "a".into() }).await,
             ZtunnelReply::Ack
         );
-        assert!(store.snapshot().workload("10.1.0.2".parse().unwrap()).is_none());
+        assert!(store
+            .snapshot()
+            .workload("10.1.0.2".parse().unwrap())
+            .is_none());
         // Bad input: a precise error, no state change.
         let mut bad = lw("c", "10.1.0.4");
         bad.ips.clear();
         let r = rpc(&mut c, ZtunnelOp::Add(bad)).await;
-        assert!(matches!(r, ZtunnelReply::Error { ref message } if message.contains("no IPs")), "{r:?}");
+        assert!(
+            matches!(r, ZtunnelReply::Error { ref message } if message.contains("no IPs")),
+            "{r:?}"
+        );
         let mut foreign = lw("d", "10.1.0.5");
         foreign.node = "n2".into();
         let r = rpc(&mut c, ZtunnelOp::Add(foreign)).await;
         assert!(matches!(r, ZtunnelReply::Error { .. }));
-        assert!(store.snapshot().workload("10.1.0.5".parse().unwrap()).is_none());
+        assert!(store
+            .snapshot()
+            .workload("10.1.0.5".parse().unwrap())
+            .is_none());
         // Garbage frame: an error reply, connection stays usable.
         let junk = b"{\"nope\":1}";
         let mut bytes = (junk.len() as u32).to_be_bytes().to_vec();
@@ -295,7 +317,13 @@ mod tests {
         c.read_exact(&mut header).await.unwrap();
         let mut body = vec![0u8; frame::body_len(header).unwrap()];
         c.read_exact(&mut body).await.unwrap();
-        assert!(matches!(frame::decode::<ZtunnelReply>(&body).unwrap(), ZtunnelReply::Error { .. }));
-        assert_eq!(rpc(&mut c, ZtunnelOp::Remove { uid: "b".into() }).await, ZtunnelReply::Ack);
+        assert!(matches!(
+            frame::decode::<ZtunnelReply>(&body).unwrap(),
+            ZtunnelReply::Error { .. }
+        ));
+        assert_eq!(
+            rpc(&mut c, ZtunnelOp::Remove { uid: "b".into() }).await,
+            ZtunnelReply::Ack
+        );
     }
 }

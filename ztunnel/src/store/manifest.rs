@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 use ambient_common::manifest::{self, Enrolment, Namespace, Object, Pod};
 use serde::Deserialize;
 
-use super::{Endpoint, PeerAuthentication, Service, ServicePort, Store, TargetPort, Workload, WorkloadSource};
+use super::{
+    Endpoint, PeerAuthentication, Service, ServicePort, Store, TargetPort, Workload, WorkloadSource,
+};
 use crate::config::MtlsMode;
 use crate::policy::{AuthorizationPolicy, PolicyError};
 
@@ -29,7 +31,9 @@ pub enum ManifestError {
     },
     #[error("invalid AuthorizationPolicy")]
     Policy(#[source] PolicyError),
-    #[error("PeerAuthentication {name}: mtls.mode {mode:?} is not STRICT, PERMISSIVE, DISABLE or UNSET")]
+    #[error(
+        "PeerAuthentication {name}: mtls.mode {mode:?} is not STRICT, PERMISSIVE, DISABLE or UNSET"
+    )]
     PeerAuthMode { name: String, mode: String },
 }
 
@@ -175,7 +179,10 @@ fn is_tcp(p: &Option<String>) -> bool {
 }
 
 /// Builds the state from parsed objects; `excluded` are the never-enrolled namespaces.
-pub fn parse_manifests(objs: &[Object], excluded: &[String]) -> Result<ManifestState, ManifestError> {
+pub fn parse_manifests(
+    objs: &[Object],
+    excluded: &[String],
+) -> Result<ManifestState, ManifestError> {
     let namespaces: BTreeMap<&str, &Namespace> = objs
         .iter()
         .filter_map(|o| match o {
@@ -482,15 +489,29 @@ spec: {mtls: {mode: STRICT}}
         assert_eq!(svc.pick(80), Some("10.2.0.5:8080".parse().unwrap()));
         let old_svc = m.services.iter().find(|s| s.name == "old").unwrap();
         assert_eq!(old_svc.pick(80), Some("10.2.0.6:9090".parse().unwrap()));
-        assert_eq!(old_svc.pick(80), Some("10.2.0.6:9090".parse().unwrap()), "unready skipped");
+        assert_eq!(
+            old_svc.pick(80),
+            Some("10.2.0.6:9090".parse().unwrap()),
+            "unready skipped"
+        );
         assert_eq!(m.policies.len(), 1);
         assert_eq!(m.peer_auth[0].mode, Some(MtlsMode::Strict));
         let store = Store::new("n1", "cluster.local");
         store.set_manifest(m);
         let st = store.snapshot();
-        assert_eq!(st.mtls_mode("shop", "istio-system", MtlsMode::Permissive), MtlsMode::Strict);
-        assert_eq!(st.mtls_mode("legacy", "istio-system", MtlsMode::Permissive), MtlsMode::Permissive);
-        assert!(st.local_workload("10.2.0.5".parse().unwrap(), "n1").is_none(), "remote");
+        assert_eq!(
+            st.mtls_mode("shop", "istio-system", MtlsMode::Permissive),
+            MtlsMode::Strict
+        );
+        assert_eq!(
+            st.mtls_mode("legacy", "istio-system", MtlsMode::Permissive),
+            MtlsMode::Permissive
+        );
+        assert!(
+            st.local_workload("10.2.0.5".parse().unwrap(), "n1")
+                .is_none(),
+            "remote"
+        );
         assert!(st.service("10.96.0.10".parse().unwrap()).is_some());
     }
 
@@ -499,11 +520,14 @@ spec: {mtls: {mode: STRICT}}
         let err = parse("kind: Service\nmetadata: {name: s}\nspec: {ports: [{port: nope}]}\n")
             .unwrap_err();
         assert!(err.to_string().contains("Service s"), "{err}");
-        let err = parse("kind: AuthorizationPolicy\nmetadata: {name: p, namespace: x}\nspec: {action: AUDIT}\n")
-            .unwrap_err();
+        let err = parse(
+            "kind: AuthorizationPolicy\nmetadata: {name: p, namespace: x}\nspec: {action: AUDIT}\n",
+        )
+        .unwrap_err();
         assert!(crate::error_chain(&err).contains("AUDIT"), "{err}");
-        let err = parse("kind: PeerAuthentication\nmetadata: {name: p}\nspec: {mtls: {mode: LOOSE}}\n")
-            .unwrap_err();
+        let err =
+            parse("kind: PeerAuthentication\nmetadata: {name: p}\nspec: {mtls: {mode: LOOSE}}\n")
+                .unwrap_err();
         assert!(err.to_string().contains("LOOSE"), "{err}");
     }
 

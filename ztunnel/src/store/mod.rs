@@ -16,7 +16,9 @@ use ambient_common::ztunnel_api::LocalWorkload;
 use serde::Serialize;
 
 pub use agent::{bind_agent_socket, handle_request, serve_agent, AgentError};
-pub use manifest::{load as load_manifests, parse_manifests, poll_manifests, ManifestError, ManifestState};
+pub use manifest::{
+    load as load_manifests, parse_manifests, poll_manifests, ManifestError, ManifestState,
+};
 
 use crate::config::MtlsMode;
 use crate::identity::Identity;
@@ -206,9 +208,7 @@ impl State {
 
     /// An ambient workload on `node` with this IP.
     pub fn local_workload(&self, ip: IpAddr, node: &str) -> Option<&Arc<Workload>> {
-        self.by_ip
-            .get(&ip)
-            .filter(|w| w.ambient && w.node == node)
+        self.by_ip.get(&ip).filter(|w| w.ambient && w.node == node)
     }
 
     pub fn service(&self, vip: IpAddr) -> Option<&Arc<Service>> {
@@ -244,7 +244,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
@@ -407,8 +409,13 @@ mod tests {
         s.agent_add(&lw("a", "10.1.0.2"));
         s.agent_add(&lw("b", "10.1.0.3"));
         let st = s.snapshot();
-        let w = st.local_workload("10.1.0.2".parse().unwrap(), "n1").unwrap();
-        assert_eq!(w.identity("cluster.local").to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        let w = st
+            .local_workload("10.1.0.2".parse().unwrap(), "n1")
+            .unwrap();
+        assert_eq!(
+            w.identity("cluster.local").to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
         assert_eq!(s.local_identities().len(), 1);
         s.agent_remove("a");
         assert!(s.snapshot().workload("10.1.0.2".parse().unwrap()).is_none());
@@ -434,7 +441,11 @@ mod tests {
                 port: 80,
                 target: TargetPort::Number(8080),
             }],
-            vec![ep("10.1.0.2", true), ep("10.1.0.3", false), ep("10.1.0.4", true)],
+            vec![
+                ep("10.1.0.2", true),
+                ep("10.1.0.3", false),
+                ep("10.1.0.4", true),
+            ],
         );
         let picks: HashSet<SocketAddr> = (0..4).map(|_| s.pick(80).unwrap()).collect();
         assert_eq!(picks.len(), 2);

@@ -1,0 +1,402 @@
+//! Builds ztunnel from a [`Config`] (binding every socket, so tests can use port 0 and learn
+//! the real addresses) and runs it: the data plane on one runtime, admin, metrics, discovery
+//! and certificate rotation on another; on shutdown, stop accepting and drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::runtime::Handle;
+
+use crate::admin::{json, not_found, serve_http, Reply};
+use crate::config::Config;
+use crate::hbone::{Pool, TlsDialer};
+use crate::identity::{CaError, CaFiles, CertificateProvider, FileCa, SecretManager};
+use crate::metrics::{Direction, Metrics, Tracker};
+use crate::proxy::{serve, Proxy, SocketError, SocketFactory};
+use crate::store::{self, AgentError, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("loading the CA failed")]
+    Ca(#[source] CaError),
+    #[error("binding a listener failed")]
+    Listen(#[source] SocketError),
+    #[error("binding the agent socket failed")]
+    Agent(#[source] AgentError),
+    #[error("building the runtime failed")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Real addresses after binding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Addresses {
+    pub outbound: Vec<SocketAddr>,
+    pub inbound: Vec<SocketAddr>,
+    pub inbound_plaintext: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+pub struct App {
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    certs: Arc<SecretManager>,
+    tracker: Arc<Tracker>,
+    registry: Arc<Registry>,
+    outbound: Vec<TcpListener>,
+    inbound: Vec<TcpListener>,
+    plaintext: Vec<TcpListener>,
+    admin: TcpListener,
+    metrics: TcpListener,
+    readiness: TcpListener,
+    agent: UnixListener,
+    addrs: Addresses,
+    ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+fn set_migrate_req() {
+    // Connections queued on a closing SO_REUSEPORT listener move to a sibling instead of
+    // being reset (Linux >= 5.14), which is what makes a takeover refuse nothing.
+    for path in ["/proc/sys/net/ipv4/tcp_migrate_req"] {
+        if let Err(e) = std::fs::write(path, "1") {
+            tracing::warn!(path, error = %e, "cannot enable tcp_migrate_req; a takeover may reset queued connections");
+        }
+    }
+}
+
+impl App {
+    /// Loads the CA from the configured directory and builds.
+    pub fn build(cfg: Config, data: &Handle, control: &Handle) -> Result<Self, AppError> {
+        let ca =
+            FileCa::load(&CaFiles::in_dir(&cfg.ca_dir), &cfg.trust_domain).map_err(AppError::Ca)?;
+        Self::build_with(cfg, Arc::new(ca), data, control)
+    }
+
+    /// Builds with any certificate provider.
+    pub fn build_with(
+        cfg: Config,
+        provider: Arc<dyn CertificateProvider>,
+        data: &Handle,
+        control: &Handle,
+    ) -> Result<Self, AppError> {
+        tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
+        let store = Store::new(&cfg.node_name, &cfg.trust_domain);
+        if let Some(dir) = &cfg.manifest_dir {
+            match store::load_manifests(dir, &cfg.excluded_namespaces) {
+                Ok(m) => store.set_manifest(m),
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "initial manifest load failed; starting empty")
+                }
+            }
+        }
+        let certs = Arc::new(SecretManager::new(provider, cfg.cert_ttl));
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let tracker = Tracker::new(metrics, cfg.access_log);
+        if cfg.tcp_migrate_req {
+            set_migrate_req();
+        }
+        let sockets = SocketFactory {
+            mark: cfg.mark,
+            connect_timeout: cfg.connect_timeout,
+        };
+        let bind_all = |addrs: &[SocketAddr]| -> Result<Vec<TcpListener>, AppError> {
+            addrs
+                .iter()
+                .map(|a| sockets.listen(*a).map_err(AppError::Listen))
+                .collect()
+        };
+        let (outbound, inbound, plaintext) = {
+            let _g = data.enter();
+            (
+                bind_all(&cfg.outbound_addrs)?,
+                bind_all(&cfg.inbound_addrs)?,
+                bind_all(&cfg.inbound_plaintext_addrs)?,
+            )
+        };
+        let (admin, metrics_l, readiness, agent) = {
+            let _g = control.enter();
+            (
+                sockets.listen(cfg.admin_addr).map_err(AppError::Listen)?,
+                sockets.listen(cfg.metrics_addr).map_err(AppError::Listen)?,
+                sockets
+                    .listen(cfg.readiness_addr)
+                    .map_err(AppError::Listen)?,
+                store::bind_agent_socket(&cfg.agent_socket).map_err(AppError::Agent)?,
+            )
+        };
+        let addr = |l: &TcpListener| {
+            l.local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        };
+        let addrs = Addresses {
+            outbound: outbound.iter().map(addr).collect(),
+            inbound: inbound.iter().map(addr).collect(),
+            inbound_plaintext: plaintext.iter().map(addr).collect(),
+            admin: addr(&admin),
+            metrics: addr(&metrics_l),
+            readiness: addr(&readiness),
+        };
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            store,
+            certs,
+            tracker,
+            registry: Arc::new(registry),
+            outbound,
+            inbound,
+            plaintext,
+            admin,
+            metrics: metrics_l,
+            readiness,
+            agent,
+            addrs,
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn addresses(&self) -> &Addresses {
+        &self.addrs
+    }
+
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// Runs until `shutdown` completes, then drains for up to the drain timeout.
+    pub async fn run(self, data: Handle, control: Handle, shutdown: impl Future<Output = ()>) {
+        let Self {
+            cfg,
+            store,
+            certs,
+            tracker,
+            registry,
+            outbound,
+            inbound,
+            plaintext,
+            admin,
+            metrics,
+            readiness,
+            agent,
+            addrs,
+            ready,
+        } = self;
+        let sockets = SocketFactory {
+            mark: cfg.mark,
+            connect_timeout: cfg.connect_timeout,
+        };
+        let pool = {
+            let _g = data.enter();
+            let pool = Pool::new(
+                cfg.pool.clone(),
+                Box::new(TlsDialer {
+                    certs: certs.clone(),
+                    sockets: sockets.clone(),
+                }),
+            );
+            pool.spawn_reaper();
+            pool
+        };
+        let proxy = Arc::new(Proxy {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            certs: certs.clone(),
+            pool: pool.clone(),
+            sockets,
+            tracker: tracker.clone(),
+        });
+
+        // Control plane: certificates follow the local workloads.
+        let mut changes = store.subscribe();
+        {
+            let (store, certs) = (store.clone(), certs.clone());
+            control.spawn(async move {
+                loop {
+                    let local = store.local_identities();
+                    certs.retain(&local);
+                    let ids: Vec<_> = local.into_iter().collect();
+                    if let Err(e) = certs.ensure(&ids).await {
+                        tracing::warn!(error = %crate::error_chain(&e), "pre-issuing certificates failed");
+                    }
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        {
+            let certs = certs.clone();
+            control.spawn(async move {
+                loop {
+                    tokio::time::sleep(certs.next_check()).await;
+                    let n = certs.rotate_due().await;
+                    if n > 0 {
+                        tracing::info!(rotated = n, "certificates rotated");
+                    }
+                }
+            });
+        }
+        if let Some(dir) = cfg.manifest_dir.clone() {
+            control.spawn(store::poll_manifests(
+                dir,
+                cfg.poll_interval,
+                cfg.excluded_namespaces.clone(),
+                store.clone(),
+                || {},
+            ));
+        }
+        control.spawn(store::serve_agent(
+            agent,
+            store.clone(),
+            certs.clone(),
+            cfg.connect_timeout,
+            Arc::new(|| {}),
+        ));
+
+        // HTTP endpoints.
+        {
+            let (store, certs, pool, cfg, tracker, addrs) = (
+                store.clone(),
+                certs.clone(),
+                pool.clone(),
+                cfg.clone(),
+                tracker.clone(),
+                addrs.clone(),
+            );
+            let route = Arc::new(move |path: &str| -> Reply {
+                match path {
+                    "/config_dump" => {
+                        let st = store.snapshot();
+                        json(&serde_json::json!({
+                            "node": store.node(),
+                            "config": &*cfg,
+                            "addresses": &addrs,
+                            "workloads": st.workloads,
+                            "services": st.service_list,
+                            "policies": st.policies,
+                            "certificates": certs.dump(),
+                            "pool": pool.stats(),
+                        }))
+                    }
+                    "/connections" => json(&tracker.live()),
+                    _ => not_found(),
+                }
+            });
+            control.spawn(serve_http(admin, route));
+        }
+        {
+            let registry = registry.clone();
+            control.spawn(serve_http(
+                metrics,
+                Arc::new(move |path: &str| match path {
+                    "/metrics" | "/stats/prometheus" => (
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        crate::metrics::encode(&registry),
+                    ),
+                    _ => not_found(),
+                }),
+            ));
+        }
+        {
+            let ready = ready.clone();
+            control.spawn(serve_http(
+                readiness,
+                Arc::new(move |path: &str| match path {
+                    "/healthz/ready" if ready.load(Ordering::Acquire) => {
+                        (StatusCode::OK, "text/plain", "ready\n".into())
+                    }
+                    "/healthz/ready" => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready\n".into(),
+                    ),
+                    _ => not_found(),
+                }),
+            ));
+        }
+
+        // Data plane.
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        let mut accepting = Vec::new();
+        for (ls, kind) in [
+            (outbound, Direction::Outbound),
+            (inbound, Direction::Inbound),
+            (plaintext, Direction::InboundPlaintext),
+        ] {
+            for l in ls {
+                accepting.push(data.spawn(serve(l, kind, proxy.clone(), drain_rx.clone())));
+            }
+        }
+        ready.store(true, Ordering::Release);
+        tracing::info!(addresses = ?addrs, "ztunnel ready");
+
+        shutdown.await;
+        tracing::info!(live = tracker.live_count(), deadline = ?cfg.drain_timeout, "draining");
+        ready.store(false, Ordering::Release);
+        let _ = drain_tx.send(true);
+        for a in accepting {
+            let _ = a.await;
+        }
+        let deadline = Instant::now() + cfg.drain_timeout;
+        while tracker.live_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(left = tracker.live_count(), "drain finished");
+        drop(drain_tx);
+    }
+}
+
+/// Runs ztunnel with its two runtimes until SIGTERM or SIGINT.
+pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
+    let data = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.workers)
+        .thread_name("ztunnel-data")
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ztunnel-control")
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    let app = App::build(cfg, data.handle(), control.handle())?;
+    let (dh, ch) = (data.handle().clone(), control.handle().clone());
+    control.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("SIGTERM"),
+                        _ = int.recv() => tracing::info!("SIGINT"),
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        app.run(dh, ch, shutdown).await;
+    });
+    data.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Inbound: HBONE (15008) and plaintext (15006) to local ambient pods.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+
+use super::{original_dst, peer_of, Proxy, ProxyError};
+use crate::config::MtlsMode;
+use crate::hbone::{
+    parse_authority, parse_forwarded_for, relay_h2, relay_tcp, server_builder, FORWARDED,
+};
+use crate::identity::{peer_identity, Identity};
+use crate::metrics::{Direction, Peer, ResponseFlag};
+use crate::store::Workload;
+
+pub(super) async fn inbound(
+    p: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ProxyError> {
+    let orig = original_dst(&tcp).map_err(ProxyError::OriginalDst)?;
+    let state = p.store.snapshot();
+    let w = state
+        .local_workload(orig.ip(), p.store.node())
+        .cloned()
+        .ok_or(ProxyError::NotLocalDestination(orig))?;
+    drop(state);
+    let held = p
+        .certs
+        .fetch(&w.identity(p.td()))
+        .await
+        .map_err(ProxyError::Certificate)?;
+    let tls = tokio::time::timeout(
+        p.cfg.connect_timeout,
+        tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(tcp),
+    )
+    .await
+    .map_err(|_| {
+        ProxyError::Tls(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        ))
+    })?
+    .map_err(ProxyError::Tls)?;
+    let client_id = peer_identity(tls.get_ref().1).map_err(ProxyError::PeerIdentity)?;
+    let mut conn = server_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(ProxyError::H2)?;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.accept() => match r {
+                Some(Ok((req, respond))) => {
+                    let (p, client_id, w) = (p.clone(), client_id.clone(), w.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = connect_stream(p, req, respond, client_id, w, orig, peer).await {
+                            tracing::info!(%peer, error = %crate::error_chain(&e), "inbound stream refused or failed");
+                        }
+                    });
+                }
+                Some(Err(e)) => return Err(ProxyError::H2(e)),
+                None => return Ok(()),
+            },
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn reply(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_default();
+    let _ = respond.send_response(resp, true);
+}
+
+async fn connect_stream(
+    p: Arc<Proxy>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    client_id: Identity,
+    w: Arc<Workload>,
+    orig: SocketAddr,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    if req.method() != Method::CONNECT {
+        reply(respond, StatusCode::BAD_REQUEST);
+        return Ok(());
+    }
+    let auth = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let target = match parse_authority(auth) {
+        Ok(t) if t.ip() == orig.ip() => t,
+        Ok(t) => {
+            tracing::info!(authority = %t, pod = %orig.ip(), "CONNECT authority is not the pod this connection was sent to");
+            reply(respond, StatusCode::BAD_REQUEST);
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "malformed CONNECT");
+            reply(respond, StatusCode::BAD_REQUEST);
+            return Ok(());
+        }
+    };
+    let td = p.td().to_owned();
+    let state = p.store.snapshot();
+    // Believe the forwarded client address only if it belongs to a workload with the very
+    // identity the client proved.
+    let src = req
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_forwarded_for)
+        .and_then(|ip| {
+            state
+                .workload(ip)
+                .filter(|sw| sw.identity(&td) == client_id)
+                .map(|sw| (ip, sw.clone()))
+        });
+    let mut src_peer = match &src {
+        Some((ip, sw)) => peer_of(Some(sw), Some(SocketAddr::new(*ip, 0)), &td),
+        None => Peer {
+            addr: Some(peer),
+            ..Default::default()
+        },
+    };
+    src_peer.identity = Some(client_id.clone());
+    let dst_peer = peer_of(Some(&w), Some(target), &td);
+    let mut g = p
+        .tracker
+        .open(Direction::Inbound, src_peer, dst_peer, None, true);
+    let (src_ip, keep) = match &src {
+        Some((ip, _)) => (*ip, true),
+        None => (peer.ip(), false),
+    };
+    let up = match p
+        .authorize_and_connect(&state, Some(&client_id), src_ip, keep, &w, target)
+        .await
+    {
+        Ok(s) => s,
+        Err((flag, e)) => {
+            g.set_flag(flag);
+            g.set_error(e.to_string());
+            let code = match flag {
+                ResponseFlag::Deny => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            reply(respond, code);
+            return Err(e);
+        }
+    };
+    drop(state);
+    let mut respond = respond;
+    let send = respond
+        .send_response(Response::new(()), false)
+        .map_err(ProxyError::H2)?;
+    relay_h2(up, send, req.into_body(), &g.info.sent, &g.info.received)
+        .await
+        .map_err(ProxyError::Relay)
+}
+
+pub(super) async fn inbound_plaintext(
+    p: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    let orig = original_dst(&tcp).map_err(ProxyError::OriginalDst)?;
+    let state = p.store.snapshot();
+    let w = state
+        .local_workload(orig.ip(), p.store.node())
+        .cloned()
+        .ok_or(ProxyError::NotLocalDestination(orig))?;
+    let td = p.td().to_owned();
+    let mut src_peer = peer_of(
+        state.workload(peer.ip()).map(|w| w.as_ref()),
+        Some(peer),
+        &td,
+    );
+    src_peer.identity = None; // plaintext proves nothing
+    let dst_peer = peer_of(Some(&w), Some(orig), &td);
+    let mut g = p
+        .tracker
+        .open(Direction::InboundPlaintext, src_peer, dst_peer, None, false);
+    if state.mtls_mode(&w.namespace, &p.cfg.root_namespace, p.cfg.default_mtls_mode)
+        == MtlsMode::Strict
+    {
+        g.set_flag(ResponseFlag::Deny);
+        return Err(ProxyError::Strict(w.namespace.clone()));
+    }
+    let up = match p
+        .authorize_and_connect(&state, None, peer.ip(), true, &w, orig)
+        .await
+    {
+        Ok(s) => s,
+        Err((flag, e)) => {
+            g.set_flag(flag);
+            g.set_error(e.to_string());
+            return Err(e);
+        }
+    };
+    drop(state);
+    relay_tcp(tcp, up, &g.info.received, &g.info.sent)
+        .await
+        .map_err(ProxyError::Relay)
+}

@@ -1,0 +1,135 @@
+//! Outbound: a local ambient pod's captured connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::{original_dst, peer_of, Proxy, ProxyError};
+use crate::config::OutsideMesh;
+use crate::hbone::{relay_h2, relay_tcp, PoolError, PoolKey};
+use crate::metrics::{Direction, ResponseFlag};
+
+pub(super) async fn outbound(
+    p: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    let orig = original_dst(&tcp).map_err(ProxyError::OriginalDst)?;
+    if tcp.local_addr().ok().map(super::canonical) == Some(orig) {
+        return Err(ProxyError::Loop(orig));
+    }
+    let state = p.store.snapshot();
+    let node = p.store.node();
+    let td = p.td();
+    let src = state
+        .local_workload(peer.ip(), node)
+        .cloned()
+        .ok_or(ProxyError::NotLocalSource(peer.ip()))?;
+    let src_id = src.identity(td);
+    // A Service VIP resolves to one of its ready endpoints.
+    let (target, service) = match (state.workload(orig.ip()), state.service(orig.ip())) {
+        (None, Some(svc)) => (
+            svc.pick(orig.port()).ok_or(ProxyError::NoEndpoint {
+                vip: orig.ip(),
+                port: orig.port(),
+            })?,
+            Some(svc.host()),
+        ),
+        _ => (orig, None),
+    };
+    let dst = state.workload(target.ip()).cloned();
+    let src_peer = peer_of(Some(&src), Some(peer), td);
+    let dst_peer = peer_of(dst.as_deref(), Some(target), td);
+    match dst {
+        Some(w) if w.ambient && w.node == node => {
+            // Same node: no tunnel, but the same authorization as inbound.
+            let mut g = p.tracker.open(
+                Direction::Outbound,
+                src_peer.clone(),
+                dst_peer.clone(),
+                service.clone(),
+                true,
+            );
+            let mut gi = p
+                .tracker
+                .open(Direction::Inbound, src_peer, dst_peer, service, true);
+            let up = match p
+                .authorize_and_connect(&state, Some(&src_id), peer.ip(), true, &w, target)
+                .await
+            {
+                Ok(s) => s,
+                Err((flag, e)) => {
+                    g.set_flag(flag);
+                    gi.set_flag(flag);
+                    g.set_error(e.to_string());
+                    gi.set_error(e.to_string());
+                    return Err(e);
+                }
+            };
+            let res = relay_tcp(tcp, up, &g.info.received, &g.info.sent).await;
+            gi.info.received.store(
+                g.info.received.load(std::sync::atomic::Ordering::Relaxed),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            gi.info.sent.store(
+                g.info.sent.load(std::sync::atomic::Ordering::Relaxed),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            res.map_err(ProxyError::Relay)
+        }
+        Some(w) if w.ambient => {
+            let key = PoolKey {
+                src: src_id,
+                dst: SocketAddr::new(target.ip(), p.cfg.hbone_port),
+                expected: w.identity(td),
+            };
+            let mut g = p
+                .tracker
+                .open(Direction::Outbound, src_peer, dst_peer, service, true);
+            let stream = match p.pool.connect(&key, target, Some(peer.ip())).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let flag = match &e {
+                        PoolError::Status { status, .. } if status.as_u16() == 401 => {
+                            ResponseFlag::Deny
+                        }
+                        _ => ResponseFlag::Connect,
+                    };
+                    g.set_flag(flag);
+                    g.set_error(crate::error_chain(&e));
+                    return Err(ProxyError::Hbone(e));
+                }
+            };
+            relay_h2(
+                tcp,
+                stream.send,
+                stream.recv,
+                &g.info.received,
+                &g.info.sent,
+            )
+            .await
+            .map_err(ProxyError::Relay)
+        }
+        _ => {
+            let mut g = p
+                .tracker
+                .open(Direction::Outbound, src_peer, dst_peer, service, false);
+            if p.cfg.outside_mesh == OutsideMesh::Deny {
+                g.set_flag(ResponseFlag::Deny);
+                return Err(ProxyError::OutsideMeshDenied(target));
+            }
+            let up = match p.sockets.connect(target).await {
+                Ok(s) => s,
+                Err(e) => {
+                    g.set_flag(ResponseFlag::Connect);
+                    g.set_error(crate::error_chain(&e));
+                    return Err(ProxyError::Connect(e));
+                }
+            };
+            relay_tcp(tcp, up, &g.info.received, &g.info.sent)
+                .await
+                .map_err(ProxyError::Relay)
+        }
+    }
+}
