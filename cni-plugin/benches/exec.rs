@@ -51,12 +51,18 @@ fn main() {
         })
     });
     // No log file, info level: what a default install does.
-    let mut conf = sb.conf("1.0.0", json!({"prevResult": bridge_result("1.0.0"), "logLevel": "warn"}));
+    let mut conf = sb.conf(
+        "1.0.0",
+        json!({"prevResult": bridge_result("1.0.0"), "logLevel": "warn"}),
+    );
     conf.as_object_mut().unwrap().remove("logFile");
     let conf = serde_json::to_vec(&conf).unwrap();
 
     println!("ambient-cni exec cost, {runs} runs each (microseconds, wall clock incl. fork/exec)");
-    println!("{:<28} {:>8} {:>8} {:>8} {:>8}", "command", "mean", "p50", "p90", "p99");
+    println!(
+        "{:<28} {:>8} {:>8} {:>8} {:>8}",
+        "command", "mean", "p50", "p90", "p99"
+    );
     for (label, env, stdin) in [
         ("VERSION", command_env("VERSION"), &b""[..]),
         ("ADD (fake agent)", attach_env("ADD"), &conf[..]),

@@ -48,6 +48,11 @@ fn main() -> ExitCode {
         .as_deref()
         .map_or(CniVersion::LATEST, response_version);
     let _ = RESPONSE_VERSION.set(version);
+    // Debug builds only: lets the spec tests prove that a panic still yields a CNI error.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("AMBIENT_CNI_PANIC_FOR_TEST").is_some() {
+        panic!("panic requested by AMBIENT_CNI_PANIC_FOR_TEST");
+    }
 
     let invocation = stdin.and_then(|s| parse_invocation(|k| env.get(k).cloned(), &s));
     let invocation = match invocation {

@@ -569,3 +569,21 @@ fn logs_go_to_the_file_as_json_lines_and_never_to_stdout() {
     ran.printed();
     assert!(ran.stderr.contains("cannot open logFile"), "{}", ran.stderr);
 }
+
+#[cfg(debug_assertions)]
+#[test]
+fn a_panic_still_prints_a_cni_error() {
+    let mut env = command_env("VERSION");
+    env.insert("AMBIENT_CNI_PANIC_FOR_TEST".into(), "1".into());
+    let ran = run(&env, br#"{"cniVersion":"0.4.0"}"#);
+    let e = ran.error(999);
+    assert_eq!(e["cniVersion"], "0.4.0");
+    assert!(
+        e["details"]
+            .as_str()
+            .unwrap()
+            .contains("AMBIENT_CNI_PANIC_FOR_TEST"),
+        "{e}"
+    );
+    assert_eq!(ran.stdout.lines().count(), 1, "{ran:?}");
+}
