@@ -13,15 +13,31 @@ use ambient_tests::topo::{Node, NodeSpec, PodMeta};
 const NETPROBE: &str = env!("CARGO_BIN_EXE_netprobe");
 const RECORDER: &str = env!("CARGO_BIN_EXE_cni-recorder");
 
-/// A node whose `ambient-cni` entry is the recorder, writing to `<node dir>/calls.jsonl`.
-fn recording_node(tag: &str, cidr: &str, attach: Attach) -> (Node, PathBuf) {
-    let calls = std::env::temp_dir().join(format!("{tag}-{}-calls.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&calls);
+/// A recording of the calls the chain's last plugin received; the file goes with it.
+struct Calls {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+/// A node whose `ambient-cni` entry is the recorder; `tweak` adjusts the spec.
+fn recording_node_with(
+    tag: &str,
+    cidr: &str,
+    attach: Attach,
+    tweak: impl FnOnce(&mut NodeSpec),
+) -> (Node, Calls) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calls.jsonl");
     let mut spec = NodeSpec::new(tag, cidr, attach).agent_socket("/nonexistent/agent.sock");
     spec.ambient_cni = Some(PathBuf::from(RECORDER));
     spec.ambient_extra
-        .insert("recordFile".into(), calls.to_string_lossy().into());
-    (Node::new(&spec).unwrap(), calls)
+        .insert("recordFile".into(), path.to_string_lossy().into());
+    tweak(&mut spec);
+    (Node::new(&spec).unwrap(), Calls { _dir: dir, path })
+}
+
+fn recording_node(tag: &str, cidr: &str, attach: Attach) -> (Node, Calls) {
+    recording_node_with(tag, cidr, attach, |_| {})
 }
 
 /// Starts `netprobe listen-echo` in `ns` on `port` and waits until it listens.
@@ -99,7 +115,7 @@ fn bridge_chain_runs_with_libcni_semantics() {
         .stdout
         .is_empty());
 
-    let c = read_calls(&calls);
+    let c = read_calls(&calls.path);
     assert_eq!(c.len(), 1);
     let add: &Call = &c[0];
     assert_eq!(add.command, "ADD");
@@ -120,12 +136,12 @@ fn bridge_chain_runs_with_libcni_semantics() {
     assert!(ifaces.iter().any(|i| i["name"] == "cni0"));
 
     pod.check().unwrap();
-    let c = read_calls(&calls);
+    let c = read_calls(&calls.path);
     assert_eq!(c.last().unwrap().command, "CHECK");
     assert_eq!(c.last().unwrap().stdin["prevResult"], *pod.result());
 
     drop(pod);
-    let c = read_calls(&calls);
+    let c = read_calls(&calls.path);
     let del = c.last().unwrap();
     assert_eq!(del.command, "DEL");
     assert_eq!(
@@ -139,27 +155,25 @@ fn bridge_chain_runs_with_libcni_semantics() {
         .join(&node.conflist().name)
         .join(&ip);
     assert!(!lease.exists(), "{} still leased", lease.display());
-    let _ = std::fs::remove_file(&calls);
 }
 
 #[test]
 fn pods_on_one_bridge_talk() {
     let dir = tempfile::tempdir().unwrap();
-    let (node, calls) = recording_node("talk-br", "10.203.1.0/24", Attach::Bridge);
+    let (node, _calls) = recording_node("talk-br", "10.203.1.0/24", Attach::Bridge);
     let server = node.add_pod(&PodMeta::new("ns", "server")).unwrap();
     let client = node.add_pod(&PodMeta::new("ns", "client")).unwrap();
     echo_server(server.ns(), 8080, dir.path());
     let out = probe(client.ns(), &format!("{}:8080", server.ip().unwrap())).unwrap();
     assert!(out.contains(&client.ip().unwrap()), "{out}");
     drop((server, client));
-    let _ = std::fs::remove_file(&calls);
 }
 
 #[test]
 fn ptp_pods_on_two_linked_nodes_talk() {
     let dir = tempfile::tempdir().unwrap();
     let (n1, c1) = recording_node("two-ptp1", "10.204.1.0/24", Attach::Ptp);
-    let (n2, c2) = recording_node("two-ptp2", "10.204.2.0/24", Attach::Ptp);
+    let (n2, _c2) = recording_node("two-ptp2", "10.204.2.0/24", Attach::Ptp);
     Node::link(&n1, "ul0", "10.204.0.1/30", &n2, "ul0", "10.204.0.2/30").unwrap();
     let p1 = n1.add_pod(&PodMeta::new("ns", "p1")).unwrap();
     let p2 = n2.add_pod(&PodMeta::new("ns", "p2")).unwrap();
@@ -167,7 +181,7 @@ fn ptp_pods_on_two_linked_nodes_talk() {
     let out = probe(p1.ns(), &format!("{}:9090", p2.ip().unwrap())).unwrap();
     assert!(out.contains(&p1.ip().unwrap()), "{out}");
     // ptp gives every pod its own host-side veth, named in prevResult.
-    let add = &read_calls(&c1)[0];
+    let add = &read_calls(&c1.path)[0];
     let host_if = add.stdin["prevResult"]["interfaces"]
         .as_array()
         .unwrap()
@@ -179,26 +193,23 @@ fn ptp_pods_on_two_linked_nodes_talk() {
         .to_owned();
     n1.ns().ip(&["link", "show", &host_if]).unwrap();
     drop((p1, p2));
-    let _ = std::fs::remove_file(&c1);
-    let _ = std::fs::remove_file(&c2);
 }
 
 #[test]
 fn failed_add_is_a_typed_error_and_is_cleaned_with_del() {
-    let calls = std::env::temp_dir().join(format!("fail-add-{}-calls.jsonl", std::process::id()));
-    let mut spec = NodeSpec::new("fail-add", "10.205.1.0/24", Attach::Bridge).agent_socket("/x");
-    spec.ambient_cni = Some(PathBuf::from(RECORDER));
-    spec.ambient_extra
-        .insert("recordFile".into(), calls.to_string_lossy().into());
-    spec.ambient_extra.insert("failAdd".into(), 11.into());
-    let node = Node::new(&spec).unwrap();
+    let (node, calls) = recording_node_with("fail-add", "10.205.1.0/24", Attach::Bridge, |s| {
+        s.ambient_extra.insert("failAdd".into(), 11.into());
+    });
     let err = node.add_pod(&PodMeta::new("ns", "p")).unwrap_err();
     let ambient_tests::topo::TopoError::Cni(e) = &err else {
         panic!("{err}")
     };
     assert_eq!(e.code(), Some(11), "{e}");
     assert!(matches!(e, CniError::Plugin { plugin, .. } if plugin == "ambient-cni"));
-    let cmds: Vec<String> = read_calls(&calls).into_iter().map(|c| c.command).collect();
+    let cmds: Vec<String> = read_calls(&calls.path)
+        .into_iter()
+        .map(|c| c.command)
+        .collect();
     assert_eq!(cmds, ["ADD", "DEL"]);
     // host-local's reservation was released by the DEL: the directory holds no address.
     let ipam = node.dir().join("ipam").join(&node.conflist().name);
@@ -210,5 +221,4 @@ fn failed_add_is_a_typed_error_and_is_cleaned_with_del() {
         })
         .unwrap_or(0);
     assert_eq!(leased, 0);
-    let _ = std::fs::remove_file(&calls);
 }
