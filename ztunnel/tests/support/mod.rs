@@ -1,0 +1,555 @@
+//! Network-namespace lab for ztunnel's integration tests: two "node" namespaces joined by a
+//! veth underlay, pod namespaces behind each node (routed veths, /32 on the host side), the
+//! node agent's capture rules set by the test (nftables, mirroring what the agent installs),
+//! ztunnel processes started in the node namespaces. Everything lives in namespaces the test
+//! creates (named after the test and the process id); the guard's Drop kills the processes it
+//! started (by PID) and deletes the namespaces, also on panic.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const MARK: &str = "0x539";
+
+/// Runs a command, panicking with its stderr on failure.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn ns_sh(ns: &str, args: &[&str]) -> String {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `f` on a thread that entered network namespace `ns`; sockets it creates stay there.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// A pod: its namespace, IP and the node it is on.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub ns: String,
+    pub ip: IpAddr,
+    pub name: String,
+    pub namespace: String,
+    pub sa: String,
+    pub node: usize,
+    pub ambient: bool,
+}
+
+pub struct Node {
+    pub ns: String,
+    pub name: String,
+    pub underlay_ip: IpAddr,
+    pub manifest_dir: PathBuf,
+    pub agent_socket: PathBuf,
+}
+
+/// The lab; Drop removes everything.
+pub struct Lab {
+    pub tag: String,
+    pub octet: u8,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    namespaces: Vec<String>,
+    children: Mutex<Vec<Child>>,
+    pub dir: tempfile::TempDir,
+    pub ca_dir: PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        for c in children.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+impl Lab {
+    /// Two nodes joined by an underlay in 10.<octet>.0.0/24; pods of node i in
+    /// 10.<octet>.<i+1>.0/24. `pods` is (node index, name, namespace, ambient).
+    pub fn new(tag: &str, octet: u8, pods: &[(usize, &str, &str, bool)]) -> Self {
+        let pid = std::process::id();
+        let dir = tempfile::tempdir().unwrap();
+        let mut lab = Lab {
+            tag: tag.to_owned(),
+            octet,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            children: Mutex::new(Vec::new()),
+            ca_dir: dir.path().join("ca"),
+            dir,
+        };
+        let mk = |lab: &mut Lab, role: &str| -> String {
+            let ns = format!("zt{pid}{tag}-{role}");
+            sh(&["ip", "netns", "add", &ns]);
+            lab.namespaces.push(ns.clone());
+            ns_sh(&ns, &["ip", "link", "set", "lo", "up"]);
+            ns
+        };
+        for i in 0..2usize {
+            let ns = mk(&mut lab, &format!("n{i}"));
+            ns_sh(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            ns_sh(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+            let manifest_dir = lab.dir.path().join(format!("manifests-{i}"));
+            std::fs::create_dir_all(&manifest_dir).unwrap();
+            lab.nodes.push(Node {
+                ns,
+                name: format!("node-{i}"),
+                underlay_ip: format!("10.{octet}.0.{}", i + 1).parse().unwrap(),
+                manifest_dir,
+                agent_socket: lab.dir.path().join(format!("ztunnel-{i}.sock")),
+            });
+        }
+        let (n0, n1) = (lab.nodes[0].ns.clone(), lab.nodes[1].ns.clone());
+        sh(&[
+            "ip", "link", "add", "ul", "netns", &n0, "type", "veth", "peer", "ul", "netns", &n1,
+        ]);
+        for (i, ns) in [&n0, &n1].iter().enumerate() {
+            let addr = format!("10.{octet}.0.{}/24", i + 1);
+            ns_sh(ns, &["ip", "addr", "add", &addr, "dev", "ul"]);
+            ns_sh(ns, &["ip", "link", "set", "ul", "up"]);
+            let other = 1 - i;
+            ns_sh(
+                ns,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    &format!("10.{octet}.{}.0/24", other + 1),
+                    "via",
+                    &format!("10.{octet}.0.{}", other + 1),
+                ],
+            );
+            // Service VIPs are routed like the pods' default route would: to this node.
+        }
+        let mut per_node = [0u8; 2];
+        for (node, name, namespace, ambient) in pods {
+            per_node[*node] += 1;
+            let host = per_node[*node] + 1;
+            let ns = mk(&mut lab, name);
+            let ip: IpAddr = format!("10.{octet}.{}.{host}", node + 1).parse().unwrap();
+            let gw = format!("10.{octet}.{}.1", node + 1);
+            let node_ns = lab.nodes[*node].ns.clone();
+            let veth = format!("v{name}");
+            sh(&[
+                "ip", "link", "add", &veth, "netns", &node_ns, "type", "veth", "peer", "eth0",
+                "netns", &ns,
+            ]);
+            ns_sh(
+                &node_ns,
+                &["ip", "addr", "add", &format!("{gw}/32"), "dev", &veth],
+            );
+            ns_sh(&node_ns, &["ip", "link", "set", &veth, "up"]);
+            ns_sh(
+                &node_ns,
+                &["ip", "route", "add", &format!("{ip}/32"), "dev", &veth],
+            );
+            ns_sh(
+                &ns,
+                &["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
+            );
+            ns_sh(&ns, &["ip", "link", "set", "eth0", "up"]);
+            ns_sh(&ns, &["ip", "route", "add", &gw, "dev", "eth0"]);
+            ns_sh(&ns, &["ip", "route", "add", "default", "via", &gw]);
+            lab.pods.push(Pod {
+                ns,
+                ip,
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                sa: format!("sa-{name}"),
+                node: *node,
+                ambient: *ambient,
+            });
+        }
+        sh(&[
+            env!("CARGO_BIN_EXE_ztunnel"),
+            "ca",
+            "init",
+            "--dir",
+            lab.ca_dir.to_str().unwrap(),
+        ]);
+        for i in 0..2 {
+            lab.install_capture(i);
+            lab.write_manifests(i, "");
+        }
+        lab
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap()
+    }
+
+    /// The node agent's rules (BRIEF §4 and the issue): capture new TCP from local ambient
+    /// pods to 15001, HBONE to them to 15008, other TCP to them to 15006; never capture
+    /// ztunnel's own marked traffic; route replies of transparent connections to ztunnel.
+    fn install_capture(&self, node: usize) {
+        let ns = &self.nodes[node].ns;
+        let local: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node && p.ambient)
+            .map(|p| p.ip.to_string())
+            .collect();
+        let elements = if local.is_empty() {
+            String::new()
+        } else {
+            format!("elements = {{ {} }}", local.join(", "))
+        };
+        let rules = format!(
+            r#"
+table inet ambient {{
+  set pods4 {{ type ipv4_addr; {elements} }}
+  chain mangle_pre {{
+    type filter hook prerouting priority mangle; policy accept;
+    ct mark & 0xfff == {MARK} meta mark set {MARK}
+  }}
+  chain out {{
+    type filter hook output priority mangle; policy accept;
+    meta mark & 0xfff == {MARK} ct mark set {MARK}
+  }}
+  chain nat_pre {{
+    type nat hook prerouting priority -110; policy accept;
+    meta mark & 0xfff == {MARK} return
+    ct state != new return
+    ip saddr @pods4 meta l4proto tcp redirect to :15001
+    ip daddr @pods4 tcp dport 15008 redirect to :15008
+    ip daddr @pods4 meta l4proto tcp redirect to :15006
+  }}
+}}
+"#
+        );
+        let path = self.dir.path().join(format!("rules-{node}.nft"));
+        std::fs::write(&path, rules).unwrap();
+        ns_sh(ns, &["nft", "-f", path.to_str().unwrap()]);
+        // Marked packets generated here follow the main table; marked replies arriving from
+        // pods are delivered locally (to ztunnel's transparent socket).
+        ns_sh(
+            ns,
+            &[
+                "ip",
+                "rule",
+                "add",
+                "priority",
+                "31999",
+                "iif",
+                "lo",
+                "fwmark",
+                "0x539/0xfff",
+                "lookup",
+                "main",
+            ],
+        );
+        ns_sh(
+            ns,
+            &[
+                "ip",
+                "rule",
+                "add",
+                "priority",
+                "32000",
+                "fwmark",
+                "0x539/0xfff",
+                "lookup",
+                "133",
+            ],
+        );
+        ns_sh(
+            ns,
+            &[
+                "ip",
+                "route",
+                "add",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                "133",
+            ],
+        );
+    }
+
+    /// Writes the manifests every ztunnel reads (all pods, namespaces) plus `extra` YAML into
+    /// node `node`'s manifest directory.
+    pub fn write_manifests(&self, node: usize, extra: &str) {
+        let mut y = String::new();
+        let mut nss: Vec<(&str, bool)> = Vec::new();
+        for p in &self.pods {
+            if !nss.iter().any(|(n, _)| *n == p.namespace) {
+                nss.push((&p.namespace, p.ambient));
+            }
+        }
+        for (n, ambient) in nss {
+            let label = if ambient {
+                "labels: {istio.io/dataplane-mode: ambient}"
+            } else {
+                "labels: {}"
+            };
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}, {label}}}\n"
+            ));
+        }
+        for p in &self.pods {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: uid-{}, labels: {{app: {}}}}}\nspec: {{nodeName: node-{}, serviceAccountName: {}}}\nstatus: {{phase: Running, podIP: {}, hostIP: 10.{}.0.{}}}\n",
+                p.name, p.namespace, p.name, p.name, p.node, p.sa, p.ip, self.octet, p.node + 1
+            ));
+        }
+        y.push_str(extra);
+        let path = self.nodes[node].manifest_dir.join("cluster.yaml");
+        let tmp = self.nodes[node].manifest_dir.join(".cluster.tmp");
+        std::fs::write(&tmp, y).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+
+    pub fn write_all_manifests(&self, extra: &str) {
+        for i in 0..self.nodes.len() {
+            self.write_manifests(i, extra);
+        }
+    }
+
+    /// Starts a ztunnel in node `node`'s namespace; returns its PID. Waits until ready.
+    pub fn start_ztunnel(&self, node: usize, extra: &[&str]) -> u32 {
+        let n = &self.nodes[node];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("ztunnel-{node}.log")))
+            .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &n.ns, env!("CARGO_BIN_EXE_ztunnel"), "run"])
+            .args(["--node-name", &n.name])
+            .args(["--manifest-dir", n.manifest_dir.to_str().unwrap()])
+            .args(["--ca-dir", self.ca_dir.to_str().unwrap()])
+            .args(["--agent-socket", n.agent_socket.to_str().unwrap()])
+            .args(["--poll-interval", "200ms", "--drain-timeout", "5s"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn ztunnel");
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        self.wait_ready(node);
+        pid
+    }
+
+    pub fn wait_ready(&self, node: usize) {
+        let ns = self.nodes[node].ns.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = in_ns(&ns, || http_get("127.0.0.1:15021", "/healthz/ready"));
+            if r.is_some_and(|b| b.contains("ready") && !b.contains("not ready")) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel on node {node} not ready; log:\n{}",
+                self.log(node)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM to a ztunnel this lab started.
+    pub fn terminate(&self, pid: u32) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+
+    /// Waits for a ztunnel this lab started to exit.
+    pub fn wait_exit(&self, pid: u32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut children = self.children.lock().unwrap();
+            if let Some(c) = children.iter_mut().find(|c| c.id() == pid) {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+            } else {
+                return;
+            }
+            drop(children);
+            assert!(Instant::now() < deadline, "ztunnel {pid} did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn metrics(&self, node: usize) -> String {
+        let ns = self.nodes[node].ns.clone();
+        in_ns(&ns, || http_get("127.0.0.1:15020", "/metrics")).unwrap_or_default()
+    }
+
+    pub fn admin(&self, node: usize, path: &str) -> String {
+        let ns = self.nodes[node].ns.clone();
+        let path = path.to_owned();
+        in_ns(&ns, move || http_get("127.0.0.1:15000", &path)).unwrap_or_default()
+    }
+
+    pub fn log(&self, node: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("ztunnel-{node}.log")))
+            .unwrap_or_default()
+    }
+
+    /// Starts a process in a namespace, owned (and killed) by the lab.
+    pub fn spawn_in(&self, ns: &str, args: &[&str]) -> u32 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        pid
+    }
+}
+
+/// Minimal HTTP/1.0 GET; the body on 2xx.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?;
+    status.starts_with('2').then(|| body.to_owned())
+}
+
+/// An echo server in a pod namespace; records the peers it saw.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+pub fn echo_server(pod: &Pod, port: u16) -> Echo {
+    let listener = in_ns(&pod.ns, || {
+        TcpListener::bind(SocketAddr::new(pod.ip, port)).unwrap()
+    });
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let p2 = peers.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            if let Ok(a) = c.peer_addr() {
+                p2.lock().unwrap().push(a);
+            }
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Echo {
+        addr: SocketAddr::new(pod.ip, port),
+        peers,
+    }
+}
+
+/// Sends `payload` from inside `pod`, half-closes, reads the echo; returns what came back.
+pub fn echo_from(pod: &Pod, to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let payload = payload.to_vec();
+    in_ns(&pod.ns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut w = s.try_clone()?;
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            w.write_all(&payload)?;
+            w.shutdown(std::net::Shutdown::Write)
+        });
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got);
+        writer.join().unwrap()?;
+        r?;
+        Ok(got)
+    })
+}
+
+/// A simple checksum (FNV-1a 64).
+pub fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+pub fn payload(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn pcap_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.pcap"))
+}
