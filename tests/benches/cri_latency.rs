@@ -7,6 +7,9 @@
 //! - CRI rows: containerd's RunPodSandbox and StopPodSandbox+RemovePodSandbox with the same
 //!   chain, pause image built locally.
 //!
+//! A baseline row gives the cost of `ip netns exec` alone, paid by every plugin call of the
+//! harness's runner (a runtime already inside the node namespace does not pay it).
+//!
 //! The last plugin is either the `cni-recorder` stand-in (the cost of exec'ing a trivial chained
 //! plugin) or the real `ambient-cni` talking to a fake agent (the plugin's own cost, without the
 //! agent's rule programming).
@@ -68,6 +71,18 @@ fn chain_rows(n: usize, label: &str, cidr: &str, recorder: bool, rows: &mut Vec<
         );
     }
     let node = Node::new(&spec).unwrap();
+    if recorder {
+        let mut base = vec![];
+        for _ in 0..n {
+            let start = Instant::now();
+            ambient_tests::netns::run(&mut node.ns().command("/bin/true")).unwrap();
+            base.push(start.elapsed());
+        }
+        rows.push(Row {
+            name: "baseline: ip netns exec <node> /bin/true".to_owned(),
+            samples: base,
+        });
+    }
     let (mut primary, mut last, mut total, mut del) = (vec![], vec![], vec![], vec![]);
     for i in 0..n {
         let start = Instant::now();

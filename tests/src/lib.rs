@@ -14,16 +14,20 @@
 //! - [`containerd`]: Debian's containerd run inside a node namespace with everything in a
 //!   tempdir, for the CRI end-to-end test.
 //! - [`recorder`]: a chained CNI plugin that records its calls (`cni-recorder` binary).
+//! - [`manifests`]: Namespace and Pod objects for a manifest directory, written atomically.
+//! - [`agent`]: the real `node-agent` started in a node namespace, and its `pods` listing.
 //! - [`fake_agent`]: a stand-in node agent speaking `common::agent_api`, recording requests.
 //!
 //! Everything that touches the kernel needs root; the unit tests here do not. The root tests
 //! are in `tests/` (`cargo test -p ambient-tests`, as root, after `cargo build --workspace`).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod bins;
 pub mod cni;
 pub mod containerd;
 pub mod fake_agent;
+pub mod manifests;
 pub mod netns;
 pub mod oci;
 pub mod probe;

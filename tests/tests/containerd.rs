@@ -17,13 +17,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use ambient_common::agent_api::AgentOp;
+use ambient_tests::agent::{self, AgentOptions};
 use ambient_tests::fake_agent::FakeAgent;
+use ambient_tests::manifests::{self as manifest, ManifestDir};
 use ambient_tests::netns::eventually;
 use ambient_tests::recorder::read_calls;
+use ambient_tests::topo::PodMeta;
 
 #[path = "support/cri.rs"]
 mod cri;
-use cri::{in_cidr_24, run_sandbox, stop_and_remove, CriLab, Last, PodIdentity, PAUSE_IMAGE};
+use cri::{in_cidr_24, run_sandbox, stop_and_remove, CriLab, Last, PodIdentity};
 
 #[tokio::test(flavor = "current_thread")]
 async fn containerd_runs_the_chain_with_a_recording_plugin() {
@@ -163,89 +166,62 @@ async fn containerd_enrols_through_ambient_cni_with_a_fake_agent() {
     assert!(dels >= 1, "no DEL reached the agent");
 }
 
-/// `node-agent pods --run-dir R --output json`, entered like the agent.
-fn agent_pods(
-    lab: &CriLab,
-    agent: &Path,
-    run_dir: &Path,
-) -> Result<Vec<serde_json::Value>, String> {
-    let out = lab
-        .containerd
-        .exec_entered(
-            &agent.to_string_lossy(),
-            &[
-                "pods",
-                "--run-dir",
-                &run_dir.to_string_lossy(),
-                "--output",
-                "json",
-            ],
-        )
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn containerd_pod_is_enrolled_by_the_real_node_agent() {
     let agent_bin = ambient_tests::bins::binary(ambient_tests::bins::NODE_AGENT);
     let lab = CriLab::new("cri-agent", "10.208.1.0/24", Last::AmbientCni);
     let pod = PodIdentity::new("cri-mesh", "agent-pod");
-    let manifests = lab.dir.path().join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(
-        manifests.join("objects.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    istio.io/dataplane-mode: ambient\n---\n\
-             apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n\
-             spec:\n  nodeName: {node}\n  serviceAccountName: default\n  containers:\n  - name: app\n    image: {PAUSE_IMAGE}\n",
-            ns = pod.namespace,
-            name = pod.name,
-            uid = pod.uid,
-            node = lab.node_name,
-        ),
-    )
-    .unwrap();
-    let run_dir = lab.agent_socket().parent().unwrap().to_path_buf();
-    let mut cmd = lab.containerd.enter(&agent_bin);
-    cmd.args(["run", "--node-name", &lab.node_name, "--manifest-dir"])
-        .arg(&manifests)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .stdout(std::fs::File::create(lab.dir.path().join("agent.log")).unwrap())
-        .stderr(std::fs::File::create(lab.dir.path().join("agent.err")).unwrap());
-    lab.node.ns().spawn(&mut cmd).unwrap();
-    eventually(Duration::from_secs(10), || {
-        std::fs::metadata(lab.agent_socket())
-    })
-    .unwrap();
+    let manifests = ManifestDir::new(&lab.dir.path().join("manifests")).unwrap();
+    let meta = PodMeta {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        uid: pod.uid.clone(),
+    };
+    manifests
+        .write(
+            "objects",
+            &[
+                manifest::ambient_namespace(&pod.namespace),
+                manifest::pod(&meta, &lab.node_name, "default", &[]),
+            ],
+        )
+        .unwrap();
+    let opts = AgentOptions {
+        binary: agent_bin.clone(),
+        node_name: lab.node_name.clone(),
+        manifest_dir: manifests.path().to_path_buf(),
+        run_dir: lab.agent_socket().parent().unwrap().to_path_buf(),
+        log_file: lab.dir.path().join("agent.log"),
+        extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+    };
+    // The agent opens the pods' netns paths, which exist in containerd's mount namespace only.
+    agent::start_with(lab.node.ns(), &opts, &mut lab.containerd.enter(&agent_bin)).unwrap();
 
     let mut client = lab.client().await;
     let (id, ip, latency) = run_sandbox(&lab, &mut client, &pod).await;
     eprintln!(
         "measure: RunPodSandbox with bridge+host-local+ambient-cni (real agent): {latency:?}"
     );
-    let pods = agent_pods(&lab, &agent_bin, &run_dir).unwrap();
-    eprintln!(
-        "node-agent pods: {}",
-        serde_json::Value::Array(pods.clone())
-    );
+    let pods = agent::pods(&agent_bin, &opts.run_dir).unwrap();
     let p = pods
         .iter()
-        .find(|p| p["uid"] == pod.uid.as_str())
-        .unwrap_or_else(|| panic!("pod not enrolled: {pods:?}"));
-    assert_eq!(p["state"], "captured", "{p}");
-    assert_eq!(p["container_id"], id.as_str(), "{p}");
-    assert_eq!(p["namespace"], pod.namespace.as_str());
-    assert_eq!(p["name"], pod.name.as_str());
-    assert!(p["ips"].to_string().contains(&ip), "{p}");
-    assert!(p["netns"].as_str().is_some_and(|n| !n.is_empty()), "{p}");
-    assert!(
-        p["host_interface"]
-            .as_str()
-            .is_some_and(|n| n.starts_with("veth")),
-        "{p}"
+        .find(|p| p.uid.as_deref() == Some(pod.uid.as_str()))
+        .unwrap_or_else(|| panic!("pod not enrolled: {pods:?}\nagent log:\n{}", opts.log()));
+    assert_eq!(p.state, "captured", "{p:?}");
+    assert_eq!(
+        (p.namespace.as_str(), p.name.as_str()),
+        (pod.namespace.as_str(), pod.name.as_str())
     );
-
+    assert_eq!(p.ips, std::slice::from_ref(&ip), "{p:?}");
+    assert!(
+        Path::new(&p.netns).starts_with(&lab.containerd.config().netns_dir),
+        "{p:?}"
+    );
+    assert!(p.host_interface.starts_with("veth"), "{p:?}");
+    lab.node
+        .ns()
+        .ip(&["link", "show", &p.host_interface])
+        .unwrap();
     // The agent's table is in the node namespace, not the host's.
     let tables = lab.node.ns().exec("nft", &["list", "tables"]).unwrap();
     assert!(
@@ -255,11 +231,14 @@ async fn containerd_pod_is_enrolled_by_the_real_node_agent() {
 
     stop_and_remove(&mut client, &id).await;
     eventually(Duration::from_secs(5), || {
-        let pods = agent_pods(&lab, &agent_bin, &run_dir)?;
-        match pods.iter().find(|p| p["uid"] == pod.uid.as_str()) {
+        let pods = agent::pods(&agent_bin, &opts.run_dir).map_err(|e| e.to_string())?;
+        match pods
+            .iter()
+            .find(|p| p.uid.as_deref() == Some(pod.uid.as_str()))
+        {
             None => Ok(()),
-            Some(p) if p["state"] == "released" => Ok(()),
-            Some(p) => Err(format!("still enrolled: {p}")),
+            Some(p) if p.state == "released" => Ok(()),
+            Some(p) => Err(format!("still enrolled: {p:?}")),
         }
     })
     .unwrap();
