@@ -1,25 +1,47 @@
 //! The shared test harness of the ambient data plane: everything the network tests, the
-//! containerd end-to-end test and the local lab need to build nodes and pods out of network
-//! namespaces and drive the real binaries.
+//! containerd end-to-end test, the benchmarks and the local lab need to build nodes and pods out
+//! of network namespaces and to drive the real binaries.
 //!
-//! Layout:
-//! - [`netns`]: [`netns::NetNs`], a network namespace owned by a test (unique name, `Drop`
-//!   kills registered processes, removes links and the namespace), and [`netns::eventually`].
-//! - [`bins`]: where the workspace binaries (`target/<profile>/`) and Debian's CNI plugins are.
-//! - [`cni`]: a CNI chain executed with libcni's semantics (ADD/DEL/CHECK, `prevResult`,
-//!   `runtimeConfig`, typed errors), plugins run inside a node namespace.
-//! - [`topo`]: [`topo::Node`] and [`topo::Pod`] on top of the two.
-//! - [`probe`]: TCP echo / original-destination recorder / client, also the `netprobe` binary.
-//! - [`oci`]: a static pause binary and an OCI image archive built from it.
-//! - [`containerd`]: Debian's containerd run inside a node namespace with everything in a
-//!   tempdir, for the CRI end-to-end test.
-//! - [`recorder`]: a chained CNI plugin that records its calls (`cni-recorder` binary).
+//! # Layout
+//! - [`netns`]: [`netns::NetNs`], a network namespace owned by a test (unique name
+//!   `<tag>-<pid>-<n>`, created with `ip netns add`; `Drop` stops the processes registered with
+//!   it, deletes the links it created and the namespace) and [`netns::eventually`], the polling
+//!   helper used instead of sleeps.
+//! - [`bins`]: where the workspace binaries are (`target/<profile>/`, next to the running test
+//!   executable; a clear panic says to run `cargo build --workspace` when one is missing) and
+//!   where Debian's CNI plugins are (`/usr/lib/cni`).
+//! - [`cni`]: a CNI chain executed with libcni's semantics (ADD in order with `prevResult`, DEL in
+//!   reverse and CHECK in order with the cached result, `runtimeConfig` by capability, the spec's
+//!   error object as a typed error). Plugins run inside a node namespace through
+//!   `ip netns exec`, so what they create lands there and `/sys` is the node's.
+//! - [`topo`]: [`topo::Node`] (a namespace with its pod CIDR, its chain `bridge|ptp` +
+//!   `host-local` + `ambient-cni` with `agentSocket`, optional underlay links to other nodes) and
+//!   [`topo::Pod`] (a namespace attached through the chain, DEL on drop).
+//! - [`probe`]: TCP echo server, original-destination recorder (`SO_ORIGINAL_DST`) and client;
+//!   the `netprobe` binary runs them inside namespaces.
+//! - [`recorder`]: a chained CNI plugin that records its calls (`cni-recorder` binary), to check
+//!   what runtimes hand a chained plugin independently of `ambient-cni`.
+//! - [`fake_agent`]: a stand-in node agent speaking `ambient_common::agent_api` over
+//!   `ambient_common::frame`, recording requests.
 //! - [`manifests`]: Namespace and Pod objects for a manifest directory, written atomically.
 //! - [`agent`]: the real `node-agent` started in a node namespace, and its `pods` listing.
-//! - [`fake_agent`]: a stand-in node agent speaking `common::agent_api`, recording requests.
+//! - [`oci`]: a static pause binary (C, `gcc -static`) packed into an OCI image archive.
+//! - [`containerd`]: Debian's containerd with all its state in one directory, running inside a
+//!   node namespace (through `nsenter` + `unshare`, keeping the host's cgroups under the node's
+//!   `/sys`), cleaned up by PID on drop.
 //!
-//! Everything that touches the kernel needs root; the unit tests here do not. The root tests
-//! are in `tests/` (`cargo test -p ambient-tests`, as root, after `cargo build --workspace`).
+//! # Running
+//! Everything that touches the kernel needs root. Unit tests (`cargo test -p ambient-tests
+//! --lib`) do not. The root tests are in `tests/`: `harness.rs` (the harness itself, with the
+//! recorder plugin), `containerd.rs` (the CRI path: recorder, `ambient-cni` + fake agent, real
+//! `ambient-cni` + `node-agent`, cleanup after a crash) and the data-plane tests written on top.
+//! Build the workspace first (`cargo build --workspace`), then
+//! `cargo test -p ambient-tests` or `cargo nextest run -p ambient-tests`. Each test uses its own
+//! namespace names and its own 10.2xx.0.0/16 range, so they run in parallel.
+//!
+//! System packages: iproute2, util-linux (`nsenter`, `unshare`, `mount`), nftables,
+//! containernetworking-plugins, containerd, runc, gcc and libc6-dev (static libc), tar, protoc
+//! (for the `k8s-cri` dev-dependency).
 #![forbid(unsafe_code)]
 
 pub mod agent;
