@@ -61,6 +61,12 @@ pub enum CniError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("plugin {plugin} {command} still running after {after:?}: killed")]
+    Timeout {
+        plugin: String,
+        command: String,
+        after: Duration,
+    },
     #[error("cannot assemble CNI_PATH in {dir}")]
     Assemble {
         dir: PathBuf,
@@ -221,6 +227,52 @@ pub struct CniRunner {
     pub exec_netns: Option<String>,
     /// Extra environment for every plugin call (e.g. a log level).
     pub env: Vec<(String, String)>,
+    /// A plugin call still running after this is killed and reported as [`CniError::Timeout`].
+    pub timeout: Duration,
+}
+
+/// Default per-plugin-call limit of [`CniRunner`].
+pub const PLUGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum WaitError {
+    Io(std::io::Error),
+    TimedOut,
+}
+
+/// Collects a child's output, killing it at the deadline.
+fn wait_with_deadline(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::Output, WaitError> {
+    use std::io::Read;
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(WaitError::Io)? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(WaitError::TimedOut);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 impl CniRunner {
@@ -229,6 +281,7 @@ impl CniRunner {
             cni_path: cni_path.into(),
             exec_netns,
             env: Vec::new(),
+            timeout: PLUGIN_TIMEOUT,
         }
     }
 
@@ -327,13 +380,34 @@ impl CniRunner {
             plugin: plugin.clone(),
             source,
         };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
+        // Like libcni, retry while the binary is busy being written (ETXTBSY): a plugin
+        // installed just now may still be open for writing in another process.
+        let mut attempts = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.map_err(spawn_err)?,
+            }
+        };
         let body = serde_json::to_vec(stdin).expect("a JSON value always serializes");
         if let Some(mut w) = child.stdin.take() {
             // A plugin that exits without reading its stdin is judged by its exit status.
             let _ = w.write_all(&body);
         }
-        let out = child.wait_with_output().map_err(spawn_err)?;
+        let out = wait_with_deadline(child, self.timeout).map_err(|e| match e {
+            WaitError::Io(source) => CniError::Spawn {
+                plugin: plugin.clone(),
+                source,
+            },
+            WaitError::TimedOut => CniError::Timeout {
+                plugin: plugin.clone(),
+                command: command.into(),
+                after: self.timeout,
+            },
+        })?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
             return Ok(stdout);
@@ -566,6 +640,70 @@ mod tests {
         let r = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24", "interface": 2}]});
         assert_eq!(result_ips(&r), vec!["10.1.0.5/24".to_owned()]);
         assert!(result_ips(&json!({})).is_empty());
+    }
+
+    #[test]
+    fn a_hanging_plugin_is_killed_at_the_deadline() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("hang");
+        std::fs::write(&plugin, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let list = ConfList::from_json(&json!({
+            "name": "n", "cniVersion": "1.0.0", "plugins": [{"type": "hang"}]
+        }))
+        .unwrap();
+        let mut runner = CniRunner::new(dir.path(), None);
+        runner.timeout = Duration::from_millis(200);
+        let rt = RuntimeConf {
+            container_id: "c".into(),
+            netns: String::new(),
+            ifname: "eth0".into(),
+            args: CniArgs::default(),
+            runtime_config: Map::new(),
+        };
+        let err = runner.add(&list, &rt).unwrap_err();
+        assert!(matches!(err, CniError::Timeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn plugin_errors_and_crashes_are_told_apart() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in [
+            (
+                "coded",
+                "#!/bin/sh\necho '{\"code\":11,\"msg\":\"later\"}'\nexit 1\n",
+            ),
+            ("crash", "#!/bin/sh\necho boom >&2\nexit 2\n"),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let runner = CniRunner::new(dir.path(), None);
+        let rt = RuntimeConf {
+            container_id: "c".into(),
+            netns: String::new(),
+            ifname: "eth0".into(),
+            args: CniArgs::default(),
+            runtime_config: Map::new(),
+        };
+        let list = |t: &str| {
+            ConfList::from_json(
+                &json!({"name": "n", "cniVersion": "1.0.0", "plugins": [{"type": t}]}),
+            )
+            .unwrap()
+        };
+        let e = runner.add(&list("coded"), &rt).unwrap_err();
+        assert_eq!(e.code(), Some(11), "{e}");
+        let e = runner.add(&list("crash"), &rt).unwrap_err();
+        assert!(
+            matches!(&e, CniError::Crashed { stderr, .. } if stderr.contains("boom")),
+            "{e}"
+        );
+        let e = runner.add(&list("missing"), &rt).unwrap_err();
+        assert!(matches!(e, CniError::PluginNotFound { .. }), "{e}");
     }
 
     #[test]
