@@ -151,6 +151,11 @@ impl Conn {
     }
 }
 
+enum Retry {
+    Yes(PoolError),
+    No(PoolError),
+}
+
 /// A stream's hold on its connection; releases the slot on drop.
 struct Lease(Arc<Conn>);
 
@@ -329,29 +334,59 @@ impl Pool {
             b = b.header(FORWARDED, v);
         }
         let req = b.body(()).map_err(|_| PoolError::Build(auth.clone()))?;
-        let lease = self.lease(key).await?;
-        let req_err = |source| PoolError::Request {
-            authority: auth.clone(),
-            source,
-        };
-        let mut send = lease.0.send.clone().ready().await.map_err(|e| {
-            lease.0.close();
-            req_err(e)
-        })?;
-        let (resp, stream) = send.send_request(req, false).map_err(req_err)?;
-        let resp = resp.await.map_err(req_err)?;
-        if resp.status() != StatusCode::OK {
-            return Err(PoolError::Status {
-                authority: auth,
-                status: resp.status(),
-            });
+        // A pooled connection may be going away (peer draining: GOAWAY, or closed); a request
+        // refused before any byte was carried is retried once on a fresh connection.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let lease = self.lease(key).await?;
+            match Self::open_stream(&lease, req.clone(), &auth).await {
+                Ok((send, recv)) => {
+                    return Ok(HboneStream {
+                        send,
+                        recv,
+                        connection_id: lease.0.id,
+                        _lease: lease,
+                    })
+                }
+                Err(Retry::Yes(e)) if attempt < 3 => {
+                    tracing::debug!(error = %e, conn = lease.0.id, "HBONE connection unusable; retrying on a new one");
+                    lease.0.close();
+                }
+                Err(Retry::Yes(e)) | Err(Retry::No(e)) => return Err(e),
+            }
         }
-        Ok(HboneStream {
-            send: stream,
-            recv: resp.into_body(),
-            connection_id: lease.0.id,
-            _lease: lease,
-        })
+    }
+
+    async fn open_stream(
+        lease: &Lease,
+        req: Request<()>,
+        auth: &str,
+    ) -> Result<(SendStream<Bytes>, RecvStream), Retry> {
+        let err = |source: h2::Error| {
+            let retry = source.is_go_away()
+                || source.is_io()
+                || source.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let e = PoolError::Request {
+                authority: auth.to_owned(),
+                source,
+            };
+            if retry {
+                Retry::Yes(e)
+            } else {
+                Retry::No(e)
+            }
+        };
+        let mut send = lease.0.send.clone().ready().await.map_err(err)?;
+        let (resp, stream) = send.send_request(req, false).map_err(err)?;
+        let resp = resp.await.map_err(err)?;
+        if resp.status() != StatusCode::OK {
+            return Err(Retry::No(PoolError::Status {
+                authority: auth.to_owned(),
+                status: resp.status(),
+            }));
+        }
+        Ok((stream, resp.into_body()))
     }
 
     /// Closes connections idle longer than the idle timeout and forgets dead ones.

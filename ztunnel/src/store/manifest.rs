@@ -234,7 +234,11 @@ pub fn parse_manifests(
                 }
             }
             "AuthorizationPolicy" => {
-                let meta: Meta = typed("AuthorizationPolicy", v)?;
+                let md = v
+                    .get("metadata")
+                    .cloned()
+                    .unwrap_or_else(|| serde_json::json!({}));
+                let meta: Meta = typed("AuthorizationPolicy", &md)?;
                 let spec = v.get("spec").cloned().unwrap_or(serde_json::Value::Null);
                 out.policies.push(
                     AuthorizationPolicy::from_object(&meta.name, meta.ns(), &spec)
@@ -538,5 +542,39 @@ spec: {mtls: {mode: STRICT}}
                 let _ = parse_manifests(&objs, &[]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod policy_yaml_tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::policy::{evaluate, Decision, Request, Target};
+
+    #[test]
+    fn deny_principal_from_yaml_denies() {
+        let text = concat!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n",
+            "metadata: {name: no-a1, namespace: db}\n",
+            "spec:\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sa-a1]}}]}]\n",
+        );
+        let objs = manifest::parse_documents(Path::new("t.yaml"), text).unwrap();
+        let m = parse_manifests(&objs, &[]).unwrap();
+        let id = Identity::new("cluster.local", "shop", "sa-a1");
+        let labels = BTreeMap::new();
+        let d = evaluate(
+            &m.policies,
+            "istio-system",
+            &Target {
+                namespace: "db",
+                labels: &labels,
+            },
+            &Request {
+                src_identity: Some(&id),
+                src_ip: "10.0.0.1".parse().unwrap(),
+                dst_port: 8080,
+            },
+        );
+        assert_eq!(d, Decision::Deny("db/no-a1".into()), "{:?}", m.policies);
     }
 }

@@ -99,6 +99,11 @@ pub struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.nodes.len() {
+                eprintln!("==== ztunnel logs of node {i} ====\n{}", self.log(i));
+            }
+        }
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
         for c in children.iter_mut() {
             let _ = c.kill();
@@ -358,11 +363,12 @@ table inet ambient {{
     /// Starts a ztunnel in node `node`'s namespace; returns its PID. Waits until ready.
     pub fn start_ztunnel(&self, node: usize, extra: &[&str]) -> u32 {
         let n = &self.nodes[node];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("ztunnel-{node}.log")))
-            .unwrap();
+        let instance = self.children.lock().unwrap().len();
+        let log_path = self
+            .dir
+            .path()
+            .join(format!("ztunnel-{node}-{instance}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &n.ns, env!("CARGO_BIN_EXE_ztunnel"), "run"])
             .args(["--node-name", &n.name])
@@ -378,6 +384,18 @@ table inet ambient {{
         let child = cmd.spawn().expect("spawn ztunnel");
         let pid = child.id();
         self.children.lock().unwrap().push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("ztunnel ready")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel on node {node} did not start; log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.wait_ready(node);
         pid
     }
@@ -436,9 +454,14 @@ table inet ambient {{
         in_ns(&ns, move || http_get("127.0.0.1:15000", &path)).unwrap_or_default()
     }
 
+    /// All logs of the ztunnels started on `node`.
     pub fn log(&self, node: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("ztunnel-{node}.log")))
-            .unwrap_or_default()
+        let mut out = String::new();
+        for i in 0..64 {
+            let p = self.dir.path().join(format!("ztunnel-{node}-{i}.log"));
+            out.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+        }
+        out
     }
 
     /// Starts a process in a namespace, owned (and killed) by the lab.
