@@ -474,6 +474,8 @@ pub struct ChainSpec {
     /// Bridge name (for [`Attach::Bridge`]), unique within the node namespace.
     pub bridge: String,
     pub subnet: String,
+    /// An IPv6 range for dual-stack pods (a second host-local range set).
+    pub subnet6: Option<String>,
     /// host-local's `dataDir`: keep it inside the test's tempdir.
     pub ipam_data_dir: PathBuf,
     /// `agentSocket` of the `ambient-cni` entry; `None` leaves the plugin out.
@@ -484,10 +486,16 @@ pub struct ChainSpec {
 
 impl ChainSpec {
     pub fn conflist(&self) -> Value {
+        let mut ranges = vec![serde_json::json!([{ "subnet": self.subnet }])];
+        let mut routes = vec![serde_json::json!({ "dst": "0.0.0.0/0" })];
+        if let Some(s6) = &self.subnet6 {
+            ranges.push(serde_json::json!([{ "subnet": s6 }]));
+            routes.push(serde_json::json!({ "dst": "::/0" }));
+        }
         let ipam = serde_json::json!({
             "type": "host-local",
-            "ranges": [[{ "subnet": self.subnet }]],
-            "routes": [{ "dst": "0.0.0.0/0" }],
+            "ranges": ranges,
+            "routes": routes,
             "dataDir": self.ipam_data_dir,
         });
         let primary = match self.attach {
@@ -619,6 +627,7 @@ mod tests {
             attach: Attach::Bridge,
             bridge: "cni0".into(),
             subnet: "10.70.1.0/24".into(),
+            subnet6: Some("fd00:70:1::/64".into()),
             ipam_data_dir: "/tmp/x".into(),
             agent_socket: Some("/tmp/a.sock".into()),
             ambient_extra: Map::new(),
@@ -627,6 +636,11 @@ mod tests {
         assert_eq!(v["plugins"][0]["type"], "bridge");
         assert_eq!(v["plugins"][0]["ipam"]["dataDir"], "/tmp/x");
         assert_eq!(v["plugins"][1]["agentSocket"], "/tmp/a.sock");
+        assert_eq!(
+            v["plugins"][0]["ipam"]["ranges"][1][0]["subnet"],
+            "fd00:70:1::/64"
+        );
+        assert_eq!(v["plugins"][0]["ipam"]["routes"][1]["dst"], "::/0");
         spec.attach = Attach::Ptp;
         spec.agent_socket = None;
         let v = spec.conflist();

@@ -5,7 +5,7 @@
 //! Records are JSON lines ([`ConnRecord`]) so tests read them with [`read_records`].
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -110,8 +110,19 @@ fn echo(mut s: TcpStream) {
     let _ = s.shutdown(Shutdown::Both);
 }
 
-/// The original destination of an accepted IPv4 connection (`getsockopt(SOL_IP, SO_ORIGINAL_DST)`).
+/// The original destination of an accepted connection: `getsockopt(SOL_IP, SO_ORIGINAL_DST)`
+/// for IPv4, `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` for IPv6.
 pub fn original_dst(s: &TcpStream) -> Option<SocketAddr> {
+    if s.local_addr().ok()?.is_ipv6() {
+        let sin6 = getsockopt(&s.as_fd(), sockopt::Ip6tOriginalDst).ok()?;
+        let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        return Some(SocketAddr::V6(SocketAddrV6::new(
+            ip,
+            u16::from_be(sin6.sin6_port),
+            0,
+            sin6.sin6_scope_id,
+        )));
+    }
     let sin = getsockopt(&s.as_fd(), sockopt::OriginalDst).ok()?;
     let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
     Some(SocketAddr::V4(SocketAddrV4::new(

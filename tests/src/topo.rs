@@ -43,6 +43,8 @@ pub struct NodeSpec {
     pub tag: String,
     /// This node's pod range (host-local subnet); disjoint between nodes of one test.
     pub pod_cidr: String,
+    /// An IPv6 pod range for dual-stack pods (IPv6 forwarding is then on in the node).
+    pub pod_cidr6: Option<String>,
     pub attach: Attach,
     /// The node agent's socket, put into the chain as `agentSocket`; `None` leaves
     /// `ambient-cni` out of the chain.
@@ -59,6 +61,7 @@ impl NodeSpec {
         Self {
             tag: tag.to_owned(),
             pod_cidr: pod_cidr.to_owned(),
+            pod_cidr6: None,
             attach,
             agent_socket: None,
             ambient_cni: None,
@@ -69,6 +72,12 @@ impl NodeSpec {
 
     pub fn agent_socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.agent_socket = Some(path.into());
+        self
+    }
+
+    /// Makes the pods dual-stack with this IPv6 range.
+    pub fn dual_stack(mut self, pod_cidr6: &str) -> Self {
+        self.pod_cidr6 = Some(pod_cidr6.to_owned());
         self
     }
 }
@@ -100,6 +109,9 @@ impl Node {
             .tempdir()
             .map_err(TopoError::TempDir)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        if spec.pod_cidr6.is_some() {
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         let cni_bin = dir.path().join("cni-bin");
         let ambient = match (&spec.agent_socket, &spec.ambient_cni) {
             (None, _) => None,
@@ -117,6 +129,7 @@ impl Node {
             attach: spec.attach,
             bridge: "cni0".to_owned(),
             subnet: spec.pod_cidr.clone(),
+            subnet6: spec.pod_cidr6.clone(),
             ipam_data_dir: dir.path().join("ipam"),
             agent_socket: spec.agent_socket.clone(),
             ambient_extra: spec.ambient_extra.clone(),
@@ -284,11 +297,29 @@ impl Pod {
         &self.rt
     }
 
-    /// The pod's first address, without prefix length.
-    pub fn ip(&self) -> Option<String> {
+    /// The pod's addresses, without prefix length, in result order.
+    pub fn ips(&self) -> Vec<std::net::IpAddr> {
         cni::result_ips(&self.result)
-            .first()
-            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+            .iter()
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect()
+    }
+
+    /// The pod's first IPv4 address (the first address if it has none), without prefix length.
+    pub fn ip(&self) -> Option<String> {
+        let ips = self.ips();
+        ips.iter()
+            .find(|a| a.is_ipv4())
+            .or(ips.first())
+            .map(ToString::to_string)
+    }
+
+    /// The pod's first IPv6 address.
+    pub fn ip6(&self) -> Option<std::net::Ipv6Addr> {
+        self.ips().into_iter().find_map(|a| match a {
+            std::net::IpAddr::V6(v6) => Some(v6),
+            std::net::IpAddr::V4(_) => None,
+        })
     }
 
     /// CHECK through the chain.

@@ -40,12 +40,18 @@ fn recording_node(tag: &str, cidr: &str, attach: Attach) -> (Node, Calls) {
     recording_node_with(tag, cidr, attach, |_| {})
 }
 
-/// Starts `netprobe listen-echo` in `ns` on `port` and waits until it listens.
+/// Starts `netprobe listen-echo` in `ns` on `port` (all IPv4 addresses) and waits until it
+/// listens.
 fn echo_server(ns: &NetNs, port: u16, dir: &Path) {
+    echo_server_on(ns, "0.0.0.0", port, dir)
+}
+
+fn echo_server_on(ns: &NetNs, addr: &str, port: u16, dir: &Path) {
     let ready = dir.join(format!("ready-{}-{port}", ns.name()));
     ns.spawn(
         ns.command(NETPROBE)
-            .args(["listen-echo", "--port", &port.to_string(), "--ready-file"])
+            .args(["listen-echo", "--addr", addr, "--port", &port.to_string()])
+            .arg("--ready-file")
             .arg(&ready),
     )
     .unwrap();
@@ -221,4 +227,26 @@ fn failed_add_is_a_typed_error_and_is_cleaned_with_del() {
         })
         .unwrap_or(0);
     assert_eq!(leased, 0);
+}
+
+#[test]
+fn dual_stack_pods_talk_over_ipv6() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _calls) = recording_node_with("ds-br", "10.210.1.0/24", Attach::Bridge, |s| {
+        s.pod_cidr6 = Some("fd00:210:1::/64".into());
+    });
+    let server = node.add_pod(&PodMeta::new("ns", "server6")).unwrap();
+    let client = node.add_pod(&PodMeta::new("ns", "client6")).unwrap();
+    let (s6, c6) = (server.ip6().unwrap(), client.ip6().unwrap());
+    assert!(s6.to_string().starts_with("fd00:210:1:"), "{s6}");
+    assert!(server.ip().unwrap().starts_with("10.210.1."));
+    // `::` with IPV6_V6ONLY off also takes IPv4: one server for both families.
+    echo_server_on(server.ns(), "::", 8086, dir.path());
+    // IPv6 addresses are usable only after duplicate address detection: poll.
+    let out = eventually(Duration::from_secs(10), || {
+        probe(client.ns(), &format!("[{s6}]:8086"))
+    })
+    .unwrap();
+    assert!(out.contains(&c6.to_string()), "{out}");
+    probe(client.ns(), &format!("{}:8086", server.ip().unwrap())).unwrap();
 }
