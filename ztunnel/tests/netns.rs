@@ -268,3 +268,218 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
         lab.log(0).contains("requires mTLS").then_some(())
     });
 }
+
+/// Opens one HBONE stream by hand from the current namespace; returns the CONNECT status.
+async fn try_hbone(
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+    dst: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(dst)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls::pki_types::ServerName::IpAddress(dst.ip().into()),
+            tcp,
+        )
+        .await
+        .map_err(|e| format!("tls: {e:?}"))?;
+    let (send, conn) = ztunnel::hbone::client_builder()
+        .handshake::<_, bytes::Bytes>(tls)
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .unwrap();
+    let mut send = send.ready().await.map_err(|e| format!("ready: {e}"))?;
+    let (resp, _stream) = send
+        .send_request(req, false)
+        .map_err(|e| format!("send: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("response: {e}"))?;
+    Ok(resp.status().as_u16())
+}
+
+#[test]
+fn inbound_rejects_plaintext_foreign_expired_and_wrong_identity() {
+    if skip() {
+        return;
+    }
+    use ztunnel::identity::{
+        ca_init, client_config, CaFiles, CertificateProvider, FileCa, Identity,
+    };
+    let lab = lab("rj", 204);
+    lab.start_ztunnel(1, &[]);
+    let b1 = lab.pod("b1").clone();
+    let b2 = lab.pod("b2").clone();
+    let _echo = echo_server(&b1, 8080);
+    let hbone = std::net::SocketAddr::new(b1.ip, 15008);
+    let target = std::net::SocketAddr::new(b1.ip, 8080);
+
+    let ca = FileCa::load(&CaFiles::in_dir(&lab.ca_dir), "cluster.local").unwrap();
+    let roots = ca.trust_bundle().to_vec();
+    let client = Identity::new("cluster.local", "shop", "sa-a1");
+    let server = Identity::new("cluster.local", "db", "sa-b1");
+    let good = ca.issue_now(&client, Duration::from_secs(600)).unwrap();
+    let expired = ca.issue_now(&client, Duration::from_secs(1)).unwrap();
+    let evil_dir = lab.dir.path().join("evil-ca");
+    let evil = FileCa::load(
+        &ca_init(&evil_dir, "evil.local", false).unwrap(),
+        "evil.local",
+    )
+    .unwrap();
+    let foreign = evil
+        .issue_now(
+            &Identity::new("evil.local", "shop", "sa-a1"),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2100)); // let `expired` expire
+
+    let node0 = lab.nodes[0].ns.clone();
+    let results = in_ns(&node0, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ok = try_hbone(
+                client_config(&good, &roots, &server).unwrap(),
+                hbone,
+                target,
+            )
+            .await;
+            let other_pod = try_hbone(
+                client_config(&good, &roots, &server).unwrap(),
+                hbone,
+                std::net::SocketAddr::new(b2.ip, 8080),
+            )
+            .await;
+            let no_listener = try_hbone(
+                client_config(&good, &roots, &server).unwrap(),
+                hbone,
+                std::net::SocketAddr::new(b1.ip, 9999),
+            )
+            .await;
+            let wrong_server = try_hbone(
+                client_config(
+                    &good,
+                    &roots,
+                    &Identity::new("cluster.local", "db", "someone-else"),
+                )
+                .unwrap(),
+                hbone,
+                target,
+            )
+            .await;
+            let expired = try_hbone(
+                client_config(&expired, &roots, &server).unwrap(),
+                hbone,
+                target,
+            )
+            .await;
+            let foreign = try_hbone(
+                client_config(&foreign, &roots, &server).unwrap(),
+                hbone,
+                target,
+            )
+            .await;
+            // Plaintext to 15008.
+            let plaintext = {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(hbone).await.unwrap();
+                s.write_all(b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+                String::from_utf8_lossy(&buf).into_owned()
+            };
+            (
+                ok,
+                other_pod,
+                no_listener,
+                wrong_server,
+                expired,
+                foreign,
+                plaintext,
+            )
+        })
+    });
+    let (ok, other_pod, no_listener, wrong_server, expired, foreign, plaintext) = results;
+    assert_eq!(ok, Ok(200), "control case");
+    assert_eq!(
+        other_pod,
+        Ok(400),
+        "authority must be the pod the connection was sent to"
+    );
+    assert_eq!(no_listener, Ok(503));
+    let e = wrong_server.unwrap_err();
+    assert!(e.contains("WrongIdentity"), "{e}");
+    assert!(expired.is_err(), "expired client certificate accepted");
+    assert!(foreign.is_err(), "foreign trust domain accepted");
+    assert!(!plaintext.contains("HTTP/1.1 200"), "{plaintext}");
+}
+
+#[test]
+fn restart_beside_the_running_ztunnel_refuses_no_connection() {
+    if skip() {
+        return;
+    }
+    let lab = lab("ro", 205);
+    let old0 = lab.start_ztunnel(0, &[]);
+    let old1 = lab.start_ztunnel(1, &[]);
+    let (a1, b1) = (lab.pod("a1").clone(), lab.pod("b1").clone());
+    let echo = echo_server(&b1, 8080);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (a1, to, stop) = (a1.clone(), echo.addr, stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                let data = payload(2000, i);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match echo_from(&a1, to, &data) {
+                        Ok(g) if g == data => ok += 1,
+                        Ok(g) => failed.push(format!("short echo {}", g.len())),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Destination side: a new ztunnel beside the old one, then the old one drains.
+    lab.start_ztunnel(1, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    lab.terminate(old1);
+    lab.wait_exit(old1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    // Source side too.
+    lab.start_ztunnel(0, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    lab.terminate(old0);
+    lab.wait_exit(old0, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "connections failed during takeover: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(
+        total > 20,
+        "too few connections exercised the takeover: {total}"
+    );
+}
