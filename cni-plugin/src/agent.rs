@@ -1,14 +1,21 @@
 //! The client side of the plugin -> node agent contract ([`ambient_common::agent_api`]):
-//! one blocking unix-socket connection per call, one frame each way, read and write timeouts
-//! from `timeoutMs`.
+//! one blocking unix-socket connection per call, one frame each way. `timeoutMs` bounds the
+//! connect (through `SO_SNDTIMEO`, which Linux applies to a unix-socket connect waiting on a
+//! full backlog: an agent that stopped accepting), each write and each read.
 
 use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ambient_common::agent_api::{AgentReply, AgentRequest};
 use ambient_common::frame::{read_frame, write_frame, FrameError};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentCallError {
@@ -30,6 +37,8 @@ pub enum AgentCallError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the node agent on {socket} did not accept the connection within {timeout_ms} ms (timeoutMs): it is running but stuck")]
+    ConnectTimeout { socket: PathBuf, timeout_ms: u128 },
     #[error("the node agent on {socket} did not answer within {timeout_ms} ms (timeoutMs)")]
     Timeout {
         socket: PathBuf,
@@ -54,6 +63,16 @@ impl AgentCallError {
                 | AgentCallError::Refused { .. }
                 | AgentCallError::Connect { .. }
         )
+    }
+
+    /// Unreachable, or reached but silent until the timeout: either way no answer can be had.
+    /// (An answer that could not be understood is neither.)
+    pub fn is_unavailable(&self) -> bool {
+        self.is_unreachable()
+            || matches!(
+                self,
+                AgentCallError::ConnectTimeout { .. } | AgentCallError::Timeout { .. }
+            )
     }
 }
 
@@ -82,15 +101,48 @@ impl UnixAgent {
     }
 }
 
+impl UnixAgent {
+    fn connect(&self) -> Result<UnixStream, AgentCallError> {
+        let path = self.socket.clone();
+        let other = |source: std::io::Error| AgentCallError::Connect {
+            socket: self.socket.clone(),
+            source,
+        };
+        let addr = UnixAddr::new(&self.socket).map_err(|e| other(e.into()))?;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| other(e.into()))?;
+        let millis = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::milliseconds(millis))
+            .map_err(|e| other(e.into()))?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => Ok(UnixStream::from(fd)),
+            Err(Errno::ENOENT) => Err(AgentCallError::NoSocket {
+                socket: path,
+                source: Errno::ENOENT.into(),
+            }),
+            Err(Errno::ECONNREFUSED) => Err(AgentCallError::Refused {
+                socket: path,
+                source: Errno::ECONNREFUSED.into(),
+            }),
+            Err(Errno::EAGAIN | Errno::EINPROGRESS | Errno::ETIMEDOUT) => {
+                Err(AgentCallError::ConnectTimeout {
+                    socket: path,
+                    timeout_ms: self.timeout.as_millis(),
+                })
+            }
+            Err(e) => Err(other(e.into())),
+        }
+    }
+}
+
 impl AgentClient for UnixAgent {
     fn call(&self, request: &AgentRequest) -> Result<AgentReply, AgentCallError> {
-        let socket = self.socket.clone();
-        let mut stream =
-            UnixStream::connect(&self.socket).map_err(|source| match source.kind() {
-                ErrorKind::NotFound => AgentCallError::NoSocket { socket, source },
-                ErrorKind::ConnectionRefused => AgentCallError::Refused { socket, source },
-                _ => AgentCallError::Connect { socket, source },
-            })?;
+        let mut stream = self.connect()?;
         let exchange = |source: FrameError| {
             let timed_out = matches!(&source, FrameError::Io(e)
                 if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
@@ -154,6 +206,37 @@ mod tests {
             .call(&AgentRequest::new(AgentOp::Status))
             .unwrap_err();
         assert!(matches!(err, AgentCallError::Refused { .. }) && err.is_unreachable());
+    }
+
+    #[test]
+    fn an_agent_that_stopped_accepting_times_out_on_connect() {
+        use nix::sys::socket::{bind, listen, Backlog};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stuck.sock");
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&listener, Backlog::new(0).unwrap()).unwrap();
+        // Fill the backlog: the listener never accepts.
+        let mut held = Vec::new();
+        let agent = UnixAgent::new(&path, Duration::from_millis(100));
+        let err = loop {
+            match agent.connect() {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 16, "the backlog never filled");
+        };
+        assert!(
+            matches!(err, AgentCallError::ConnectTimeout { .. }),
+            "{err:?}"
+        );
+        assert!(err.is_unavailable() && !err.is_unreachable());
     }
 
     #[test]

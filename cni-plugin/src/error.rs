@@ -164,7 +164,7 @@ pub fn to_cni_error(err: &PluginError) -> CniError {
         ),
         E::AgentExchange { command, .. } if status(command) => (code::PLUGIN_NOT_AVAILABLE, ""),
         E::AgentExchange {
-            source: AgentCallError::Timeout { .. },
+            source: AgentCallError::Timeout { .. } | AgentCallError::ConnectTimeout { .. },
             ..
         } => (
             code::TRY_AGAIN_LATER,

@@ -204,8 +204,8 @@ fn add(
             Ok(out)
         }
         Ok(reply) => Err(refusal(Command::Add, reply)),
-        Err(e) if e.is_unreachable() => {
-            tolerate_unreachable(Command::Add, e, &namespace, &conf.plugin).map(|()| out)
+        Err(e) if e.is_unavailable() => {
+            tolerate_unavailable(Command::Add, e, &namespace, &conf.plugin).map(|()| out)
         }
         Err(source) => Err(PluginError::AgentExchange {
             command: Command::Add,
@@ -233,8 +233,8 @@ fn check(
     match agent.call(&AgentRequest::new(AgentOp::Check(attachment))) {
         Ok(AgentReply::Checked) => Ok(Output::Nothing),
         Ok(reply) => Err(refusal(Command::Check, reply)),
-        Err(e) if e.is_unreachable() => {
-            tolerate_unreachable(Command::Check, e, &namespace, &conf.plugin)
+        Err(e) if e.is_unavailable() => {
+            tolerate_unavailable(Command::Check, e, &namespace, &conf.plugin)
                 .map(|()| Output::Nothing)
         }
         Err(source) => Err(PluginError::AgentExchange {
@@ -361,22 +361,26 @@ fn refusal(command: Command, reply: AgentReply) -> PluginError {
     }
 }
 
-/// The failure policy when the agent cannot be reached at ADD or CHECK (BRIEF §6): excluded
-/// namespaces pass, `agentUnreachable: allow` passes, anything else fails with "try again".
-fn tolerate_unreachable(
+/// The failure policy when no answer can be had from the agent at ADD or CHECK (BRIEF §6):
+/// excluded namespaces pass, `agentUnreachable: allow` passes, anything else fails with
+/// "try again later". An agent that is reached but stays silent past `timeoutMs` counts as
+/// unavailable too, so a stuck agent cannot keep `kube-system` pods from starting.
+fn tolerate_unavailable(
     command: Command,
     source: AgentCallError,
     namespace: &str,
     cfg: &PluginConfig,
 ) -> Result<(), PluginError> {
     if cfg.is_excluded(namespace) {
-        warn!(error = %chain(&source), namespace, "node agent unreachable; namespace is excluded: passing through");
+        warn!(error = %chain(&source), namespace, "node agent unavailable; namespace is excluded: passing through");
         Ok(())
     } else if cfg.agent_unreachable == UnreachablePolicy::Allow {
-        warn!(error = %chain(&source), "node agent unreachable; agentUnreachable is allow: passing through UNENROLLED");
+        warn!(error = %chain(&source), "node agent unavailable; agentUnreachable is allow: passing through UNENROLLED");
         Ok(())
-    } else {
+    } else if source.is_unreachable() {
         Err(PluginError::AgentUnreachable { command, source })
+    } else {
+        Err(PluginError::AgentExchange { command, source })
     }
 }
 

@@ -587,3 +587,19 @@ fn a_panic_still_prints_a_cni_error() {
     );
     assert_eq!(ran.stdout.lines().count(), 1, "{ran:?}");
 }
+
+#[test]
+fn a_silent_agent_does_not_block_excluded_namespaces() {
+    let sb = Sandbox::new();
+    let _agent = FakeAgent::start(sb.socket(), |_| Answer::Silent);
+    let mut env = attach_env("ADD");
+    env.insert(
+        "CNI_ARGS".into(),
+        "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1".into(),
+    );
+    let prev = bridge_result("1.0.0");
+    let conf = sb.conf("1.0.0", json!({"prevResult": prev, "timeoutMs": 200}));
+    assert_eq!(run_json(&env, &conf).printed(), prev);
+    // DEL against the same silent agent succeeds too (the agent reconciles on its own).
+    run_json(&attach_env("DEL"), &conf).silent_success();
+}
