@@ -19,6 +19,8 @@
 //!   [`topo::Pod`] (a namespace attached through the chain, DEL on drop).
 //! - [`probe`]: TCP echo server, original-destination recorder (`SO_ORIGINAL_DST`) and client;
 //!   the `netprobe` binary runs them inside namespaces.
+//! - [`capture`]: `tcpdump` on a namespace's interface and a pcap reader, to show what crossed
+//!   a link (a plaintext marker, the ports used).
 //! - [`recorder`]: a chained CNI plugin that records its calls (`cni-recorder` binary), to check
 //!   what runtimes hand a chained plugin independently of `ambient-cni`.
 //! - [`fake_agent`]: a stand-in node agent speaking `ambient_common::agent_api` over
@@ -40,12 +42,13 @@
 //! namespace names and its own 10.2xx.0.0/16 range, so they run in parallel.
 //!
 //! System packages: iproute2, util-linux (`nsenter`, `unshare`, `mount`), nftables,
-//! containernetworking-plugins, containerd, runc, gcc and libc6-dev (static libc), tar, protoc
+//! containernetworking-plugins, containerd, runc, tcpdump, gcc and libc6-dev (static libc), tar, protoc
 //! (for the `k8s-cri` dev-dependency).
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod bins;
+pub mod capture;
 pub mod cni;
 pub mod containerd;
 pub mod fake_agent;

@@ -161,10 +161,20 @@ impl NetNs {
 
     /// Starts `cmd` (usually from [`NetNs::command`]) and registers it: `Drop` stops it.
     pub fn spawn(&self, cmd: &mut Command) -> Result<u32, NetNsError> {
-        let child = cmd.spawn().map_err(|source| NetNsError::Spawn {
+        self.spawn_with(cmd, |_| {})
+    }
+
+    /// [`NetNs::spawn`], letting `take` grab the child's pipes before it is registered.
+    pub fn spawn_with(
+        &self,
+        cmd: &mut Command,
+        take: impl FnOnce(&mut Child),
+    ) -> Result<u32, NetNsError> {
+        let mut child = cmd.spawn().map_err(|source| NetNsError::Spawn {
             command: describe(cmd),
             source,
         })?;
+        take(&mut child);
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         Ok(pid)

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ambient_tests::capture::{payload_contains, Capture};
 use ambient_tests::cni::{Attach, CniError};
 use ambient_tests::netns::{eventually, NetNs};
 use ambient_tests::recorder::{read_calls, Call};
@@ -184,8 +185,18 @@ fn ptp_pods_on_two_linked_nodes_talk() {
     let p1 = n1.add_pod(&PodMeta::new("ns", "p1")).unwrap();
     let p2 = n2.add_pod(&PodMeta::new("ns", "p2")).unwrap();
     echo_server(p2.ns(), 9090, dir.path());
+    let cap = Capture::start(n1.ns(), "ul0", "tcp", &dir.path().join("ul0.pcap")).unwrap();
     let out = probe(p1.ns(), &format!("{}:9090", p2.ip().unwrap())).unwrap();
     assert!(out.contains(&p1.ip().unwrap()), "{out}");
+    // Without the mesh, the underlay carries the bytes in plaintext, pod to pod.
+    let packets = cap
+        .finish_when(n1.ns(), Duration::from_secs(5), |p| {
+            payload_contains(p, b"hello")
+        })
+        .unwrap();
+    assert!(packets
+        .iter()
+        .any(|p| p.dport == 9090 && p.src.to_string() == p1.ip().unwrap()));
     // ptp gives every pod its own host-side veth, named in prevResult.
     let add = &read_calls(&c1.path)[0];
     let host_if = add.stdin["prevResult"]["interfaces"]
