@@ -228,14 +228,25 @@ impl Ran {
 
 /// Runs the plugin binary with exactly `env` and `stdin`.
 pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Ran {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ambient-cni"))
+    run_program(env!("CARGO_BIN_EXE_ambient-cni"), &[], env, stdin)
+}
+
+/// Runs `program args...` with exactly `env` and `stdin`.
+pub fn run_program(
+    program: &str,
+    args: &[&str],
+    env: &HashMap<String, String>,
+    stdin: &[u8],
+) -> Ran {
+    let mut child = Command::new(program)
+        .args(args)
         .env_clear()
         .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn ambient-cni");
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
     let mut input = child.stdin.take().unwrap();
     let _ = input.write_all(stdin);
     drop(input);
