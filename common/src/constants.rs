@@ -33,8 +33,8 @@ pub const RUN_DIR: &str = "/var/run/ambient";
 pub const CNI_SOCKET: &str = "/var/run/ambient/cni.sock";
 /// Default agent -> ztunnel socket.
 pub const ZTUNNEL_SOCKET: &str = "/var/run/ambient/ztunnel.sock";
-/// Name of the agent's state file inside the run directory.
-pub const STATE_FILE: &str = "agent-state.json";
+/// Directory (inside the run directory) holding one file per attachment the agent knows.
+pub const STATE_DIR: &str = "attachments";
 /// The nftables table owned by this project (in the `inet` and `bridge` families).
 pub const NFT_TABLE: &str = "ambient";
 

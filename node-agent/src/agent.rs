@@ -20,7 +20,7 @@ use crate::host::{netns_id, Sysfs};
 use crate::metrics::Metrics;
 use crate::nft::{chain_drift_of, pod_elements, Dataplane, Element};
 use crate::source::Snapshot;
-use crate::state::{self, LinkRecord, Record};
+use crate::state::{LinkRecord, Record, StateDir};
 
 pub type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
 
@@ -110,9 +110,13 @@ pub struct Core {
     cfg: Arc<Config>,
     dp: Box<dyn Dataplane>,
     sysfs: Sysfs,
+    store: StateDir,
     records: BTreeMap<AttachmentKey, Record>,
     states: BTreeMap<AttachmentKey, PodState>,
-    installed: BTreeSet<Element>,
+    /// Elements installed on behalf of each attachment.
+    owned: BTreeMap<AttachmentKey, BTreeSet<Element>>,
+    /// How many attachments own each installed element: the kernel holds exactly the keys.
+    refs: BTreeMap<Element, u32>,
     snapshot: Arc<Snapshot>,
     metrics: Metrics,
     workloads: watch::Sender<Vec<LocalWorkload>>,
@@ -133,23 +137,26 @@ fn internal(e: impl std::fmt::Display) -> AgentError {
 
 impl Core {
     /// Builds the core from persisted records and reconciles with the kernel: the cold start.
+    /// Only the difference between the kernel and the desired state is applied.
     pub fn start(
         cfg: Arc<Config>,
-        mut dp: Box<dyn Dataplane>,
+        dp: Box<dyn Dataplane>,
         sysfs: Sysfs,
         snapshot: Arc<Snapshot>,
         metrics: Metrics,
         workloads: watch::Sender<Vec<LocalWorkload>>,
     ) -> Result<Self, AgentError> {
-        let records = state::load(&cfg.state_file()).map_err(internal)?;
-        let observed = dp.observe().map_err(internal)?;
+        let store = cfg.state_dir();
+        let records = store.load().map_err(internal)?;
         let mut core = Core {
             cfg,
             dp,
             sysfs,
+            store,
             records,
             states: BTreeMap::new(),
-            installed: BTreeSet::new(),
+            owned: BTreeMap::new(),
+            refs: BTreeMap::new(),
             snapshot,
             metrics,
             workloads,
@@ -157,24 +164,7 @@ impl Core {
             last_error: None,
         };
         core.prune_vanished();
-        let drift = chain_drift_of(&observed);
-        if !observed.present || !drift.is_empty() {
-            // First start, or someone changed our rules: install the whole table at once.
-            let desired = core.desired();
-            core.dp.install(&desired).map_err(internal)?;
-            core.installed = desired;
-            if observed.present {
-                tracing::warn!(
-                    ?drift,
-                    "fixed rules differed from this version; reinstalled"
-                );
-            }
-        } else {
-            core.installed = observed.elements;
-            core.reconcile().map_err(internal)?;
-        }
-        core.publish();
-        core.persist();
+        core.resync().map_err(internal)?;
         Ok(core)
     }
 
@@ -201,7 +191,7 @@ impl Core {
             }
             Command::Snapshot(s) => {
                 self.snapshot = s;
-                if let Err(e) = self.reconcile() {
+                if let Err(e) = self.reconcile_all() {
                     self.note_error("reconcile", &e);
                 }
             }
@@ -227,66 +217,157 @@ impl Core {
         }
     }
 
-    fn state_of(&self, r: &Record) -> PodState {
-        match Self::pod_of(&self.snapshot, r) {
+    /// The state a record should be in now.
+    fn state_of(&self, key: &AttachmentKey, r: &Record) -> PodState {
+        let st = match Self::pod_of(&self.snapshot, r) {
             Some(pod) => self
                 .snapshot
                 .decide(pod, &self.cfg.excluded_namespaces)
                 .map(PodState::from)
                 .unwrap_or(PodState::Unknown),
             None => PodState::Unknown,
+        };
+        // Until the source has synced, an unknown pod keeps whatever it had.
+        if st == PodState::Unknown && !self.snapshot.synced {
+            return self.states.get(key).copied().unwrap_or(PodState::Unknown);
+        }
+        st
+    }
+
+    fn wanted(r: &Record, st: PodState) -> BTreeSet<Element> {
+        match (st, r.link.to_attachment()) {
+            (PodState::Captured, Some(a)) => pod_elements(&a, &r.ips),
+            _ => BTreeSet::new(),
         }
     }
 
-    fn desired(&mut self) -> BTreeSet<Element> {
-        let mut states = BTreeMap::new();
-        let mut out = BTreeSet::new();
-        for (key, r) in &self.records {
-            let mut st = self.state_of(r);
-            // Until the source has synced, an unknown pod keeps whatever it had.
-            if st == PodState::Unknown && !self.snapshot.synced {
-                st = self.states.get(key).copied().unwrap_or(PodState::Unknown);
-            }
-            if st == PodState::Captured {
-                if let Some(a) = r.link.to_attachment() {
-                    out.extend(pod_elements(&a, &r.ips));
+    /// Moves the listed attachments to their wanted element sets in one transaction; the
+    /// cost is that of the attachments changed, whatever the number enrolled. Elements shared
+    /// by several attachments are reference-counted. All or nothing.
+    fn transition(
+        &mut self,
+        changes: Vec<(AttachmentKey, BTreeSet<Element>)>,
+    ) -> Result<(), crate::nft::DataplaneError> {
+        let mut delta: BTreeMap<&Element, i64> = BTreeMap::new();
+        for (key, want) in &changes {
+            if let Some(old) = self.owned.get(key) {
+                for e in old {
+                    *delta.entry(e).or_default() -= 1;
                 }
             }
-            states.insert(key.clone(), st);
+            for e in want {
+                *delta.entry(e).or_default() += 1;
+            }
         }
-        self.states = states;
-        out
+        let mut add = BTreeSet::new();
+        let mut remove = BTreeSet::new();
+        for (e, d) in &delta {
+            let before = i64::from(self.refs.get(*e).copied().unwrap_or(0));
+            let after = before + d;
+            if before == 0 && after > 0 {
+                add.insert((*e).clone());
+            } else if before > 0 && after <= 0 {
+                remove.insert((*e).clone());
+            }
+        }
+        let counts: Vec<(Element, i64)> = delta.into_iter().map(|(e, d)| (e.clone(), d)).collect();
+        self.dp.apply(&remove, &add)?;
+        for (e, d) in counts {
+            let n = i64::from(self.refs.get(&e).copied().unwrap_or(0)) + d;
+            if n > 0 {
+                self.refs.insert(e, n as u32);
+            } else {
+                self.refs.remove(&e);
+            }
+        }
+        for (key, want) in changes {
+            if want.is_empty() {
+                self.owned.remove(&key);
+            } else {
+                self.owned.insert(key, want);
+            }
+        }
+        Ok(())
     }
 
-    /// Applies the difference between desired and installed. On a refused transaction the
-    /// kernel is re-read and the difference recomputed once.
-    fn reconcile(&mut self) -> Result<(), crate::nft::DataplaneError> {
-        self.metrics.reconcile_runs.inc();
-        let before: usize = self.captured_count();
-        let desired = self.desired();
-        let remove: BTreeSet<Element> = self.installed.difference(&desired).cloned().collect();
-        let add: BTreeSet<Element> = desired.difference(&self.installed).cloned().collect();
-        if let Err(e) = self.dp.apply(&remove, &add) {
-            tracing::warn!(error = %e, "transaction refused; re-reading the kernel");
-            let observed = self.dp.observe()?;
-            if !observed.present || !chain_drift_of(&observed).is_empty() {
-                self.dp.install(&desired)?;
-            } else {
-                let remove = observed.elements.difference(&desired).cloned().collect();
-                let add = desired.difference(&observed.elements).cloned().collect();
-                self.dp.apply(&remove, &add)?;
+    /// Recomputes every record's state and element set from scratch and makes the kernel
+    /// match: compares with what the kernel really holds, applies only the difference, and
+    /// reinstalls the tables whole when their fixed rules are missing or altered.
+    fn resync(&mut self) -> Result<(), crate::nft::DataplaneError> {
+        let mut owned = BTreeMap::new();
+        let mut refs: BTreeMap<Element, u32> = BTreeMap::new();
+        let mut states = BTreeMap::new();
+        for (key, r) in &self.records {
+            let st = self.state_of(key, r);
+            states.insert(key.clone(), st);
+            let want = Self::wanted(r, st);
+            for e in &want {
+                *refs.entry(e.clone()).or_default() += 1;
             }
-            self.metrics.drift_repairs.inc();
+            if !want.is_empty() {
+                owned.insert(key.clone(), want);
+            }
         }
-        self.installed = desired;
+        let desired: BTreeSet<Element> = refs.keys().cloned().collect();
+        let observed = self.dp.observe()?;
+        let drift = chain_drift_of(&observed);
+        if !observed.present || !drift.is_empty() {
+            if observed.present {
+                tracing::warn!(?drift, "fixed rules are not this version's; reinstalling");
+            }
+            self.dp.install(&desired)?;
+        } else {
+            let remove = observed.elements.difference(&desired).cloned().collect();
+            let add = desired.difference(&observed.elements).cloned().collect();
+            self.dp.apply(&remove, &add)?;
+        }
+        let before = self.captured_count();
+        self.owned = owned;
+        self.refs = refs;
+        self.states = states;
+        self.count_transitions(before);
+        self.publish();
+        Ok(())
+    }
+
+    /// Brings every record to its current state; used when the source changes.
+    fn reconcile_all(&mut self) -> Result<(), crate::nft::DataplaneError> {
+        self.metrics.reconcile_runs.inc();
+        let before = self.captured_count();
+        let mut changes = Vec::new();
+        let mut states = BTreeMap::new();
+        for (key, r) in &self.records {
+            let st = self.state_of(key, r);
+            states.insert(key.clone(), st);
+            if self.states.get(key) != Some(&st) {
+                changes.push((key.clone(), Self::wanted(r, st)));
+            }
+        }
+        // Attachments forgotten since the last pass.
+        for key in self.owned.keys() {
+            if !self.records.contains_key(key) {
+                changes.push((key.clone(), BTreeSet::new()));
+            }
+        }
+        if let Err(e) = self.transition(changes) {
+            tracing::warn!(error = %e, "transaction refused; re-reading the kernel");
+            self.metrics.drift_repairs.inc();
+            self.resync()?;
+            return Ok(());
+        }
+        self.states = states;
+        self.count_transitions(before);
+        self.publish();
+        Ok(())
+    }
+
+    fn count_transitions(&mut self, before: usize) {
         let after = self.captured_count();
         if after > before {
             self.metrics.enrolments.inc_by((after - before) as u64);
         } else if before > after {
             self.metrics.releases.inc_by((before - after) as u64);
         }
-        self.publish();
-        Ok(())
     }
 
     fn captured_count(&self) -> usize {
@@ -329,10 +410,45 @@ impl Core {
         }
     }
 
-    fn persist(&mut self) {
-        if let Err(e) = state::save(&self.cfg.state_file(), self.records.values()) {
+    /// Brings one attachment to `record` (or removes it, with `None`), kernel first, then
+    /// the persisted state.
+    fn set_record(
+        &mut self,
+        key: &AttachmentKey,
+        record: Option<Record>,
+    ) -> Result<PodState, AgentError> {
+        let before = self.captured_count();
+        let (st, want) = match &record {
+            Some(r) => {
+                let st = self.state_of(key, r);
+                (st, Self::wanted(r, st))
+            }
+            None => (PodState::Unknown, BTreeSet::new()),
+        };
+        if let Err(e) = self.transition(vec![(key.clone(), want)]) {
+            self.note_error("apply", &e);
+            return Err(internal(e));
+        }
+        let persisted = match &record {
+            Some(r) => self.store.save(r),
+            None => self.store.remove(key),
+        };
+        if let Err(e) = persisted {
             self.note_error("persist", &e);
         }
+        match record {
+            Some(r) => {
+                self.records.insert(key.clone(), r);
+                self.states.insert(key.clone(), st);
+            }
+            None => {
+                self.records.remove(key);
+                self.states.remove(key);
+            }
+        }
+        self.count_transitions(before);
+        self.publish();
+        Ok(st)
     }
 
     fn add(
@@ -363,23 +479,7 @@ impl Core {
             ips: att.ips.iter().map(|p| p.addr).collect(),
             since: now(),
         };
-        let previous = self.records.insert(att.key.clone(), record);
-        if let Err(e) = self.reconcile() {
-            // Nothing was applied: forget the attachment so state matches the kernel.
-            match previous {
-                Some(p) => self.records.insert(att.key.clone(), p),
-                None => self.records.remove(&att.key),
-            };
-            self.desired();
-            self.note_error("add", &e);
-            return Err(internal(e));
-        }
-        self.persist();
-        let st = self
-            .states
-            .get(&att.key)
-            .copied()
-            .unwrap_or(PodState::Unknown);
+        let st = self.set_record(&att.key, Some(record))?;
         let outcome = match st {
             PodState::Captured => AddOutcome::Captured,
             PodState::Excluded => AddOutcome::Excluded,
@@ -395,30 +495,24 @@ impl Core {
     }
 
     fn del(&mut self, key: &AttachmentKey) -> Result<(), AgentError> {
-        if self.records.remove(key).is_none() {
+        if !self.records.contains_key(key) {
             return Ok(());
         }
-        if let Err(e) = self.reconcile() {
-            self.note_error("del", &e);
-            return Err(internal(e));
-        }
-        self.persist();
-        Ok(())
+        self.set_record(key, None).map(drop)
     }
 
     fn gc(&mut self, valid: Vec<AttachmentKey>) -> Result<u32, AgentError> {
         let valid: BTreeSet<AttachmentKey> = valid.into_iter().collect();
-        let before = self.records.len();
-        self.records.retain(|k, _| valid.contains(k));
-        let released = (before - self.records.len()) as u32;
-        if released > 0 {
-            if let Err(e) = self.reconcile() {
-                self.note_error("gc", &e);
-                return Err(internal(e));
-            }
-            self.persist();
+        let stale: Vec<AttachmentKey> = self
+            .records
+            .keys()
+            .filter(|k| !valid.contains(*k))
+            .cloned()
+            .collect();
+        for key in &stale {
+            self.set_record(key, None)?;
         }
-        Ok(released)
+        Ok(stale.len() as u32)
     }
 
     fn check(&mut self, att: &ApiAttachment) -> Result<(), AgentError> {
@@ -439,16 +533,12 @@ impl Core {
         if self.states.get(&att.key) != Some(&PodState::Captured) {
             return Ok(());
         }
+        let want = Self::wanted(r, PodState::Captured);
         let observed = self.dp.observe().map_err(internal)?;
         let drift = chain_drift_of(&observed);
         if !drift.is_empty() {
             return fail(drift.join("; "));
         }
-        let want = r
-            .link
-            .to_attachment()
-            .map(|a| pod_elements(&a, &r.ips))
-            .unwrap_or_default();
         let missing: Vec<String> = want
             .difference(&observed.elements)
             .map(|e| format!("{e:?}"))
@@ -462,71 +552,78 @@ impl Core {
         Ok(())
     }
 
-    /// Drops records whose veth or netns disappeared without a DEL (pod gone, node agent
+    /// Forgets records whose veth or netns disappeared without a DEL (pod gone, node agent
     /// down at the time): their elements must not linger for a reused name or address.
-    fn prune_vanished(&mut self) -> usize {
+    /// Returns the keys dropped; the caller releases their elements.
+    fn prune_vanished(&mut self) -> Vec<AttachmentKey> {
         let sysfs = &self.sysfs;
-        let before = self.records.len();
-        self.records.retain(|_, r| {
-            let veth_ok = sysfs.ifindex(r.link.veth()) == Some(r.ifindex);
-            let netns_ok = match r.netns_id {
-                Some(id) => netns_id(std::path::Path::new(&r.netns)) == Some(id),
-                None => true,
-            };
-            if !(veth_ok && netns_ok) {
-                tracing::info!(namespace = %r.pod.namespace, pod = %r.pod.name,
-                    veth_ok, netns_ok, "attachment vanished; releasing");
+        let gone: Vec<AttachmentKey> = self
+            .records
+            .iter()
+            .filter(|(_, r)| {
+                let veth_ok = sysfs.ifindex(r.link.veth()) == Some(r.ifindex);
+                let netns_ok = match r.netns_id {
+                    Some(id) => netns_id(std::path::Path::new(&r.netns)) == Some(id),
+                    None => true,
+                };
+                if !(veth_ok && netns_ok) {
+                    tracing::info!(namespace = %r.pod.namespace, pod = %r.pod.name,
+                        veth_ok, netns_ok, "attachment vanished; releasing");
+                }
+                !(veth_ok && netns_ok)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &gone {
+            self.records.remove(key);
+            if let Err(e) = self.store.remove(key) {
+                tracing::warn!(error = %e, "cannot forget a vanished attachment");
             }
-            veth_ok && netns_ok
-        });
-        before - self.records.len()
+        }
+        gone
     }
 
+    /// The periodic check: vanished pods, and kernel drift (missing tables, altered rules,
+    /// missing or unexpected elements), repaired.
     fn tick(&mut self) {
         let started = Instant::now();
         let pruned = self.prune_vanished();
+        let mut problems = Vec::new();
         match self.dp.observe() {
             Ok(observed) => {
-                let drift = chain_drift_of(&observed);
-                let desired = self.desired();
-                let mut problems = drift.clone();
+                problems.extend(chain_drift_of(&observed));
                 if !observed.present {
                     problems.push("tables are missing".into());
                 }
-                let missing = desired.difference(&observed.elements).count();
-                let extra = observed.elements.difference(&desired).count();
+                let missing = self
+                    .refs
+                    .keys()
+                    .filter(|e| !observed.elements.contains(*e))
+                    .count();
+                let extra = observed
+                    .elements
+                    .iter()
+                    .filter(|e| !self.refs.contains_key(*e))
+                    .count();
                 if missing > 0 {
                     problems.push(format!("{missing} elements missing"));
                 }
                 if extra > 0 {
                     problems.push(format!("{extra} unexpected elements"));
                 }
-                if !problems.is_empty() {
-                    tracing::warn!(?problems, "kernel drift; repairing");
-                    self.metrics.drift_repairs.inc();
-                    let res = if !observed.present || !drift.is_empty() {
-                        self.dp.install(&desired)
-                    } else {
-                        self.installed = observed.elements;
-                        self.reconcile()
-                    };
-                    match res {
-                        Ok(()) => self.installed = desired,
-                        Err(e) => self.note_error("repair", &e),
-                    }
-                } else if pruned > 0 {
-                    if let Err(e) = self.reconcile() {
-                        self.note_error("reconcile", &e);
-                    }
-                }
-                self.drift = problems;
             }
             Err(e) => self.note_error("observe", &e),
         }
-        if pruned > 0 {
-            self.persist();
+        if !problems.is_empty() || !pruned.is_empty() {
+            if !problems.is_empty() {
+                tracing::warn!(?problems, "kernel drift; repairing");
+                self.metrics.drift_repairs.inc();
+            }
+            if let Err(e) = self.resync() {
+                self.note_error("repair", &e);
+            }
         }
-        self.publish();
+        self.drift = problems;
         tracing::debug!(elapsed = ?started.elapsed(), "drift check done");
     }
 
@@ -561,7 +658,7 @@ impl Core {
             backend: self.dp.backend().to_owned(),
             pods,
             captured: self.captured_count(),
-            elements: self.installed.len(),
+            elements: self.refs.len(),
             source_synced: self.snapshot.synced,
             source_generation: self.snapshot.generation,
             drift: self.drift.clone(),
@@ -578,4 +675,271 @@ fn workload_uid(r: &Record, pod: Option<&Pod>) -> String {
         .clone()
         .or_else(|| pod.and_then(|p| p.metadata.uid.clone()))
         .unwrap_or_else(|| format!("{}/{}", r.pod.namespace, r.pod.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigFile;
+    use crate::nft::MemoryDataplane;
+    use ambient_common::agent_api::PodRef;
+    use ambient_common::manifest::Namespace;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        core: Core,
+        sys_root: std::path::PathBuf,
+        rx: watch::Receiver<Vec<LocalWorkload>>,
+    }
+
+    fn snapshot(ambient_ns: &[&str], pods: &[(&str, &str)]) -> Arc<Snapshot> {
+        let mut s = Snapshot {
+            synced: true,
+            generation: 1,
+            ..Default::default()
+        };
+        for ns in ["a", "b", "kube-system"] {
+            let mut n = Namespace::default();
+            n.metadata.name = ns.into();
+            if ambient_ns.contains(&ns) {
+                n.metadata
+                    .labels
+                    .insert("istio.io/dataplane-mode".into(), "ambient".into());
+            }
+            s.namespaces.insert(ns.into(), n);
+        }
+        for (ns, name) in pods {
+            let mut p = Pod::default();
+            p.metadata.name = (*name).into();
+            p.metadata.namespace = Some((*ns).into());
+            s.pods.insert(((*ns).into(), (*name).into()), p);
+        }
+        Arc::new(s)
+    }
+
+    fn fixture(snap: Arc<Snapshot>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let sys_root = dir.path().join("sys");
+        std::fs::create_dir_all(&sys_root).unwrap();
+        let cfg = Config::build(ConfigFile {
+            node_name: Some("n".into()),
+            manifest_dir: Some(dir.path().into()),
+            run_dir: Some(dir.path().join("run")),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut reg = prometheus_client::registry::Registry::default();
+        let (tx, rx) = watch::channel(Vec::new());
+        let core = Core::start(
+            Arc::new(cfg),
+            Box::new(MemoryDataplane::default()),
+            Sysfs {
+                root: sys_root.clone(),
+            },
+            snap,
+            Metrics::new(&mut reg),
+            tx,
+        )
+        .unwrap();
+        Fixture {
+            _dir: dir,
+            core,
+            sys_root,
+            rx,
+        }
+    }
+
+    impl Fixture {
+        fn veth(&self, name: &str, idx: u32) {
+            std::fs::create_dir_all(self.sys_root.join(name)).unwrap();
+            std::fs::write(self.sys_root.join(name).join("ifindex"), idx.to_string()).unwrap();
+        }
+
+        fn att(&self, id: &str, ns: &str, name: &str, veth: &str, ip: &str) -> ApiAttachment {
+            ApiAttachment {
+                key: AttachmentKey {
+                    container_id: id.into(),
+                    ifname: "eth0".into(),
+                },
+                pod: PodRef {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    uid: None,
+                },
+                netns: "/nonexistent".into(),
+                host_interface: veth.into(),
+                ips: vec![format!("{ip}/24").parse().unwrap()],
+            }
+        }
+
+        fn add(&mut self, att: ApiAttachment) -> Result<AddOutcome, AgentError> {
+            let pod = self
+                .core
+                .snapshot
+                .pod(&att.pod.namespace, &att.pod.name)
+                .cloned()
+                .unwrap_or_default();
+            self.core.add(att, &pod).map(|(o, _)| o)
+        }
+
+        fn elements(&mut self) -> BTreeSet<Element> {
+            self.core.dp.observe().unwrap().elements
+        }
+    }
+
+    #[test]
+    fn add_del_gc_touch_only_the_pods_elements() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1"), ("a", "p2"), ("b", "q")]));
+        f.veth("v1", 11);
+        f.veth("v2", 12);
+        f.veth("v3", 13);
+        assert_eq!(
+            f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap(),
+            AddOutcome::Captured
+        );
+        assert_eq!(
+            f.add(f.att("c2", "a", "p2", "v2", "10.0.0.2")).unwrap(),
+            AddOutcome::Captured
+        );
+        assert_eq!(
+            f.add(f.att("c3", "b", "q", "v3", "10.0.0.3")).unwrap(),
+            AddOutcome::NotAmbient
+        );
+        assert_eq!(f.elements().len(), 6);
+        assert_eq!(f.rx.borrow().len(), 2);
+        f.core
+            .del(&AttachmentKey {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            })
+            .unwrap();
+        assert_eq!(f.elements().len(), 3);
+        // DEL of something unknown succeeds.
+        f.core
+            .del(&AttachmentKey {
+                container_id: "zz".into(),
+                ifname: "eth0".into(),
+            })
+            .unwrap();
+        let released = f
+            .core
+            .gc(vec![AttachmentKey {
+                container_id: "c3".into(),
+                ifname: "eth0".into(),
+            }])
+            .unwrap();
+        assert_eq!(released, 1);
+        assert!(f.elements().is_empty());
+        assert_eq!(f.core.records.len(), 1);
+        assert!(f.rx.borrow().is_empty());
+    }
+
+    #[test]
+    fn bad_input_leaves_no_state() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1")]));
+        let err = f
+            .add(f.att("c1", "a", "p1", "missing0", "10.0.0.1"))
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidRequest);
+        let err = f
+            .add(f.att("c1", "a", "p1", "../etc", "10.0.0.1"))
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidRequest);
+        assert!(f.core.records.is_empty());
+        assert!(f.core.store.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_refused_transaction_changes_nothing() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1")]));
+        f.veth("v1", 11);
+        // Make the next kernel transaction fail.
+        f.core.dp = Box::new(MemoryDataplane {
+            installed: true,
+            fail_next: true,
+            ..Default::default()
+        });
+        let err = f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Internal);
+        assert!(f.core.records.is_empty());
+        assert!(f.core.refs.is_empty());
+        assert!(f.core.store.load().unwrap().is_empty());
+        // The same ADD retried (kubelet does) succeeds.
+        assert_eq!(
+            f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap(),
+            AddOutcome::Captured
+        );
+    }
+
+    #[test]
+    fn label_flip_enrols_and_releases_running_pods() {
+        let mut f = fixture(snapshot(&[], &[("b", "q")]));
+        f.veth("v3", 13);
+        assert_eq!(
+            f.add(f.att("c3", "b", "q", "v3", "10.0.0.3")).unwrap(),
+            AddOutcome::NotAmbient
+        );
+        f.core
+            .handle(Command::Snapshot(snapshot(&["b"], &[("b", "q")])));
+        assert_eq!(f.elements().len(), 3);
+        assert_eq!(f.core.states.values().next(), Some(&PodState::Captured));
+        f.core
+            .handle(Command::Snapshot(snapshot(&[], &[("b", "q")])));
+        assert!(f.elements().is_empty());
+        // The pod deleted from the source: released, record kept until DEL.
+        f.core.handle(Command::Snapshot(snapshot(&["b"], &[])));
+        assert!(f.elements().is_empty());
+        assert_eq!(f.core.records.len(), 1);
+    }
+
+    #[test]
+    fn shared_elements_are_reference_counted() {
+        // Two attachments of one pod on the same bridge share the bridge-level elements.
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1")]));
+        f.veth("v1", 11);
+        f.veth("v2", 12);
+        f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap();
+        let mut second = f.att("c1", "a", "p1", "v2", "10.0.0.1");
+        second.key.ifname = "net1".into();
+        f.add(second).unwrap();
+        // PodV4 is shared; removing one attachment must keep it.
+        f.core
+            .del(&AttachmentKey {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            })
+            .unwrap();
+        assert!(f
+            .elements()
+            .contains(&Element::PodV4("10.0.0.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn restart_reconciles_from_state_and_kernel() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1"), ("a", "p2")]));
+        f.veth("v1", 11);
+        f.veth("v2", 12);
+        f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap();
+        f.add(f.att("c2", "a", "p2", "v2", "10.0.0.2")).unwrap();
+        let kernel = std::mem::replace(&mut f.core.dp, Box::new(MemoryDataplane::default()));
+        // v2 vanished while the agent was down; p1 is still there.
+        std::fs::remove_dir_all(f.sys_root.join("v2")).unwrap();
+        let mut reg = prometheus_client::registry::Registry::default();
+        let (tx, rx) = watch::channel(Vec::new());
+        let core = Core::start(
+            f.core.cfg.clone(),
+            kernel,
+            Sysfs {
+                root: f.sys_root.clone(),
+            },
+            snapshot(&["a"], &[("a", "p1"), ("a", "p2")]),
+            Metrics::new(&mut reg),
+            tx,
+        )
+        .unwrap();
+        f.core = core;
+        assert_eq!(f.elements().len(), 3);
+        assert_eq!(rx.borrow().len(), 1);
+        assert_eq!(f.core.store.load().unwrap().len(), 1);
+    }
 }

@@ -266,9 +266,11 @@ pub fn view(kind: &str, args: &ViewArgs, out: &mut impl Write) -> std::io::Resul
         ("pods", Err(e)) => {
             // The agent is down: show what it persisted, and say so.
             eprintln!("warning: {e}; showing the persisted state");
-            let records =
-                crate::state::load(&args.run_dir.join(ambient_common::constants::STATE_FILE))
-                    .map_err(std::io::Error::other)?;
+            let records = crate::state::StateDir::new(
+                args.run_dir.join(ambient_common::constants::STATE_DIR),
+            )
+            .load()
+            .map_err(std::io::Error::other)?;
             let pods: Vec<serde_json::Value> = records
                 .values()
                 .map(|r| {

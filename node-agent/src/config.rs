@@ -251,8 +251,8 @@ impl Config {
         }
     }
 
-    pub fn state_file(&self) -> PathBuf {
-        self.run_dir.join(c::STATE_FILE)
+    pub fn state_dir(&self) -> crate::state::StateDir {
+        crate::state::StateDir::new(self.run_dir.join(c::STATE_DIR))
     }
 }
 

@@ -83,7 +83,10 @@ fn main() -> ExitCode {
                 eprintln!("node-agent: removing policy routing failed: {e}");
                 return ExitCode::FAILURE;
             }
-            let _ = std::fs::remove_file(a.run_dir.join(ambient_common::constants::STATE_FILE));
+            let _ = node_agent::state::StateDir::new(
+                a.run_dir.join(ambient_common::constants::STATE_DIR),
+            )
+            .clear();
             eprintln!("node-agent: tables, policy routing and state removed");
             ExitCode::SUCCESS
         }

@@ -85,21 +85,22 @@ pub struct Record {
     pub since: u64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct StateFile {
-    pub version: u32,
-    pub attachments: Vec<Record>,
+/// One attachment's file: `<run-dir>/attachments/<container-id>_<ifname>.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    record: Record,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot write state file {path}")]
+    #[error("cannot write state {path}")]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read state file {path}")]
+    #[error("cannot read state {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -115,66 +116,137 @@ pub enum StateError {
     Version { path: PathBuf, found: u32 },
 }
 
-/// Loads the records; a missing file is an empty state.
-pub fn load(path: &Path) -> Result<BTreeMap<AttachmentKey, Record>, StateError> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(source) => {
-            return Err(StateError::Read {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    let file: StateFile = serde_json::from_slice(&text).map_err(|source| StateError::Corrupt {
-        path: path.to_owned(),
-        source,
-    })?;
-    if file.version != STATE_VERSION {
-        return Err(StateError::Version {
-            path: path.to_owned(),
-            found: file.version,
-        });
-    }
-    Ok(file
-        .attachments
-        .into_iter()
-        .map(|r| (r.key.clone(), r))
-        .collect())
+/// The agent's persisted attachments: one small file each, so recording or forgetting a pod
+/// costs the same whatever the number of pods. Written by rename, so a reader never sees a
+/// half-written file. The directory lives on the run directory's tmpfs: it survives an
+/// agent restart, not a node reboot (when every pod is recreated anyway).
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
 }
 
-/// Writes the records atomically (temporary file, fsync, rename).
-pub fn save<'a>(path: &Path, records: impl Iterator<Item = &'a Record>) -> Result<(), StateError> {
-    use std::io::Write;
-    let file = StateFile {
-        version: STATE_VERSION,
-        attachments: records.cloned().collect(),
-    };
-    let tmp = path.with_extension("json.tmp");
-    let werr = |source| StateError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-    let body = serde_json::to_vec_pretty(&file).expect("state serialises");
-    f.write_all(&body).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)
+fn file_name(key: &AttachmentKey) -> String {
+    // Container ids are hex and interface names are short, but neither is trusted: keep a
+    // safe alphabet and escape everything else.
+    let mut out = String::new();
+    for (i, part) in [&key.container_id, &key.ifname].into_iter().enumerate() {
+        if i > 0 {
+            out.push('_');
+        }
+        for b in part.bytes() {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02x}"));
+            }
+        }
+    }
+    out.push_str(".json");
+    out
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Loads every record; a missing directory is an empty state. Leftover temporary files
+    /// (a crash between write and rename) are removed.
+    pub fn load(&self) -> Result<BTreeMap<AttachmentKey, Record>, StateError> {
+        let mut out = BTreeMap::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => {}
+                Some("tmp") => {
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                _ => continue,
+            }
+            let text = std::fs::read(&path).map_err(|source| StateError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: StateFile =
+                serde_json::from_slice(&text).map_err(|source| StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?;
+            if file.version != STATE_VERSION {
+                return Err(StateError::Version {
+                    path,
+                    found: file.version,
+                });
+            }
+            out.insert(file.record.key.clone(), file.record);
+        }
+        Ok(out)
+    }
+
+    /// Records (or replaces) one attachment.
+    pub fn save(&self, record: &Record) -> Result<(), StateError> {
+        let path = self.dir.join(file_name(&record.key));
+        let werr = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(werr)?;
+        let body = serde_json::to_vec(&StateFile {
+            version: STATE_VERSION,
+            record: record.clone(),
+        })
+        .expect("a record always serialises");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body).map_err(werr)?;
+        std::fs::rename(&tmp, &path).map_err(werr)
+    }
+
+    /// Forgets one attachment; forgetting an unknown one is fine.
+    pub fn remove(&self, key: &AttachmentKey) -> Result<(), StateError> {
+        let path = self.dir.join(file_name(key));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Write { path, source }),
+        }
+    }
+
+    /// Removes the whole directory (uninstall).
+    pub fn clear(&self) -> Result<(), StateError> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Write {
+                path: self.dir.clone(),
+                source,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_and_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("state.json");
-        assert!(load(&p).unwrap().is_empty());
-        let r = Record {
+    fn record(id: &str) -> Record {
+        Record {
             key: AttachmentKey {
-                container_id: "c".into(),
+                container_id: id.into(),
                 ifname: "eth0".into(),
             },
             pod: PodRef {
@@ -190,11 +262,42 @@ mod tests {
             ifindex: 4,
             ips: vec!["10.0.0.2".parse().unwrap()],
             since: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_remove_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = StateDir::new(dir.path().join("attachments"));
+        assert!(st.load().unwrap().is_empty());
+        st.save(&record("abc")).unwrap();
+        st.save(&record("../../etc/passwd")).unwrap();
+        let back = st.load().unwrap();
+        assert_eq!(back.len(), 2);
+        assert!(std::fs::read_dir(st.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains('/')));
+        st.remove(&record("abc").key).unwrap();
+        st.remove(&record("abc").key).unwrap();
+        assert_eq!(st.load().unwrap().len(), 1);
+        std::fs::write(st.path().join("x.json"), b"{garbage").unwrap();
+        assert!(matches!(st.load(), Err(StateError::Corrupt { .. })));
+        st.clear().unwrap();
+        assert!(st.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn file_names_are_distinct_for_distinct_keys() {
+        let a = AttachmentKey {
+            container_id: "a_b".into(),
+            ifname: "c".into(),
         };
-        save(&p, [r.clone()].iter()).unwrap();
-        let back = load(&p).unwrap();
-        assert_eq!(back.values().next(), Some(&r));
-        std::fs::write(&p, b"{garbage").unwrap();
-        assert!(matches!(load(&p), Err(StateError::Corrupt { .. })));
+        let b = AttachmentKey {
+            container_id: "a".into(),
+            ifname: "b_c".into(),
+        };
+        assert_ne!(file_name(&a), file_name(&b));
     }
 }

@@ -25,6 +25,7 @@ pub enum DataplaneError {
 
 /// Owner of the project's tables in the current network namespace.
 pub trait Dataplane: Send {
+    // (object-safe: the core holds a `Box<dyn Dataplane>`)
     /// Installs (or reinstalls) the fixed rules with exactly `elements`, atomically.
     fn install(&mut self, elements: &BTreeSet<Element>) -> Result<(), DataplaneError>;
     /// Removes `remove` and adds `add` in one transaction.
@@ -129,7 +130,7 @@ impl Dataplane for NftDataplane {
 
 /// An in-memory dataplane with nftables' transaction semantics (a delete of a missing
 /// element or an add of a present one fails the whole batch), for unit tests.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MemoryDataplane {
     pub installed: bool,
     pub elements: BTreeSet<Element>,

@@ -1,0 +1,369 @@
+//! Node agent benchmarks (issue 2). Prints tables; `docs/performance.md` keeps the latest.
+//!
+//! `cargo build --release --workspace && cargo bench -p node-agent --bench agent`
+//! (as root). The process re-executes itself inside a fresh network namespace (the "node"),
+//! so plugins and the agent run exactly as on a node, with no `ip netns exec` in the timed
+//! path.
+//!
+//! 1. Plugin ADD end to end: exec of `ambient-cni` until it exits, which is after the agent
+//!    committed the pod's redirection, with 1, 100 and 500 pods already enrolled.
+//! 2. Enrolling one more pod (one nftables transaction through libnftables) at 10, 100 and
+//!    1,000 enrolled pods, with the rule count alongside.
+//! 3. Agent cold start (load state, read the kernel, reconcile) with 1,000 enrolled pods.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambient_tests::bins;
+use ambient_tests::cni::{self, Attach, ChainSpec, CniArgs, CniRunner, ConfList, RuntimeConf};
+use ambient_tests::netns::{eventually, NetNs};
+use node_agent::nft::{pod_elements, Attachment, Dataplane, Element, NftDataplane};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--inner") {
+        inner();
+        return;
+    }
+    // `cargo bench` passes `--bench`; anything else (like `cargo test --benches`) only
+    // checks that the benchmark builds.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    let node = NetNs::new("bench-agent").expect("create the node namespace");
+    let exe = std::env::current_exe().unwrap();
+    let status = node
+        .command(&exe)
+        .arg("--inner")
+        .status()
+        .expect("run the benchmark inside the node namespace");
+    assert!(status.success(), "benchmark failed");
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+fn inner() {
+    println!(
+        "# node agent benchmarks ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    enrol_one_more();
+    cold_start();
+    plugin_add();
+}
+
+fn params() -> node_agent::nft::RulesetParams {
+    node_agent::nft::RulesetParams {
+        table: "ambient".into(),
+        outbound_port: 15001,
+        inbound_plaintext_port: 15006,
+        hbone_port: 15008,
+        mark: 0x539,
+        mask: 0xfff,
+    }
+}
+
+fn fake_pod(i: usize) -> BTreeSet<Element> {
+    let ip = IpAddr::V4(Ipv4Addr::new(
+        10,
+        200 + (i / 60_000) as u8,
+        ((i / 250) % 240) as u8,
+        (i % 250 + 2) as u8,
+    ));
+    let att = if i % 2 == 0 {
+        Attachment::Routed {
+            veth: format!("vb{i}"),
+        }
+    } else {
+        Attachment::Bridged {
+            veth: format!("vb{i}"),
+            bridge: "cni0".into(),
+            bridge_mac: node_agent::nft::Mac([2, 0, 0, 0, 0, 1]),
+        }
+    };
+    pod_elements(&att, &[ip])
+}
+
+fn rule_count(dp: &mut NftDataplane) -> usize {
+    dp.observe().unwrap().chains.iter().map(|(_, n)| n).sum()
+}
+
+/// Time to add one pod's elements at N enrolled pods.
+fn enrol_one_more() {
+    println!("\n## enrol one more pod (libnftables, one transaction)\n");
+    println!("| enrolled pods | p50 ms | p99 ms | rules | elements |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mut dp = NftDataplane::new(params()).unwrap();
+    for target in [10usize, 100, 1000] {
+        let mut all = BTreeSet::new();
+        for i in 0..target {
+            all.extend(fake_pod(i));
+        }
+        dp.install(&all).unwrap();
+        let mut samples = Vec::new();
+        for k in 0..200 {
+            let extra = fake_pod(100_000 + k);
+            let t = Instant::now();
+            dp.apply(&BTreeSet::new(), &extra).unwrap();
+            samples.push(t.elapsed());
+            dp.apply(&extra, &BTreeSet::new()).unwrap();
+        }
+        samples.sort();
+        let rules = rule_count(&mut dp);
+        println!(
+            "| {target} | {} | {} | {rules} | {} |",
+            ms(percentile(&samples, 0.5)),
+            ms(percentile(&samples, 0.99)),
+            dp.observe().unwrap().elements.len()
+        );
+    }
+    dp.uninstall().unwrap();
+}
+
+/// Agent cold start with 1,000 enrolled pods: state file + kernel + source reconciled.
+fn cold_start() {
+    use ambient_common::agent_api::{AttachmentKey, PodRef};
+    use node_agent::state::{LinkRecord, Record};
+    println!("\n## agent cold start with 1,000 enrolled pods\n");
+    let dir = tempfile::tempdir().unwrap();
+    // 1,000 host interfaces (veth pairs whose peers stay on the node: the agent checks names and
+    // ifindexes), created in one `ip -batch`.
+    let mut batch = String::new();
+    for i in 0..1000 {
+        batch.push_str(&format!("link add vc{i} type veth peer name vd{i}\n"));
+    }
+    run_batch(&batch);
+    let mut snapshot = node_agent::source::Snapshot {
+        synced: true,
+        generation: 1,
+        ..Default::default()
+    };
+    let mut ns = ambient_common::manifest::Namespace::default();
+    ns.metadata.name = "bench".into();
+    ns.metadata
+        .labels
+        .insert("istio.io/dataplane-mode".into(), "ambient".into());
+    snapshot.namespaces.insert("bench".into(), ns);
+    let mut records = Vec::new();
+    let sys = node_agent::host::Sysfs::default();
+    for i in 0..1000 {
+        let name = format!("p{i}");
+        let mut pod = ambient_common::manifest::Pod::default();
+        pod.metadata.name = name.clone();
+        pod.metadata.namespace = Some("bench".into());
+        snapshot.pods.insert(("bench".into(), name.clone()), pod);
+        let veth = format!("vc{i}");
+        records.push(Record {
+            key: AttachmentKey {
+                container_id: format!("c{i}"),
+                ifname: "eth0".into(),
+            },
+            pod: PodRef {
+                namespace: "bench".into(),
+                name,
+                uid: None,
+            },
+            netns: String::new(),
+            netns_id: None,
+            link: LinkRecord::Routed { veth: veth.clone() },
+            ifindex: sys.ifindex(&veth).unwrap(),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(
+                10,
+                210,
+                (i / 250) as u8,
+                (i % 250 + 2) as u8,
+            ))],
+            since: 0,
+        });
+    }
+    let cfg = Arc::new(
+        node_agent::config::Config::build(node_agent::config::ConfigFile {
+            node_name: Some("bench".into()),
+            manifest_dir: Some(dir.path().into()),
+            run_dir: Some(dir.path().into()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let store = cfg.state_dir();
+    for r in &records {
+        store.save(r).unwrap();
+    }
+    let snapshot = Arc::new(snapshot);
+    println!("| kernel state at start | time ms | enrolled |");
+    println!("|---|---:|---:|");
+    for case in [
+        "empty (first start)",
+        "complete (agent restart)",
+        "complete (restart, repeated)",
+    ] {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = node_agent::metrics::Metrics::new(&mut registry);
+        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+        let dp = NftDataplane::new(params()).unwrap();
+        let t = Instant::now();
+        let core = node_agent::agent::Core::start(
+            cfg.clone(),
+            Box::new(dp),
+            sys.clone(),
+            snapshot.clone(),
+            metrics,
+            tx,
+        )
+        .unwrap();
+        let elapsed = t.elapsed();
+        println!("| {case} | {} | {} |", ms(elapsed), rx.borrow().len());
+        drop(core);
+    }
+    NftDataplane::new(params()).unwrap().uninstall().unwrap();
+    let mut batch = String::new();
+    for i in 0..1000 {
+        batch.push_str(&format!("link del vc{i}\n"));
+    }
+    run_batch(&batch);
+}
+
+fn run_batch(batch: &str) {
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// The plugin's ADD, end to end, at 1 / 100 / 500 enrolled pods.
+fn plugin_add() {
+    println!("\n## plugin ADD end to end (exec of ambient-cni until redirection is active)\n");
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let cni_bin = dir.path().join("cni-bin");
+    cni::assemble_cni_path(&cni_bin, Some(&bins::binary(bins::AMBIENT_CNI))).unwrap();
+    let sock = run.join("cni.sock");
+    let chain = ChainSpec {
+        network: "bench".into(),
+        cni_version: "1.0.0".into(),
+        attach: Attach::Bridge,
+        bridge: "cni0".into(),
+        subnet: "10.220.0.0/16".into(),
+        ipam_data_dir: dir.path().join("ipam"),
+        agent_socket: Some(sock.clone()),
+        ambient_extra: Default::default(),
+    };
+    let list = ConfList::from_json(&chain.conflist()).unwrap();
+    let runner = CniRunner::new(&cni_bin, None);
+    let measured = 60usize;
+    let total = 500 + measured;
+    // Every pod's manifest up front, so no ADD waits for the source.
+    let mut text = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n  labels:\n    istio.io/dataplane-mode: ambient\n",
+    );
+    for i in 0..total {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: bench\n  uid: uid-{i}\nspec:\n  nodeName: bench\n"
+        ));
+    }
+    std::fs::write(manifests.join("pods.yaml"), text).unwrap();
+    let mut agent = Command::new(bins::binary(bins::NODE_AGENT))
+        .args(["run", "--node-name", "bench", "--manifest-dir"])
+        .arg(&manifests)
+        .arg("--run-dir")
+        .arg(&run)
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-level", "warn"])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), || {
+        if sock.exists() {
+            Ok(())
+        } else {
+            Err("no socket")
+        }
+    })
+    .unwrap();
+    let mut pods: Vec<(NetNs, RuntimeConf)> = Vec::new();
+    let make_rt = |i: usize| -> (NetNs, RuntimeConf) {
+        let ns = NetNs::new(&format!("bp{i}")).unwrap();
+        let id = format!("bench{i:08}");
+        let rt = RuntimeConf {
+            container_id: id.clone(),
+            netns: ns.path().to_string_lossy().into_owned(),
+            ifname: "eth0".into(),
+            args: CniArgs {
+                pod_namespace: "bench".into(),
+                pod_name: format!("p{i}"),
+                pod_uid: format!("uid-{i}"),
+                infra_container_id: id,
+            },
+            runtime_config: Default::default(),
+        };
+        (ns, rt)
+    };
+    println!("| enrolled before | p50 ms | p99 ms | max ms | samples |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mut next = 0usize;
+    for level in [1usize, 100, 500] {
+        while pods.len() < level {
+            let (ns, rt) = make_rt(next);
+            next += 1;
+            runner.add(&list, &rt).unwrap();
+            pods.push((ns, rt));
+        }
+        let mut samples = Vec::new();
+        for _ in 0..measured / 3 {
+            let (ns, rt) = make_rt(next);
+            next += 1;
+            // The primary plugins (untimed), then ambient-cni timed on its own.
+            let mut prev = None;
+            for idx in 0..list.plugins.len() - 1 {
+                let stdin = list.plugin_stdin(idx, prev.as_ref(), &rt.runtime_config);
+                let out = runner.exec(&list, idx, "ADD", &rt, &stdin).unwrap();
+                prev = Some(serde_json::from_str(&out).unwrap());
+            }
+            let last = list.plugins.len() - 1;
+            let stdin = list.plugin_stdin(last, prev.as_ref(), &rt.runtime_config);
+            let t = Instant::now();
+            runner.exec(&list, last, "ADD", &rt, &stdin).unwrap();
+            samples.push(t.elapsed());
+            let cached: serde_json::Value = prev.unwrap();
+            // Keep the enrolled count at the level being measured.
+            runner.del(&list, &rt, Some(&cached)).unwrap();
+            drop(ns);
+        }
+        samples.sort();
+        println!(
+            "| {level} | {} | {} | {} | {} |",
+            ms(percentile(&samples, 0.5)),
+            ms(percentile(&samples, 0.99)),
+            ms(*samples.last().unwrap()),
+            samples.len()
+        );
+    }
+    for (_ns, rt) in pods.drain(..).rev() {
+        let _ = runner.del(&list, &rt, None);
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    NftDataplane::new(params()).unwrap().uninstall().ok();
+}
