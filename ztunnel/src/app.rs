@@ -220,6 +220,7 @@ impl App {
             pool: pool.clone(),
             sockets,
             tracker: tracker.clone(),
+            hbone_conns: Default::default(),
         });
 
         // Control plane: certificates follow the local workloads.
@@ -355,7 +356,8 @@ impl App {
             let _ = a.await;
         }
         let deadline = Instant::now() + cfg.drain_timeout;
-        while tracker.live_count() > 0 && Instant::now() < deadline {
+        let busy = || tracker.live_count() > 0 || proxy.hbone_conns.load(Ordering::Acquire) > 0;
+        while busy() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::info!(left = tracker.live_count(), "drain finished");

@@ -143,6 +143,10 @@ impl Conn {
             .is_ok()
     }
 
+    fn retire(&self) {
+        self.dead.store(true, Ordering::Release);
+    }
+
     fn close(&self) {
         self.dead.store(true, Ordering::Release);
         if let Some(tx) = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -351,7 +355,8 @@ impl Pool {
                 }
                 Err(Retry::Yes(e)) if attempt < 3 => {
                     tracing::debug!(error = %e, conn = lease.0.id, "HBONE connection unusable; retrying on a new one");
-                    lease.0.close();
+                    // No new streams on it; streams already on it finish undisturbed.
+                    lease.0.retire();
                 }
                 Err(Retry::Yes(e)) | Err(Retry::No(e)) => return Err(e),
             }

@@ -49,6 +49,7 @@ pub(super) async fn inbound(
     })?
     .map_err(ProxyError::Tls)?;
     let client_id = peer_identity(tls.get_ref().1).map_err(ProxyError::PeerIdentity)?;
+    let _open = ConnCount::new(&p);
     let mut conn = server_builder()
         .handshake::<_, Bytes>(tls)
         .await
@@ -73,6 +74,25 @@ pub(super) async fn inbound(
                 conn.graceful_shutdown();
             }
         }
+    }
+}
+
+/// Counts an open inbound HBONE connection while alive.
+struct ConnCount(Arc<Proxy>);
+
+impl ConnCount {
+    fn new(p: &Arc<Proxy>) -> Self {
+        p.hbone_conns
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(p.clone())
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0
+            .hbone_conns
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -66,6 +66,8 @@ pub struct Proxy {
     pub pool: Arc<Pool>,
     pub sockets: SocketFactory,
     pub tracker: Arc<Tracker>,
+    /// Open inbound HBONE connections (drain waits for them too).
+    pub hbone_conns: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Proxy {
