@@ -169,6 +169,37 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_environment_parses_or_fails_cleanly(
+            command in proptest::prop_oneof![
+                proptest::strategy::Just("ADD".to_string()),
+                proptest::strategy::Just("DEL".to_string()),
+                proptest::strategy::Just("CHECK".to_string()),
+                "\\PC{0,8}"
+            ],
+            vars in proptest::collection::hash_map(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("CNI_CONTAINERID".to_string()),
+                    proptest::strategy::Just("CNI_IFNAME".to_string()),
+                    proptest::strategy::Just("CNI_NETNS".to_string()),
+                    proptest::strategy::Just("CNI_ARGS".to_string()),
+                ],
+                "\\PC{0,40}",
+                0..4,
+            ),
+        ) {
+            let mut vars = vars;
+            vars.insert("CNI_COMMAND".into(), command);
+            if let Ok(e) = parse_env(|k| vars.get(k).cloned()) {
+                if let Some(a) = e.attachment {
+                    proptest::prop_assert!(!a.container_id.is_empty() && !a.ifname.is_empty());
+                    proptest::prop_assert!(e.command == Command::Del || a.netns.is_some());
+                }
+            }
+        }
+    }
+
     #[test]
     fn unknown_command_and_bad_args_are_errors() {
         let err = parse_env(env(&[("CNI_COMMAND", "add")])).unwrap_err();
