@@ -483,3 +483,59 @@ fn restart_beside_the_running_ztunnel_refuses_no_connection() {
         "too few connections exercised the takeover: {total}"
     );
 }
+
+#[test]
+fn agent_push_enrols_a_local_pod_before_its_first_connection() {
+    if skip() {
+        return;
+    }
+    use ambient_common::frame::{read_frame, write_frame};
+    use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
+    let lab = lab("ag", 206);
+    // Node 0's manifests do not know node 0's pods: only the agent tells ztunnel about a1.
+    lab.write_manifests_with(0, "", |p| p.node != 0);
+    lab.start_ztunnel(0, &[]);
+    lab.start_ztunnel(1, &[]);
+    let (a1, b1) = (lab.pod("a1").clone(), lab.pod("b1").clone());
+    let echo = echo_server(&b1, 8080);
+    let data = payload(5000, 9);
+    // Not enrolled yet: refused.
+    assert!(echo_from(&a1, echo.addr, &data)
+        .map(|g| g.is_empty())
+        .unwrap_or(true));
+
+    let sock = std::os::unix::net::UnixStream::connect(&lab.nodes[0].agent_socket).unwrap();
+    let add = |op| {
+        let mut s = sock.try_clone().unwrap();
+        write_frame(&mut s, &ZtunnelRequest::new(op)).unwrap();
+        read_frame::<ZtunnelReply>(&mut s).unwrap()
+    };
+    assert_eq!(add(ZtunnelOp::Snapshot(vec![])), ZtunnelReply::Ack);
+    let w = LocalWorkload {
+        uid: "uid-a1".into(),
+        namespace: a1.namespace.clone(),
+        name: a1.name.clone(),
+        service_account: a1.sa.clone(),
+        node: "node-0".into(),
+        ips: vec![a1.ip],
+    };
+    assert_eq!(add(ZtunnelOp::Add(w)), ZtunnelReply::Ack);
+    // Right after the Ack: the certificate is held and the first connection works.
+    let conf = lab.admin(0, "/config_dump");
+    assert!(
+        conf.contains("spiffe://cluster.local/ns/shop/sa/sa-a1"),
+        "{conf}"
+    );
+    let got = echo_from(&a1, echo.addr, &data).unwrap();
+    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(
+        add(ZtunnelOp::Remove {
+            uid: "uid-a1".into()
+        }),
+        ZtunnelReply::Ack
+    );
+    assert!(echo_from(&a1, echo.addr, &data)
+        .map(|g| g.is_empty())
+        .unwrap_or(true));
+    drop(sock.shutdown(std::net::Shutdown::Both));
+}

@@ -324,6 +324,11 @@ table inet ambient {{
     /// Writes the manifests every ztunnel reads (all pods, namespaces) plus `extra` YAML into
     /// node `node`'s manifest directory.
     pub fn write_manifests(&self, node: usize, extra: &str) {
+        self.write_manifests_with(node, extra, |_| true)
+    }
+
+    /// Like [`Lab::write_manifests`], with only the pods `keep` accepts.
+    pub fn write_manifests_with(&self, node: usize, extra: &str, keep: impl Fn(&Pod) -> bool) {
         let mut y = String::new();
         let mut nss: Vec<(&str, bool)> = Vec::new();
         for p in &self.pods {
@@ -341,7 +346,7 @@ table inet ambient {{
                 "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}, {label}}}\n"
             ));
         }
-        for p in &self.pods {
+        for p in self.pods.iter().filter(|p| keep(p)) {
             y.push_str(&format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: uid-{}, labels: {{app: {}}}}}\nspec: {{nodeName: node-{}, serviceAccountName: {}}}\nstatus: {{phase: Running, podIP: {}, hostIP: 10.{}.0.{}}}\n",
                 p.name, p.namespace, p.name, p.name, p.node, p.sa, p.ip, self.octet, p.node + 1
