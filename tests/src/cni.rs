@@ -192,8 +192,11 @@ pub struct CniArgs {
 
 impl CniArgs {
     /// `IgnoreUnknown=1;K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;K8S_POD_INFRA_CONTAINER_ID=..;K8S_POD_UID=..`,
-    /// the order containerd uses.
+    /// the order containerd uses; empty when no field is set.
     pub fn render(&self) -> String {
+        if *self == Self::default() {
+            return String::new();
+        }
         format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
             self.pod_namespace, self.pod_name, self.infra_container_id, self.pod_uid
@@ -211,6 +214,20 @@ pub struct RuntimeConf {
     pub args: CniArgs,
     /// Offered to plugins that declare the matching capability.
     pub runtime_config: Map<String, Value>,
+}
+
+impl RuntimeConf {
+    /// No attachment: what STATUS and GC run with (every `CNI_*` but the command and path
+    /// empty).
+    pub fn empty() -> Self {
+        Self {
+            container_id: String::new(),
+            netns: String::new(),
+            ifname: String::new(),
+            args: CniArgs::default(),
+            runtime_config: Map::new(),
+        }
+    }
 }
 
 /// Timing of one plugin call, for benchmarks and reports.
@@ -337,6 +354,37 @@ impl CniRunner {
         for i in 0..list.plugins.len() {
             let stdin = list.plugin_stdin(i, Some(cached), &rt.runtime_config);
             self.exec(list, i, "CHECK", rt, &stdin)?;
+        }
+        Ok(())
+    }
+
+    /// STATUS (CNI 1.1): each plugin in order, with its conf only; the first error stops.
+    pub fn status(&self, list: &ConfList) -> Result<(), CniError> {
+        let rt = RuntimeConf::empty();
+        for i in 0..list.plugins.len() {
+            let stdin = list.plugin_stdin(i, None, &Map::new());
+            self.exec(list, i, "STATUS", &rt, &stdin)?;
+        }
+        Ok(())
+    }
+
+    /// GC (CNI 1.1): each plugin in order, told the attachments that are still valid
+    /// (`cni.dev/valid-attachments`).
+    pub fn gc(&self, list: &ConfList, valid: &[(String, String)]) -> Result<(), CniError> {
+        let rt = RuntimeConf::empty();
+        let attachments: Vec<Value> = valid
+            .iter()
+            .map(|(id, ifname)| serde_json::json!({"containerID": id, "ifname": ifname}))
+            .collect();
+        for i in 0..list.plugins.len() {
+            let mut stdin = list.plugin_stdin(i, None, &Map::new());
+            if let Some(o) = stdin.as_object_mut() {
+                o.insert(
+                    "cni.dev/valid-attachments".into(),
+                    Value::Array(attachments.clone()),
+                );
+            }
+            self.exec(list, i, "GC", &rt, &stdin)?;
         }
         Ok(())
     }
@@ -613,6 +661,7 @@ mod tests {
             pod_uid: "u".into(),
             infra_container_id: "c".into(),
         };
+        assert_eq!(CniArgs::default().render(), "");
         assert_eq!(
             a.render(),
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;K8S_POD_INFRA_CONTAINER_ID=c;K8S_POD_UID=u"

@@ -261,3 +261,55 @@ fn dual_stack_pods_talk_over_ipv6() {
     assert!(out.contains(&c6.to_string()), "{out}");
     probe(client.ns(), &format!("{}:8086", server.ip().unwrap())).unwrap();
 }
+
+#[test]
+fn status_and_gc_follow_cni_1_1() {
+    use ambient_tests::cni::{CniRunner, ConfList};
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(RECORDER, bin.join("rec")).unwrap();
+    let calls = dir.path().join("calls.jsonl");
+    let list = ConfList::from_json(&serde_json::json!({
+        "name": "n", "cniVersion": "1.1.0",
+        "plugins": [{"type": "rec", "recordFile": calls}]
+    }))
+    .unwrap();
+    let runner = CniRunner::new(&bin, None);
+    runner.status(&list).unwrap();
+    runner
+        .gc(&list, &[("c1".to_owned(), "eth0".to_owned())])
+        .unwrap();
+    let c = read_calls(&calls);
+    assert_eq!(c[0].command, "STATUS");
+    assert_eq!(c[0].env["CNI_ARGS"], "");
+    assert!(c[0].stdin.get("prevResult").is_none());
+    assert_eq!(c[1].command, "GC");
+    assert_eq!(
+        c[1].stdin["cni.dev/valid-attachments"],
+        serde_json::json!([{"containerID": "c1", "ifname": "eth0"}])
+    );
+}
+
+/// The real plugin through the harness: STATUS fails with code 50 while no agent listens, and
+/// passes once the (fake) agent is up. (Debian's plugins stop at CNI 1.0.0, so the 1.1.0 list
+/// holds `ambient-cni` alone.)
+#[test]
+fn ambient_cni_status_follows_the_agent() {
+    use ambient_tests::cni::ConfList;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("cni.sock");
+    let node = Node::new(
+        &NodeSpec::new("acni-status", "10.211.1.0/24", Attach::Bridge).agent_socket(&sock),
+    )
+    .unwrap();
+    let list = ConfList::from_json(&serde_json::json!({
+        "name": "status", "cniVersion": "1.1.0",
+        "plugins": [{"type": "ambient-cni", "agentSocket": sock}]
+    }))
+    .unwrap();
+    let err = node.runner().status(&list).unwrap_err();
+    assert_eq!(err.code(), Some(50), "{err}");
+    let _agent = ambient_tests::fake_agent::FakeAgent::start(&sock).unwrap();
+    node.runner().status(&list).unwrap();
+}
