@@ -117,11 +117,8 @@ pub fn parse_invocation(
             since,
         });
     }
-    let att = || {
-        attachment
-            .clone()
-            .ok_or(EnvError::Missing("CNI_CONTAINERID"))
-    };
+    // parse_env returns the attachment variables for exactly these three commands.
+    let att = || attachment.ok_or(EnvError::Missing("CNI_CONTAINERID"));
     Ok(match command {
         Command::Add => Invocation::Add { att: att()?, conf },
         Command::Check => Invocation::Check { att: att()?, conf },
@@ -171,13 +168,13 @@ fn pod_label(args: &CniArgs) -> Option<String> {
     args.pod().map(|p| format!("{}/{}", p.namespace, p.name))
 }
 
-/// Why an attachment is not a Kubernetes pod (logged when passing it through).
+/// Why an attachment is not a Kubernetes pod (logged when passing it through; called when
+/// [`CniArgs::pod`] is `None`).
 fn not_a_pod_reason(args: &CniArgs) -> &'static str {
-    match (&args.pod_namespace, &args.pod_name) {
-        (None, None) => "CNI_ARGS has neither K8S_POD_NAMESPACE nor K8S_POD_NAME",
-        (None, Some(_)) => "CNI_ARGS has K8S_POD_NAME but no K8S_POD_NAMESPACE (podman does this)",
-        (Some(_), None) => "CNI_ARGS has K8S_POD_NAMESPACE but no K8S_POD_NAME",
-        (Some(_), Some(_)) => "unreachable",
+    match (args.pod_namespace.is_some(), args.pod_name.is_some()) {
+        (false, true) => "CNI_ARGS has K8S_POD_NAME but no K8S_POD_NAMESPACE (podman does this)",
+        (true, false) => "CNI_ARGS has K8S_POD_NAMESPACE but no K8S_POD_NAME",
+        _ => "CNI_ARGS has neither K8S_POD_NAMESPACE nor K8S_POD_NAME",
     }
 }
 
@@ -262,7 +259,7 @@ fn del(att: &AttachmentEnv, agent: &dyn AgentClient) -> Result<Output, PluginErr
         Err(e) => {
             // DEL must not block pod removal on a missing agent: the agent's reconcile
             // releases whatever it holds for pods that are gone.
-            warn!(error = %chain(&e), "node agent not reachable for DEL: succeeding; the agent releases the pod when it reconciles");
+            warn!(error = %chain(&e), "no answer from the node agent for DEL: succeeding; the agent releases the pod when it reconciles");
             Ok(Output::Nothing)
         }
     }
@@ -304,7 +301,7 @@ fn gc(agent: &dyn AgentClient, conf: &NetConf) -> Result<Output, PluginError> {
         Ok(reply) => Err(refusal(Command::Gc, reply)),
         Err(e) => {
             // Nothing can be collected until the agent is back, and it reconciles on start.
-            warn!(error = %chain(&e), "node agent not reachable for GC: succeeding, nothing collected");
+            warn!(error = %chain(&e), "no answer from the node agent for GC: succeeding, nothing collected");
             Ok(Output::Nothing)
         }
     }

@@ -118,7 +118,7 @@ fn del_with_empty_netns_and_no_prev_result_succeeds_agent_up_or_down() {
     let ran = run_json(&env, &stdin);
     ran.silent_success();
     assert!(
-        ran.stderr.contains("not reachable for DEL"),
+        ran.stderr.contains("no answer from the node agent for DEL"),
         "{}",
         ran.stderr
     );
