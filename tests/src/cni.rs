@@ -776,4 +776,46 @@ mod tests {
         assert_eq!(e.code, 11);
         assert_eq!(e.details, "");
     }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[a-zA-Z]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("name".to_owned()),
+                        Just("cniVersion".to_owned()),
+                        Just("plugins".to_owned()),
+                        Just("type".to_owned()),
+                        "[a-z]{1,4}"
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Any JSON is either a valid list (whose plugins all have a type) or a precise error.
+        #[test]
+        fn conflist_parsing_never_panics(v in json_value()) {
+            if let Ok(l) = ConfList::from_json(&v) {
+                proptest::prop_assert!(!l.plugins.is_empty());
+                for i in 0..l.plugins.len() {
+                    let stdin = l.plugin_stdin(i, None, &Map::new());
+                    proptest::prop_assert!(stdin["type"].is_string());
+                    proptest::prop_assert_eq!(&stdin["name"], &json!(l.name));
+                }
+            }
+        }
+    }
 }

@@ -148,4 +148,15 @@ mod tests {
         assert!(!handle(env("ADD"), b"{}").success);
         assert!(handle(env("VERSION"), b"").success);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_stdin_is_answered_without_panic(stdin in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let o = handle(env("ADD"), &stdin);
+            if !o.success {
+                let v: Value = serde_json::from_str(&o.stdout).unwrap();
+                proptest::prop_assert!(v["code"].is_u64());
+            }
+        }
+    }
 }
