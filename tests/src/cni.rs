@@ -349,6 +349,22 @@ impl CniRunner {
         Ok(())
     }
 
+    /// DEL through every plugin even when some fail (for cleanup): the errors, in call order.
+    pub fn del_best_effort(
+        &self,
+        list: &ConfList,
+        rt: &RuntimeConf,
+        cached: Option<&Value>,
+    ) -> Vec<CniError> {
+        (0..list.plugins.len())
+            .rev()
+            .filter_map(|i| {
+                let stdin = list.plugin_stdin(i, cached, &rt.runtime_config);
+                self.exec(list, i, "DEL", rt, &stdin).err()
+            })
+            .collect()
+    }
+
     /// CHECK in order, each plugin given the cached ADD result.
     pub fn check(&self, list: &ConfList, rt: &RuntimeConf, cached: &Value) -> Result<(), CniError> {
         for i in 0..list.plugins.len() {

@@ -2,8 +2,8 @@
 //! `prevResult` through, so the chain runner and the runtime tests can check what a chained
 //! plugin receives without depending on `ambient-cni`'s progress.
 //!
-//! Conf keys: `recordFile` (required: JSON lines of [`Call`]) and `failAdd` (optional: ADD then
-//! fails with this spec error code).
+//! Conf keys: `recordFile` (required: JSON lines of [`Call`]), `failAdd` and `failDel`
+//! (optional: ADD / DEL then fail with this spec error code).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -78,6 +78,10 @@ pub fn handle(env: BTreeMap<String, String>, stdin: &[u8]) -> Outcome {
                 },
                 None => error(7, "a chained plugin needs prevResult"),
             }
+        }
+        "DEL" if conf.get("failDel").is_some_and(Value::is_u64) => {
+            let code = conf.get("failDel").and_then(Value::as_u64).unwrap_or(999);
+            error(code as u32, "failing DEL as configured")
         }
         "DEL" | "CHECK" | "STATUS" | "GC" => Outcome {
             stdout: String::new(),

@@ -272,8 +272,8 @@ impl PodMeta {
     }
 }
 
-/// A pod: its namespace attached through the node's chain. Dropping it runs DEL (errors are
-/// printed), then deletes the namespace.
+/// A pod: its namespace attached through the node's chain. Dropping it runs DEL through every
+/// plugin (errors are printed, and do not stop the others), then deletes the namespace.
 #[derive(Debug)]
 pub struct Pod {
     node: Arc<NodeCore>,
@@ -341,7 +341,13 @@ impl Pod {
 impl Drop for Pod {
     fn drop(&mut self) {
         if self.attached {
-            if let Err(e) = self.detach() {
+            // Every plugin gets its DEL even if one fails, so nothing of the pod lingers.
+            let cached = (!self.result.is_null()).then_some(&self.result);
+            for e in self
+                .node
+                .runner
+                .del_best_effort(&self.node.conflist, &self.rt, cached)
+            {
                 eprintln!("cleanup: DEL of pod {} failed: {e}", self.rt.args.pod_name);
             }
         }

@@ -313,3 +313,24 @@ fn ambient_cni_status_follows_the_agent() {
     let _agent = ambient_tests::fake_agent::FakeAgent::start(&sock).unwrap();
     node.runner().status(&list).unwrap();
 }
+
+#[test]
+fn dropping_a_pod_runs_every_del_even_when_one_fails() {
+    let (node, calls) = recording_node_with("del-fail", "10.212.1.0/24", Attach::Bridge, |s| {
+        s.ambient_extra.insert("failDel".into(), 11.into());
+    });
+    let pod = node.add_pod(&PodMeta::new("ns", "p")).unwrap();
+    let ip = pod.ip().unwrap();
+    let lease = node
+        .dir()
+        .join("ipam")
+        .join(&node.conflist().name)
+        .join(&ip);
+    assert!(lease.exists());
+    drop(pod);
+    assert_eq!(read_calls(&calls.path).last().unwrap().command, "DEL");
+    assert!(
+        !lease.exists(),
+        "host-local's DEL ran after the failing one"
+    );
+}
