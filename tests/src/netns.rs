@@ -34,6 +34,8 @@ pub enum NetNsError {
         status: String,
         stderr: String,
     },
+    #[error("network namespace tests need root (run the tests as root)")]
+    NotRoot,
     #[error("interface name {0:?} is longer than 15 characters")]
     IfNameTooLong(String),
 }
@@ -101,6 +103,9 @@ impl fmt::Debug for NetNs {
 impl NetNs {
     /// Creates the namespace and brings its loopback up.
     pub fn new(tag: &str) -> Result<Self, NetNsError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(NetNsError::NotRoot);
+        }
         // The guard exists before the first side effect, so a failure below is cleaned up.
         let mut ns = NetNs {
             name: unique_name(tag),
