@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod store;
+pub mod sys;
 
 /// Formats an error with its chain of sources: `a: b: c`.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

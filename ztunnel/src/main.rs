@@ -86,6 +86,10 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             init_logging(cfg.log_format);
+            match ztunnel::sys::raise_nofile_limit() {
+                Ok(n) => tracing::debug!(nofile = n, "open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
             ztunnel::app::run_blocking(cfg).context("ztunnel failed")
         }
     }

@@ -512,6 +512,7 @@ pub fn echo_server(pod: &Pod, port: u16) -> Echo {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut c) = conn else { continue };
+            let _ = c.set_nodelay(true);
             if let Ok(a) = c.peer_addr() {
                 p2.lock().unwrap().push(a);
             }
