@@ -267,6 +267,7 @@ fn plugin_add() {
         attach: Attach::Bridge,
         bridge: "cni0".into(),
         subnet: "10.220.0.0/16".into(),
+        subnet6: None,
         ipam_data_dir: dir.path().join("ipam"),
         agent_socket: Some(sock.clone()),
         ambient_extra: Default::default(),
