@@ -807,4 +807,55 @@ mod tests {
         let all: IpPrefix = "0.0.0.0/0".parse().unwrap();
         assert!(contains(&all, "1.2.3.4".parse().unwrap()));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_policy() -> impl Strategy<Value = AuthorizationPolicy> {
+            (
+                prop::bool::ANY,
+                prop::option::of("[a-c]"),
+                prop::collection::vec(("[a-c]", 0u16..4, prop::bool::ANY), 0..3),
+            )
+                .prop_map(|(deny, ns, rules)| {
+                    let rules: Vec<serde_json::Value> = rules
+                        .into_iter()
+                        .map(|(n, port, not)| {
+                            if not {
+                                json!({"from": [{"source": {"notNamespaces": [n]}}], "to": [{"operation": {"notPorts": [port.to_string()]}}]})
+                            } else {
+                                json!({"from": [{"source": {"namespaces": [n]}}], "to": [{"operation": {"ports": [port.to_string()]}}]})
+                            }
+                        })
+                        .collect();
+                    AuthorizationPolicy::from_object(
+                        "p",
+                        &ns.unwrap_or_else(|| "a".into()),
+                        &json!({"action": if deny { "DENY" } else { "ALLOW" }, "rules": rules}),
+                    )
+                    .unwrap()
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn a_matching_deny_always_wins(
+                policies in prop::collection::vec(arb_policy(), 0..5),
+                src_ns in "[a-c]",
+                port in 0u16..4,
+            ) {
+                let id = Identity::new("td", &src_ns, "sa");
+                let labels = BTreeMap::new();
+                let target = Target { namespace: "a", labels: &labels };
+                let req = Request { src_identity: Some(&id), src_ip: "10.0.0.1".parse().unwrap(), dst_port: port };
+                let mut with_deny = policies.clone();
+                with_deny.push(AuthorizationPolicy::from_object("deny-all", "a", &json!({"action": "DENY", "rules": [{}]})).unwrap());
+                prop_assert!(matches!(evaluate(&with_deny, "root", &target, &req), Decision::Deny(_)));
+                // Policies of other namespaces never change the decision.
+                let elsewhere: Vec<_> = policies.iter().filter(|p| p.namespace != "a").cloned().collect();
+                prop_assert_eq!(evaluate(&elsewhere, "root", &target, &req), Decision::Allow);
+            }
+        }
+    }
 }

@@ -50,10 +50,18 @@ pub(super) async fn inbound(
     .map_err(ProxyError::Tls)?;
     let client_id = peer_identity(tls.get_ref().1).map_err(ProxyError::PeerIdentity)?;
     let _open = ConnCount::new(&p);
-    let mut conn = server_builder()
-        .handshake::<_, Bytes>(tls)
-        .await
-        .map_err(ProxyError::H2)?;
+    let mut conn = tokio::time::timeout(
+        p.cfg.connect_timeout,
+        server_builder().handshake::<_, Bytes>(tls),
+    )
+    .await
+    .map_err(|_| {
+        ProxyError::Tls(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no HTTP/2 preface after the TLS handshake",
+        ))
+    })?
+    .map_err(ProxyError::H2)?;
     let mut draining = false;
     loop {
         tokio::select! {
