@@ -220,8 +220,8 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
         "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n",
         "metadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
     ));
-    lab.start_ztunnel(0, &[]);
-    lab.start_ztunnel(1, &[]);
+    lab.start_ztunnel(0, &["--outside-mesh", "deny"]);
+    lab.start_ztunnel(1, &["--transparent", "false"]);
     let (a1, a2, b1, b2) = (
         lab.pod("a1").clone(),
         lab.pod("a2").clone(),
@@ -230,11 +230,20 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
     );
     let echo_b1 = echo_server(&b1, 8080);
     let echo_a1 = echo_server(&a1, 9090);
+    let echo_b2 = echo_server(&b2, 8080);
     let data = payload(10_000, 5);
+
+    // --outside-mesh deny: the non-ambient pod is unreachable from an ambient one.
+    let refused = echo_from(&a1, echo_b2.addr, &data);
+    assert!(refused.map(|g| g.is_empty()).unwrap_or(true));
+    assert!(echo_b2.peers.lock().unwrap().is_empty());
 
     // a2 is allowed; a1 is denied by the DENY policy.
     let got = echo_from(&a2, echo_b1.addr, &data).unwrap();
     assert_eq!(fnv(&got), fnv(&data));
+    // --transparent false on node 1: the pod sees the node's address, not the client's.
+    let seen = echo_b1.peers.lock().unwrap()[0].ip();
+    assert_ne!(seen, a2.ip, "source kept although --transparent false");
     let denied = echo_from(&a1, echo_b1.addr, &data);
     assert!(
         denied.map(|g| g.is_empty()).unwrap_or(true),
