@@ -283,3 +283,74 @@ async fn non_200_is_an_error() {
         .unwrap();
     assert!(err.to_string().contains("400"), "{err}");
 }
+
+/// An HBONE server that answers until told to freeze, then keeps the socket open but never
+/// reads again (a peer that died without closing).
+async fn freezable_server(upstream: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let mut conn = server_builder()
+                    .handshake::<_, bytes::Bytes>(s)
+                    .await
+                    .unwrap();
+                loop {
+                    tokio::select! {
+                        r = conn.accept() => {
+                            let Some(Ok((req, mut respond))) = r else { return };
+                            tokio::spawn(async move {
+                                let up = TcpStream::connect(upstream).await.unwrap();
+                                let resp = http::Response::builder().status(200).body(()).unwrap();
+                                let send = respond.send_response(resp, false).unwrap();
+                                let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+                                let _ = relay_h2(up, send, req.into_body(), &a, &b).await;
+                            });
+                        }
+                        _ = rx.changed() => {
+                            // Frozen: hold the connection, never poll it again.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_ping_marks_the_connection_dead() {
+    let upstream = echo_upstream().await;
+    let (server, freeze) = freezable_server(upstream).await;
+    let p = Pool::new(
+        PoolConfig {
+            max_streams: 10,
+            idle_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(200),
+        },
+        Box::new(PlainDialer(server)),
+    );
+    let s = p.connect(&key("b"), upstream, None).await.unwrap();
+    assert_eq!(roundtrip(s, b"hello".to_vec()).await, b"hello");
+    // Healthy: PINGs are answered, the connection stays.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.evict_idle();
+    assert_eq!(
+        p.stats().len(),
+        1,
+        "a healthy connection survives its PINGs"
+    );
+    freeze.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    p.evict_idle();
+    assert!(
+        p.stats().is_empty(),
+        "a connection whose PINGs go unanswered is dropped"
+    );
+}
