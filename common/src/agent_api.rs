@@ -73,7 +73,8 @@ pub struct Attachment {
     pub pod: PodRef,
     /// Path of the pod's network namespace (`CNI_NETNS`).
     pub netns: String,
-    /// Host-side interface of the pod's veth pair.
+    /// Host-side interface of the pod's veth pair; empty when the plugin could not find one
+    /// (the agent then refuses the ADD only if the pod is ambient).
     pub host_interface: String,
     /// The pod's addresses from `prevResult.ips` (container side only).
     pub ips: Vec<IpPrefix>,

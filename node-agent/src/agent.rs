@@ -425,14 +425,21 @@ impl Core {
             }
             None => (PodState::Unknown, BTreeSet::new()),
         };
+        let t0 = Instant::now();
         if let Err(e) = self.transition(vec![(key.clone(), want)]) {
             self.note_error("apply", &e);
             return Err(internal(e));
         }
+        let t1 = Instant::now();
         let persisted = match &record {
             Some(r) => self.store.save(r),
             None => self.store.remove(key),
         };
+        tracing::debug!(
+            kernel_us = (t1 - t0).as_micros() as u64,
+            persist_us = t1.elapsed().as_micros() as u64,
+            "attachment updated"
+        );
         if let Err(e) = persisted {
             self.note_error("persist", &e);
         }
@@ -456,6 +463,21 @@ impl Core {
         att: ApiAttachment,
         pod: &Pod,
     ) -> Result<(AddOutcome, Option<LocalWorkload>), AgentError> {
+        let started = Instant::now();
+        if att.host_interface.is_empty() {
+            // The plugin found no host-side veth (a primary CNI without veths). Only an
+            // ambient pod needs one; any other pod is left alone, unrecorded.
+            return match self.snapshot.decide(pod, &self.cfg.excluded_namespaces) {
+                Some(Enrolment::Ambient) | None => Err(AgentError::new(
+                    ErrorKind::InvalidRequest,
+                    "the plugin found no host-side interface for this ambient pod; \
+                     its traffic cannot be captured (is the primary CNI veth-based?)",
+                )),
+                Some(Enrolment::Excluded) => Ok((AddOutcome::Excluded, None)),
+                Some(Enrolment::HostNetwork) => Ok((AddOutcome::HostNetwork, None)),
+                Some(_) => Ok((AddOutcome::NotAmbient, None)),
+            };
+        }
         let (link, ifindex) = self
             .sysfs
             .attachment(&att.host_interface)
@@ -489,7 +511,7 @@ impl Core {
         let workload = (st == PodState::Captured).then(|| self.workload(&self.records[&att.key]));
         tracing::info!(
             namespace = %att.pod.namespace, pod = %att.pod.name, veth = %att.host_interface,
-            outcome = ?outcome, "ADD handled"
+            outcome = ?outcome, elapsed_us = started.elapsed().as_micros() as u64, "ADD handled"
         );
         Ok((outcome, workload))
     }
@@ -847,6 +869,18 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::InvalidRequest);
         assert!(f.core.records.is_empty());
         assert!(f.core.store.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn no_host_interface_refuses_only_ambient_pods() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1"), ("b", "q")]));
+        let err = f.add(f.att("c1", "a", "p1", "", "10.0.0.1")).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidRequest);
+        assert_eq!(
+            f.add(f.att("c2", "b", "q", "", "10.0.0.2")).unwrap(),
+            AddOutcome::NotAmbient
+        );
+        assert!(f.core.records.is_empty());
     }
 
     #[test]

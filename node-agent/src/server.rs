@@ -153,6 +153,10 @@ pub async fn handle(shared: &Shared, req: AgentRequest) -> AgentReply {
         AgentOp::Add(att) => {
             let started = Instant::now();
             let r = add(shared, att).await;
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "ADD replied"
+            );
             shared
                 .metrics
                 .add_duration
