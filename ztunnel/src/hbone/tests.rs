@@ -110,7 +110,11 @@ impl Dialer for PlainDialer {
 use super::pool::{DialFuture, PoolError};
 
 async fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_upstream_on("127.0.0.1:0").await
+}
+
+async fn echo_upstream_on(bind: &str) -> SocketAddr {
+    let l = TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -127,7 +131,11 @@ async fn echo_upstream() -> SocketAddr {
 
 /// An HBONE server without TLS that relays every CONNECT to the authority.
 async fn hbone_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    hbone_server_on("127.0.0.1:0").await
+}
+
+async fn hbone_server_on(bind: &str) -> SocketAddr {
+    let l = TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -353,4 +361,24 @@ async fn unanswered_ping_marks_the_connection_dead() {
         p.stats().is_empty(),
         "a connection whose PINGs go unanswered is dropped"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_destinations_work_end_to_end() {
+    // Skip quietly where the host has no IPv6 loopback.
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        return;
+    }
+    let upstream = echo_upstream_on("[::1]:0").await;
+    let p = pool(
+        hbone_server_on("[::1]:0").await,
+        10,
+        Duration::from_secs(60),
+    );
+    let s = p
+        .connect(&key("b"), upstream, Some("fd00::7".parse().unwrap()))
+        .await
+        .unwrap();
+    let payload = vec![42u8; 1 << 20];
+    assert_eq!(roundtrip(s, payload.clone()).await, payload);
 }
