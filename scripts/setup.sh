@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project needs to build, test and run its lab.
+# Idempotent; run as root on Debian 12.
+set -euo pipefail
+
+packages=(
+  # kernel-facing tools the agent, the tests and the lab call
+  iproute2 nftables iptables tcpdump util-linux procps
+  # the primary CNI plugins (bridge, ptp, host-local, loopback) the tests chain ours after
+  containernetworking-plugins
+  # the real container runtime of the CRI end-to-end test
+  containerd runc
+  # build dependencies: libnftables for the agent, protoc for the CRI client, gcc/libc for
+  # the static pause image and -sys crates
+  libnftables-dev pkg-config protobuf-compiler gcc libc6-dev tar
+  # load tools for the benchmarks
+  iperf3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The agent relies on br_netfilter for bridged pods (built into Debian's kernel or a module).
+modprobe br_netfilter 2>/dev/null || true

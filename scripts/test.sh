@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property, spec, network-namespace, containerd and end-to-end
+# tests, plus fmt and clippy. Run as root on Debian 12 (network namespaces, nftables).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root: the network tests create namespaces and nftables rules" >&2; exit 1; }
+
+./scripts/setup.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The network tests exec the workspace binaries from the target directory.
+cargo build --workspace --all-targets --locked
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
