@@ -434,6 +434,21 @@ fn inbound_rejects_plaintext_foreign_expired_and_wrong_identity() {
     assert!(expired.is_err(), "expired client certificate accepted");
     assert!(foreign.is_err(), "foreign trust domain accepted");
     assert!(!plaintext.contains("HTTP/1.1 200"), "{plaintext}");
+
+    // A connection made straight to the outbound listener (not captured) is a loop: closed.
+    let node1 = lab.nodes[1].ns.clone();
+    let echoed = in_ns(&node1, || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15001").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = std::io::Write::write_all(&mut s, b"x");
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+        buf
+    });
+    assert!(echoed.is_empty());
+    eventually("loop refusal logged", Duration::from_secs(5), || {
+        lab.log(1).contains("refusing a loop").then_some(())
+    });
 }
 
 #[test]

@@ -145,7 +145,7 @@ pub async fn serve(
                     tokio::spawn(async move {
                         let peer = canonical(peer);
                         let res = match kind {
-                            Direction::Outbound => outbound::outbound(p, tcp, peer).await,
+                            Direction::Outbound => outbound::outbound(p, tcp, peer, local.map(|l| l.port())).await,
                             Direction::Inbound => inbound::inbound(p, tcp, peer, drain).await,
                             Direction::InboundPlaintext => inbound::inbound_plaintext(p, tcp, peer).await,
                         };

@@ -14,9 +14,13 @@ pub(super) async fn outbound(
     p: Arc<Proxy>,
     tcp: TcpStream,
     peer: SocketAddr,
+    listener_port: Option<u16>,
 ) -> Result<(), ProxyError> {
     let orig = original_dst(&tcp).map_err(ProxyError::OriginalDst)?;
-    if tcp.local_addr().ok().map(super::canonical) == Some(orig) {
+    // Sent to the listener itself, not redirected: a loop. (With TPROXY the local address is
+    // the original destination, whose port is not the listener's.)
+    let local = tcp.local_addr().ok().map(super::canonical);
+    if local == Some(orig) && listener_port == Some(orig.port()) {
         return Err(ProxyError::Loop(orig));
     }
     let state = p.store.snapshot();
