@@ -58,6 +58,34 @@ pub fn parse_authority(s: &str) -> Result<SocketAddr, AuthorityError> {
     Ok(addr)
 }
 
+/// Why an inbound CONNECT is answered 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("method {0} is not CONNECT")]
+    Method(String),
+    #[error("malformed authority")]
+    Authority(#[source] AuthorityError),
+    #[error("authority {0} is not the pod this connection was sent to ({1})")]
+    OtherPod(SocketAddr, IpAddr),
+}
+
+/// The checks an inbound CONNECT passes before anything is dialed: the method, the authority's
+/// shape, and that the authority names the pod the connection was addressed to.
+pub fn check_connect(
+    method: &http::Method,
+    authority: Option<&str>,
+    pod: IpAddr,
+) -> Result<SocketAddr, RequestError> {
+    if method != http::Method::CONNECT {
+        return Err(RequestError::Method(method.to_string()));
+    }
+    let target = parse_authority(authority.unwrap_or("")).map_err(RequestError::Authority)?;
+    if target.ip() != pod {
+        return Err(RequestError::OtherPod(target, pod));
+    }
+    Ok(target)
+}
+
 /// Formats the authority for a destination.
 pub fn authority(dst: SocketAddr) -> String {
     dst.to_string()

@@ -382,3 +382,49 @@ async fn ipv6_destinations_work_end_to_end() {
     let payload = vec![42u8; 1 << 20];
     assert_eq!(roundtrip(s, payload.clone()).await, payload);
 }
+
+#[test]
+fn connect_checks_table() {
+    let pod: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+    assert_eq!(
+        check_connect(&http::Method::CONNECT, Some("10.0.0.5:80"), pod),
+        Ok("10.0.0.5:80".parse().unwrap())
+    );
+    assert!(matches!(
+        check_connect(&http::Method::GET, Some("10.0.0.5:80"), pod),
+        Err(RequestError::Method(_))
+    ));
+    assert!(matches!(
+        check_connect(&http::Method::CONNECT, None, pod),
+        Err(RequestError::Authority(AuthorityError::Missing))
+    ));
+    assert!(matches!(
+        check_connect(&http::Method::CONNECT, Some("10.0.0.6:80"), pod),
+        Err(RequestError::OtherPod(..))
+    ));
+}
+
+proptest! {
+    /// Fuzz-style: any method and authority are handled without panicking, and whatever is
+    /// accepted is exactly `pod:port` with a port > 0.
+    #[test]
+    fn connect_checks_never_panic_and_accept_only_the_pod(
+        method in "[A-Z]{1,8}",
+        authority in prop::option::of(".{0,40}"),
+        port in 1u16..,
+        pick in 0u8..3,
+    ) {
+        let pod: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+        let m = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let auth = match pick {
+            0 => authority.clone(),
+            1 => Some(format!("10.0.0.5:{port}")),
+            _ => Some(format!("[fd00::5]:{port}")),
+        };
+        if let Ok(t) = check_connect(&m, auth.as_deref(), pod) {
+            prop_assert_eq!(t.ip(), pod);
+            prop_assert!(t.port() > 0);
+            prop_assert_eq!(m, http::Method::CONNECT);
+        }
+    }
+}

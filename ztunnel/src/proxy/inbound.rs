@@ -6,13 +6,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use super::{original_dst, peer_of, Proxy, ProxyError};
 use crate::config::MtlsMode;
 use crate::hbone::{
-    parse_authority, parse_forwarded_for, relay_h2, relay_tcp, server_builder, FORWARDED,
+    check_connect, parse_forwarded_for, relay_h2, relay_tcp, server_builder, FORWARDED,
 };
 use crate::identity::{peer_identity, Identity};
 use crate::metrics::{Direction, Peer, ResponseFlag};
@@ -121,20 +121,14 @@ async fn connect_stream(
     orig: SocketAddr,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
-    if req.method() != Method::CONNECT {
-        reply(respond, StatusCode::BAD_REQUEST);
-        return Ok(());
-    }
-    let auth = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-    let target = match parse_authority(auth) {
-        Ok(t) if t.ip() == orig.ip() => t,
-        Ok(t) => {
-            tracing::info!(authority = %t, pod = %orig.ip(), "CONNECT authority is not the pod this connection was sent to");
-            reply(respond, StatusCode::BAD_REQUEST);
-            return Ok(());
-        }
+    let target = match check_connect(
+        req.method(),
+        req.uri().authority().map(|a| a.as_str()),
+        orig.ip(),
+    ) {
+        Ok(t) => t,
         Err(e) => {
-            tracing::info!(error = %e, "malformed CONNECT");
+            tracing::info!(error = %crate::error_chain(&e), "CONNECT refused (400)");
             reply(respond, StatusCode::BAD_REQUEST);
             return Ok(());
         }
