@@ -68,7 +68,7 @@ impl Lab {
             .arg(self.dir.path().join("manifests"))
             .arg("--run-dir")
             .arg(self.run_dir())
-            .args(["--metrics-addr", "127.0.0.1:0", "--pod-wait-ms", "1500"])
+            .args(["--metrics-addr", "127.0.0.1:15014", "--pod-wait-ms", "1500"])
             .args(["--reconcile-interval-ms", "500", "--log-level", "debug"])
             .stderr(log);
         self.agent_pid = Some(self.node.ns().spawn(&mut cmd).unwrap());
@@ -212,6 +212,30 @@ impl Lab {
             .output()
             .unwrap();
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// GET on the agent's metrics port inside the node namespace.
+    fn http_get(&self, path: &str) -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/15014; printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+        );
+        self.node
+            .ns()
+            .exec("bash", &["-c", &script])
+            .unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(bins::binary(bins::NODE_AGENT))
+            .args(args)
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     fn state_of(&self, name: &str) -> String {
@@ -554,4 +578,167 @@ fn unknown_pod_is_refused_with_try_again_later() {
     let err = lab.node.add_pod(&meta).unwrap_err();
     let text = format!("{err:?}");
     assert!(text.contains("11") || text.contains("try again"), "{text}");
+}
+
+/// Runtimes create pods in parallel: every concurrent ADD is enrolled, none lost.
+#[test]
+fn concurrent_adds_are_all_enrolled() {
+    let mut lab = Lab::new("conc", "10.189.1.0/24", Attach::Bridge);
+    let metas: Vec<PodMeta> = (0..8)
+        .map(|i| PodMeta::new("amb", &format!("c{i}")))
+        .collect();
+    for m in &metas {
+        lab.write_pod_manifest(m, &[]);
+    }
+    let node = &lab.node;
+    let pods: Vec<Pod> = std::thread::scope(|s| {
+        let handles: Vec<_> = metas
+            .iter()
+            .map(|m| s.spawn(move || node.add_pod(m)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    let set = lab.nft_set("inet", "pod_v4");
+    for p in &pods {
+        assert!(
+            set.contains(&p.ip().unwrap()),
+            "{} missing from {set}",
+            p.ip().unwrap()
+        );
+    }
+    lab.pods.extend(pods);
+    let listed = lab.agent_pods();
+    assert_eq!(listed.as_array().map(Vec::len), Some(8));
+}
+
+/// What a person sees: `pods`, `rules`, `status` (table and JSON), and the metrics.
+#[test]
+fn cli_and_metrics_show_the_node() {
+    let mut lab = Lab::new("cli", "10.190.1.0/24", Attach::Ptp);
+    lab.pod("amb", "web", &[]);
+    lab.pod("plain", "db", &[]);
+    let (code, table) = lab.cli(&["pods"]);
+    assert_eq!(code, 0);
+    let header = table.lines().next().unwrap();
+    for col in ["NAMESPACE", "POD", "IPS", "VETH", "MODE", "STATE", "SINCE"] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("web") && l.contains("captured") && l.contains("routed")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("db") && l.contains("not_ambient")),
+        "{table}"
+    );
+    let (code, rules) = lab.cli(&["rules"]);
+    assert_eq!(code, 0);
+    assert!(
+        rules.contains("table inet ambient") && rules.contains("table bridge ambient"),
+        "{rules}"
+    );
+    assert!(rules.contains("redirect to :15001"), "{rules}");
+    let (_, status) = lab.cli(&["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["source_synced"], true);
+    assert_eq!(status["pods_captured"], 1);
+    assert_eq!(status["backend"], "nftables");
+    assert_eq!(status["ztunnel_connected"], false);
+    let metrics = lab.http_get("/metrics");
+    assert!(
+        metrics.contains("ambient_agent_enrolments_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ambient_agent_enrolled_pods 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ambient_agent_add_duration_seconds_count 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ambient_agent_cni_requests_total{op=\"add\"} 2"),
+        "{metrics}"
+    );
+    assert!(lab.http_get("/healthz/ready").contains("200 OK"));
+    // With the agent down, `status` says so and `pods` falls back to the persisted state.
+    lab.stop_agent();
+    let (code, down) = lab.cli(&["status"]);
+    assert_eq!(code, 1);
+    assert!(down.contains("DOWN"), "{down}");
+    let (code, persisted) = lab.cli(&["pods"]);
+    assert_eq!(code, 1);
+    assert!(
+        persisted.contains("web") && persisted.contains("agent_down"),
+        "{persisted}"
+    );
+    lab.start_agent();
+}
+
+/// Uninstall removes the agent's tables and policy routing, and nothing else.
+#[test]
+fn uninstall_leaves_the_node_as_it_was() {
+    let node = ambient_tests::NetNs::new("uninst").unwrap();
+    node.exec("nft", &["add table inet other; add chain inet other c { type filter hook input priority 0; }; add rule inet other c tcp dport 22 accept"])
+        .unwrap();
+    node.ip(&[
+        "rule", "add", "fwmark", "0x1", "lookup", "100", "priority", "100",
+    ])
+    .unwrap();
+    let snapshot = |ns: &ambient_tests::NetNs| {
+        (
+            ns.exec("nft", &["list", "ruleset"]).unwrap(),
+            ns.ip(&["rule"]).unwrap(),
+            ns.ip(&["-6", "rule"]).unwrap(),
+            ns.ip(&["route", "show", "table", "all"]).unwrap(),
+        )
+    };
+    let before = snapshot(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = node.command(bins::binary(bins::NODE_AGENT));
+    cmd.args(["run", "--node-name", "n", "--manifest-dir"])
+        .arg(dir.path())
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .stderr(std::process::Stdio::null());
+    let pid = node.spawn(&mut cmd).unwrap();
+    let sock = dir.path().join("run/cni.sock");
+    eventually(WAIT, || {
+        if sock.exists() {
+            Ok(())
+        } else {
+            Err("no socket")
+        }
+    })
+    .unwrap();
+    assert_ne!(snapshot(&node), before, "the agent installed nothing");
+    node.stop(pid);
+    node.exec(
+        bins::binary(bins::NODE_AGENT),
+        &[
+            "uninstall",
+            "--run-dir",
+            dir.path().join("run").to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(snapshot(&node), before);
+    // Twice is fine.
+    node.exec(
+        bins::binary(bins::NODE_AGENT),
+        &[
+            "uninstall",
+            "--run-dir",
+            dir.path().join("run").to_str().unwrap(),
+        ],
+    )
+    .unwrap();
 }
