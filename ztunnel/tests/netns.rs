@@ -563,3 +563,42 @@ fn agent_push_enrols_a_local_pod_before_its_first_connection() {
         .unwrap_or(true));
     drop(sock.shutdown(std::net::Shutdown::Both));
 }
+
+#[test]
+fn ipv6_pods_get_hbone_and_keep_their_source_address() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new_dual_stack(
+        "v6",
+        207,
+        &[
+            (0, "a1", "shop", true),
+            (1, "b1", "db", true),
+            (1, "b2", "legacy", false),
+        ],
+    );
+    lab.start_ztunnel(0, &[]);
+    lab.start_ztunnel(1, &[]);
+    let (a1, b1, b2) = (
+        lab.pod("a1").clone(),
+        lab.pod("b1").clone(),
+        lab.pod("b2").clone(),
+    );
+    let (a1_6, b1_6) = (a1.ip6.unwrap(), b1.ip6.unwrap());
+    let echo = echo_server_on(&b1, std::net::SocketAddr::new(b1_6, 8080));
+    let echo_a1 = echo_server_on(&a1, std::net::SocketAddr::new(a1_6, 9090));
+    let data = payload(2 * 1024 * 1024, 11);
+    let got = echo_from(&a1, echo.addr, &data).expect("IPv6 through HBONE");
+    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(echo.peers.lock().unwrap()[0].ip(), a1_6, "IPv6 source kept");
+    // Plaintext inbound over IPv6 from a non-mesh pod.
+    let got = echo_from(&b2, echo_a1.addr, &data).expect("IPv6 plaintext inbound");
+    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(echo_a1.peers.lock().unwrap()[0].ip(), b2.ip6.unwrap());
+    let m = lab.metrics(1);
+    assert!(
+        m.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/sa-a1\""),
+        "{m}"
+    );
+}

@@ -70,6 +70,8 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 pub struct Pod {
     pub ns: String,
     pub ip: IpAddr,
+    /// The pod's IPv6 address in a dual-stack lab.
+    pub ip6: Option<IpAddr>,
     pub name: String,
     pub namespace: String,
     pub sa: String,
@@ -95,6 +97,7 @@ pub struct Lab {
     children: Mutex<Vec<Child>>,
     pub dir: tempfile::TempDir,
     pub ca_dir: PathBuf,
+    pub dual_stack: bool,
 }
 
 impl Drop for Lab {
@@ -119,6 +122,16 @@ impl Lab {
     /// Two nodes joined by an underlay in 10.<octet>.0.0/24; pods of node i in
     /// 10.<octet>.<i+1>.0/24. `pods` is (node index, name, namespace, ambient).
     pub fn new(tag: &str, octet: u8, pods: &[(usize, &str, &str, bool)]) -> Self {
+        Self::build(tag, octet, pods, false)
+    }
+
+    /// Like [`Lab::new`], dual stack: also fd00:<octet hex>::/64 on the underlay and
+    /// fd00:<octet hex>:<node+1>::<n>/128 for pods.
+    pub fn new_dual_stack(tag: &str, octet: u8, pods: &[(usize, &str, &str, bool)]) -> Self {
+        Self::build(tag, octet, pods, true)
+    }
+
+    fn build(tag: &str, octet: u8, pods: &[(usize, &str, &str, bool)], dual_stack: bool) -> Self {
         let pid = std::process::id();
         let dir = tempfile::tempdir().unwrap();
         let mut lab = Lab {
@@ -130,7 +143,9 @@ impl Lab {
             children: Mutex::new(Vec::new()),
             ca_dir: dir.path().join("ca"),
             dir,
+            dual_stack,
         };
+        let x = format!("{octet:x}");
         let mk = |lab: &mut Lab, role: &str| -> String {
             let ns = format!("zt{pid}{tag}-{role}");
             sh(&["ip", "netns", "add", &ns]);
@@ -142,6 +157,9 @@ impl Lab {
             let ns = mk(&mut lab, &format!("n{i}"));
             ns_sh(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             ns_sh(&ns, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+            if dual_stack {
+                ns_sh(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            }
             let manifest_dir = lab.dir.path().join(format!("manifests-{i}"));
             std::fs::create_dir_all(&manifest_dir).unwrap();
             lab.nodes.push(Node {
@@ -172,7 +190,13 @@ impl Lab {
                     &format!("10.{octet}.0.{}", other + 1),
                 ],
             );
-            // Service VIPs are routed like the pods' default route would: to this node.
+            if dual_stack {
+                let a6 = format!("fd00:{x}::{}/64", i + 1);
+                ns_sh(ns, &["ip", "-6", "addr", "add", &a6, "dev", "ul", "nodad"]);
+                let net = format!("fd00:{x}:{}::/64", other + 1);
+                let via = format!("fd00:{x}::{}", other + 1);
+                ns_sh(ns, &["ip", "-6", "route", "add", &net, "via", &via]);
+            }
         }
         let mut per_node = [0u8; 2];
         for (node, name, namespace, ambient) in pods {
@@ -203,9 +227,55 @@ impl Lab {
             ns_sh(&ns, &["ip", "link", "set", "eth0", "up"]);
             ns_sh(&ns, &["ip", "route", "add", &gw, "dev", "eth0"]);
             ns_sh(&ns, &["ip", "route", "add", "default", "via", &gw]);
+            let ip6: Option<IpAddr> = dual_stack.then(|| {
+                let ip6 = format!("fd00:{x}:{}::{host}", node + 1);
+                let gw6 = format!("fd00:{x}:{}::1", node + 1);
+                ns_sh(
+                    &node_ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{gw6}/128"),
+                        "dev",
+                        &veth,
+                        "nodad",
+                    ],
+                );
+                ns_sh(
+                    &node_ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("{ip6}/128"),
+                        "dev",
+                        &veth,
+                    ],
+                );
+                ns_sh(
+                    &ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{ip6}/128"),
+                        "dev",
+                        "eth0",
+                        "nodad",
+                    ],
+                );
+                ns_sh(&ns, &["ip", "-6", "route", "add", &gw6, "dev", "eth0"]);
+                ns_sh(&ns, &["ip", "-6", "route", "add", "default", "via", &gw6]);
+                ip6.parse().unwrap()
+            });
             lab.pods.push(Pod {
                 ns,
                 ip,
+                ip6,
                 name: name.to_string(),
                 namespace: namespace.to_string(),
                 sa: format!("sa-{name}"),
@@ -247,10 +317,22 @@ impl Lab {
         } else {
             format!("elements = {{ {} }}", local.join(", "))
         };
+        let local6: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node && p.ambient)
+            .filter_map(|p| p.ip6.map(|ip| ip.to_string()))
+            .collect();
+        let elements6 = if local6.is_empty() {
+            String::new()
+        } else {
+            format!("elements = {{ {} }}", local6.join(", "))
+        };
         let rules = format!(
             r#"
 table inet ambient {{
   set pods4 {{ type ipv4_addr; {elements} }}
+  set pods6 {{ type ipv6_addr; {elements6} }}
   chain mangle_pre {{
     type filter hook prerouting priority mangle; policy accept;
     ct mark & 0xfff == {MARK} meta mark set {MARK}
@@ -266,6 +348,9 @@ table inet ambient {{
     ip saddr @pods4 meta l4proto tcp redirect to :15001
     ip daddr @pods4 tcp dport 15008 redirect to :15008
     ip daddr @pods4 meta l4proto tcp redirect to :15006
+    ip6 saddr @pods6 meta l4proto tcp redirect to :15001
+    ip6 daddr @pods6 tcp dport 15008 redirect to :15008
+    ip6 daddr @pods6 meta l4proto tcp redirect to :15006
   }}
 }}
 "#
@@ -319,6 +404,46 @@ table inet ambient {{
                 "133",
             ],
         );
+        if self.dual_stack {
+            ns_sh(
+                ns,
+                &[
+                    "ip",
+                    "-6",
+                    "rule",
+                    "add",
+                    "priority",
+                    "31999",
+                    "iif",
+                    "lo",
+                    "fwmark",
+                    "0x539/0xfff",
+                    "lookup",
+                    "main",
+                ],
+            );
+            ns_sh(
+                ns,
+                &[
+                    "ip",
+                    "-6",
+                    "rule",
+                    "add",
+                    "priority",
+                    "32000",
+                    "fwmark",
+                    "0x539/0xfff",
+                    "lookup",
+                    "133",
+                ],
+            );
+            ns_sh(
+                ns,
+                &[
+                    "ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "133",
+                ],
+            );
+        }
     }
 
     /// Writes the manifests every ztunnel reads (all pods, namespaces) plus `extra` YAML into
@@ -348,8 +473,10 @@ table inet ambient {{
         }
         for p in self.pods.iter().filter(|p| keep(p)) {
             y.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: uid-{}, labels: {{app: {}}}}}\nspec: {{nodeName: node-{}, serviceAccountName: {}}}\nstatus: {{phase: Running, podIP: {}, hostIP: 10.{}.0.{}}}\n",
-                p.name, p.namespace, p.name, p.name, p.node, p.sa, p.ip, self.octet, p.node + 1
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: uid-{}, labels: {{app: {}}}}}\nspec: {{nodeName: node-{}, serviceAccountName: {}}}\nstatus: {{phase: Running, podIP: {}, podIPs: [{}], hostIP: 10.{}.0.{}}}\n",
+                p.name, p.namespace, p.name, p.name, p.node, p.sa, p.ip,
+                std::iter::once(p.ip).chain(p.ip6).map(|ip| format!("{{ip: \"{ip}\"}}")).collect::<Vec<_>>().join(", "),
+                self.octet, p.node + 1
             ));
         }
         y.push_str(extra);
@@ -381,6 +508,24 @@ table inet ambient {{
             .args(["--ca-dir", self.ca_dir.to_str().unwrap()])
             .args(["--agent-socket", n.agent_socket.to_str().unwrap()])
             .args(["--poll-interval", "200ms", "--drain-timeout", "5s"])
+            .args(if self.dual_stack {
+                &[
+                    "--outbound-addr",
+                    "0.0.0.0:15001",
+                    "--outbound-addr",
+                    "[::]:15001",
+                    "--inbound-addr",
+                    "0.0.0.0:15008",
+                    "--inbound-addr",
+                    "[::]:15008",
+                    "--inbound-plaintext-addr",
+                    "0.0.0.0:15006",
+                    "--inbound-plaintext-addr",
+                    "[::]:15006",
+                ][..]
+            } else {
+                &[][..]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -504,9 +649,12 @@ pub struct Echo {
 }
 
 pub fn echo_server(pod: &Pod, port: u16) -> Echo {
-    let listener = in_ns(&pod.ns, || {
-        TcpListener::bind(SocketAddr::new(pod.ip, port)).unwrap()
-    });
+    echo_server_on(pod, SocketAddr::new(pod.ip, port))
+}
+
+/// An echo server on a given address of the pod (its IPv6 one, say).
+pub fn echo_server_on(pod: &Pod, addr: SocketAddr) -> Echo {
+    let listener = in_ns(&pod.ns, || TcpListener::bind(addr).unwrap());
     let peers = Arc::new(Mutex::new(Vec::new()));
     let p2 = peers.clone();
     std::thread::spawn(move || {
@@ -532,10 +680,7 @@ pub fn echo_server(pod: &Pod, port: u16) -> Echo {
             });
         }
     });
-    Echo {
-        addr: SocketAddr::new(pod.ip, port),
-        peers,
-    }
+    Echo { addr, peers }
 }
 
 /// Sends `payload` from inside `pod`, half-closes, reads the echo; returns what came back.
