@@ -28,6 +28,12 @@
 //! - [`manifests`]: Namespace and Pod objects for a manifest directory, written atomically.
 //! - [`agent`]: the real `node-agent` started in a node namespace, and its `pods` listing.
 //! - [`oci`]: a static pause binary (C, `gcc -static`) packed into an OCI image archive.
+//! - [`cluster`]: a whole ambient cluster (N nodes on an underlay bridge, CA, shared manifest
+//!   directory, real `node-agent` + `ztunnel` per node, pods through the real chain with echo
+//!   servers, Services with kube-proxy-style DNAT), used by `tests/e2e.rs`, `tests/faults.rs`
+//!   and the `lab` binary; [`cluster::Cluster::persist`] hands it over to a state file.
+//! - [`inns`]: work inside a namespace from a thread (`setns`), a small HTTP GET, and a large
+//!   echo transfer checked with SHA-256.
 //! - [`containerd`]: Debian's containerd with all its state in one directory, running inside a
 //!   node namespace (through `nsenter` + `unshare`, keeping the host's cgroups under the node's
 //!   `/sys`), cleaned up by PID on drop.
@@ -49,9 +55,11 @@
 pub mod agent;
 pub mod bins;
 pub mod capture;
+pub mod cluster;
 pub mod cni;
 pub mod containerd;
 pub mod fake_agent;
+pub mod inns;
 pub mod manifests;
 pub mod netns;
 pub mod oci;

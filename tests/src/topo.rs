@@ -54,6 +54,8 @@ pub struct NodeSpec {
     /// Extra keys for the `ambient-cni` conflist entry.
     pub ambient_extra: Map<String, Value>,
     pub cni_version: String,
+    /// Where the node's scratch directory is created (default: the system temp directory).
+    pub work_dir_in: Option<PathBuf>,
 }
 
 impl NodeSpec {
@@ -67,6 +69,7 @@ impl NodeSpec {
             ambient_cni: None,
             ambient_extra: Map::new(),
             cni_version: "1.0.0".to_owned(),
+            work_dir_in: None,
         }
     }
 
@@ -104,10 +107,14 @@ impl Node {
             return Err(TopoError::BadCidr(spec.pod_cidr.clone()));
         }
         let ns = NetNs::new(&format!("{}-node", spec.tag))?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{}-", ns.name()))
-            .tempdir()
-            .map_err(TopoError::TempDir)?;
+        let prefix = format!("{}-", ns.name());
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix);
+        let dir = match &spec.work_dir_in {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .map_err(TopoError::TempDir)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         if spec.pod_cidr6.is_some() {
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;

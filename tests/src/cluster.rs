@@ -1,0 +1,1327 @@
+//! A whole ambient cluster out of namespaces, for the end-to-end tests, the fault tests and
+//! the `lab` binary: N [`Node`]s joined by an underlay (a bridge `ul0` in its own namespace,
+//! one veth per node), one CA, one shared manifest directory, and on every node the real
+//! `node-agent` and `ztunnel`, plus pods created through the node's real CNI chain
+//! (`bridge|ptp` + `host-local` + `ambient-cni`) with their Pod manifests, an echo server in
+//! each, Services with EndpointSlices and kube-proxy-style DNAT rules.
+//!
+//! Addresses come from [`Addressing`]: pods of node `i` (1-based) in `<pod>.<i>.0/24`, the
+//! underlay in `<underlay>.0/24` (node `i` is `.i`), service VIPs in `<service>.0/24`. Tests
+//! give each cluster its own range, so clusters run in parallel.
+//!
+//! Dropping a [`Cluster`] deletes its pods through the chain (DEL), stops its processes and
+//! deletes its namespaces and files. [`Cluster::persist`] instead leaves everything running
+//! and returns a [`LabState`] (what the `lab` binary saves), whose [`LabState::down`] removes
+//! it from another process.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::bins::{self, BinDir};
+use crate::capture::{Capture, Packet, TCP};
+use crate::cni::Attach;
+use crate::inns::{self, in_ns};
+use crate::manifests::{self, ManifestDir};
+use crate::netns::{eventually, run, NetNs, NetNsError};
+use crate::topo::{Node, NodeSpec, Pod, PodMeta, TopoError};
+
+/// The echo port every pod serves.
+pub const ECHO_PORT: u16 = 8080;
+/// The bridge joining the nodes, inside the underlay namespace.
+pub const UNDERLAY_BRIDGE: &str = "ul0";
+/// Each node's underlay interface.
+pub const NODE_UNDERLAY_IF: &str = "ul";
+const READY_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("namespace operation failed")]
+    NetNs(#[from] NetNsError),
+    #[error("node setup failed")]
+    Topo(#[from] TopoError),
+    #[error("binary missing")]
+    Bin(#[from] bins::BinError),
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("manifest write failed")]
+    Manifest(#[from] crate::manifests::ManifestWriteError),
+    #[error("{what} on {node} did not become ready: {detail}\n--- log tail ---\n{log}")]
+    NotReady {
+        what: &'static str,
+        node: String,
+        detail: String,
+        log: String,
+    },
+    #[error("ADD of pod {namespace}/{name} failed\n--- agent log tail ---\n{log}")]
+    Add {
+        namespace: String,
+        name: String,
+        log: String,
+        #[source]
+        source: TopoError,
+    },
+    #[error("pod {0} got no IPv4 address from the chain")]
+    NoAddress(String),
+    #[error("no pod named {0}")]
+    UnknownPod(String),
+    #[error("capture failed")]
+    Capture(#[from] crate::capture::CaptureError),
+    #[error("cannot work inside a namespace")]
+    InNs(#[from] inns::InNsError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The address plan of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addressing {
+    /// First two octets of the pod ranges: node `i` gets `<a>.<b>.<i>.0/24`.
+    pub pod: [u8; 2],
+    /// First three octets of the underlay /24.
+    pub underlay: [u8; 3],
+    /// First three octets of the service VIP /24.
+    pub service: [u8; 3],
+}
+
+impl Addressing {
+    /// The lab's plan: pods 10.244.<node>.0/24, underlay 172.31.254.0/24, VIPs 10.244.250.0/24.
+    pub fn lab() -> Self {
+        Self {
+            pod: [10, 244],
+            underlay: [172, 31, 254],
+            service: [10, 244, 250],
+        }
+    }
+
+    /// A test's plan inside 10.<octet>.0.0/16: pods 10.<octet>.<node>.0/24, underlay
+    /// 10.<octet>.0.0/24, VIPs 10.<octet>.250.0/24.
+    pub fn test(octet: u8) -> Self {
+        Self {
+            pod: [10, octet],
+            underlay: [10, octet, 0],
+            service: [10, octet, 250],
+        }
+    }
+
+    pub fn pod_cidr(&self, node: usize) -> String {
+        format!("{}.{}.{}.0/24", self.pod[0], self.pod[1], node)
+    }
+
+    pub fn underlay_ip(&self, node: usize) -> Ipv4Addr {
+        let [a, b, c] = self.underlay;
+        Ipv4Addr::new(a, b, c, node as u8)
+    }
+
+    pub fn vip(&self, host: u8) -> Ipv4Addr {
+        let [a, b, c] = self.service;
+        Ipv4Addr::new(a, b, c, host)
+    }
+}
+
+/// What a cluster is made of.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Short tag for namespace names.
+    pub tag: String,
+    pub nodes: usize,
+    pub attach: Attach,
+    pub addressing: Addressing,
+    /// Where files go; `None`: a temporary directory removed on drop.
+    pub root: Option<PathBuf>,
+    pub trust_domain: String,
+    /// More `node-agent run` flags.
+    pub agent_args: Vec<String>,
+    /// More `ztunnel run` flags.
+    pub ztunnel_args: Vec<String>,
+    /// Extra keys for the `ambient-cni` conflist entry.
+    pub cni_extra: serde_json::Map<String, Value>,
+}
+
+impl ClusterSpec {
+    /// A test cluster: `nodes` nodes in 10.<octet>.0.0/16, short polling intervals.
+    pub fn new(tag: &str, nodes: usize, attach: Attach, addressing: Addressing) -> Self {
+        let mut cni_extra = serde_json::Map::new();
+        cni_extra.insert("timeoutMs".into(), json!(8000));
+        Self {
+            tag: tag.to_owned(),
+            nodes,
+            attach,
+            addressing,
+            root: None,
+            trust_domain: "cluster.local".into(),
+            agent_args: vec![
+                "--pod-wait-ms".into(),
+                "3000".into(),
+                "--reconcile-interval-ms".into(),
+                "1000".into(),
+            ],
+            ztunnel_args: vec!["--poll-interval".into(), "200ms".into()],
+            cni_extra,
+        }
+    }
+}
+
+/// One node of the cluster with its processes.
+#[derive(Debug)]
+pub struct ClusterNode {
+    /// The Kubernetes node name (`node-<i>`).
+    pub name: String,
+    pub index: usize,
+    pub node: Node,
+    pub underlay_ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub agent_pid: Option<u32>,
+    pub ztunnel_pid: Option<u32>,
+}
+
+impl ClusterNode {
+    pub fn ns(&self) -> &NetNs {
+        self.node.ns()
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("node-agent.log")
+    }
+
+    pub fn ztunnel_log(&self) -> PathBuf {
+        self.dir.join("ztunnel.log")
+    }
+
+    pub fn cni_log(&self) -> PathBuf {
+        self.dir.join("ambient-cni.log")
+    }
+
+    pub fn ztunnel_socket(&self) -> PathBuf {
+        self.run_dir().join("ztunnel.sock")
+    }
+
+    /// GET `path` from one of ztunnel's HTTP ports, from inside the node namespace.
+    pub fn ztunnel_http(&self, port: u16, path: &str) -> Result<(u16, String), String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        in_ns(&self.ns().path(), || {
+            inns::http_get(addr, path, Duration::from_secs(3))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// ztunnel's `/metrics` text.
+    pub fn metrics(&self) -> Result<String, String> {
+        match self.ztunnel_http(ambient_common::constants::METRICS_PORT, "/metrics")? {
+            (200, body) => Ok(body),
+            (s, body) => Err(format!("/metrics answered {s}: {body}")),
+        }
+    }
+
+    /// ztunnel's `/connections` (JSON array).
+    pub fn connections(&self) -> Result<Value, String> {
+        match self.ztunnel_http(ambient_common::constants::ADMIN_PORT, "/connections")? {
+            (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
+            (s, body) => Err(format!("/connections answered {s}: {body}")),
+        }
+    }
+
+    /// ztunnel's `/config_dump` (JSON).
+    pub fn config_dump(&self) -> Result<Value, String> {
+        match self.ztunnel_http(ambient_common::constants::ADMIN_PORT, "/config_dump")? {
+            (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
+            (s, body) => Err(format!("/config_dump answered {s}: {body}")),
+        }
+    }
+
+    pub fn ztunnel_ready(&self) -> bool {
+        matches!(
+            self.ztunnel_http(ambient_common::constants::READINESS_PORT, "/healthz/ready"),
+            Ok((200, _))
+        )
+    }
+}
+
+/// A pod of the cluster.
+#[derive(Debug)]
+pub struct ClusterPod {
+    pub pod: Pod,
+    pub node: usize,
+    pub meta: PodMeta,
+    pub service_account: String,
+    pub labels: Vec<(String, String)>,
+    pub ip: Ipv4Addr,
+    pub echo_pid: Option<u32>,
+}
+
+impl ClusterPod {
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.meta.namespace
+    }
+
+    pub fn ns(&self) -> &NetNs {
+        self.pod.ns()
+    }
+
+    pub fn echo_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, ECHO_PORT))
+    }
+
+    /// `spiffe://<td>/ns/<namespace>/sa/<service account>`.
+    pub fn spiffe(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.meta.namespace, self.service_account
+        )
+    }
+}
+
+/// A ClusterIP service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceDef {
+    pub namespace: String,
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug)]
+enum Root {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Root {
+    fn path(&self) -> &Path {
+        match self {
+            Root::Temp(t) => t.path(),
+            Root::Kept(p) => p,
+        }
+    }
+}
+
+/// The cluster. Field order is drop order: pods (DEL while the agents run), nodes (their
+/// processes and namespaces), the underlay, then the files.
+#[derive(Debug)]
+pub struct Cluster {
+    pub pods: Vec<ClusterPod>,
+    pub nodes: Vec<ClusterNode>,
+    pub underlay: NetNs,
+    pub spec: ClusterSpec,
+    pub manifests: ManifestDir,
+    pub services: Vec<ServiceDef>,
+    namespaces: BTreeMap<String, Vec<(String, String)>>,
+    bins: BinDir,
+    root: Root,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                for (what, path) in [("node-agent", n.agent_log()), ("ztunnel", n.ztunnel_log())] {
+                    eprintln!("==== {what} log of {} (tail) ====\n{}", n.name, tail(&path, 40));
+                }
+            }
+        }
+        self.pods.clear();
+    }
+}
+
+/// The last `lines` lines of a file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let body = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = body.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Cluster {
+    /// Builds the nodes, the underlay, the CA, and starts every agent and ztunnel. The
+    /// namespaces `ambient-demo` (ambient) and `legacy` exist from the start.
+    pub fn new(spec: ClusterSpec) -> Result<Self, ClusterError> {
+        let bins = BinDir::current()?;
+        for b in [bins::NODE_AGENT, bins::ZTUNNEL, bins::AMBIENT_CNI, bins::NETPROBE] {
+            bins.find(b)?;
+        }
+        let root = match &spec.root {
+            Some(p) => {
+                std::fs::create_dir_all(p).map_err(io_err(p))?;
+                Root::Kept(p.clone())
+            }
+            None => Root::Temp(
+                tempfile::Builder::new()
+                    .prefix(&format!("cluster-{}-", spec.tag))
+                    .tempdir()
+                    .map_err(|source| ClusterError::Io {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?,
+            ),
+        };
+        let manifests = ManifestDir::new(&root.path().join("manifests"))?;
+        let underlay = NetNs::new(&format!("{}-ul", spec.tag))?;
+        underlay.ip(&["link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
+        underlay.ip(&["link", "set", UNDERLAY_BRIDGE, "up"])?;
+        let mut cluster = Cluster {
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            underlay,
+            spec: spec.clone(),
+            manifests,
+            services: Vec::new(),
+            namespaces: BTreeMap::new(),
+            bins,
+            root,
+        };
+        let ca_dir = cluster.ca_dir();
+        run(std::process::Command::new(cluster.bin(bins::ZTUNNEL))
+            .args(["ca", "init", "--trust-domain", &spec.trust_domain, "--force", "--dir"])
+            .arg(&ca_dir))?;
+        cluster.set_namespace("ambient-demo", true)?;
+        cluster.set_namespace("legacy", false)?;
+        for i in 1..=spec.nodes {
+            cluster.add_node(i)?;
+        }
+        // Routes between nodes: each node's pod range via its underlay address.
+        for a in 0..cluster.nodes.len() {
+            for b in 0..cluster.nodes.len() {
+                if a != b {
+                    let via = cluster.nodes[b].underlay_ip.to_string();
+                    let cidr = spec.addressing.pod_cidr(b + 1);
+                    cluster.nodes[a].ns().ip(&["route", "add", &cidr, "via", &via])?;
+                }
+            }
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.start_ztunnel(i)?;
+            cluster.start_agent(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn add_node(&mut self, i: usize) -> Result<(), ClusterError> {
+        let name = format!("node-{i}");
+        let dir = self.root.path().join(&name);
+        std::fs::create_dir_all(dir.join("run")).map_err(io_err(&dir))?;
+        let mut nspec = NodeSpec::new(
+            &format!("{}-n{i}", self.spec.tag),
+            &self.spec.addressing.pod_cidr(i),
+            self.spec.attach,
+        )
+        .agent_socket(dir.join("run/cni.sock"));
+        nspec.work_dir_in = Some(dir.clone());
+        nspec.ambient_extra = self.spec.cni_extra.clone();
+        nspec
+            .ambient_extra
+            .insert("logFile".into(), json!(dir.join("ambient-cni.log")));
+        let node = Node::new(&nspec)?;
+        let underlay_ip = self.spec.addressing.underlay_ip(i);
+        let port = format!("n{i}");
+        NetNs::veth_pair(
+            &self.underlay,
+            &port,
+            None,
+            node.ns(),
+            NODE_UNDERLAY_IF,
+            Some(&format!("{underlay_ip}/24")),
+        )?;
+        self.underlay
+            .ip(&["link", "set", &port, "master", UNDERLAY_BRIDGE])?;
+        self.nodes.push(ClusterNode {
+            name,
+            index: i,
+            node,
+            underlay_ip,
+            dir,
+            agent_pid: None,
+            ztunnel_pid: None,
+        });
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.path().join("ca")
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bins.path().join(name)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.spec.trust_domain
+    }
+
+    fn log_file(path: &Path) -> Result<(std::fs::File, std::fs::File), ClusterError> {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let g = f.try_clone().map_err(io_err(path))?;
+        Ok((f, g))
+    }
+
+    /// Starts ztunnel on node `i` (0-based) and waits for its readiness endpoint.
+    pub fn start_ztunnel(&mut self, i: usize) -> Result<u32, ClusterError> {
+        let n = &self.nodes[i];
+        let (out, err) = Self::log_file(&n.ztunnel_log())?;
+        let mut cmd = n.ns().command(self.bin(bins::ZTUNNEL));
+        cmd.args(["run", "--node-name", &n.name, "--trust-domain", &self.spec.trust_domain])
+            .arg("--manifest-dir")
+            .arg(self.manifests.path())
+            .arg("--ca-dir")
+            .arg(self.ca_dir())
+            .arg("--agent-socket")
+            .arg(n.ztunnel_socket())
+            .args(&self.spec.ztunnel_args)
+            .stdout(out)
+            .stderr(err);
+        let pid = n.ns().spawn(&mut cmd)?;
+        self.nodes[i].ztunnel_pid = Some(pid);
+        let n = &self.nodes[i];
+        eventually(READY_WAIT, || {
+            if !pid_alive(pid) {
+                return Ok(false);
+            }
+            if n.ztunnel_ready() {
+                Ok(true)
+            } else {
+                Err("not ready")
+            }
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|alive| if alive { Ok(()) } else { Err("exited".into()) })
+        .map_err(|detail| ClusterError::NotReady {
+            what: "ztunnel",
+            node: n.name.clone(),
+            detail,
+            log: tail(&n.ztunnel_log(), 30),
+        })?;
+        Ok(pid)
+    }
+
+    /// Starts the node agent on node `i` and waits for its CNI socket.
+    pub fn start_agent(&mut self, i: usize) -> Result<u32, ClusterError> {
+        let n = &self.nodes[i];
+        let (out, err) = Self::log_file(&n.agent_log())?;
+        let sock = n.run_dir().join("cni.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = n.ns().command(self.bin(bins::NODE_AGENT));
+        cmd.args(["run", "--node-name", &n.name])
+            .arg("--manifest-dir")
+            .arg(self.manifests.path())
+            .arg("--run-dir")
+            .arg(n.run_dir())
+            .arg("--ztunnel-socket")
+            .arg(n.ztunnel_socket())
+            .args(&self.spec.agent_args)
+            .stdout(out)
+            .stderr(err);
+        let pid = n.ns().spawn(&mut cmd)?;
+        self.nodes[i].agent_pid = Some(pid);
+        let n = &self.nodes[i];
+        eventually(READY_WAIT, || {
+            if !pid_alive(pid) {
+                return Ok(false);
+            }
+            if sock.exists() {
+                Ok(true)
+            } else {
+                Err("no CNI socket yet")
+            }
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|alive| if alive { Ok(()) } else { Err("exited".into()) })
+        .map_err(|detail| ClusterError::NotReady {
+            what: "node-agent",
+            node: n.name.clone(),
+            detail,
+            log: tail(&n.agent_log(), 30),
+        })?;
+        Ok(pid)
+    }
+
+    /// Kills node `i`'s ztunnel: SIGKILL (a crash) or SIGTERM (a graceful stop).
+    pub fn kill_ztunnel(&mut self, i: usize, signal: Signal) {
+        if let Some(pid) = self.nodes[i].ztunnel_pid.take() {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+            self.nodes[i].ns().stop(pid);
+        }
+    }
+
+    /// Kills node `i`'s agent.
+    pub fn kill_agent(&mut self, i: usize, signal: Signal) {
+        if let Some(pid) = self.nodes[i].agent_pid.take() {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+            self.nodes[i].ns().stop(pid);
+        }
+    }
+
+    /// Rewrites `namespaces.yaml` with `name` labelled ambient or not.
+    pub fn set_namespace(&mut self, name: &str, ambient: bool) -> Result<(), ClusterError> {
+        use ambient_common::constants::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
+        let labels = if ambient {
+            vec![(DATAPLANE_MODE_LABEL.to_owned(), DATAPLANE_MODE_AMBIENT.to_owned())]
+        } else {
+            Vec::new()
+        };
+        self.namespaces.insert(name.to_owned(), labels);
+        let objs: Vec<Value> = self
+            .namespaces
+            .iter()
+            .map(|(n, l)| {
+                let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                manifests::namespace(n, &l)
+            })
+            .collect();
+        self.manifests.write("namespaces", &objs)?;
+        Ok(())
+    }
+
+    fn pod_manifest(&self, meta: &PodMeta, node: usize, sa: &str, labels: &[(String, String)], ip: Option<Ipv4Addr>) -> Value {
+        let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut p = manifests::pod(meta, &self.nodes[node].name, sa, &l);
+        match ip {
+            Some(ip) => {
+                p["status"] = json!({
+                    "phase": "Running",
+                    "podIP": ip.to_string(),
+                    "podIPs": [{ "ip": ip.to_string() }],
+                    "hostIP": self.nodes[node].underlay_ip.to_string(),
+                });
+            }
+            None => p["status"] = json!({ "phase": "Pending" }),
+        }
+        p
+    }
+
+    fn pod_stem(meta: &PodMeta) -> String {
+        format!("pod-{}-{}", meta.namespace, meta.name)
+    }
+
+    /// Creates a pod on node `node` (0-based) as kubelet would: the Pod object appears (no
+    /// IP yet), the runtime runs the CNI chain, then the Pod's status gets its IP. Starts an
+    /// echo server on [`ECHO_PORT`]. Returns the pod's index.
+    pub fn add_pod(
+        &mut self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<usize, ClusterError> {
+        let meta = PodMeta::new(namespace, name);
+        self.add_pod_with(node, meta, labels)
+    }
+
+    /// [`Cluster::add_pod`] with a given identity (same uid for a replaced sandbox).
+    pub fn add_pod_with(
+        &mut self,
+        node: usize,
+        meta: PodMeta,
+        labels: &[(&str, &str)],
+    ) -> Result<usize, ClusterError> {
+        let sa = format!("sa-{}", meta.name);
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let stem = Self::pod_stem(&meta);
+        self.manifests
+            .write(&stem, &[self.pod_manifest(&meta, node, &sa, &labels, None)])?;
+        let pod = self.nodes[node]
+            .node
+            .add_pod(&meta)
+            .map_err(|source| ClusterError::Add {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                log: tail(&self.nodes[node].agent_log(), 30),
+                source,
+            })?;
+        let ip: Ipv4Addr = pod
+            .ips()
+            .into_iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .ok_or_else(|| ClusterError::NoAddress(meta.name.clone()))?;
+        self.manifests
+            .write(&stem, &[self.pod_manifest(&meta, node, &sa, &labels, Some(ip))])?;
+        let mut cp = ClusterPod {
+            pod,
+            node,
+            meta,
+            service_account: sa,
+            labels,
+            ip,
+            echo_pid: None,
+        };
+        cp.echo_pid = Some(self.start_echo(&cp)?);
+        self.pods.push(cp);
+        Ok(self.pods.len() - 1)
+    }
+
+    fn start_echo(&self, pod: &ClusterPod) -> Result<u32, ClusterError> {
+        let ready = self
+            .root
+            .path()
+            .join(format!("echo-{}-{}.ready", pod.meta.namespace, pod.meta.name));
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = pod.ns().command(self.bin(bins::NETPROBE));
+        cmd.args(["listen-echo", "--port", &ECHO_PORT.to_string(), "--ready-file"])
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let pid = pod.ns().spawn(&mut cmd)?;
+        eventually(READY_WAIT, || if ready.exists() { Ok(()) } else { Err("echo not listening") })
+            .map_err(|e| ClusterError::NotReady {
+                what: "echo server",
+                node: pod.meta.name.clone(),
+                detail: e.to_string(),
+                log: String::new(),
+            })?;
+        Ok(pid)
+    }
+
+    /// Deletes pod `idx` as a runtime would (DEL through the chain) and removes its manifest.
+    pub fn remove_pod(&mut self, idx: usize) -> Result<ClusterPod, ClusterError> {
+        let mut p = self.pods.remove(idx);
+        let r = p.pod.detach();
+        self.manifests.remove(&Self::pod_stem(&p.meta))?;
+        if let Err(e) = r {
+            eprintln!("DEL of {} failed: {e}", p.meta.name);
+        }
+        Ok(p)
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&ClusterPod, ClusterError> {
+        self.pods
+            .iter()
+            .find(|p| p.meta.name == name)
+            .ok_or_else(|| ClusterError::UnknownPod(name.to_owned()))
+    }
+
+    pub fn pod_index(&self, name: &str) -> Option<usize> {
+        self.pods.iter().position(|p| p.meta.name == name)
+    }
+
+    /// Is `ip` known to every node's ztunnel, with the given ambient-ness?
+    pub fn known_everywhere(&self, ip: Ipv4Addr, ambient: bool) -> Result<(), String> {
+        for n in &self.nodes {
+            let dump = n.config_dump()?;
+            let found = dump["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|w| {
+                    w["ips"]
+                        .as_array()
+                        .is_some_and(|ips| ips.iter().any(|a| a.as_str() == Some(&ip.to_string())))
+                });
+            match found {
+                Some(w) if w["ambient"].as_bool() == Some(ambient) => {}
+                Some(w) => return Err(format!("{}: {ip} has ambient={}", n.name, w["ambient"])),
+                None => return Err(format!("{}: {ip} unknown to ztunnel", n.name)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every ztunnel knows every pod with its current ambient-ness.
+    pub fn wait_converged(&self, deadline: Duration) -> Result<(), String> {
+        eventually(deadline, || {
+            for p in &self.pods {
+                let ambient = self.is_ambient(p);
+                self.known_everywhere(p.ip, ambient)?;
+            }
+            Ok::<(), String>(())
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
+    }
+
+    /// Whether the manifests make this pod ambient (namespace label, pod opt-out).
+    pub fn is_ambient(&self, p: &ClusterPod) -> bool {
+        use ambient_common::constants::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
+        let pod_label = p
+            .labels
+            .iter()
+            .find(|(k, _)| k == DATAPLANE_MODE_LABEL)
+            .map(|(_, v)| v.as_str());
+        match pod_label {
+            Some(v) => v == DATAPLANE_MODE_AMBIENT,
+            None => self.namespaces.get(&p.meta.namespace).is_some_and(|l| {
+                l.iter()
+                    .any(|(k, v)| k == DATAPLANE_MODE_LABEL && v == DATAPLANE_MODE_AMBIENT)
+            }),
+        }
+    }
+
+    /// Adds a ClusterIP service: Service + EndpointSlice manifests, and kube-proxy-style DNAT
+    /// rules (nat prerouting -100, nat output -100) in every node.
+    pub fn add_service(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        vip_host: u8,
+        port: u16,
+        endpoints: &[usize],
+    ) -> Result<ServiceDef, ClusterError> {
+        let def = ServiceDef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            vip: self.spec.addressing.vip(vip_host),
+            port,
+            target_port: ECHO_PORT,
+            endpoints: endpoints.iter().map(|&i| self.pods[i].ip).collect(),
+        };
+        let svc = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": name, "namespace": namespace },
+            "spec": {
+                "clusterIP": def.vip.to_string(),
+                "clusterIPs": [def.vip.to_string()],
+                "ports": [{ "name": "tcp-echo", "port": port, "targetPort": ECHO_PORT, "protocol": "TCP" }],
+            },
+        });
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{name}-lab"),
+                "namespace": namespace,
+                "labels": { "kubernetes.io/service-name": name },
+            },
+            "addressType": "IPv4",
+            "endpoints": def.endpoints.iter().map(|ip| json!({
+                "addresses": [ip.to_string()],
+                "conditions": { "ready": true },
+            })).collect::<Vec<_>>(),
+            "ports": [{ "name": "tcp-echo", "port": ECHO_PORT, "protocol": "TCP" }],
+        });
+        self.manifests
+            .write(&format!("svc-{namespace}-{name}"), &[svc, slice])?;
+        self.services.push(def.clone());
+        self.apply_kube_proxy()?;
+        Ok(def)
+    }
+
+    /// The kube-proxy stand-in's ruleset for the current services.
+    pub fn kube_proxy_rules(&self) -> String {
+        render_kube_proxy(&self.services)
+    }
+
+    fn apply_kube_proxy(&self) -> Result<(), ClusterError> {
+        let rules = self.kube_proxy_rules();
+        let path = self.root.path().join("kube-proxy.nft");
+        std::fs::write(&path, &rules).map_err(io_err(&path))?;
+        for n in &self.nodes {
+            n.ns().exec("nft", &[std::ffi::OsStr::new("-f"), path.as_os_str()])?;
+        }
+        Ok(())
+    }
+
+    /// Writes any other manifest (an AuthorizationPolicy...) as `<stem>.yaml`.
+    pub fn write_manifest(&self, stem: &str, objects: &[Value]) -> Result<(), ClusterError> {
+        self.manifests.write(stem, objects)?;
+        Ok(())
+    }
+
+    /// Connects from pod `from` to `to`, sends `payload`, expects it echoed.
+    pub fn connect(&self, from: usize, to: SocketAddr, payload: &str) -> Result<String, String> {
+        in_ns(&self.pods[from].ns().path(), || {
+            crate::probe::connect(to, payload.as_bytes(), Some(payload.as_bytes()), Duration::from_secs(3))
+        })
+        .map_err(|e| e.to_string())?
+        .map(|r| r.received)
+        .map_err(|e| format!("{e}: {}", error_chain(&e)))
+    }
+
+    /// Connects from node `node`'s own namespace (a kubelet probe).
+    pub fn connect_from_node(&self, node: usize, to: SocketAddr, payload: &str) -> Result<String, String> {
+        in_ns(&self.nodes[node].ns().path(), || {
+            crate::probe::connect(to, payload.as_bytes(), Some(payload.as_bytes()), Duration::from_secs(3))
+        })
+        .map_err(|e| e.to_string())?
+        .map(|r| r.received)
+        .map_err(|e| format!("{e}: {}", error_chain(&e)))
+    }
+
+    /// A large echo transfer from pod `from` to `to`.
+    pub fn transfer(&self, from: usize, to: SocketAddr, data: &[u8]) -> Result<inns::TransferReport, String> {
+        in_ns(&self.pods[from].ns().path(), || {
+            inns::transfer(to, data, Duration::from_secs(30))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// Starts tcpdump on the underlay bridge (TCP only).
+    pub fn capture_underlay(&self, name: &str) -> Result<Capture, ClusterError> {
+        let file = self.root.path().join(format!("{name}.pcap"));
+        Ok(Capture::start(&self.underlay, UNDERLAY_BRIDGE, "tcp", &file)?)
+    }
+
+    /// The IPs of pods that are ambient now.
+    pub fn ambient_ips(&self) -> Vec<Ipv4Addr> {
+        self.pods.iter().filter(|p| self.is_ambient(p)).map(|p| p.ip).collect()
+    }
+
+    /// `node-agent <view> --run-dir <node's> [--output json]` output.
+    pub fn agent_view(&self, node: usize, view: &str, json: bool) -> Result<String, String> {
+        let mut cmd = std::process::Command::new(self.bin(bins::NODE_AGENT));
+        cmd.arg(view).arg("--run-dir").arg(self.nodes[node].run_dir());
+        if json {
+            cmd.args(["--output", "json"]);
+        }
+        run(&mut cmd)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The agent's state for pod `name` (`captured`, `not_ambient`...), from `node-agent pods`.
+    pub fn agent_state(&self, node: usize, name: &str) -> Option<String> {
+        let out = self.agent_view(node, "pods", true).ok()?;
+        let pods = crate::agent::parse_pods(&out).ok()?;
+        pods.into_iter().find(|p| p.name == name).map(|p| p.state)
+    }
+
+    /// Every log of the cluster that mentions a panic: `(file, line)`.
+    pub fn panics(&self) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            for f in [n.agent_log(), n.ztunnel_log(), n.cni_log()] {
+                let body = std::fs::read_to_string(&f).unwrap_or_default();
+                for l in body.lines() {
+                    if l.contains("panicked") || l.contains("RUST_BACKTRACE") {
+                        out.push((f.clone(), l.to_owned()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Leaves everything running and returns what is needed to find and remove it later.
+    pub fn persist(self) -> LabState {
+        let state = LabState {
+            root: self.root.path().to_path_buf(),
+            spec_tag: self.spec.tag.clone(),
+            attach: match self.spec.attach {
+                Attach::Bridge => "bridge".into(),
+                Attach::Ptp => "ptp".into(),
+            },
+            addressing: self.spec.addressing.clone(),
+            trust_domain: self.spec.trust_domain.clone(),
+            underlay_ns: self.underlay.name().to_owned(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeState {
+                    name: n.name.clone(),
+                    netns: n.ns().name().to_owned(),
+                    underlay_ip: n.underlay_ip,
+                    pod_cidr: n.node.pod_cidr().to_owned(),
+                    dir: n.dir.clone(),
+                    work_dir: n.node.dir().to_path_buf(),
+                    agent_pid: n.agent_pid,
+                    ztunnel_pid: n.ztunnel_pid,
+                })
+                .collect(),
+            pods: self
+                .pods
+                .iter()
+                .map(|p| PodState {
+                    namespace: p.meta.namespace.clone(),
+                    name: p.meta.name.clone(),
+                    uid: p.meta.uid.clone(),
+                    node: self.nodes[p.node].name.clone(),
+                    netns: p.ns().name().to_owned(),
+                    ip: p.ip,
+                    service_account: p.service_account.clone(),
+                    ambient: self.is_ambient(p),
+                    echo_pid: p.echo_pid,
+                })
+                .collect(),
+            services: self.services.clone(),
+        };
+        // Nothing of the cluster is undone: no DEL, no kill, no namespace or file removal.
+        std::mem::forget(self);
+        state
+    }
+}
+
+
+/// kube-proxy's nftables mode in miniature: per service a dispatch rule on VIP:port picking
+/// an endpoint chain at random, each endpoint chain a DNAT; hooked in nat prerouting
+/// (`dstnat`, -100) and nat output (-100).
+pub fn render_kube_proxy(services: &[ServiceDef]) -> String {
+        let mut chains = String::new();
+        let mut dispatch = String::new();
+        for (si, s) in services.iter().enumerate() {
+            if s.endpoints.is_empty() {
+                continue;
+            }
+            let n = s.endpoints.len();
+            let map: Vec<String> = (0..n).map(|e| format!("{e} : jump svc{si}ep{e}")).collect();
+            dispatch.push_str(&format!(
+                "    ip daddr {} tcp dport {} numgen random mod {n} vmap {{ {} }}\n",
+                s.vip,
+                s.port,
+                map.join(", ")
+            ));
+            for (e, ip) in s.endpoints.iter().enumerate() {
+                chains.push_str(&format!(
+                    "  chain svc{si}ep{e} {{\n    dnat to {ip}:{}\n  }}\n",
+                    s.target_port
+                ));
+            }
+        }
+        format!(
+            "table ip kubelab {{}}\ndelete table ip kubelab\ntable ip kubelab {{\n  comment \"kube-proxy stand-in of the lab\"\n  chain services {{\n{dispatch}  }}\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }}\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    jump services\n  }}\n{chains}}}\n"
+        )
+    }
+
+/// The chain of `source()`s of an error, for messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push(c.to_string());
+        cur = c.source();
+    }
+    s.join(": ")
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// What `lab up` records so that `status`, `exec` and `down` work from another invocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub root: PathBuf,
+    pub spec_tag: String,
+    pub attach: String,
+    pub addressing: Addressing,
+    pub trust_domain: String,
+    pub underlay_ns: String,
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+    pub services: Vec<ServiceDef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub agent_pid: Option<u32>,
+    pub ztunnel_pid: Option<u32>,
+}
+
+impl NodeState {
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    pub ambient: bool,
+    pub echo_pid: Option<u32>,
+}
+
+/// The state file inside a lab's state directory.
+pub const STATE_FILE: &str = "lab.json";
+
+impl LabState {
+    pub fn save(&self, dir: &Path) -> Result<PathBuf, ClusterError> {
+        let path = dir.join(STATE_FILE);
+        let body = serde_json::to_vec_pretty(self).expect("state always serializes");
+        let tmp = dir.join(".lab.json.tmp");
+        std::fs::write(&tmp, body).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        Ok(path)
+    }
+
+    /// Reads the state file; `Ok(None)` when there is none (no lab is up).
+    pub fn load(dir: &Path) -> Result<Option<Self>, String> {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Every process the lab started, with the binary name expected in its command line
+    /// (a PID reused by an unrelated process since is never signalled).
+    pub fn processes(&self) -> Vec<(u32, &'static str)> {
+        let mut v = Vec::new();
+        for p in &self.pods {
+            v.extend(p.echo_pid.map(|pid| (pid, bins::NETPROBE)));
+        }
+        for n in &self.nodes {
+            v.extend(n.agent_pid.map(|pid| (pid, bins::NODE_AGENT)));
+            v.extend(n.ztunnel_pid.map(|pid| (pid, bins::ZTUNNEL)));
+        }
+        v
+    }
+
+    /// Removes everything `up` created: processes (by PID, checked), pod, node and underlay
+    /// namespaces, the files. Safe to run twice; returns what it could not do.
+    pub fn down(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let pids: Vec<i32> = self
+            .processes()
+            .into_iter()
+            .filter(|(pid, name)| cmdline_mentions(*pid, name))
+            .map(|(pid, _)| pid as i32)
+            .collect();
+        crate::netns::terminate_pids(&pids);
+        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.netns.as_str()).collect();
+        namespaces.extend(self.nodes.iter().map(|n| n.netns.as_str()));
+        namespaces.push(&self.underlay_ns);
+        for ns in namespaces {
+            if Path::new(crate::netns::NETNS_RUN_DIR).join(ns).exists() {
+                if let Err(e) = run(std::process::Command::new("ip").args(["netns", "del", ns])) {
+                    problems.push(e.to_string());
+                }
+            }
+        }
+        for n in &self.nodes {
+            if n.work_dir.exists() && !n.work_dir.starts_with(&self.root) {
+                if let Err(e) = std::fs::remove_dir_all(&n.work_dir) {
+                    problems.push(format!("{}: {e}", n.work_dir.display()));
+                }
+            }
+        }
+        if self.root.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.root) {
+                problems.push(format!("{}: {e}", self.root.display()));
+            }
+        }
+        problems
+    }
+}
+
+fn cmdline_mentions(pid: u32, name: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(name))
+        .unwrap_or(false)
+}
+
+/// What crossed the underlay, grouped by flow.
+#[derive(Debug, Clone, Default)]
+pub struct UnderlaySummary {
+    /// (src ip, dst ip, server port) -> (packets, payload bytes).
+    pub flows: BTreeMap<(IpAddr, IpAddr, u16), (u64, u64)>,
+}
+
+impl UnderlaySummary {
+    /// Groups TCP packets by (src, dst, the lower of the two ports: the server's).
+    pub fn from_packets(packets: &[Packet]) -> Self {
+        let mut s = Self::default();
+        for p in packets.iter().filter(|p| p.protocol == TCP) {
+            let port = p.sport.min(p.dport);
+            let e = s.flows.entry((p.src, p.dst, port)).or_default();
+            e.0 += 1;
+            e.1 += p.payload.len() as u64;
+        }
+        s
+    }
+}
+
+/// Packets that carry TCP payload to or from an ambient pod address outside HBONE (port
+/// `hbone_port` on the pod side): a plaintext leak of an ambient pod.
+pub fn ambient_plaintext<'a>(
+    packets: &'a [Packet],
+    ambient: &[Ipv4Addr],
+    hbone_port: u16,
+) -> Vec<&'a Packet> {
+    let is_amb = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) => ambient.contains(v4),
+        IpAddr::V6(_) => false,
+    };
+    packets
+        .iter()
+        .filter(|p| p.protocol == TCP && !p.payload.is_empty())
+        .filter(|p| {
+            (is_amb(&p.src) && p.sport != hbone_port) || (is_amb(&p.dst) && p.dport != hbone_port)
+        })
+        .collect()
+}
+
+/// Parses the Prometheus text: samples of `metric` as (labels, value).
+pub fn metric_samples(text: &str, metric: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.rsplit_once('}') {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue,
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        out.push((parse_labels(labels), v));
+    }
+    out
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((k, r)) = rest.split_once("=\"") {
+        let mut val = String::new();
+        let mut chars = r.char_indices();
+        let mut end = r.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        val.push(n);
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        out.insert(k.trim_start_matches(',').trim().to_owned(), val);
+        rest = &r[end..];
+    }
+    out
+}
+
+/// Reads the RSS of a process in kB (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addressing_plans() {
+        let a = Addressing::test(71);
+        assert_eq!(a.pod_cidr(2), "10.71.2.0/24");
+        assert_eq!(a.underlay_ip(1), Ipv4Addr::new(10, 71, 0, 1));
+        assert_eq!(a.vip(10), Ipv4Addr::new(10, 71, 250, 10));
+        assert_eq!(Addressing::lab().pod_cidr(1), "10.244.1.0/24");
+    }
+
+    #[test]
+    fn metric_samples_parse_labels_and_values() {
+        let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",source_principal=\"spiffe://cluster.local/ns/a/sa/b\",x=\"q\\\"uote\"} 3\nistio_tcp_connections_opened_total 1\nother 2\n";
+        let s = metric_samples(text, "istio_tcp_connections_opened_total");
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].0["reporter"], "source");
+        assert_eq!(s[0].0["source_principal"], "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(s[0].0["x"], "q\"uote");
+        assert_eq!(s[0].1, 3.0);
+        assert!(s[1].0.is_empty());
+    }
+
+    #[test]
+    fn plaintext_detection_ignores_hbone_and_empty_segments() {
+        let amb: Ipv4Addr = "10.1.2.2".parse().unwrap();
+        let node: IpAddr = "10.1.0.1".parse().unwrap();
+        let pkt = |src: IpAddr, dst: IpAddr, sport, dport, payload: &[u8]| Packet {
+            src,
+            dst,
+            protocol: TCP,
+            sport,
+            dport,
+            payload: payload.to_vec(),
+        };
+        let packets = vec![
+            pkt(node, amb.into(), 40000, 15008, b"\x16\x03"),
+            pkt(amb.into(), node, 15008, 40000, b"\x17\x03"),
+            pkt(node, amb.into(), 40001, 8080, b""),
+            pkt(node, amb.into(), 40001, 8080, b"secret"),
+        ];
+        let leaks = ambient_plaintext(&packets, &[amb], 15008);
+        assert_eq!(leaks.len(), 1);
+        assert_eq!(leaks[0].payload, b"secret");
+        let s = UnderlaySummary::from_packets(&packets);
+        assert_eq!(s.flows[&(node, amb.into(), 15008)], (1, 2));
+    }
+
+    #[test]
+    fn kube_proxy_rules_have_one_chain_per_endpoint() {
+        // Rendering only; no kernel.
+        let spec = ClusterSpec::new("t", 2, Attach::Bridge, Addressing::test(9));
+        let svc = ServiceDef {
+            namespace: "n".into(),
+            name: "s".into(),
+            vip: spec.addressing.vip(10),
+            port: 80,
+            target_port: 8080,
+            endpoints: vec!["10.9.2.2".parse().unwrap(), "10.9.2.3".parse().unwrap()],
+        };
+        let c = render_kube_proxy(&[svc]);
+        assert!(c.contains("ip daddr 10.9.250.10 tcp dport 80 numgen random mod 2 vmap { 0 : jump svc0ep0, 1 : jump svc0ep1 }"), "{c}");
+        assert!(c.contains("dnat to 10.9.2.3:8080"));
+        assert!(c.contains("priority dstnat"));
+    }
+}
