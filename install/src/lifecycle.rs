@@ -1,0 +1,134 @@
+//! Uninstall or upgrade? When the installer is told to stop, it asks the API server about
+//! the DaemonSet that runs it: gone (404) or carrying a `deletionTimestamp` means the
+//! operator is removing the data plane, so the plugin comes out of the chain; anything else
+//! (the DaemonSet is there: a rolling upgrade or a restart; or the API cannot say) leaves the
+//! plugin in place, so new pods wait for the next agent instead of starting unprotected.
+//! Failing to decide fails closed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// One API call the installer makes, for the RBAC test: (API group, resource, verb).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiCall {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verb: &'static str,
+    /// Namespaced calls are granted by a Role in the install namespace.
+    pub namespaced: bool,
+}
+
+/// Every API call of this crate.
+pub const API_CALLS: &[ApiCall] = &[ApiCall {
+    group: "apps",
+    resource: "daemonsets",
+    verb: "get",
+    namespaced: true,
+}];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot read kubeconfig {path}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no usable Kubernetes configuration (in-cluster service account or kubeconfig)")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// A client from a kubeconfig file, or the in-cluster service account (token and CA).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            })?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.to_owned(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await.map_err(KubeError::Infer)?,
+    };
+    kube::Client::try_from(config).map_err(KubeError::Client)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitDecision {
+    Uninstall(String),
+    Keep(String),
+}
+
+/// The decision for what a GET of the DaemonSet returned.
+pub fn decide(result: Result<DaemonSet, kube::Error>) -> ExitDecision {
+    match result {
+        Ok(ds) if ds.metadata.deletion_timestamp.is_some() => {
+            ExitDecision::Uninstall("the DaemonSet is being deleted".into())
+        }
+        Ok(_) => ExitDecision::Keep("the DaemonSet still exists (upgrade or restart)".into()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            ExitDecision::Uninstall("the DaemonSet is gone".into())
+        }
+        Err(e) => ExitDecision::Keep(format!(
+            "cannot tell whether the DaemonSet is being deleted ({e}); leaving the plugin in place"
+        )),
+    }
+}
+
+/// Asks the API server, bounded by `timeout` (a stopping pod has a grace period).
+pub async fn daemonset_decision(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> ExitDecision {
+    let api: kube::Api<DaemonSet> = kube::Api::namespaced(client, namespace);
+    match tokio::time::timeout(timeout, api.get(name)).await {
+        Ok(r) => decide(r),
+        Err(_) => ExitDecision::Keep(format!(
+            "the API server did not answer within {timeout:?}; leaving the plugin in place"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> kube::Error {
+        let mut s = kube::core::Status::failure("x", "y");
+        s.code = code;
+        kube::Error::Api(Box::new(s))
+    }
+
+    #[test]
+    fn only_a_deleted_daemonset_uninstalls() {
+        assert!(matches!(
+            decide(Err(status(404))),
+            ExitDecision::Uninstall(_)
+        ));
+        let mut ds = DaemonSet::default();
+        assert!(matches!(decide(Ok(ds.clone())), ExitDecision::Keep(_)));
+        ds.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert!(matches!(decide(Ok(ds)), ExitDecision::Uninstall(_)));
+        for code in [401, 403, 500, 503] {
+            assert!(
+                matches!(decide(Err(status(code))), ExitDecision::Keep(_)),
+                "{code}"
+            );
+        }
+    }
+}
