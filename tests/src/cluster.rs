@@ -269,9 +269,16 @@ pub struct ClusterPod {
     pub labels: Vec<(String, String)>,
     pub ip: Ipv4Addr,
     pub echo_pid: Option<u32>,
+    /// The echo server's connection records (peer, local, original destination).
+    pub records: PathBuf,
 }
 
 impl ClusterPod {
+    /// The connections the pod's echo server accepted so far.
+    pub fn accepted(&self) -> Vec<crate::probe::ConnRecord> {
+        crate::probe::read_records(&self.records).unwrap_or_default()
+    }
+
     pub fn name(&self) -> &str {
         &self.meta.name
     }
@@ -682,20 +689,23 @@ impl Cluster {
             labels,
             ip,
             echo_pid: None,
+            records: PathBuf::new(),
         };
-        cp.echo_pid = Some(self.start_echo(&cp)?);
+        cp.echo_pid = Some(self.start_echo(&mut cp)?);
         self.pods.push(cp);
         Ok(self.pods.len() - 1)
     }
 
-    fn start_echo(&self, pod: &ClusterPod) -> Result<u32, ClusterError> {
-        let ready = self
-            .root
-            .path()
-            .join(format!("echo-{}-{}.ready", pod.meta.namespace, pod.meta.name));
+    fn start_echo(&self, pod: &mut ClusterPod) -> Result<u32, ClusterError> {
+        let base = format!("echo-{}-{}", pod.meta.namespace, pod.meta.name);
+        let ready = self.root.path().join(format!("{base}.ready"));
+        pod.records = self.root.path().join(format!("{base}.jsonl"));
         let _ = std::fs::remove_file(&ready);
+        let _ = std::fs::remove_file(&pod.records);
         let mut cmd = pod.ns().command(self.bin(bins::NETPROBE));
-        cmd.args(["listen-echo", "--port", &ECHO_PORT.to_string(), "--ready-file"])
+        cmd.args(["listen-origdst", "--port", &ECHO_PORT.to_string(), "--out"])
+            .arg(&pod.records)
+            .arg("--ready-file")
             .arg(&ready)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -932,7 +942,15 @@ impl Cluster {
 
     /// Leaves everything running and returns what is needed to find and remove it later.
     pub fn persist(self) -> LabState {
-        let state = LabState {
+        let state = self.state();
+        // Nothing of the cluster is undone: no DEL, no kill, no namespace or file removal.
+        std::mem::forget(self);
+        state
+    }
+
+    /// What is needed to find and remove the cluster from another process.
+    pub fn state(&self) -> LabState {
+        LabState {
             root: self.root.path().to_path_buf(),
             spec_tag: self.spec.tag.clone(),
             attach: match self.spec.attach {
@@ -972,10 +990,25 @@ impl Cluster {
                 })
                 .collect(),
             services: self.services.clone(),
-        };
-        // Nothing of the cluster is undone: no DEL, no kill, no namespace or file removal.
-        std::mem::forget(self);
-        state
+        }
+    }
+
+    /// Waits until every ztunnel knows every service VIP.
+    pub fn wait_services(&self, deadline: Duration) -> Result<(), String> {
+        eventually(deadline, || {
+            for n in &self.nodes {
+                let dump = n.config_dump()?;
+                let text = dump["services"].to_string();
+                for s in &self.services {
+                    if !text.contains(&s.vip.to_string()) {
+                        return Err(format!("{}: service {} unknown", n.name, s.vip));
+                    }
+                }
+            }
+            Ok::<(), String>(())
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -1000,7 +1033,7 @@ pub fn render_kube_proxy(services: &[ServiceDef]) -> String {
             ));
             for (e, ip) in s.endpoints.iter().enumerate() {
                 chains.push_str(&format!(
-                    "  chain svc{si}ep{e} {{\n    dnat to {ip}:{}\n  }}\n",
+                    "  chain svc{si}ep{e} {{\n    meta l4proto tcp dnat to {ip}:{}\n  }}\n",
                     s.target_port
                 ));
             }
@@ -1197,6 +1230,30 @@ pub fn ambient_plaintext<'a>(
             (is_amb(&p.src) && p.sport != hbone_port) || (is_amb(&p.dst) && p.dport != hbone_port)
         })
         .collect()
+}
+
+/// Stops a capture once nothing new was written for `quiet` (tcpdump writes with a lag), at
+/// most after `deadline`; returns the packets. Errors carry no packet dump.
+pub fn finish_quiet(
+    cap: Capture,
+    ns: &NetNs,
+    quiet: Duration,
+    deadline: Duration,
+) -> Result<Vec<Packet>, String> {
+    let start = std::time::Instant::now();
+    let mut last = usize::MAX;
+    let mut since = std::time::Instant::now();
+    loop {
+        let n = cap.packets().map_err(|e| e.to_string())?.len();
+        if n != last {
+            last = n;
+            since = std::time::Instant::now();
+        } else if since.elapsed() >= quiet || start.elapsed() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cap.finish(ns).map_err(|e| e.to_string())
 }
 
 /// Parses the Prometheus text: samples of `metric` as (labels, value).

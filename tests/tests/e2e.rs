@@ -5,12 +5,12 @@
 //! own 10.<octet>.0.0/16 (octets 121-139), so tests run in parallel. Run as root after
 //! `cargo build --workspace`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ambient_tests::capture::{payload_contains, Packet};
 use ambient_tests::cluster::{
-    ambient_plaintext, metric_samples, Addressing, Cluster, ClusterSpec, UnderlaySummary,
+    ambient_plaintext, finish_quiet, metric_samples, Addressing, Cluster, ClusterSpec, UnderlaySummary,
 };
 use ambient_tests::cni::Attach;
 use ambient_tests::eventually;
@@ -34,8 +34,13 @@ fn marker(tag: &str) -> String {
 
 /// `istio_tcp_connections_opened_total` samples of one node matching all `labels`.
 fn opened(c: &Cluster, node: usize, labels: &[(&str, &str)]) -> f64 {
+    count(c, node, "istio_tcp_connections_opened_total", labels)
+}
+
+/// The sum of `metric`'s samples of one node matching all `labels`.
+fn count(c: &Cluster, node: usize, metric: &str, labels: &[(&str, &str)]) -> f64 {
     let text = c.nodes[node].metrics().unwrap_or_default();
-    metric_samples(&text, "istio_tcp_connections_opened_total")
+    metric_samples(&text, metric)
         .into_iter()
         .filter(|(l, _)| labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
         .map(|(_, v)| v)
@@ -61,6 +66,27 @@ fn wait_opened(c: &Cluster, node: usize, labels: &[(&str, &str)]) {
         }
     })
     .unwrap();
+}
+
+/// Everything the capture wrote once it went quiet.
+fn quiet(c: &Cluster, cap: ambient_tests::capture::Capture) -> Vec<Packet> {
+    finish_quiet(cap, &c.underlay, Duration::from_millis(700), WAIT).unwrap()
+}
+
+/// Waits until the capture holds a packet matching `f`, then everything once quiet.
+fn capture_until(
+    c: &Cluster,
+    cap: ambient_tests::capture::Capture,
+    what: &str,
+    f: impl Fn(&Packet) -> bool,
+) -> Vec<Packet> {
+    eventually(WAIT, || match cap.packets() {
+        Ok(p) if p.iter().any(&f) => Ok(()),
+        Ok(p) => Err(format!("{what}: not in {} packets", p.len())),
+        Err(e) => Err(e.to_string()),
+    })
+    .unwrap();
+    quiet(c, cap)
 }
 
 fn assert_no_ambient_plaintext(c: &Cluster, packets: &[Packet], markers: &[&str]) {
@@ -93,16 +119,7 @@ fn ambient_cross_node(tag: &str, octet: u8, attach: Attach) {
     data[..m.len()].copy_from_slice(m.as_bytes());
     let r = c.transfer(client, to, &data).unwrap();
     assert!(r.intact(), "transfer corrupted: {r:?}");
-    let server_ip = c.pods[server].ip;
-    let packets = cap
-        .finish_when(&c.underlay, WAIT, |p| {
-            p.iter()
-                .filter(|p| p.dst == std::net::IpAddr::V4(server_ip) && p.dport == HBONE)
-                .map(|p| p.payload.len())
-                .sum::<usize>()
-                > data.len()
-        })
-        .unwrap();
+    let packets = quiet(&c, cap);
     let summary = UnderlaySummary::from_packets(&packets);
     eprintln!("underlay flows: {:?}", summary.flows);
     assert!(
@@ -139,7 +156,291 @@ fn ambient_to_ambient_across_nodes_ptp() {
     ambient_cross_node("e2ecp", 122, Attach::Ptp);
 }
 
-#[allow(dead_code)]
-fn addr(c: &Cluster, pod: usize) -> SocketAddr {
-    c.pods[pod].echo_addr()
+/// The peers the pod's echo server saw.
+fn peers(c: &Cluster, pod: usize) -> Vec<IpAddr> {
+    c.pods[pod].accepted().iter().map(|r| r.peer.ip()).collect()
+}
+
+fn captured(c: &Cluster, pod: usize) {
+    let node = c.pods[pod].node;
+    let name = c.pods[pod].name().to_owned();
+    eventually(WAIT, || match c.agent_state(node, &name).as_deref() {
+        Some("captured") => Ok(()),
+        other => Err(format!("{name}: {other:?}")),
+    })
+    .unwrap();
+}
+
+/// Same node: the connection goes through ztunnel (both reporters on the node), the server
+/// sees the client pod's own address, and identity is what policy is evaluated on.
+#[test]
+fn ambient_to_ambient_same_node() {
+    let mut c = cluster("e2esn", 123, Attach::Bridge);
+    let client = pod(&mut c, 0, "ambient-demo", "client");
+    let server = pod(&mut c, 0, "ambient-demo", "server");
+    c.set_namespace("other", true).unwrap();
+    let intruder = pod(&mut c, 0, "other", "intruder");
+    c.wait_converged(WAIT).unwrap();
+    let to = c.pods[server].echo_addr();
+    c.connect(client, to, "same-node").unwrap();
+    let src = c.pods[client].spiffe(c.trust_domain());
+    let dst = c.pods[server].spiffe(c.trust_domain());
+    for reporter in ["source", "destination"] {
+        wait_opened(
+            &c,
+            0,
+            &[
+                ("reporter", reporter),
+                ("source_principal", &src),
+                ("destination_principal", &dst),
+            ],
+        );
+    }
+    assert_eq!(peers(&c, server), vec![IpAddr::V4(c.pods[client].ip)], "client IP kept");
+    // Identity enforced: a DENY on the source identity refuses the same-node connection.
+    let policy = serde_json::json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": { "name": "deny-other", "namespace": "ambient-demo" },
+        "spec": {
+            "action": "DENY",
+            "rules": [{ "from": [{ "source": { "principals": [c.pods[intruder].spiffe(c.trust_domain()).trim_start_matches("spiffe://")] } }] }],
+        },
+    });
+    c.write_manifest("policy-deny-other", &[policy]).unwrap();
+    wait_policy(&c, 0, "deny-other");
+    assert!(c.connect(intruder, to, "intruder").is_err(), "denied identity got through");
+    c.connect(client, to, "still-allowed").unwrap();
+    assert!(!peers(&c, server).contains(&IpAddr::V4(c.pods[intruder].ip)));
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+fn wait_policy(c: &Cluster, node: usize, name: &str) {
+    eventually(WAIT, || {
+        let dump = c.nodes[node].config_dump()?;
+        if dump["policies"].to_string().contains(name) {
+            Ok(())
+        } else {
+            Err(format!("policy {name} not loaded: {}", dump["policies"]))
+        }
+    })
+    .unwrap();
+}
+
+/// Ambient -> legacy, legacy -> ambient (inbound plaintext on 15006), legacy -> legacy
+/// (untouched), all across nodes.
+#[test]
+fn mixed_ambient_and_legacy_pods() {
+    let mut c = cluster("e2emx", 124, Attach::Bridge);
+    let amb1 = pod(&mut c, 0, "ambient-demo", "amb1");
+    let amb2 = pod(&mut c, 1, "ambient-demo", "amb2");
+    let leg1 = pod(&mut c, 0, "legacy", "leg1");
+    let leg2 = pod(&mut c, 1, "legacy", "leg2");
+    c.wait_converged(WAIT).unwrap();
+    // Ambient -> legacy: leaves through ztunnel, from the node's address (the legacy pod is
+    // outside the mesh).
+    c.connect(amb1, c.pods[leg2].echo_addr(), "to-legacy").unwrap();
+    let amb1_id = c.pods[amb1].spiffe(c.trust_domain());
+    wait_opened(
+        &c,
+        0,
+        &[("reporter", "source"), ("source_principal", &amb1_id), ("destination_workload", "leg2")],
+    );
+    // Legacy -> ambient: plaintext in, captured on the destination node to 15006.
+    c.connect(leg1, c.pods[amb2].echo_addr(), "from-legacy").unwrap();
+    let amb2_id = c.pods[amb2].spiffe(c.trust_domain());
+    wait_opened(
+        &c,
+        1,
+        &[
+            ("reporter", "destination"),
+            ("destination_principal", &amb2_id),
+            ("source_principal", "unknown"),
+        ],
+    );
+    assert_eq!(peers(&c, amb2), vec![IpAddr::V4(c.pods[leg1].ip)], "legacy client IP kept");
+    // Legacy -> legacy: untouched (no ztunnel saw it; the server sees the client directly).
+    let cap = c.capture_underlay("legacy").unwrap();
+    let m = marker("legacy");
+    c.connect(leg1, c.pods[leg2].echo_addr(), &m).unwrap();
+    let packets = capture_until(&c, cap, "legacy plaintext", |p| payload_contains(std::slice::from_ref(p), m.as_bytes()));
+    assert!(packets.iter().any(|p| p.src == IpAddr::V4(c.pods[leg1].ip) && p.dport == 8080));
+    assert!(peers(&c, leg2).contains(&IpAddr::V4(c.pods[leg1].ip)));
+    for node in 0..2 {
+        assert_eq!(opened(&c, node, &[("source_workload", "leg1"), ("destination_workload", "leg2")]), 0.0);
+    }
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+/// A ClusterIP service whose endpoints are ambient pods on the other node: ambient clients
+/// reach it over HBONE (ztunnel resolves the VIP), legacy clients through kube-proxy's DNAT.
+#[test]
+fn cluster_ip_service_with_remote_ambient_endpoints() {
+    let mut c = cluster("e2esv", 125, Attach::Ptp);
+    let client = pod(&mut c, 0, "ambient-demo", "client");
+    let legacy = pod(&mut c, 0, "legacy", "lclient");
+    let ep1 = pod(&mut c, 1, "ambient-demo", "web-1");
+    let ep2 = pod(&mut c, 1, "ambient-demo", "web-2");
+    let svc = c.add_service("ambient-demo", "web", 10, 80, &[ep1, ep2]).unwrap();
+    c.wait_converged(WAIT).unwrap();
+    c.wait_services(WAIT).unwrap();
+    let vip = SocketAddr::from((svc.vip, svc.port));
+    let cap = c.capture_underlay("svc").unwrap();
+    let m = marker("svc");
+    for i in 0..6 {
+        assert_eq!(c.connect(client, vip, &format!("{m}-{i}")).unwrap(), format!("{m}-{i}"));
+    }
+    let ep_ips = [c.pods[ep1].ip, c.pods[ep2].ip];
+    let packets = quiet(&c, cap);
+    assert!(
+        packets.iter().all(|p| p.dport == HBONE || p.sport == HBONE),
+        "{:?}",
+        UnderlaySummary::from_packets(&packets).flows
+    );
+    assert!(packets.iter().all(|p| p.dst != IpAddr::V4(svc.vip)), "the VIP never crosses");
+    assert_no_ambient_plaintext(&c, &packets, &[&m]);
+    let src = c.pods[client].spiffe(c.trust_domain());
+    wait_opened(&c, 1, &[("reporter", "destination"), ("source_principal", &src)]);
+    let served = c.pods[ep1].accepted().len() + c.pods[ep2].accepted().len();
+    assert_eq!(served, 6, "every connection reached an endpoint");
+    let sample = metric_samples(&c.nodes[0].metrics().unwrap(), "istio_tcp_connections_opened_total");
+    assert!(
+        sample.iter().any(|(l, _)| l.get("destination_service").is_some_and(|s| s.contains("web"))),
+        "the source reports the service: {sample:?}"
+    );
+    // A legacy client goes through kube-proxy's DNAT and arrives in plaintext on 15006.
+    c.connect(legacy, vip, "legacy-to-vip").unwrap();
+    let all: Vec<IpAddr> = [ep1, ep2].iter().flat_map(|&e| peers(&c, e)).collect();
+    assert!(all.contains(&IpAddr::V4(c.pods[legacy].ip)), "{all:?} / {ep_ips:?}");
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+/// Labelling a running pod's namespace enrols it without a restart (new connections are
+/// captured and encrypted); removing the label releases it.
+#[test]
+fn enrol_and_release_a_running_pod_by_namespace_label() {
+    let mut c = cluster("e2een", 126, Attach::Bridge);
+    c.set_namespace("late", false).unwrap();
+    let late = pod(&mut c, 0, "late", "late");
+    let server = pod(&mut c, 1, "ambient-demo", "server");
+    c.wait_converged(WAIT).unwrap();
+    let to = c.pods[server].echo_addr();
+    assert_eq!(c.agent_state(0, "late").as_deref(), Some("not_ambient"));
+
+    // Before: plaintext (the server side captures it on 15006).
+    let cap = c.capture_underlay("before").unwrap();
+    let m1 = marker("before");
+    c.connect(late, to, &m1).unwrap();
+    capture_until(&c, cap, "plaintext before enrolment", |p| {
+        payload_contains(std::slice::from_ref(p), m1.as_bytes())
+    });
+
+    // Enrol by label: same pod, same sandbox.
+    c.set_namespace("late", true).unwrap();
+    captured(&c, late);
+    c.wait_converged(WAIT).unwrap();
+    let cap = c.capture_underlay("during").unwrap();
+    let m2 = marker("during");
+    eventually(WAIT, || c.connect(late, to, &m2)).unwrap();
+    let packets = quiet(&c, cap);
+    assert_no_ambient_plaintext(&c, &packets, &[&m2]);
+    let id = c.pods[late].spiffe(c.trust_domain());
+    wait_opened(&c, 1, &[("reporter", "destination"), ("source_principal", &id)]);
+
+    // Release.
+    c.set_namespace("late", false).unwrap();
+    eventually(WAIT, || match c.agent_state(0, "late").as_deref() {
+        Some("not_ambient") => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .unwrap();
+    c.wait_converged(WAIT).unwrap();
+    let cap = c.capture_underlay("after").unwrap();
+    let m3 = marker("after");
+    eventually(WAIT, || c.connect(late, to, &m3)).unwrap();
+    capture_until(&c, cap, "plaintext after release", |p| {
+        payload_contains(std::slice::from_ref(p), m3.as_bytes())
+    });
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+/// The node's own connection to a local ambient pod (kubelet's probe) is not captured.
+#[test]
+fn kubelet_probe_from_the_node_reaches_an_ambient_pod() {
+    for (tag, octet, attach) in [("e2ekb", 127, Attach::Bridge), ("e2ekp", 128, Attach::Ptp)] {
+        let mut c = cluster(tag, octet, attach);
+        let server = pod(&mut c, 0, "ambient-demo", "server");
+        captured(&c, server);
+        let to = c.pods[server].echo_addr();
+        assert_eq!(c.connect_from_node(0, to, "probe").unwrap(), "probe");
+        let seen = peers(&c, server);
+        assert_eq!(seen.len(), 1);
+        assert!(
+            !c.pods.iter().any(|p| IpAddr::V4(p.ip) == seen[0]),
+            "the probe comes from the node's address: {seen:?}"
+        );
+        assert_eq!(opened(&c, 0, &[("destination_workload", "server")]), 0.0, "not through ztunnel");
+    }
+}
+
+fn policy(name: &str, namespace: &str, action: &str, from_namespaces: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "action": action,
+            "rules": [{ "from": [{ "source": { "namespaces": from_namespaces } }] }],
+        },
+    })
+}
+
+/// AuthorizationPolicy between two namespaces: DENY refuses the connection (counted as DENY
+/// by the destination), the ALLOW case works, and nothing reaches the denied server.
+#[test]
+fn authorization_policy_deny_and_allow_between_namespaces() {
+    let mut c = cluster("e2eaz", 129, Attach::Bridge);
+    c.set_namespace("shop", true).unwrap();
+    let demo = pod(&mut c, 0, "ambient-demo", "demo");
+    let buyer = pod(&mut c, 0, "shop", "buyer");
+    let server = pod(&mut c, 1, "shop", "server");
+    c.wait_converged(WAIT).unwrap();
+    let to = c.pods[server].echo_addr();
+    c.connect(demo, to, "before-policy").unwrap();
+
+    c.write_manifest("policy-deny", &[policy("deny-demo", "shop", "DENY", &["ambient-demo"])])
+        .unwrap();
+    wait_policy(&c, 1, "deny-demo");
+    let before = c.pods[server].accepted().len();
+    assert!(c.connect(demo, to, "denied").is_err(), "DENY did not refuse");
+    c.connect(buyer, to, "same-namespace").unwrap();
+    assert_eq!(c.pods[server].accepted().len(), before + 1, "only the allowed one arrived");
+    // The response flag is known when the connection closes.
+    let demo_id = c.pods[demo].spiffe(c.trust_domain());
+    let denied = [("reporter", "destination"), ("source_principal", demo_id.as_str()), ("response_flags", "DENY")];
+    eventually(WAIT, || {
+        if count(&c, 1, "istio_tcp_connections_closed_total", &denied) >= 1.0 {
+            Ok(())
+        } else {
+            Err("no DENY counted")
+        }
+    })
+    .unwrap();
+
+    // ALLOW only from shop: demo is still refused, buyer allowed.
+    c.manifests.remove("policy-deny").unwrap();
+    c.write_manifest("policy-allow", &[policy("allow-shop", "shop", "ALLOW", &["shop"])])
+        .unwrap();
+    wait_policy(&c, 1, "allow-shop");
+    eventually(WAIT, || {
+        if c.nodes[1].config_dump()?["policies"].to_string().contains("deny-demo") {
+            Err("old policy still loaded".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    c.connect(buyer, to, "allowed").unwrap();
+    assert!(c.connect(demo, to, "not-allowed").is_err(), "ALLOW let a foreign namespace in");
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
