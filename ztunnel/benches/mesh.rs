@@ -21,6 +21,17 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/pid/stat: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn iperf(client: &Pod, server: SocketAddr, streams: u32, secs: u32) -> f64 {
     let out = ns_sh(
         &client.ns,
@@ -105,7 +116,8 @@ fn main() {
         eprintln!("mesh benchmark needs root (network namespaces); skipped");
         return;
     }
-    if std::env::args().any(|a| a == "--list") {
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not: only compile-check.
+    if !std::env::args().any(|a| a == "--bench") {
         return;
     }
     let _ = ztunnel::sys::raise_nofile_limit();
@@ -127,8 +139,12 @@ fn main() {
             (1, "b2", "plain", false),
         ],
     );
-    let z0 = lab.start_ztunnel(0, &["--access-log", "false", "--log-format", "json"]);
-    let z1 = lab.start_ztunnel(1, &["--access-log", "false", "--log-format", "json"]);
+    // BENCH_ZT_ARGS: extra ztunnel flags for experiments (e.g. "--workers 1").
+    let extra = std::env::var("BENCH_ZT_ARGS").unwrap_or_default();
+    let mut args = vec!["--access-log", "false", "--log-format", "json"];
+    args.extend(extra.split_whitespace());
+    let z0 = lab.start_ztunnel(0, &args);
+    let z1 = lab.start_ztunnel(1, &args);
     std::thread::sleep(Duration::from_millis(500));
     let idle = (rss_kib(z0), rss_kib(z1));
     let (a1, a3, b1, b2) = (
@@ -149,10 +165,12 @@ fn main() {
     let echo_mesh = echo_server(&b1, 7000);
     let echo_direct = echo_server(&b2, 7000);
 
-    let t1 = (
-        iperf(&a3, direct_srv, 1, secs),
-        iperf(&a1, mesh_srv, 1, secs),
-    );
+    let t1_direct = iperf(&a3, direct_srv, 1, secs);
+    let cpu0 = cpu_secs(z0) + cpu_secs(z1);
+    let t1_mesh = iperf(&a1, mesh_srv, 1, secs);
+    let cpu = cpu_secs(z0) + cpu_secs(z1) - cpu0;
+    let gbytes = t1_mesh * secs as f64 / 8.0;
+    let t1 = (t1_direct, t1_mesh);
     let t4 = (
         iperf(&a3, direct_srv, 4, secs),
         iperf(&a1, mesh_srv, 4, secs),
@@ -195,6 +213,10 @@ fn main() {
         t4.0,
         t4.1,
         100.0 * t4.1 / t4.0
+    );
+    println!(
+        "| ztunnel CPU per GB carried, both nodes, 1 stream (CPU-seconds/GB) | - | {:.2} | |",
+        cpu / gbytes
     );
     println!(
         "| 64 B request/response p50 (µs) | {:.1} | {:.1} | +{:.1} µs |",

@@ -24,6 +24,8 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest DATA frame either side sends.
 pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Socket read buffer under TLS (rustls itself reads 4 KiB at a time).
+pub const READ_BUFFER: usize = 64 * 1024;
 /// Most concurrent streams the server accepts on one connection.
 pub const SERVER_MAX_STREAMS: u32 = 1000;
 

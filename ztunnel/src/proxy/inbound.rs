@@ -38,7 +38,9 @@ pub(super) async fn inbound(
         .map_err(ProxyError::Certificate)?;
     let tls = tokio::time::timeout(
         p.cfg.connect_timeout,
-        tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(tcp),
+        tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(
+            tokio::io::BufReader::with_capacity(crate::hbone::READ_BUFFER, tcp),
+        ),
     )
     .await
     .map_err(|_| {
