@@ -67,8 +67,17 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Where pods and namespaces come from: `manifests` (default) or `kube`.
+    #[arg(long, env = "AMBIENT_SOURCE")]
+    pub source: Option<String>,
     #[arg(long, env = "AMBIENT_MANIFEST_DIR")]
     pub manifest_dir: Option<PathBuf>,
+    /// Kubeconfig for `--source kube` outside a cluster (default: in-cluster service account).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--source kube`: annotate ambient pods (pods/status) with the decision.
+    #[arg(long, env = "AMBIENT_ANNOTATE_PODS")]
+    pub annotate_pods: bool,
     #[arg(long, env = "AMBIENT_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
     #[arg(long, env = "AMBIENT_CNI_SOCKET")]
@@ -120,7 +129,10 @@ impl RunArgs {
     pub fn to_layer(&self) -> ConfigFile {
         ConfigFile {
             node_name: self.node_name.clone(),
+            source: self.source.clone(),
             manifest_dir: self.manifest_dir.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            annotate_pods: self.annotate_pods.then_some(true),
             run_dir: self.run_dir.clone(),
             cni_socket: self.cni_socket.clone(),
             ztunnel_socket: self.ztunnel_socket.clone(),

@@ -10,12 +10,27 @@ use serde::{Deserialize, Serialize};
 
 use crate::nft::RulesetParams;
 
+/// Where the agent learns pods and namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// A directory of Pod and Namespace manifests (standalone nodes, the lab, tests).
+    Manifests,
+    /// The Kubernetes API (in-cluster service account, or `kubeconfig`).
+    Kube,
+}
+
 /// Effective configuration of `node-agent run`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub node_name: String,
+    pub source: SourceKind,
     /// Directory of Pod/Namespace manifests (the standalone source).
     pub manifest_dir: PathBuf,
+    /// Kubeconfig for the API source outside a cluster (in-cluster configuration otherwise).
+    pub kubeconfig: Option<PathBuf>,
+    /// API source: record the enrolment decision on ambient pods (pods/status annotation).
+    pub annotate_pods: bool,
     pub run_dir: PathBuf,
     pub cni_socket: PathBuf,
     pub admin_socket: PathBuf,
@@ -49,7 +64,11 @@ pub struct Config {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigFile {
     pub node_name: Option<String>,
+    /// `manifests` (default) or `kube`.
+    pub source: Option<String>,
     pub manifest_dir: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub annotate_pods: Option<bool>,
     pub run_dir: Option<PathBuf>,
     pub cni_socket: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
@@ -105,7 +124,10 @@ impl ConfigFile {
         }
         pick!(
             node_name,
+            source,
             manifest_dir,
+            kubeconfig,
+            annotate_pods,
             run_dir,
             cni_socket,
             admin_socket,
@@ -137,8 +159,19 @@ impl Config {
         if node_name.is_empty() {
             errors.push(field("nodeName", "required (--node-name or NODE_NAME)"));
         }
+        let source = match src.source.as_deref() {
+            None | Some("manifests") => SourceKind::Manifests,
+            Some("kube") => SourceKind::Kube,
+            Some(other) => {
+                errors.push(field(
+                    "source",
+                    format!("{other:?} must be manifests or kube"),
+                ));
+                SourceKind::Manifests
+            }
+        };
         let manifest_dir = src.manifest_dir.unwrap_or_default();
-        if manifest_dir.as_os_str().is_empty() {
+        if source == SourceKind::Manifests && manifest_dir.as_os_str().is_empty() {
             errors.push(field(
                 "manifestDir",
                 "required: the directory of Pod and Namespace manifests (--manifest-dir)",
@@ -213,7 +246,10 @@ impl Config {
         }
         Ok(Config {
             node_name,
+            source,
             manifest_dir,
+            kubeconfig: src.kubeconfig,
+            annotate_pods: src.annotate_pods.unwrap_or(false),
             run_dir,
             cni_socket,
             admin_socket,
@@ -316,6 +352,24 @@ mod tests {
         };
         let c = Config::build(file.merge(flags)).unwrap();
         assert_eq!((c.outbound_port, c.hbone_port), (3, 2));
+    }
+
+    #[test]
+    fn kube_source_needs_no_manifest_dir() {
+        let c = Config::build(ConfigFile {
+            node_name: Some("n1".into()),
+            source: Some("kube".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.source, SourceKind::Kube);
+        let errs = Config::build(ConfigFile {
+            node_name: Some("n1".into()),
+            source: Some("api".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(errs[0].to_string().starts_with("source"), "{errs:?}");
     }
 
     #[test]

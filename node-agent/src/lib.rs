@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod host;
 mod http;
+pub mod kube_source;
 pub mod metrics;
 pub mod nft;
 pub mod routing;
@@ -28,8 +29,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::{Command, Core};
-use crate::config::Config;
-use crate::source::{ManifestDirSource, Source};
+use crate::config::{Config, SourceKind};
+use crate::source::{ManifestDirSource, Snapshot, Source};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -37,6 +38,8 @@ pub enum RunError {
     RunDir(std::path::PathBuf, #[source] std::io::Error),
     #[error("reading the manifest directory: {0}")]
     Source(#[from] source::SourceError),
+    #[error("connecting to the Kubernetes API: {0}")]
+    Kube(#[from] kube_source::KubeSourceError),
     #[error(transparent)]
     Dataplane(#[from] nft::DataplaneError),
     #[error("starting the agent core: {0}")]
@@ -89,12 +92,24 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
     // Load the source once before reconciling, so a restart never releases pods it has
     // simply not read yet.
-    let source = ManifestDirSource {
-        dir: cfg.manifest_dir.clone(),
-        node_name: cfg.node_name.clone(),
-        poll: cfg.source_poll,
+    // The API source starts unsynced: the core keeps what it had until both lists complete.
+    let (mut first, source): (Snapshot, Box<dyn Source>) = match cfg.source {
+        SourceKind::Manifests => {
+            let source = ManifestDirSource {
+                dir: cfg.manifest_dir.clone(),
+                node_name: cfg.node_name.clone(),
+                poll: cfg.source_poll,
+            };
+            (source.load()?, Box::new(source))
+        }
+        SourceKind::Kube => {
+            let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
+            let mut source = kube_source::KubeSource::new(client, cfg.node_name.clone());
+            source.annotate = cfg.annotate_pods;
+            source.excluded_namespaces = cfg.excluded_namespaces.clone();
+            (Snapshot::default(), Box::new(source))
+        }
     };
-    let mut first = source.load()?;
     first.generation = 1;
     let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
 
@@ -121,7 +136,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         .expect("spawn core thread");
 
     // Source -> core.
-    let source_task = Box::new(source).run(snap_tx);
+    let source_task = source.run(snap_tx);
     {
         let mut rx = snap_rx.clone();
         let tx = core_tx.clone();

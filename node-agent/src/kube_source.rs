@@ -1,0 +1,619 @@
+//! The Kubernetes API source: a list+watch of the pods of this node (field selector
+//! `spec.nodeName=<node>`) and of all namespaces, converted into the manifest types the rest
+//! of the agent uses and published as whole [`Snapshot`]s behind the same [`Source`] trait as
+//! the manifest directory.
+//!
+//! Each resource runs one reflector loop: list (paged) to get a complete view and a
+//! `resourceVersion`, then watch from it (with bookmarks), following every event's version.
+//! A watch that ends (server timeout, dropped connection) resumes from the last version seen;
+//! `410 Gone` (compacted history, as an HTTP status or an `ERROR` event) relists from scratch,
+//! and the relist *replaces* the cached view, so objects deleted while disconnected disappear.
+//! Failures back off exponentially (capped), reset by the next success.
+//!
+//! Snapshots carry `synced = false` until both initial lists have completed, so the agent
+//! never releases a pod it has simply not read yet. Pods in a terminal phase (Succeeded,
+//! Failed) leave the view at once: their IP may be handed to a new pod. A namespace label
+//! flip is just a new namespace in the next snapshot: the agent re-decides every pod of it.
+//!
+//! Optionally ([`KubeSource::annotate`]) the source records its enrolment decision on each
+//! ambient pod (annotation [`REDIRECTION_ANNOTATION`] through the `pods/status`
+//! subresource, the only write the agent's RBAC allows).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambient_common::manifest::{Namespace, ObjectMeta, Pod, PodIp, PodSpec, PodStatus};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as k8s;
+use kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::sync::{mpsc, watch};
+
+use crate::source::{Snapshot, Source};
+
+/// Annotation recording the agent's decision on an ambient pod (Istio's key, so existing
+/// tooling reads it): `enabled` while the pod is ambient, removed when it no longer is.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// One API call the agent makes, for the RBAC test: (API group, resource, verb).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiCall {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verb: &'static str,
+}
+
+/// Every API call of this module.
+pub const API_CALLS: &[ApiCall] = &[
+    ApiCall {
+        group: "",
+        resource: "pods",
+        verb: "list",
+    },
+    ApiCall {
+        group: "",
+        resource: "pods",
+        verb: "watch",
+    },
+    ApiCall {
+        group: "",
+        resource: "namespaces",
+        verb: "list",
+    },
+    ApiCall {
+        group: "",
+        resource: "namespaces",
+        verb: "watch",
+    },
+    ApiCall {
+        group: "",
+        resource: "pods/status",
+        verb: "patch",
+    },
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("cannot read kubeconfig {path}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no in-cluster configuration (service account token and CA); outside a cluster pass --kubeconfig")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("cannot build the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// A client from a kubeconfig file, or from the in-cluster service account (token, CA and
+/// `KUBERNETES_SERVICE_HOST`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let wrap = |source| KubeSourceError::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
+            let kc = Kubeconfig::read_from(path).map_err(wrap)?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(wrap)?
+        }
+        None => kube::Config::incluster().map_err(KubeSourceError::InCluster)?,
+    };
+    kube::Client::try_from(config).map_err(KubeSourceError::Client)
+}
+
+/// Exponential backoff between failed API calls.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+struct BackoffState {
+    cfg: Backoff,
+    next: Duration,
+}
+
+impl BackoffState {
+    fn new(cfg: Backoff) -> Self {
+        Self {
+            cfg,
+            next: cfg.initial,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = self.cfg.initial;
+    }
+    async fn wait(&mut self) {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cfg.max);
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// The API source.
+pub struct KubeSource {
+    pub client: kube::Client,
+    pub node_name: String,
+    pub backoff: Backoff,
+    /// Server-side watch timeout (seconds); the watch is then resumed.
+    pub watch_timeout: u32,
+    /// Page size of the lists.
+    pub page_size: u32,
+    /// Record the decision on ambient pods (needs `patch` on `pods/status`).
+    pub annotate: bool,
+    /// Excluded namespaces, for the annotation's decision.
+    pub excluded_namespaces: Vec<String>,
+}
+
+impl KubeSource {
+    pub fn new(client: kube::Client, node_name: String) -> Self {
+        Self {
+            client,
+            node_name,
+            backoff: Backoff::default(),
+            watch_timeout: 290,
+            page_size: 500,
+            annotate: false,
+            excluded_namespaces: Vec::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversion: keep only the fields the decision and the agent use.
+
+fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
+    let mut annotations = BTreeMap::new();
+    if let Some(v) = m
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+    {
+        annotations.insert(REDIRECTION_ANNOTATION.to_owned(), v.clone());
+    }
+    ObjectMeta {
+        name: m.name.clone().unwrap_or_default(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        labels: m.labels.clone().unwrap_or_default(),
+        annotations,
+    }
+}
+
+/// A Kubernetes Pod as the agent sees it.
+pub fn convert_pod(p: &k8s::Pod) -> Pod {
+    let spec = p.spec.as_ref();
+    let status = p.status.as_ref();
+    Pod {
+        metadata: meta(&p.metadata),
+        spec: PodSpec {
+            node_name: spec.and_then(|s| s.node_name.clone()),
+            service_account_name: spec.and_then(|s| {
+                s.service_account_name
+                    .clone()
+                    .or_else(|| s.service_account.clone())
+            }),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        },
+        status: PodStatus {
+            phase: status.and_then(|s| s.phase.clone()),
+            pod_ip: status.and_then(|s| s.pod_ip.clone()),
+            pod_ips: status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|ips| ips.iter().map(|i| PodIp { ip: i.ip.clone() }).collect())
+                .unwrap_or_default(),
+            host_ip: status.and_then(|s| s.host_ip.clone()),
+        },
+    }
+}
+
+/// A Kubernetes Namespace as the agent sees it.
+pub fn convert_namespace(n: &k8s::Namespace) -> Namespace {
+    let mut m = meta(&n.metadata);
+    m.annotations.clear();
+    Namespace { metadata: m }
+}
+
+// ---------------------------------------------------------------------------------------
+// The cache both reflectors feed, and what it publishes.
+
+#[derive(Debug)]
+enum Change<T> {
+    /// A complete list: replaces everything of this kind.
+    Relisted(Vec<T>),
+    Applied(T),
+    Deleted(T),
+}
+
+#[derive(Debug)]
+enum Update {
+    Pods(Change<Pod>),
+    Namespaces(Change<Namespace>),
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    pods: HashMap<(String, String), Pod>,
+    namespaces: HashMap<String, Namespace>,
+    pods_listed: bool,
+    namespaces_listed: bool,
+}
+
+fn pod_key(p: &Pod) -> (String, String) {
+    (p.namespace().to_owned(), p.metadata.name.clone())
+}
+
+impl Cache {
+    fn apply(&mut self, u: Update) {
+        match u {
+            Update::Pods(Change::Relisted(items)) => {
+                self.pods = items
+                    .into_iter()
+                    .filter(|p| !p.is_terminal())
+                    .map(|p| (pod_key(&p), p))
+                    .collect();
+                self.pods_listed = true;
+            }
+            Update::Pods(Change::Applied(p)) => {
+                let key = pod_key(&p);
+                if p.is_terminal() {
+                    // Its network is gone and its IP may be reused: release it now.
+                    self.pods.remove(&key);
+                } else {
+                    self.pods.insert(key, p);
+                }
+            }
+            Update::Pods(Change::Deleted(p)) => {
+                let key = pod_key(&p);
+                // A pod of the same name recreated meanwhile has another uid: keep it.
+                let same = self.pods.get(&key).is_some_and(|have| {
+                    have.metadata.uid == p.metadata.uid || p.metadata.uid.is_none()
+                });
+                if same {
+                    self.pods.remove(&key);
+                }
+            }
+            Update::Namespaces(Change::Relisted(items)) => {
+                self.namespaces = items
+                    .into_iter()
+                    .map(|n| (n.metadata.name.clone(), n))
+                    .collect();
+                self.namespaces_listed = true;
+            }
+            Update::Namespaces(Change::Applied(n)) => {
+                self.namespaces.insert(n.metadata.name.clone(), n);
+            }
+            Update::Namespaces(Change::Deleted(n)) => {
+                self.namespaces.remove(&n.metadata.name);
+            }
+        }
+    }
+
+    fn snapshot(&self, generation: u64) -> Snapshot {
+        Snapshot {
+            pods: self.pods.clone(),
+            namespaces: self.namespaces.clone(),
+            generation,
+            synced: self.pods_listed && self.namespaces_listed,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The reflector loop, generic over the resource.
+
+/// Why a watch stopped.
+enum WatchEnd {
+    /// The stream ended or broke: resume from the last version.
+    Resume,
+    /// The version is too old (410): list again.
+    Relist,
+}
+
+fn is_gone(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 410)
+}
+
+async fn list_all<K>(
+    api: &kube::Api<K>,
+    fields: Option<&str>,
+    page: u32,
+) -> Result<(Vec<K>, String), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut lp = ListParams::default().limit(page);
+        if let Some(f) = fields {
+            lp = lp.fields(f);
+        }
+        if let Some(t) = &token {
+            lp = lp.continue_token(t);
+        }
+        let list = api.list(&lp).await?;
+        out.extend(list.items);
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => token = Some(c),
+            None => {
+                let rv = list.metadata.resource_version.unwrap_or_default();
+                return Ok((out, rv));
+            }
+        }
+    }
+}
+
+struct Reflector<K, T> {
+    api: kube::Api<K>,
+    fields: Option<String>,
+    what: &'static str,
+    convert: fn(&K) -> T,
+    wrap: fn(Change<T>) -> Update,
+    backoff: Backoff,
+    watch_timeout: u32,
+    page_size: u32,
+}
+
+impl<K, T> Reflector<K, T>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    T: Send + 'static,
+{
+    async fn run(self, tx: mpsc::Sender<Update>) {
+        let mut backoff = BackoffState::new(self.backoff);
+        let mut version: Option<String> = None;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let rv = match version.clone() {
+                Some(v) => v,
+                None => match list_all(&self.api, self.fields.as_deref(), self.page_size).await {
+                    Ok((items, rv)) => {
+                        tracing::debug!(what = self.what, count = items.len(), %rv, "listed");
+                        let items = items.iter().map(self.convert).collect();
+                        if tx.send((self.wrap)(Change::Relisted(items))).await.is_err() {
+                            return;
+                        }
+                        backoff.reset();
+                        version = Some(rv.clone());
+                        rv
+                    }
+                    Err(e) => {
+                        tracing::warn!(what = self.what, error = %e, "list failed; retrying with backoff");
+                        backoff.wait().await;
+                        continue;
+                    }
+                },
+            };
+            match self.watch_from(&rv, &mut version, &tx, &mut backoff).await {
+                Some(WatchEnd::Relist) => {
+                    tracing::info!(what = self.what, %rv, "watch history expired (410 Gone); relisting");
+                    version = None;
+                }
+                Some(WatchEnd::Resume) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// Watches from `rv`, updating `version` with every event. `None` when the receiver
+    /// is gone.
+    async fn watch_from(
+        &self,
+        rv: &str,
+        version: &mut Option<String>,
+        tx: &mpsc::Sender<Update>,
+        backoff: &mut BackoffState,
+    ) -> Option<WatchEnd> {
+        let mut wp = WatchParams::default().timeout(self.watch_timeout);
+        if let Some(f) = &self.fields {
+            wp = wp.fields(f);
+        }
+        let stream = match self.api.watch(&wp, rv).await {
+            Ok(s) => s,
+            Err(e) if is_gone(&e) => return Some(WatchEnd::Relist),
+            Err(e) => {
+                tracing::warn!(what = self.what, error = %e, "watch failed; retrying with backoff");
+                backoff.wait().await;
+                return Some(WatchEnd::Resume);
+            }
+        };
+        let mut stream = std::pin::pin!(stream);
+        let mut events = 0usize;
+        while let Some(item) = stream.next().await {
+            let change = match item {
+                Ok(WatchEvent::Added(o)) | Ok(WatchEvent::Modified(o)) => {
+                    *version = o.meta().resource_version.clone().or(version.take());
+                    Change::Applied((self.convert)(&o))
+                }
+                Ok(WatchEvent::Deleted(o)) => {
+                    *version = o.meta().resource_version.clone().or(version.take());
+                    Change::Deleted((self.convert)(&o))
+                }
+                Ok(WatchEvent::Bookmark(b)) => {
+                    *version = Some(b.metadata.resource_version);
+                    events += 1;
+                    continue;
+                }
+                Ok(WatchEvent::Error(s)) if s.code == 410 => return Some(WatchEnd::Relist),
+                Ok(WatchEvent::Error(s)) => {
+                    tracing::warn!(what = self.what, code = s.code, message = %s.message, "watch error event; resuming with backoff");
+                    backoff.wait().await;
+                    return Some(WatchEnd::Resume);
+                }
+                Err(e) => {
+                    tracing::warn!(what = self.what, error = %e, "watch stream broke; resuming with backoff");
+                    backoff.wait().await;
+                    return Some(WatchEnd::Resume);
+                }
+            };
+            events += 1;
+            backoff.reset();
+            if tx.send((self.wrap)(change)).await.is_err() {
+                return None;
+            }
+        }
+        if events == 0 {
+            // A server that closes every watch at once must not make us spin.
+            backoff.wait().await;
+        }
+        Some(WatchEnd::Resume)
+    }
+}
+
+impl Source for KubeSource {
+    fn run(self: Box<Self>, tx: watch::Sender<Arc<Snapshot>>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let (utx, mut urx) = mpsc::channel::<Update>(256);
+            let fields = format!("spec.nodeName={}", self.node_name);
+            let pods = Reflector {
+                api: kube::Api::<k8s::Pod>::all(self.client.clone()),
+                fields: Some(fields),
+                what: "pods",
+                convert: convert_pod,
+                wrap: Update::Pods,
+                backoff: self.backoff,
+                watch_timeout: self.watch_timeout,
+                page_size: self.page_size,
+            };
+            let namespaces = Reflector {
+                api: kube::Api::<k8s::Namespace>::all(self.client.clone()),
+                fields: None,
+                what: "namespaces",
+                convert: convert_namespace,
+                wrap: Update::Namespaces,
+                backoff: self.backoff,
+                watch_timeout: self.watch_timeout,
+                page_size: self.page_size,
+            };
+            let tasks = [
+                tokio::spawn(pods.run(utx.clone())),
+                tokio::spawn(namespaces.run(utx)),
+            ];
+            let annotator = self.annotate.then(|| {
+                tokio::spawn(annotate(
+                    self.client.clone(),
+                    tx.subscribe(),
+                    self.excluded_namespaces.clone(),
+                ))
+            });
+            let mut cache = Cache::default();
+            let mut generation = tx.borrow().generation;
+            let mut was_synced = false;
+            while let Some(first) = urx.recv().await {
+                cache.apply(first);
+                // Publish once per burst.
+                while let Ok(more) = urx.try_recv() {
+                    cache.apply(more);
+                }
+                generation += 1;
+                let snap = cache.snapshot(generation);
+                if snap.synced && !was_synced {
+                    tracing::info!(
+                        pods = snap.pods.len(),
+                        namespaces = snap.namespaces.len(),
+                        "Kubernetes source synced"
+                    );
+                    was_synced = true;
+                }
+                if tx.send(Arc::new(snap)).is_err() {
+                    break;
+                }
+            }
+            for t in tasks {
+                t.abort();
+            }
+            if let Some(a) = annotator {
+                a.abort();
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Recording the decision on the pod.
+
+/// The annotation value a pod should carry (`None`: no annotation).
+pub fn desired_annotation(snap: &Snapshot, pod: &Pod, excluded: &[String]) -> Option<&'static str> {
+    if pod.ips().is_empty() {
+        return None;
+    }
+    snap.decide(pod, excluded)
+        .filter(|d| d.is_ambient())
+        .map(|_| "enabled")
+}
+
+async fn annotate(
+    client: kube::Client,
+    mut rx: watch::Receiver<Arc<Snapshot>>,
+    excluded: Vec<String>,
+) {
+    // What we last asked for, by uid, so a patch is sent once until the watch echoes it.
+    let mut asked: HashMap<String, Option<&'static str>> = HashMap::new();
+    while rx.changed().await.is_ok() {
+        let snap = rx.borrow_and_update().clone();
+        if !snap.synced {
+            continue;
+        }
+        for pod in snap.pods.values() {
+            let Some(uid) = pod.metadata.uid.clone() else {
+                continue;
+            };
+            let want = desired_annotation(&snap, pod, &excluded);
+            let have = pod
+                .metadata
+                .annotations
+                .get(REDIRECTION_ANNOTATION)
+                .map(String::as_str);
+            if have == want || asked.get(&uid) == Some(&want) {
+                continue;
+            }
+            let api: kube::Api<k8s::Pod> = kube::Api::namespaced(client.clone(), pod.namespace());
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: want}}});
+            match api
+                .patch_status(
+                    &pod.metadata.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    asked.insert(uid, want);
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = pod.namespace(), pod = %pod.metadata.name, error = %e, "cannot record the enrolment on the pod")
+                }
+            }
+        }
+        asked.retain(|uid, _| {
+            snap.pods
+                .values()
+                .any(|p| p.metadata.uid.as_ref() == Some(uid))
+        });
+    }
+}
+
+#[cfg(test)]
+mod fake_api;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,436 @@
+//! An in-process stand-in for the Kubernetes API server, speaking the real list/watch
+//! protocol over HTTP/1.1 on loopback: JSON lists with `resourceVersion` and `limit`/
+//! `continue` paging, chunked watch streams of ADDED/MODIFIED/DELETED/BOOKMARK events, `410
+//! Gone` for compacted versions (as an ERROR event on watch, as a status on list), merge
+//! patches on `pods/status`. Tests drive it (put, delete, bookmark, compact, drop watches,
+//! fail requests) and read back every request the real client sent.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    rv: u64,
+    resource: &'static str,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rv: u64,
+    /// (resource, namespace, name) -> object.
+    objects: BTreeMap<(&'static str, String, String), Value>,
+    log: Vec<Event>,
+    /// Versions below this are too old to watch from (410).
+    compacted: u64,
+    requests: Vec<Request>,
+    fail_next: VecDeque<u16>,
+}
+
+#[derive(Clone)]
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    /// Bumped on every change, so open watches look at the log again.
+    changed: watch::Sender<u64>,
+    /// Bumped to cut every open watch connection abruptly.
+    cut: watch::Sender<u64>,
+}
+
+fn resource_of(kind: &str) -> &'static str {
+    match kind {
+        "Pod" => "pods",
+        "Namespace" => "namespaces",
+        other => panic!("fake API knows no kind {other}"),
+    }
+}
+
+fn decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(h, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn matches(obj: &Value, query: &BTreeMap<String, String>) -> bool {
+    match query.get("fieldSelector") {
+        None => true,
+        Some(sel) => sel.split(',').all(|term| {
+            let (k, v) = term.split_once('=').unwrap();
+            match k {
+                "spec.nodeName" => obj["spec"]["nodeName"].as_str() == Some(v),
+                "metadata.name" => obj["metadata"]["name"].as_str() == Some(v),
+                other => panic!("fake API cannot select on {other}"),
+            }
+        }),
+    }
+}
+
+impl FakeApi {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = FakeApi {
+            addr: listener.local_addr().unwrap(),
+            state: Arc::default(),
+            changed: watch::channel(0).0,
+            cut: watch::channel(0).0,
+        };
+        let server = api.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let s = server.clone();
+                tokio::spawn(async move {
+                    let _ = s.serve(conn).await;
+                });
+            }
+        });
+        api
+    }
+
+    pub fn client(&self) -> kube::Client {
+        let cfg = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        kube::Client::try_from(cfg).unwrap()
+    }
+
+    fn record(&self, st: &mut State, resource: &'static str, kind: &'static str, object: Value) {
+        st.log.push(Event {
+            rv: st.rv,
+            resource,
+            kind,
+            object,
+        });
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED); returns its resourceVersion.
+    pub fn put(&self, mut obj: Value) -> u64 {
+        let resource = resource_of(obj["kind"].as_str().unwrap());
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = obj["metadata"]["name"].as_str().unwrap().to_owned();
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        if obj["metadata"]["uid"].is_null() {
+            obj["metadata"]["uid"] = json!(format!("uid-{ns}-{name}-{}", st.rv));
+        }
+        let key = (resource, ns, name);
+        let kind = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key, obj.clone());
+        let rv = st.rv;
+        self.record(&mut st, resource, kind, obj);
+        rv
+    }
+
+    pub fn get(&self, resource: &'static str, ns: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .get(&(resource, ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn delete(&self, resource: &'static str, ns: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        let mut obj = st
+            .objects
+            .remove(&(resource, ns.to_owned(), name.to_owned()))
+            .expect("delete of a missing object");
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        self.record(&mut st, resource, "DELETED", obj);
+    }
+
+    /// A BOOKMARK at the current version for watchers of `resource`.
+    pub fn bookmark(&self, resource: &'static str) -> u64 {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let kind = if resource == "pods" {
+            "Pod"
+        } else {
+            "Namespace"
+        };
+        let obj = json!({"kind": kind, "apiVersion": "v1",
+            "metadata": {"resourceVersion": st.rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}});
+        let rv = st.rv;
+        self.record(&mut st, resource, "BOOKMARK", obj);
+        rv
+    }
+
+    /// Forgets history: watching from any version up to now answers 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.compacted = st.rv + 1;
+    }
+
+    /// Cuts every open watch connection without ending the chunked stream.
+    pub fn cut_watches(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+
+    /// The next `n` requests are answered with `code`.
+    pub fn fail_next(&self, code: u16, n: usize) {
+        let mut st = self.state.lock().unwrap();
+        st.fail_next.extend(std::iter::repeat_n(code, n));
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    async fn serve(&self, conn: TcpStream) -> std::io::Result<()> {
+        let mut conn = BufReader::new(conn);
+        let mut line = String::new();
+        conn.read_line(&mut line).await?;
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_owned();
+        let target = parts.next().unwrap_or_default().to_owned();
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            conn.read_line(&mut h).await?;
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        conn.read_exact(&mut body).await?;
+        let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+        let query: BTreeMap<String, String> = q
+            .split('&')
+            .filter(|s| !s.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (decode(k), decode(v))
+            })
+            .collect();
+        let req = Request {
+            method: method.clone(),
+            path: path.to_owned(),
+            query: query.clone(),
+        };
+        let fail = {
+            let mut st = self.state.lock().unwrap();
+            st.requests.push(req);
+            st.fail_next.pop_front()
+        };
+        let mut conn = conn.into_inner();
+        if let Some(code) = fail {
+            return respond(
+                &mut conn,
+                code,
+                &status(code, "InternalError", "injected failure"),
+            )
+            .await;
+        }
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (method.as_str(), segs.as_slice()) {
+            ("GET", ["api", "v1", "pods"]) => self.list_or_watch(&mut conn, "pods", &query).await,
+            ("GET", ["api", "v1", "namespaces"]) => {
+                self.list_or_watch(&mut conn, "namespaces", &query).await
+            }
+            ("PATCH", ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
+                let patch: Value = serde_json::from_slice(&body).unwrap();
+                let Some(mut pod) = self.get("pods", ns, name) else {
+                    return respond(&mut conn, 404, &status(404, "NotFound", "pod not found"))
+                        .await;
+                };
+                if let Some(ann) = patch["metadata"]["annotations"].as_object() {
+                    for (k, v) in ann {
+                        if v.is_null() {
+                            if let Some(m) = pod["metadata"]["annotations"].as_object_mut() {
+                                m.remove(k);
+                            }
+                        } else {
+                            pod["metadata"]["annotations"][k] = v.clone();
+                        }
+                    }
+                }
+                self.put(pod);
+                let pod = self.get("pods", ns, name).unwrap();
+                respond(&mut conn, 200, &pod).await
+            }
+            _ => respond(&mut conn, 404, &status(404, "NotFound", "no such path")).await,
+        }
+    }
+
+    async fn list_or_watch(
+        &self,
+        conn: &mut TcpStream,
+        resource: &'static str,
+        query: &BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        if query.get("watch").map(String::as_str) == Some("true") {
+            return self.watch(conn, resource, query).await;
+        }
+        let (code, body) = self.list_page(resource, query);
+        respond(conn, code, &body).await
+    }
+
+    fn list_page(&self, resource: &'static str, query: &BTreeMap<String, String>) -> (u16, Value) {
+        let st = self.state.lock().unwrap();
+        // Paging: the continue token is "<rv>:<offset>", like the real one it pins a version.
+        let (at, offset) = match query.get("continue") {
+            Some(t) => {
+                let (rv, off) = t.split_once(':').unwrap();
+                (rv.parse::<u64>().unwrap(), off.parse::<usize>().unwrap())
+            }
+            None => (st.rv, 0),
+        };
+        if at < st.compacted && query.contains_key("continue") {
+            return (
+                410,
+                status(410, "Expired", "The provided continue parameter is too old"),
+            );
+        }
+        let all: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((r, _, _), o)| *r == resource && matches(o, query))
+            .map(|(_, o)| o.clone())
+            .collect();
+        let limit = query
+            .get("limit")
+            .map(|l| l.parse::<usize>().unwrap())
+            .unwrap_or(usize::MAX);
+        let page: Vec<Value> = all.iter().skip(offset).take(limit).cloned().collect();
+        let mut meta = json!({"resourceVersion": at.to_string()});
+        if offset + page.len() < all.len() {
+            meta["continue"] = json!(format!("{at}:{}", offset + page.len()));
+        }
+        let kind = if resource == "pods" {
+            "PodList"
+        } else {
+            "NamespaceList"
+        };
+        (
+            200,
+            json!({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": page}),
+        )
+    }
+
+    async fn watch(
+        &self,
+        conn: &mut TcpStream,
+        resource: &'static str,
+        query: &BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+        conn.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        let too_old = self.state.lock().unwrap().compacted > from;
+        if too_old {
+            let ev = json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")});
+            chunk(conn, &ev).await?;
+            return conn.write_all(b"0\r\n\r\n").await;
+        }
+        let mut changed = self.changed.subscribe();
+        let mut cut = self.cut.subscribe();
+        let mut sent = from;
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(290);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        loop {
+            let pending: Vec<Event> = {
+                let st = self.state.lock().unwrap();
+                st.log
+                    .iter()
+                    .filter(|e| e.rv > sent && e.resource == resource)
+                    .filter(|e| e.kind != "BOOKMARK" || bookmarks)
+                    .filter(|e| e.kind == "BOOKMARK" || matches(&e.object, query))
+                    .cloned()
+                    .collect()
+            };
+            for e in pending {
+                sent = e.rv;
+                chunk(conn, &json!({"type": e.kind, "object": e.object})).await?;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = cut.changed() => {
+                    // Abrupt: no terminating chunk.
+                    return conn.shutdown().await;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return conn.write_all(b"0\r\n\r\n").await;
+                }
+            }
+        }
+    }
+}
+
+async fn chunk(conn: &mut TcpStream, v: &Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(v).unwrap();
+    line.push(b'\n');
+    conn.write_all(format!("{:x}\r\n", line.len()).as_bytes())
+        .await?;
+    conn.write_all(&line).await?;
+    conn.write_all(b"\r\n").await?;
+    conn.flush().await
+}
+
+async fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let body = serde_json::to_vec(body).unwrap();
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(&body).await?;
+    conn.shutdown().await
+}
