@@ -336,6 +336,12 @@ impl Pod {
             .check(&self.node.conflist, &self.rt, &self.result)
     }
 
+    /// Forgets the attachment without DEL, as when a sandbox dies and its runtime never
+    /// calls DEL: dropping the pod then only deletes its namespace (and with it the veth).
+    pub fn abandon(&mut self) {
+        self.attached = false;
+    }
+
     /// DEL through the chain now (Drop then does nothing more than delete the namespace).
     pub fn detach(&mut self) -> Result<(), CniError> {
         let cached = (!self.result.is_null()).then_some(&self.result);

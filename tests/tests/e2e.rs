@@ -444,3 +444,52 @@ fn authorization_policy_deny_and_allow_between_namespaces() {
     assert!(c.connect(demo, to, "not-allowed").is_err(), "ALLOW let a foreign namespace in");
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
+
+/// When ADD returns for an ambient pod, its redirection is in place (the kubelet starts the
+/// containers right after: their first packet must already be captured).
+#[test]
+#[ignore = "F1: node-agent decides ADD on a stale snapshot (race; see notes/lab-findings.md)"]
+fn ambient_pod_is_captured_when_add_returns() {
+    let mut c = cluster("e2ead", 130, Attach::Bridge);
+    let mut missing = Vec::new();
+    for i in 0..8 {
+        let p = pod(&mut c, 0, "ambient-demo", &format!("p{i}"));
+        let ip = c.pods[p].ip.to_string();
+        let set = c.nodes[0]
+            .ns()
+            .exec("nft", &["list", "set", "inet", "ambient", "pod_v4"])
+            .unwrap();
+        if !set.contains(&ip) {
+            missing.push(format!("p{i} ({ip})"));
+        }
+    }
+    assert!(missing.is_empty(), "ADD returned before the pod was captured: {missing:?}");
+}
+
+/// A pod created on another node is reached by an ambient client right away (before every
+/// ztunnel has read the new Pod): the client's payload must never cross in plaintext.
+#[test]
+#[ignore = "F2: ztunnel passes an unknown (not yet discovered) pod IP through in plaintext"]
+fn a_brand_new_remote_pod_is_never_reached_in_plaintext() {
+    let mut c = cluster("e2enw", 131, Attach::Bridge);
+    let client = pod(&mut c, 0, "ambient-demo", "client");
+    c.wait_converged(WAIT).unwrap();
+    let cap = c.capture_underlay("new").unwrap();
+    let m = marker("new");
+    let mut ambient = c.ambient_ips();
+    for i in 0..4 {
+        let s = pod(&mut c, 1, "ambient-demo", &format!("new{i}"));
+        ambient.push(c.pods[s].ip);
+        // Right away, as a client would retry a freshly resolved address.
+        let _ = eventually(Duration::from_secs(3), || c.connect(client, c.pods[s].echo_addr(), &m));
+    }
+    let packets = quiet(&c, cap);
+    let leaks = ambient_plaintext(&packets, &ambient, HBONE);
+    assert!(
+        leaks.is_empty() && !payload_contains(&packets, m.as_bytes()),
+        "an ambient pod's payload crossed in plaintext: {} packets, e.g. {:?}; flows {:?}",
+        leaks.len(),
+        leaks.first().map(|p| (p.src, p.sport, p.dst, p.dport, String::from_utf8_lossy(&p.payload).into_owned())),
+        UnderlaySummary::from_packets(&packets).flows
+    );
+}
