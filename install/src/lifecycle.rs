@@ -1,9 +1,13 @@
 //! Uninstall or upgrade? When the installer is told to stop, it asks the API server about
-//! the DaemonSet that runs it: gone (404) or carrying a `deletionTimestamp` means the
-//! operator is removing the data plane, so the plugin comes out of the chain; anything else
-//! (the DaemonSet is there: a rolling upgrade or a restart; or the API cannot say) leaves the
-//! plugin in place, so new pods wait for the next agent instead of starting unprotected.
-//! Failing to decide fails closed.
+//! the DaemonSet that runs it:
+//! - gone (404) or carrying a `deletionTimestamp`: the operator is removing the data plane;
+//! - 401 or 403: our service account or its Role is gone, which happens only when the
+//!   install itself is being deleted (`kubectl delete -k` removes the namespace, the
+//!   service account and the RBAC together, in no guaranteed order);
+//!
+//! in those cases the plugin comes out of the chain. Anything else (the DaemonSet is there: a
+//! rolling upgrade or a restart; or the API is unreachable, slow or failing) leaves the plugin
+//! in place, so new pods wait for the next agent instead of starting unprotected.
 
 use std::path::Path;
 use std::time::Duration;
@@ -79,6 +83,12 @@ pub fn decide(result: Result<DaemonSet, kube::Error>) -> ExitDecision {
         Err(kube::Error::Api(s)) if s.code == 404 => {
             ExitDecision::Uninstall("the DaemonSet is gone".into())
         }
+        Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => {
+            ExitDecision::Uninstall(format!(
+                "our service account or its Role is gone ({}): the install is being deleted",
+                s.code
+            ))
+        }
         Err(e) => ExitDecision::Keep(format!(
             "cannot tell whether the DaemonSet is being deleted ({e}); leaving the plugin in place"
         )),
@@ -124,7 +134,13 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
             ));
         assert!(matches!(decide(Ok(ds)), ExitDecision::Uninstall(_)));
-        for code in [401, 403, 500, 503] {
+        for code in [401, 403] {
+            assert!(
+                matches!(decide(Err(status(code))), ExitDecision::Uninstall(_)),
+                "{code}"
+            );
+        }
+        for code in [409, 429, 500, 503] {
             assert!(
                 matches!(decide(Err(status(code))), ExitDecision::Keep(_)),
                 "{code}"
