@@ -47,7 +47,7 @@ pub enum ClusterError {
     #[error("namespace operation failed")]
     NetNs(#[from] NetNsError),
     #[error("node setup failed")]
-    Topo(#[from] TopoError),
+    Topo(#[source] Box<TopoError>),
     #[error("binary missing")]
     Bin(#[from] bins::BinError),
     #[error("cannot write {path}")]
@@ -71,7 +71,7 @@ pub enum ClusterError {
         name: String,
         log: String,
         #[source]
-        source: TopoError,
+        source: Box<TopoError>,
     },
     #[error("pod {0} got no IPv4 address from the chain")]
     NoAddress(String),
@@ -81,6 +81,12 @@ pub enum ClusterError {
     Capture(#[from] crate::capture::CaptureError),
     #[error("cannot work inside a namespace")]
     InNs(#[from] inns::InNsError),
+}
+
+impl From<TopoError> for ClusterError {
+    fn from(e: TopoError) -> Self {
+        ClusterError::Topo(Box::new(e))
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
@@ -350,7 +356,11 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for n in &self.nodes {
                 for (what, path) in [("node-agent", n.agent_log()), ("ztunnel", n.ztunnel_log())] {
-                    eprintln!("==== {what} log of {} (tail) ====\n{}", n.name, tail(&path, 40));
+                    eprintln!(
+                        "==== {what} log of {} (tail) ====\n{}",
+                        n.name,
+                        tail(&path, 40)
+                    );
                 }
             }
         }
@@ -370,7 +380,12 @@ impl Cluster {
     /// namespaces `ambient-demo` (ambient) and `legacy` exist from the start.
     pub fn new(spec: ClusterSpec) -> Result<Self, ClusterError> {
         let bins = BinDir::current()?;
-        for b in [bins::NODE_AGENT, bins::ZTUNNEL, bins::AMBIENT_CNI, bins::NETPROBE] {
+        for b in [
+            bins::NODE_AGENT,
+            bins::ZTUNNEL,
+            bins::AMBIENT_CNI,
+            bins::NETPROBE,
+        ] {
             bins.find(b)?;
         }
         let root = match &spec.root {
@@ -405,7 +420,14 @@ impl Cluster {
         };
         let ca_dir = cluster.ca_dir();
         run(std::process::Command::new(cluster.bin(bins::ZTUNNEL))
-            .args(["ca", "init", "--trust-domain", &spec.trust_domain, "--force", "--dir"])
+            .args([
+                "ca",
+                "init",
+                "--trust-domain",
+                &spec.trust_domain,
+                "--force",
+                "--dir",
+            ])
             .arg(&ca_dir))?;
         cluster.set_namespace("ambient-demo", true)?;
         cluster.set_namespace("legacy", false)?;
@@ -418,7 +440,9 @@ impl Cluster {
                 if a != b {
                     let via = cluster.nodes[b].underlay_ip.to_string();
                     let cidr = spec.addressing.pod_cidr(b + 1);
-                    cluster.nodes[a].ns().ip(&["route", "add", &cidr, "via", &via])?;
+                    cluster.nodes[a]
+                        .ns()
+                        .ip(&["route", "add", &cidr, "via", &via])?;
                 }
             }
         }
@@ -500,16 +524,22 @@ impl Cluster {
         let n = &self.nodes[i];
         let (out, err) = Self::log_file(&n.ztunnel_log())?;
         let mut cmd = n.ns().command(self.bin(bins::ZTUNNEL));
-        cmd.args(["run", "--node-name", &n.name, "--trust-domain", &self.spec.trust_domain])
-            .arg("--manifest-dir")
-            .arg(self.manifests.path())
-            .arg("--ca-dir")
-            .arg(self.ca_dir())
-            .arg("--agent-socket")
-            .arg(n.ztunnel_socket())
-            .args(&self.spec.ztunnel_args)
-            .stdout(out)
-            .stderr(err);
+        cmd.args([
+            "run",
+            "--node-name",
+            &n.name,
+            "--trust-domain",
+            &self.spec.trust_domain,
+        ])
+        .arg("--manifest-dir")
+        .arg(self.manifests.path())
+        .arg("--ca-dir")
+        .arg(self.ca_dir())
+        .arg("--agent-socket")
+        .arg(n.ztunnel_socket())
+        .args(&self.spec.ztunnel_args)
+        .stdout(out)
+        .stderr(err);
         let pid = n.ns().spawn(&mut cmd)?;
         self.nodes[i].ztunnel_pid = Some(pid);
         let n = &self.nodes[i];
@@ -595,7 +625,10 @@ impl Cluster {
     pub fn set_namespace(&mut self, name: &str, ambient: bool) -> Result<(), ClusterError> {
         use ambient_common::constants::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
         let labels = if ambient {
-            vec![(DATAPLANE_MODE_LABEL.to_owned(), DATAPLANE_MODE_AMBIENT.to_owned())]
+            vec![(
+                DATAPLANE_MODE_LABEL.to_owned(),
+                DATAPLANE_MODE_AMBIENT.to_owned(),
+            )]
         } else {
             Vec::new()
         };
@@ -604,7 +637,8 @@ impl Cluster {
             .namespaces
             .iter()
             .map(|(n, l)| {
-                let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let l: Vec<(&str, &str)> =
+                    l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 manifests::namespace(n, &l)
             })
             .collect();
@@ -612,8 +646,18 @@ impl Cluster {
         Ok(())
     }
 
-    fn pod_manifest(&self, meta: &PodMeta, node: usize, sa: &str, labels: &[(String, String)], ip: Option<Ipv4Addr>) -> Value {
-        let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    fn pod_manifest(
+        &self,
+        meta: &PodMeta,
+        node: usize,
+        sa: &str,
+        labels: &[(String, String)],
+        ip: Option<Ipv4Addr>,
+    ) -> Value {
+        let l: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut p = manifests::pod(meta, &self.nodes[node].name, sa, &l);
         match ip {
             Some(ip) => {
@@ -669,7 +713,7 @@ impl Cluster {
                 namespace: meta.namespace.clone(),
                 name: meta.name.clone(),
                 log: tail(&self.nodes[node].agent_log(), 30),
-                source,
+                source: Box::new(source),
             })?;
         let ip: Ipv4Addr = pod
             .ips()
@@ -679,8 +723,10 @@ impl Cluster {
                 IpAddr::V6(_) => None,
             })
             .ok_or_else(|| ClusterError::NoAddress(meta.name.clone()))?;
-        self.manifests
-            .write(&stem, &[self.pod_manifest(&meta, node, &sa, &labels, Some(ip))])?;
+        self.manifests.write(
+            &stem,
+            &[self.pod_manifest(&meta, node, &sa, &labels, Some(ip))],
+        )?;
         let mut cp = ClusterPod {
             pod,
             node,
@@ -710,13 +756,19 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let pid = pod.ns().spawn(&mut cmd)?;
-        eventually(READY_WAIT, || if ready.exists() { Ok(()) } else { Err("echo not listening") })
-            .map_err(|e| ClusterError::NotReady {
-                what: "echo server",
-                node: pod.meta.name.clone(),
-                detail: e.to_string(),
-                log: String::new(),
-            })?;
+        eventually(READY_WAIT, || {
+            if ready.exists() {
+                Ok(())
+            } else {
+                Err("echo not listening")
+            }
+        })
+        .map_err(|e| ClusterError::NotReady {
+            what: "echo server",
+            node: pod.meta.name.clone(),
+            detail: e.to_string(),
+            log: String::new(),
+        })?;
         Ok(pid)
     }
 
@@ -854,7 +906,8 @@ impl Cluster {
         let path = self.root.path().join("kube-proxy.nft");
         std::fs::write(&path, &rules).map_err(io_err(&path))?;
         for n in &self.nodes {
-            n.ns().exec("nft", &[std::ffi::OsStr::new("-f"), path.as_os_str()])?;
+            n.ns()
+                .exec("nft", &[std::ffi::OsStr::new("-f"), path.as_os_str()])?;
         }
         Ok(())
     }
@@ -868,7 +921,12 @@ impl Cluster {
     /// Connects from pod `from` to `to`, sends `payload`, expects it echoed.
     pub fn connect(&self, from: usize, to: SocketAddr, payload: &str) -> Result<String, String> {
         in_ns(&self.pods[from].ns().path(), || {
-            crate::probe::connect(to, payload.as_bytes(), Some(payload.as_bytes()), Duration::from_secs(3))
+            crate::probe::connect(
+                to,
+                payload.as_bytes(),
+                Some(payload.as_bytes()),
+                Duration::from_secs(3),
+            )
         })
         .map_err(|e| e.to_string())?
         .map(|r| r.received)
@@ -876,9 +934,19 @@ impl Cluster {
     }
 
     /// Connects from node `node`'s own namespace (a kubelet probe).
-    pub fn connect_from_node(&self, node: usize, to: SocketAddr, payload: &str) -> Result<String, String> {
+    pub fn connect_from_node(
+        &self,
+        node: usize,
+        to: SocketAddr,
+        payload: &str,
+    ) -> Result<String, String> {
         in_ns(&self.nodes[node].ns().path(), || {
-            crate::probe::connect(to, payload.as_bytes(), Some(payload.as_bytes()), Duration::from_secs(3))
+            crate::probe::connect(
+                to,
+                payload.as_bytes(),
+                Some(payload.as_bytes()),
+                Duration::from_secs(3),
+            )
         })
         .map_err(|e| e.to_string())?
         .map(|r| r.received)
@@ -886,7 +954,12 @@ impl Cluster {
     }
 
     /// A large echo transfer from pod `from` to `to`.
-    pub fn transfer(&self, from: usize, to: SocketAddr, data: &[u8]) -> Result<inns::TransferReport, String> {
+    pub fn transfer(
+        &self,
+        from: usize,
+        to: SocketAddr,
+        data: &[u8],
+    ) -> Result<inns::TransferReport, String> {
         in_ns(&self.pods[from].ns().path(), || {
             inns::transfer(to, data, Duration::from_secs(30))
         })
@@ -897,18 +970,29 @@ impl Cluster {
     /// Starts tcpdump on the underlay bridge (TCP only).
     pub fn capture_underlay(&self, name: &str) -> Result<Capture, ClusterError> {
         let file = self.root.path().join(format!("{name}.pcap"));
-        Ok(Capture::start(&self.underlay, UNDERLAY_BRIDGE, "tcp", &file)?)
+        Ok(Capture::start(
+            &self.underlay,
+            UNDERLAY_BRIDGE,
+            "tcp",
+            &file,
+        )?)
     }
 
     /// The IPs of pods that are ambient now.
     pub fn ambient_ips(&self) -> Vec<Ipv4Addr> {
-        self.pods.iter().filter(|p| self.is_ambient(p)).map(|p| p.ip).collect()
+        self.pods
+            .iter()
+            .filter(|p| self.is_ambient(p))
+            .map(|p| p.ip)
+            .collect()
     }
 
     /// `node-agent <view> --run-dir <node's> [--output json]` output.
     pub fn agent_view(&self, node: usize, view: &str, json: bool) -> Result<String, String> {
         let mut cmd = std::process::Command::new(self.bin(bins::NODE_AGENT));
-        cmd.arg(view).arg("--run-dir").arg(self.nodes[node].run_dir());
+        cmd.arg(view)
+            .arg("--run-dir")
+            .arg(self.nodes[node].run_dir());
         if json {
             cmd.args(["--output", "json"]);
         }
@@ -1012,36 +1096,35 @@ impl Cluster {
     }
 }
 
-
 /// kube-proxy's nftables mode in miniature: per service a dispatch rule on VIP:port picking
 /// an endpoint chain at random, each endpoint chain a DNAT; hooked in nat prerouting
 /// (`dstnat`, -100) and nat output (-100).
 pub fn render_kube_proxy(services: &[ServiceDef]) -> String {
-        let mut chains = String::new();
-        let mut dispatch = String::new();
-        for (si, s) in services.iter().enumerate() {
-            if s.endpoints.is_empty() {
-                continue;
-            }
-            let n = s.endpoints.len();
-            let map: Vec<String> = (0..n).map(|e| format!("{e} : jump svc{si}ep{e}")).collect();
-            dispatch.push_str(&format!(
-                "    ip daddr {} tcp dport {} numgen random mod {n} vmap {{ {} }}\n",
-                s.vip,
-                s.port,
-                map.join(", ")
-            ));
-            for (e, ip) in s.endpoints.iter().enumerate() {
-                chains.push_str(&format!(
-                    "  chain svc{si}ep{e} {{\n    meta l4proto tcp dnat to {ip}:{}\n  }}\n",
-                    s.target_port
-                ));
-            }
+    let mut chains = String::new();
+    let mut dispatch = String::new();
+    for (si, s) in services.iter().enumerate() {
+        if s.endpoints.is_empty() {
+            continue;
         }
-        format!(
+        let n = s.endpoints.len();
+        let map: Vec<String> = (0..n).map(|e| format!("{e} : jump svc{si}ep{e}")).collect();
+        dispatch.push_str(&format!(
+            "    ip daddr {} tcp dport {} numgen random mod {n} vmap {{ {} }}\n",
+            s.vip,
+            s.port,
+            map.join(", ")
+        ));
+        for (e, ip) in s.endpoints.iter().enumerate() {
+            chains.push_str(&format!(
+                "  chain svc{si}ep{e} {{\n    meta l4proto tcp dnat to {ip}:{}\n  }}\n",
+                s.target_port
+            ));
+        }
+    }
+    format!(
             "table ip kubelab {{}}\ndelete table ip kubelab\ntable ip kubelab {{\n  comment \"kube-proxy stand-in of the lab\"\n  chain services {{\n{dispatch}  }}\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }}\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    jump services\n  }}\n{chains}}}\n"
         )
-    }
+}
 
 /// The chain of `source()`s of an error, for messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -1333,7 +1416,10 @@ mod tests {
         let s = metric_samples(text, "istio_tcp_connections_opened_total");
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].0["reporter"], "source");
-        assert_eq!(s[0].0["source_principal"], "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(
+            s[0].0["source_principal"],
+            "spiffe://cluster.local/ns/a/sa/b"
+        );
         assert_eq!(s[0].0["x"], "q\"uote");
         assert_eq!(s[0].1, 3.0);
         assert!(s[1].0.is_empty());

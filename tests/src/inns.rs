@@ -71,7 +71,11 @@ pub enum HttpError {
 }
 
 /// A tiny HTTP/1.0 GET: `(status, body)`.
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), HttpError> {
+pub fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), HttpError> {
     let io = |source| HttpError::Io {
         addr,
         path: path.to_owned(),
@@ -79,7 +83,11 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
     };
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(io)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(io)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -159,7 +167,9 @@ pub fn transfer(to: SocketAddr, data: &[u8], timeout: Duration) -> std::io::Resu
                 Err(e) => break Err(e),
             }
         };
-        let wrote = writer.join().unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
         read.and(wrote).map(|()| (n, hex(&h.finalize())))
     })?;
     Ok(TransferReport {
@@ -205,7 +215,8 @@ mod tests {
             let (mut s, _) = l.accept().unwrap();
             let mut buf = [0u8; 512];
             let _ = s.read(&mut buf);
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                .unwrap();
         });
         let (status, body) = http_get(addr, "/x", Duration::from_secs(5)).unwrap();
         assert_eq!(status, 200);

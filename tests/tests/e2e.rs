@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use ambient_tests::capture::{payload_contains, Packet};
 use ambient_tests::cluster::{
-    ambient_plaintext, finish_quiet, metric_samples, Addressing, Cluster, ClusterSpec, UnderlaySummary,
+    ambient_plaintext, finish_quiet, metric_samples, Addressing, Cluster, ClusterSpec,
+    UnderlaySummary,
 };
 use ambient_tests::cni::Attach;
 use ambient_tests::eventually;
@@ -42,7 +43,11 @@ fn count(c: &Cluster, node: usize, metric: &str, labels: &[(&str, &str)]) -> f64
     let text = c.nodes[node].metrics().unwrap_or_default();
     metric_samples(&text, metric)
         .into_iter()
-        .filter(|(l, _)| labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .filter(|(l, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
         .map(|(_, v)| v)
         .sum()
 }
@@ -196,7 +201,11 @@ fn ambient_to_ambient_same_node() {
             ],
         );
     }
-    assert_eq!(peers(&c, server), vec![IpAddr::V4(c.pods[client].ip)], "client IP kept");
+    assert_eq!(
+        peers(&c, server),
+        vec![IpAddr::V4(c.pods[client].ip)],
+        "client IP kept"
+    );
     // Identity enforced: a DENY on the source identity refuses the same-node connection.
     let policy = serde_json::json!({
         "apiVersion": "security.istio.io/v1",
@@ -209,7 +218,10 @@ fn ambient_to_ambient_same_node() {
     });
     c.write_manifest("policy-deny-other", &[policy]).unwrap();
     wait_policy(&c, 0, "deny-other");
-    assert!(c.connect(intruder, to, "intruder").is_err(), "denied identity got through");
+    assert!(
+        c.connect(intruder, to, "intruder").is_err(),
+        "denied identity got through"
+    );
     c.connect(client, to, "still-allowed").unwrap();
     assert!(!peers(&c, server).contains(&IpAddr::V4(c.pods[intruder].ip)));
     assert!(c.panics().is_empty(), "{:?}", c.panics());
@@ -239,15 +251,21 @@ fn mixed_ambient_and_legacy_pods() {
     c.wait_converged(WAIT).unwrap();
     // Ambient -> legacy: leaves through ztunnel, from the node's address (the legacy pod is
     // outside the mesh).
-    c.connect(amb1, c.pods[leg2].echo_addr(), "to-legacy").unwrap();
+    c.connect(amb1, c.pods[leg2].echo_addr(), "to-legacy")
+        .unwrap();
     let amb1_id = c.pods[amb1].spiffe(c.trust_domain());
     wait_opened(
         &c,
         0,
-        &[("reporter", "source"), ("source_principal", &amb1_id), ("destination_workload", "leg2")],
+        &[
+            ("reporter", "source"),
+            ("source_principal", &amb1_id),
+            ("destination_workload", "leg2"),
+        ],
     );
     // Legacy -> ambient: plaintext in, captured on the destination node to 15006.
-    c.connect(leg1, c.pods[amb2].echo_addr(), "from-legacy").unwrap();
+    c.connect(leg1, c.pods[amb2].echo_addr(), "from-legacy")
+        .unwrap();
     let amb2_id = c.pods[amb2].spiffe(c.trust_domain());
     wait_opened(
         &c,
@@ -258,16 +276,34 @@ fn mixed_ambient_and_legacy_pods() {
             ("source_principal", "unknown"),
         ],
     );
-    assert_eq!(peers(&c, amb2), vec![IpAddr::V4(c.pods[leg1].ip)], "legacy client IP kept");
+    assert_eq!(
+        peers(&c, amb2),
+        vec![IpAddr::V4(c.pods[leg1].ip)],
+        "legacy client IP kept"
+    );
     // Legacy -> legacy: untouched (no ztunnel saw it; the server sees the client directly).
     let cap = c.capture_underlay("legacy").unwrap();
     let m = marker("legacy");
     c.connect(leg1, c.pods[leg2].echo_addr(), &m).unwrap();
-    let packets = capture_until(&c, cap, "legacy plaintext", |p| payload_contains(std::slice::from_ref(p), m.as_bytes()));
-    assert!(packets.iter().any(|p| p.src == IpAddr::V4(c.pods[leg1].ip) && p.dport == 8080));
+    let packets = capture_until(&c, cap, "legacy plaintext", |p| {
+        payload_contains(std::slice::from_ref(p), m.as_bytes())
+    });
+    assert!(packets
+        .iter()
+        .any(|p| p.src == IpAddr::V4(c.pods[leg1].ip) && p.dport == 8080));
     assert!(peers(&c, leg2).contains(&IpAddr::V4(c.pods[leg1].ip)));
     for node in 0..2 {
-        assert_eq!(opened(&c, node, &[("source_workload", "leg1"), ("destination_workload", "leg2")]), 0.0);
+        assert_eq!(
+            opened(
+                &c,
+                node,
+                &[
+                    ("source_workload", "leg1"),
+                    ("destination_workload", "leg2")
+                ]
+            ),
+            0.0
+        );
     }
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
@@ -281,14 +317,19 @@ fn cluster_ip_service_with_remote_ambient_endpoints() {
     let legacy = pod(&mut c, 0, "legacy", "lclient");
     let ep1 = pod(&mut c, 1, "ambient-demo", "web-1");
     let ep2 = pod(&mut c, 1, "ambient-demo", "web-2");
-    let svc = c.add_service("ambient-demo", "web", 10, 80, &[ep1, ep2]).unwrap();
+    let svc = c
+        .add_service("ambient-demo", "web", 10, 80, &[ep1, ep2])
+        .unwrap();
     c.wait_converged(WAIT).unwrap();
     c.wait_services(WAIT).unwrap();
     let vip = SocketAddr::from((svc.vip, svc.port));
     let cap = c.capture_underlay("svc").unwrap();
     let m = marker("svc");
     for i in 0..6 {
-        assert_eq!(c.connect(client, vip, &format!("{m}-{i}")).unwrap(), format!("{m}-{i}"));
+        assert_eq!(
+            c.connect(client, vip, &format!("{m}-{i}")).unwrap(),
+            format!("{m}-{i}")
+        );
     }
     let ep_ips = [c.pods[ep1].ip, c.pods[ep2].ip];
     let packets = quiet(&c, cap);
@@ -297,21 +338,36 @@ fn cluster_ip_service_with_remote_ambient_endpoints() {
         "{:?}",
         UnderlaySummary::from_packets(&packets).flows
     );
-    assert!(packets.iter().all(|p| p.dst != IpAddr::V4(svc.vip)), "the VIP never crosses");
+    assert!(
+        packets.iter().all(|p| p.dst != IpAddr::V4(svc.vip)),
+        "the VIP never crosses"
+    );
     assert_no_ambient_plaintext(&c, &packets, &[&m]);
     let src = c.pods[client].spiffe(c.trust_domain());
-    wait_opened(&c, 1, &[("reporter", "destination"), ("source_principal", &src)]);
+    wait_opened(
+        &c,
+        1,
+        &[("reporter", "destination"), ("source_principal", &src)],
+    );
     let served = c.pods[ep1].accepted().len() + c.pods[ep2].accepted().len();
     assert_eq!(served, 6, "every connection reached an endpoint");
-    let sample = metric_samples(&c.nodes[0].metrics().unwrap(), "istio_tcp_connections_opened_total");
+    let sample = metric_samples(
+        &c.nodes[0].metrics().unwrap(),
+        "istio_tcp_connections_opened_total",
+    );
     assert!(
-        sample.iter().any(|(l, _)| l.get("destination_service").is_some_and(|s| s.contains("web"))),
+        sample.iter().any(|(l, _)| l
+            .get("destination_service")
+            .is_some_and(|s| s.contains("web"))),
         "the source reports the service: {sample:?}"
     );
     // A legacy client goes through kube-proxy's DNAT and arrives in plaintext on 15006.
     c.connect(legacy, vip, "legacy-to-vip").unwrap();
     let all: Vec<IpAddr> = [ep1, ep2].iter().flat_map(|&e| peers(&c, e)).collect();
-    assert!(all.contains(&IpAddr::V4(c.pods[legacy].ip)), "{all:?} / {ep_ips:?}");
+    assert!(
+        all.contains(&IpAddr::V4(c.pods[legacy].ip)),
+        "{all:?} / {ep_ips:?}"
+    );
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
 
@@ -345,7 +401,11 @@ fn enrol_and_release_a_running_pod_by_namespace_label() {
     let packets = quiet(&c, cap);
     assert_no_ambient_plaintext(&c, &packets, &[&m2]);
     let id = c.pods[late].spiffe(c.trust_domain());
-    wait_opened(&c, 1, &[("reporter", "destination"), ("source_principal", &id)]);
+    wait_opened(
+        &c,
+        1,
+        &[("reporter", "destination"), ("source_principal", &id)],
+    );
 
     // Release.
     c.set_namespace("late", false).unwrap();
@@ -379,11 +439,20 @@ fn kubelet_probe_from_the_node_reaches_an_ambient_pod() {
             !c.pods.iter().any(|p| IpAddr::V4(p.ip) == seen[0]),
             "the probe comes from the node's address: {seen:?}"
         );
-        assert_eq!(opened(&c, 0, &[("destination_workload", "server")]), 0.0, "not through ztunnel");
+        assert_eq!(
+            opened(&c, 0, &[("destination_workload", "server")]),
+            0.0,
+            "not through ztunnel"
+        );
     }
 }
 
-fn policy(name: &str, namespace: &str, action: &str, from_namespaces: &[&str]) -> serde_json::Value {
+fn policy(
+    name: &str,
+    namespace: &str,
+    action: &str,
+    from_namespaces: &[&str],
+) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
@@ -408,16 +477,30 @@ fn authorization_policy_deny_and_allow_between_namespaces() {
     let to = c.pods[server].echo_addr();
     c.connect(demo, to, "before-policy").unwrap();
 
-    c.write_manifest("policy-deny", &[policy("deny-demo", "shop", "DENY", &["ambient-demo"])])
-        .unwrap();
+    c.write_manifest(
+        "policy-deny",
+        &[policy("deny-demo", "shop", "DENY", &["ambient-demo"])],
+    )
+    .unwrap();
     wait_policy(&c, 1, "deny-demo");
     let before = c.pods[server].accepted().len();
-    assert!(c.connect(demo, to, "denied").is_err(), "DENY did not refuse");
+    assert!(
+        c.connect(demo, to, "denied").is_err(),
+        "DENY did not refuse"
+    );
     c.connect(buyer, to, "same-namespace").unwrap();
-    assert_eq!(c.pods[server].accepted().len(), before + 1, "only the allowed one arrived");
+    assert_eq!(
+        c.pods[server].accepted().len(),
+        before + 1,
+        "only the allowed one arrived"
+    );
     // The response flag is known when the connection closes.
     let demo_id = c.pods[demo].spiffe(c.trust_domain());
-    let denied = [("reporter", "destination"), ("source_principal", demo_id.as_str()), ("response_flags", "DENY")];
+    let denied = [
+        ("reporter", "destination"),
+        ("source_principal", demo_id.as_str()),
+        ("response_flags", "DENY"),
+    ];
     eventually(WAIT, || {
         if count(&c, 1, "istio_tcp_connections_closed_total", &denied) >= 1.0 {
             Ok(())
@@ -429,11 +512,17 @@ fn authorization_policy_deny_and_allow_between_namespaces() {
 
     // ALLOW only from shop: demo is still refused, buyer allowed.
     c.manifests.remove("policy-deny").unwrap();
-    c.write_manifest("policy-allow", &[policy("allow-shop", "shop", "ALLOW", &["shop"])])
-        .unwrap();
+    c.write_manifest(
+        "policy-allow",
+        &[policy("allow-shop", "shop", "ALLOW", &["shop"])],
+    )
+    .unwrap();
     wait_policy(&c, 1, "allow-shop");
     eventually(WAIT, || {
-        if c.nodes[1].config_dump()?["policies"].to_string().contains("deny-demo") {
+        if c.nodes[1].config_dump()?["policies"]
+            .to_string()
+            .contains("deny-demo")
+        {
             Err("old policy still loaded".to_owned())
         } else {
             Ok(())
@@ -441,7 +530,10 @@ fn authorization_policy_deny_and_allow_between_namespaces() {
     })
     .unwrap();
     c.connect(buyer, to, "allowed").unwrap();
-    assert!(c.connect(demo, to, "not-allowed").is_err(), "ALLOW let a foreign namespace in");
+    assert!(
+        c.connect(demo, to, "not-allowed").is_err(),
+        "ALLOW let a foreign namespace in"
+    );
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
 
@@ -463,7 +555,10 @@ fn ambient_pod_is_captured_when_add_returns() {
             missing.push(format!("p{i} ({ip})"));
         }
     }
-    assert!(missing.is_empty(), "ADD returned before the pod was captured: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "ADD returned before the pod was captured: {missing:?}"
+    );
 }
 
 /// A pod created on another node is reached by an ambient client right away (before every
@@ -481,7 +576,9 @@ fn a_brand_new_remote_pod_is_never_reached_in_plaintext() {
         let s = pod(&mut c, 1, "ambient-demo", &format!("new{i}"));
         ambient.push(c.pods[s].ip);
         // Right away, as a client would retry a freshly resolved address.
-        let _ = eventually(Duration::from_secs(3), || c.connect(client, c.pods[s].echo_addr(), &m));
+        let _ = eventually(Duration::from_secs(3), || {
+            c.connect(client, c.pods[s].echo_addr(), &m)
+        });
     }
     let packets = quiet(&c, cap);
     let leaks = ambient_plaintext(&packets, &ambient, HBONE);
@@ -489,7 +586,13 @@ fn a_brand_new_remote_pod_is_never_reached_in_plaintext() {
         leaks.is_empty() && !payload_contains(&packets, m.as_bytes()),
         "an ambient pod's payload crossed in plaintext: {} packets, e.g. {:?}; flows {:?}",
         leaks.len(),
-        leaks.first().map(|p| (p.src, p.sport, p.dst, p.dport, String::from_utf8_lossy(&p.payload).into_owned())),
+        leaks.first().map(|p| (
+            p.src,
+            p.sport,
+            p.dst,
+            p.dport,
+            String::from_utf8_lossy(&p.payload).into_owned()
+        )),
         UnderlaySummary::from_packets(&packets).flows
     );
 }

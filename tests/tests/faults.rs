@@ -28,8 +28,13 @@ const HBONE: u16 = ambient_common::constants::HBONE_PORT;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn cluster(tag: &str, octet: u8) -> Cluster {
-    Cluster::new(ClusterSpec::new(tag, 2, Attach::Bridge, Addressing::test(octet)))
-        .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
+    Cluster::new(ClusterSpec::new(
+        tag,
+        2,
+        Attach::Bridge,
+        Addressing::test(octet),
+    ))
+    .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
 }
 
 fn pod(c: &mut Cluster, node: usize, ns: &str, name: &str) -> usize {
@@ -74,7 +79,14 @@ struct Load {
 }
 
 impl Load {
-    fn start(c: &Cluster, from: usize, to: SocketAddr, payload: &str, threads: usize, pause: Duration) -> Load {
+    fn start(
+        c: &Cluster,
+        from: usize,
+        to: SocketAddr,
+        payload: &str,
+        threads: usize,
+        pause: Duration,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -111,7 +123,10 @@ impl Load {
     }
 
     fn counts(&self) -> (u64, u64) {
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 
     fn stop(self) -> (u64, u64) {
@@ -119,7 +134,10 @@ impl Load {
         for t in self.threads {
             let _ = t.join();
         }
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -154,16 +172,26 @@ fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize) {
     std::thread::sleep(Duration::from_millis(300));
     let before = c.pods[server].accepted().len();
     for _ in 0..5 {
-        assert!(c.connect(client, to, &m).is_err(), "connection succeeded with ztunnel down");
+        assert!(
+            c.connect(client, to, &m).is_err(),
+            "connection succeeded with ztunnel down"
+        );
     }
-    assert_eq!(c.pods[server].accepted().len(), before, "something reached the server");
+    assert_eq!(
+        c.pods[server].accepted().len(),
+        before,
+        "something reached the server"
+    );
     // Restarted without touching the agent: new connections work again.
     c.start_ztunnel(victim).unwrap();
     eventually(WAIT, || c.connect(client, to, &m)).unwrap();
     progresses(&load, 20);
     let (ok, failed) = load.stop();
     eprintln!("{tag}: {ok} connections ok, {failed} failed across the ztunnel restart");
-    assert_eq!(c.nodes[victim].agent_pid, agent_pid, "the agent was not touched");
+    assert_eq!(
+        c.nodes[victim].agent_pid, agent_pid,
+        "the agent was not touched"
+    );
     assert_sealed(&c, cap, &ambient, &m);
     assert_no_panics(&c);
 }
@@ -180,9 +208,11 @@ fn ztunnel_killed_on_the_server_node() {
 
 /// Opens a connection from a pod and keeps it (the socket stays in the pod's namespace).
 fn open(c: &Cluster, from: usize, to: SocketAddr) -> TcpStream {
-    let s = in_ns(&c.pods[from].ns().path(), || TcpStream::connect_timeout(&to, Duration::from_secs(3)))
-        .unwrap()
-        .unwrap();
+    let s = in_ns(&c.pods[from].ns().path(), || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    })
+    .unwrap()
+    .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s
 }
@@ -194,7 +224,10 @@ fn roundtrip(s: &mut TcpStream, msg: &str) -> Result<(), String> {
     if got == msg.as_bytes() {
         Ok(())
     } else {
-        Err(format!("echo mismatch: {:?}", String::from_utf8_lossy(&got)))
+        Err(format!(
+            "echo mismatch: {:?}",
+            String::from_utf8_lossy(&got)
+        ))
     }
 }
 
@@ -244,15 +277,22 @@ fn node_agent_killed_and_restarted() {
 
     c.kill_agent(0, Signal::SIGKILL);
     roundtrip(&mut long, &m).expect("an established flow survives the agent");
-    c.connect(client, to, &m).expect("new connections of enrolled pods still work");
+    c.connect(client, to, &m)
+        .expect("new connections of enrolled pods still work");
     let set_before = nft_pod_set(&c, 0);
-    assert!(set_before.contains(&c.pods[client].ip.to_string()), "rules stay: {set_before:?}");
+    assert!(
+        set_before.contains(&c.pods[client].ip.to_string()),
+        "rules stay: {set_before:?}"
+    );
 
     // A new ambient pod cannot be enrolled: ADD fails closed, with the spec's code 11.
     let pending = PodMeta::new("ambient-demo", "pending");
     let err = c.add_pod_with(0, pending.clone(), &[]).unwrap_err();
     let text = format!("{err:?}");
-    assert!(text.contains("11") || text.to_lowercase().contains("try again"), "{text}");
+    assert!(
+        text.contains("11") || text.to_lowercase().contains("try again"),
+        "{text}"
+    );
     // A kube-system pod starts anyway.
     let sys = pod(&mut c, 0, "kube-system", "coredns");
     assert!(c.pods[sys].ip.octets()[0] == 10);
@@ -260,7 +300,9 @@ fn node_agent_killed_and_restarted() {
     c.start_agent(0).unwrap();
     roundtrip(&mut long, &m).expect("the established flow survives the restart");
     // The kubelet retries the pending pod (same pod, a new sandbox attempt).
-    let p = c.add_pod_with(0, pending, &[]).expect("ADD works again after the restart");
+    let p = c
+        .add_pod_with(0, pending, &[])
+        .expect("ADD works again after the restart");
     let p_ip = c.pods[p].ip;
     eventually(WAIT, || match c.agent_state(0, "pending").as_deref() {
         Some("captured") => Ok(()),
@@ -278,8 +320,14 @@ fn node_agent_killed_and_restarted() {
     let mut dedup = set.clone();
     dedup.dedup();
     assert_eq!(set, dedup);
-    assert!(set.contains(&p_ip.to_string()) && set.contains(&c.pods[client].ip.to_string()), "{set:?}");
-    assert!(!set.contains(&c.pods[sys].ip.to_string()), "kube-system is never enrolled");
+    assert!(
+        set.contains(&p_ip.to_string()) && set.contains(&c.pods[client].ip.to_string()),
+        "{set:?}"
+    );
+    assert!(
+        !set.contains(&c.pods[sys].ip.to_string()),
+        "kube-system is never enrolled"
+    );
     let status = c.agent_view(0, "status", true).unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["pods_captured"], 2, "{status}");
@@ -304,10 +352,16 @@ fn both_killed(tag: &str, octet: u8, agent_first: bool) {
     c.kill_agent(0, Signal::SIGKILL);
     c.kill_ztunnel(0, Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(c.connect(client, to, &m).is_err(), "fail closed with both down");
+    assert!(
+        c.connect(client, to, &m).is_err(),
+        "fail closed with both down"
+    );
     if agent_first {
         c.start_agent(0).unwrap();
-        assert!(c.connect(client, to, &m).is_err(), "still closed without ztunnel");
+        assert!(
+            c.connect(client, to, &m).is_err(),
+            "still closed without ztunnel"
+        );
         c.start_ztunnel(0).unwrap();
     } else {
         c.start_ztunnel(0).unwrap();
@@ -356,7 +410,9 @@ fn pod_netns_replaced_under_the_same_pod() {
     let new_ip = c.pods[newp].ip;
     eventually(WAIT, || {
         let set = nft_pod_set(&c, 0);
-        if set.contains(&new_ip.to_string()) && (new_ip == old_ip || !set.contains(&old_ip.to_string())) {
+        if set.contains(&new_ip.to_string())
+            && (new_ip == old_ip || !set.contains(&old_ip.to_string()))
+        {
             Ok(())
         } else {
             Err(format!("set {set:?} (old {old_ip}, new {new_ip})"))
@@ -364,7 +420,11 @@ fn pod_netns_replaced_under_the_same_pod() {
     })
     .unwrap();
     let names = agent_pod_names(&c, 0);
-    assert_eq!(names.iter().filter(|n| *n == "ambient-demo/app").count(), 1, "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| *n == "ambient-demo/app").count(),
+        1,
+        "{names:?}"
+    );
     assert_eq!(c.agent_state(0, "app").as_deref(), Some("captured"));
     c.wait_converged(WAIT).unwrap();
     let ambient = c.ambient_ips();
@@ -390,7 +450,9 @@ fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
 
 /// Runs the plugin binary with `env` and `stdin` inside node 0's namespace.
 fn run_plugin(c: &Cluster, env: &[(&str, &str)], stdin: &[u8]) -> (Option<i32>, String, String) {
-    let mut cmd = c.nodes[0].ns().command(c.bin(ambient_tests::bins::AMBIENT_CNI));
+    let mut cmd = c.nodes[0]
+        .ns()
+        .command(c.bin(ambient_tests::bins::AMBIENT_CNI));
     cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     for (k, v) in env {
         cmd.env(k, v);
@@ -412,6 +474,9 @@ fn run_plugin(c: &Cluster, env: &[(&str, &str)], stdin: &[u8]) -> (Option<i32>, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A plugin invocation: name, environment, stdin.
+type PluginCase<'a> = (String, Vec<(&'a str, &'a str)>, Vec<u8>);
 
 /// What must not change when garbage arrives: the agent's pods and the kernel set.
 fn snapshot(c: &Cluster) -> (Vec<String>, Vec<String>) {
@@ -435,35 +500,87 @@ fn garbage_on_the_plugin_stdin_and_environment() {
         ("CNI_CONTAINERID", "garbage0"),
         ("CNI_NETNS", netns.as_str()),
         ("CNI_IFNAME", "eth0"),
-        ("CNI_ARGS", "K8S_POD_NAMESPACE=ambient-demo;K8S_POD_NAME=ghost"),
+        (
+            "CNI_ARGS",
+            "K8S_POD_NAMESPACE=ambient-demo;K8S_POD_NAME=ghost",
+        ),
     ];
-    let mut cases: Vec<(String, Vec<(&str, &str)>, Vec<u8>)> = vec![
+    let mut cases: Vec<PluginCase> = vec![
         ("random stdin".into(), base.to_vec(), random_bytes(1, 4096)),
         ("empty stdin".into(), base.to_vec(), Vec::new()),
-        ("truncated JSON".into(), base.to_vec(), good_conf.as_bytes()[..good_conf.len() / 2].to_vec()),
+        (
+            "truncated JSON".into(),
+            base.to_vec(),
+            good_conf.as_bytes()[..good_conf.len() / 2].to_vec(),
+        ),
         ("JSON array".into(), base.to_vec(), b"[1,2,3]".to_vec()),
         ("NUL bytes".into(), base.to_vec(), vec![0u8; 1000]),
         ("9 MiB of spaces".into(), base.to_vec(), vec![b' '; 9 << 20]),
-        ("no CNI_COMMAND".into(), base[1..].to_vec(), good_conf.clone().into_bytes()),
-        ("unknown CNI_COMMAND".into(), [&[("CNI_COMMAND", "EXPLODE")], &base[1..]].concat(), good_conf.clone().into_bytes()),
-        ("malformed CNI_ARGS".into(), [&base[..4], &[("CNI_ARGS", "=;;==;K8S_POD_NAME")]].concat(), good_conf.clone().into_bytes()),
-        ("bad cniVersion".into(), base.to_vec(), good_conf.replace("1.0.0", "99.1").into_bytes()),
-        ("bad timeoutMs".into(), base.to_vec(), good_conf.replace("\"name\"", "\"timeoutMs\":-5,\"name\"").into_bytes()),
-        ("netns path garbage".into(), [&base[..2], &[("CNI_NETNS", "/proc/self/../../nonexistent\u{1}"), ("CNI_IFNAME", "eth0"), base[4]]].concat(), good_conf.clone().into_bytes()),
+        (
+            "no CNI_COMMAND".into(),
+            base[1..].to_vec(),
+            good_conf.clone().into_bytes(),
+        ),
+        (
+            "unknown CNI_COMMAND".into(),
+            [&[("CNI_COMMAND", "EXPLODE")], &base[1..]].concat(),
+            good_conf.clone().into_bytes(),
+        ),
+        (
+            "malformed CNI_ARGS".into(),
+            [&base[..4], &[("CNI_ARGS", "=;;==;K8S_POD_NAME")]].concat(),
+            good_conf.clone().into_bytes(),
+        ),
+        (
+            "bad cniVersion".into(),
+            base.to_vec(),
+            good_conf.replace("1.0.0", "99.1").into_bytes(),
+        ),
+        (
+            "bad timeoutMs".into(),
+            base.to_vec(),
+            good_conf
+                .replace("\"name\"", "\"timeoutMs\":-5,\"name\"")
+                .into_bytes(),
+        ),
+        (
+            "netns path garbage".into(),
+            [
+                &base[..2],
+                &[
+                    ("CNI_NETNS", "/proc/self/../../nonexistent\u{1}"),
+                    ("CNI_IFNAME", "eth0"),
+                    base[4],
+                ],
+            ]
+            .concat(),
+            good_conf.clone().into_bytes(),
+        ),
     ];
     // Every prefix of a real configuration, coarsely.
     for cut in (0..good_conf.len()).step_by(37) {
-        cases.push((format!("prefix {cut}"), base.to_vec(), good_conf.as_bytes()[..cut].to_vec()));
+        cases.push((
+            format!("prefix {cut}"),
+            base.to_vec(),
+            good_conf.as_bytes()[..cut].to_vec(),
+        ));
     }
     for (name, env, stdin) in &cases {
         let (code, stdout, stderr) = run_plugin(&c, env, stdin);
         assert_ne!(code, Some(0), "{name}: garbage accepted; stdout {stdout}");
-        assert!(code.is_some(), "{name}: killed by a signal; stderr {stderr}");
-        let err: serde_json::Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("{name}: stdout is not the spec's error JSON ({e}): {stdout:?}"));
+        assert!(
+            code.is_some(),
+            "{name}: killed by a signal; stderr {stderr}"
+        );
+        let err: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!("{name}: stdout is not the spec's error JSON ({e}): {stdout:?}")
+        });
         let code = err["code"].as_u64().unwrap_or(0);
         assert!(code > 0 && code != 999, "{name}: code {code} ({err})");
-        assert!(err["msg"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {err}");
+        assert!(
+            err["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {err}"
+        );
         assert!(!stderr.contains("panicked"), "{name}: {stderr}");
     }
     assert_eq!(snapshot(&c), before, "garbage changed the node's state");
@@ -504,7 +621,10 @@ fn garbage_on_the_agent_and_ztunnel_sockets() {
         ("truncated frame", vec![0, 0, 0, 100, b'{']),
         ("not JSON", frame(b"\x00\x01garbage")),
         ("wrong JSON", frame(br#"{"op":"nuke","everything":true}"#)),
-        ("array", frame(b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]")),
+        (
+            "array",
+            frame(b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]"),
+        ),
         ("deep nesting", frame(&[b'['; 100_000])),
         ("empty", Vec::new()),
         ("zero length", vec![0, 0, 0, 0]),
@@ -519,7 +639,9 @@ fn garbage_on_the_agent_and_ztunnel_sockets() {
     let idle: Vec<_> = (0..50)
         .filter_map(|_| std::os::unix::net::UnixStream::connect(run.join("cni.sock")).ok())
         .collect();
-    let status = c.agent_view(0, "status", true).expect("the agent still answers");
+    let status = c
+        .agent_view(0, "status", true)
+        .expect("the agent still answers");
     assert!(status.contains("\"healthy\""), "{status}");
     drop(idle);
     assert!(c.nodes[0].ztunnel_ready(), "ztunnel still ready");
@@ -529,8 +651,11 @@ fn garbage_on_the_agent_and_ztunnel_sockets() {
     let n = pod(&mut c, 0, "ambient-demo", "newcomer");
     assert_eq!(c.agent_state(0, "newcomer").as_deref(), Some("captured"));
     c.wait_converged(WAIT).unwrap();
-    c.connect(n, c.pods[b].echo_addr(), "newcomer-works").unwrap();
-    assert!(c.nodes[0].agent_pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()));
+    c.connect(n, c.pods[b].echo_addr(), "newcomer-works")
+        .unwrap();
+    assert!(c.nodes[0]
+        .agent_pid
+        .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()));
     assert_no_panics(&c);
 }
 
@@ -592,24 +717,38 @@ fn garbage_on_ztunnel_hbone_port() {
         ("ClientHello, then silence", client_hello(None)),
         ("HTTP/2 preface without TLS", preface),
         ("oversized HTTP/1 header without TLS", big_get),
-        ("TLS alert record", vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]),
+        (
+            "TLS alert record",
+            vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28],
+        ),
     ];
     let before = c.pods[target].accepted().len();
     for (name, bytes) in &cases {
-        let r = in_ns(&c.pods[legacy].ns().path(), || -> std::io::Result<Vec<u8>> {
-            let mut s = TcpStream::connect_timeout(&hbone, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let _ = s.write_all(bytes);
-            let mut out = Vec::new();
-            let _ = s.read_to_end(&mut out);
-            Ok(out)
-        })
+        let r = in_ns(
+            &c.pods[legacy].ns().path(),
+            || -> std::io::Result<Vec<u8>> {
+                let mut s = TcpStream::connect_timeout(&hbone, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let _ = s.write_all(bytes);
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+                Ok(out)
+            },
+        )
         .unwrap();
-        eprintln!("{name}: {:?}", r.as_ref().map(Vec::len).map_err(|e| e.to_string()));
+        eprintln!(
+            "{name}: {:?}",
+            r.as_ref().map(Vec::len).map_err(|e| e.to_string())
+        );
         assert!(c.nodes[1].ztunnel_ready(), "ztunnel not ready after {name}");
     }
-    assert_eq!(c.pods[target].accepted().len(), before, "garbage reached the pod");
-    c.connect(a, c.pods[target].echo_addr(), "mesh-still-works").unwrap();
+    assert_eq!(
+        c.pods[target].accepted().len(),
+        before,
+        "garbage reached the pod"
+    );
+    c.connect(a, c.pods[target].echo_addr(), "mesh-still-works")
+        .unwrap();
     assert_no_panics(&c);
 }
 
@@ -638,7 +777,14 @@ fn soak(tag: &str, octet: u8, secs: u64) {
     let cap = c.capture_underlay("soak").unwrap();
     let m = marker(tag);
     let started = Instant::now();
-    let remote_load = Load::start(&c, client, c.pods[remote].echo_addr(), &m, 3, Duration::ZERO);
+    let remote_load = Load::start(
+        &c,
+        client,
+        c.pods[remote].echo_addr(),
+        &m,
+        3,
+        Duration::ZERO,
+    );
     let local_load = Load::start(&c, client, c.pods[local].echo_addr(), &m, 1, Duration::ZERO);
     std::thread::sleep(Duration::from_secs(secs));
     let (r_ok, r_failed) = remote_load.stop();

@@ -25,7 +25,10 @@ const HBONE: u16 = ambient_common::constants::HBONE_PORT;
 const WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Parser)]
-#[command(name = "lab", about = "Local demo cluster of the ambient data plane (run as root)")]
+#[command(
+    name = "lab",
+    about = "Local demo cluster of the ambient data plane (run as root)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,7 +94,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up(a) => {
             let c = up(&a)?;
             let state = c.persist();
-            println!("lab is up: {} nodes, state in {}", state.nodes.len(), a.state_dir.display());
+            println!(
+                "lab is up: {} nodes, state in {}",
+                state.nodes.len(),
+                a.state_dir.display()
+            );
             print_inventory(&state);
             println!("\nnext: lab status | lab exec app-1 -- ip addr | lab down");
             Ok(())
@@ -219,7 +226,11 @@ fn status(s: &LabState) -> anyhow::Result<()> {
         let ns = PathBuf::from(ambient_tests::netns::NETNS_RUN_DIR).join(&n.netns);
         let get = |port: u16, path: &str| {
             inns::in_ns(&ns, || {
-                inns::http_get(SocketAddr::from(([127, 0, 0, 1], port)), path, Duration::from_secs(3))
+                inns::http_get(
+                    SocketAddr::from(([127, 0, 0, 1], port)),
+                    path,
+                    Duration::from_secs(3),
+                )
             })
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()))
@@ -343,14 +354,60 @@ fn demo(a: &UpArgs, keep: bool) -> anyhow::Result<()> {
     let last_app = idx(&format!("app-{}", a.nodes));
     let secret = |f: &str| format!("SECRET-{f}-{}", std::process::id());
     let mut flows = vec![
-        Flow { name: "ambient -> ambient, across nodes", from: app1, to: c.pods[app2].echo_addr(), expect: "hbone", marker: secret("a2a"), result: Ok(()) },
-        Flow { name: "ambient -> ambient, same node", from: app1, to: c.pods[app1b].echo_addr(), expect: "local", marker: secret("same"), result: Ok(()) },
-        Flow { name: "ambient -> ClusterIP (remote ambient endpoints)", from: app1, to: SocketAddr::from((svc.vip, svc.port)), expect: "hbone", marker: secret("vip"), result: Ok(()) },
-        Flow { name: "legacy -> ambient", from: leg1, to: c.pods[last_app].echo_addr(), expect: "plaintext", marker: secret("l2a"), result: Ok(()) },
-        Flow { name: "ambient -> legacy", from: app1, to: c.pods[leg2].echo_addr(), expect: "plaintext", marker: secret("a2l"), result: Ok(()) },
-        Flow { name: "legacy -> legacy", from: leg1, to: c.pods[leg2].echo_addr(), expect: "plaintext", marker: secret("l2l"), result: Ok(()) },
+        Flow {
+            name: "ambient -> ambient, across nodes",
+            from: app1,
+            to: c.pods[app2].echo_addr(),
+            expect: "hbone",
+            marker: secret("a2a"),
+            result: Ok(()),
+        },
+        Flow {
+            name: "ambient -> ambient, same node",
+            from: app1,
+            to: c.pods[app1b].echo_addr(),
+            expect: "local",
+            marker: secret("same"),
+            result: Ok(()),
+        },
+        Flow {
+            name: "ambient -> ClusterIP (remote ambient endpoints)",
+            from: app1,
+            to: SocketAddr::from((svc.vip, svc.port)),
+            expect: "hbone",
+            marker: secret("vip"),
+            result: Ok(()),
+        },
+        Flow {
+            name: "legacy -> ambient",
+            from: leg1,
+            to: c.pods[last_app].echo_addr(),
+            expect: "plaintext",
+            marker: secret("l2a"),
+            result: Ok(()),
+        },
+        Flow {
+            name: "ambient -> legacy",
+            from: app1,
+            to: c.pods[leg2].echo_addr(),
+            expect: "plaintext",
+            marker: secret("a2l"),
+            result: Ok(()),
+        },
+        Flow {
+            name: "legacy -> legacy",
+            from: leg1,
+            to: c.pods[leg2].echo_addr(),
+            expect: "plaintext",
+            marker: secret("l2l"),
+            result: Ok(()),
+        },
     ];
-    println!("\ncapturing the underlay (tcpdump on {} in {})...", cluster::UNDERLAY_BRIDGE, c.underlay.name());
+    println!(
+        "\ncapturing the underlay (tcpdump on {} in {})...",
+        cluster::UNDERLAY_BRIDGE,
+        c.underlay.name()
+    );
     let cap = c.capture_underlay("demo")?;
     for f in &mut flows {
         f.result = c.connect(f.from, f.to, &f.marker).map(drop);
@@ -384,10 +441,22 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
     for f in flows {
         let from = &c.pods[f.from];
         match &f.result {
-            Ok(()) => println!("  ok    {:48} {}/{} -> {}", f.name, from.namespace(), from.name(), f.to),
+            Ok(()) => println!(
+                "  ok    {:48} {}/{} -> {}",
+                f.name,
+                from.namespace(),
+                from.name(),
+                f.to
+            ),
             Err(e) => {
                 ok = false;
-                println!("  FAIL  {:48} {}/{} -> {}: {e}", f.name, from.namespace(), from.name(), f.to)
+                println!(
+                    "  FAIL  {:48} {}/{} -> {}: {e}",
+                    f.name,
+                    from.namespace(),
+                    from.name(),
+                    f.to
+                )
             }
         }
     }
@@ -401,7 +470,10 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
         }
     }
 
-    println!("\n=== 3. the underlay ({} TCP packets captured) ===", packets.len());
+    println!(
+        "\n=== 3. the underlay ({} TCP packets captured) ===",
+        packets.len()
+    );
     let mut flows_seen: BTreeMap<(IpAddr, IpAddr, u16), (u64, u64, u64)> = BTreeMap::new();
     for p in packets.iter().filter(|p| p.protocol == TCP) {
         let server_port = p.sport.min(p.dport);
@@ -417,10 +489,18 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
             .iter()
             .find(|p| IpAddr::V4(p.ip) == *ip)
             .map(|p| p.name().to_owned())
-            .or_else(|| c.nodes.iter().find(|n| IpAddr::V4(n.underlay_ip) == *ip).map(|n| n.name.clone()))
+            .or_else(|| {
+                c.nodes
+                    .iter()
+                    .find(|n| IpAddr::V4(n.underlay_ip) == *ip)
+                    .map(|n| n.name.clone())
+            })
             .unwrap_or_else(|| ip.to_string())
     };
-    println!("  {:>22} -> {:22} {:>6} {:>8} {:>9} {:>8}  kind", "src", "dst", "port", "packets", "bytes", "TLS rec");
+    println!(
+        "  {:>22} -> {:22} {:>6} {:>8} {:>9} {:>8}  kind",
+        "src", "dst", "port", "packets", "bytes", "TLS rec"
+    );
     for ((src, dst, port), (n, bytes, tls)) in &flows_seen {
         let kind = if *port == HBONE {
             "HBONE (mTLS)"
@@ -482,12 +562,19 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
         println!("\n  PASS: between ambient pods only TLS to :{HBONE} crossed the underlay");
     } else {
         ok = false;
-        println!("\n  FAIL: {} plaintext packets of ambient pods crossed the underlay", leaks.len());
+        println!(
+            "\n  FAIL: {} plaintext packets of ambient pods crossed the underlay",
+            leaks.len()
+        );
     }
 
     println!("\n=== 4. node-agent pods ===");
     for (i, n) in c.nodes.iter().enumerate() {
-        println!("-- {} ($ node-agent pods --run-dir {}) --", n.name, n.run_dir().display());
+        println!(
+            "-- {} ($ node-agent pods --run-dir {}) --",
+            n.name,
+            n.run_dir().display()
+        );
         match c.agent_view(i, "pods", false) {
             Ok(out) => print!("{out}"),
             Err(e) => println!("  {e}"),
