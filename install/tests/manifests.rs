@@ -97,6 +97,31 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
 }
 
 #[test]
+fn cleanup_daemonset_parses_and_mounts_what_it_cleans() {
+    let docs = documents(&Path::new(DIR).join("cleanup/cleanup-daemonset.yaml"));
+    assert_eq!(docs.len(), 1);
+    let ds: DaemonSet = roundtrip(&docs[0]);
+    let pod = ds.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let init = pod.init_containers.clone().unwrap();
+    let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["install-cni-uninstall", "node-agent-uninstall"]);
+    let defaults = Defaults::try_parse_from(["t"]).unwrap().a.build().unwrap();
+    let m = mounts(&ds, &init[0]);
+    assert!(m
+        .iter()
+        .any(|(p, h, _)| Path::new(p) == defaults.cni_conf_dir && h == "/etc/cni/net.d"));
+    assert!(m
+        .iter()
+        .any(|(p, h, _)| Path::new(p) == defaults.cni_bin_dir && h == "/opt/cni/bin"));
+    let m = mounts(&ds, &init[1]);
+    assert!(m.iter().any(|(p, h, _)| p == c::RUN_DIR && h == c::RUN_DIR));
+    assert_eq!(
+        caps(&init[1]),
+        (vec!["NET_ADMIN".to_string()], vec!["ALL".to_string()])
+    );
+}
+
+#[test]
 fn kustomization_lists_every_manifest_and_kubectl_renders_it() {
     let k = &documents(&Path::new(DIR).join("kustomization.yaml"))[0];
     let listed: BTreeSet<String> = k["resources"]
