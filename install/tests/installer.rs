@@ -376,3 +376,35 @@ fn own_file_mode_leaves_the_primary_alone() {
     inst.uninstall().unwrap();
     assert_eq!(host.files(), vec!["10-flannel.conflist".to_string()]);
 }
+
+#[test]
+fn readiness_asks_the_agent_for_status() {
+    use ambient_common::agent_api::{AgentError, AgentOp, AgentReply, AgentRequest, ErrorKind};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("cni.sock");
+    let timeout = Duration::from_secs(2);
+    // No agent: unreachable, with the socket named.
+    let err = install::ready::agent_ready(&sock, timeout)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cni.sock"), "{err}");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let answers = [
+        AgentReply::Ready,
+        AgentReply::Error(AgentError::new(ErrorKind::NotReady, "not synced")),
+    ];
+    let server = std::thread::spawn(move || {
+        for answer in answers {
+            let (mut c, _) = listener.accept().unwrap();
+            let req: AgentRequest = ambient_common::frame::read_frame(&mut c).unwrap();
+            assert_eq!(req.op, AgentOp::Status);
+            ambient_common::frame::write_frame(&mut c, &answer).unwrap();
+        }
+    });
+    install::ready::agent_ready(&sock, timeout).unwrap();
+    let err = install::ready::agent_ready(&sock, timeout)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not ready"), "{err}");
+    server.join().unwrap();
+}
