@@ -83,6 +83,13 @@ fn read(path: &Path) -> Result<Vec<u8>, InstallError> {
     })
 }
 
+/// The permission bits of an existing file, to keep them when we rewrite it (0644 otherwise).
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644)
+}
+
 fn remove_if_present(path: &Path) -> Result<bool, InstallError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(true),
@@ -263,7 +270,7 @@ impl Installer {
             });
         }
         let (target, out) = self.desired(&primary, &doc)?;
-        write_atomic(&target, &conflist::render(&out), 0o644)?;
+        write_atomic(&target, &conflist::render(&out), mode_of(&primary))?;
         if self.cfg.mode == Mode::Chain && target != primary {
             // A converted single-plugin file: the chain replaces it (it would sort first).
             remove_if_present(&primary)?;
@@ -353,14 +360,14 @@ impl Installer {
             match removed.restore_as {
                 Some(name) => {
                     let original = dir.join(&name);
-                    write_atomic(&original, &conflist::render(&removed.doc), 0o644)?;
+                    write_atomic(&original, &conflist::render(&removed.doc), mode_of(&path))?;
                     if original != path {
                         remove_if_present(&path)?;
                     }
                     out.restored.push(original);
                 }
                 None => {
-                    write_atomic(&path, &conflist::render(&removed.doc), 0o644)?;
+                    write_atomic(&path, &conflist::render(&removed.doc), mode_of(&path))?;
                     out.restored.push(path);
                 }
             }

@@ -160,12 +160,17 @@ fn chains_after_every_real_primary_and_uninstall_restores_it() {
 
 #[test]
 fn single_plugin_conf_becomes_a_conflist_and_comes_back() {
+    use std::os::unix::fs::PermissionsExt;
     let host = Host::new();
     let conf = host.put_fixture("10-bridge.conf");
+    // Some primary CNIs keep their file private; the rewrite keeps its mode.
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut inst = host.installer(&["--excluded-namespaces", "kube-system,infra"]);
     let pass = inst.ensure().unwrap();
     let list = host.conf.join("10-bridge.conflist");
     assert_eq!(pass.chain, ChainState::Written(list.clone()));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&list), 0o600);
     assert_eq!(host.files(), vec!["10-bridge.conflist".to_string()]);
     let doc = json(&list);
     let original = fixture("10-bridge.conf");
@@ -184,6 +189,7 @@ fn single_plugin_conf_becomes_a_conflist_and_comes_back() {
 
     // The primary CNI writes its .conf again: it sorts first, so it is converted again.
     host.put_fixture("10-bridge.conf");
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(
         inst.ensure().unwrap().chain,
         ChainState::Written(list.clone())
@@ -193,6 +199,7 @@ fn single_plugin_conf_becomes_a_conflist_and_comes_back() {
     inst.uninstall().unwrap();
     assert_eq!(host.files(), vec!["10-bridge.conf".to_string()]);
     assert_eq!(json(&conf), original);
+    assert_eq!(mode(&conf), 0o600);
 }
 
 #[test]
