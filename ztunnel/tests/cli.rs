@@ -1,0 +1,192 @@
+//! The binary's command line: `ca init`, flag validation, and an in-process App on loopback
+//! ports (no privileges needed: mark 0, transparency off).
+
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Parser;
+use ztunnel::app::App;
+use ztunnel::config::{Config, RunArgs};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztunnel");
+
+#[test]
+fn ca_init_creates_files_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let out = Command::new(BIN)
+        .args(["ca", "init", "--dir", ca.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["ca-cert.pem", "ca-key.pem", "root-cert.pem"] {
+        assert!(ca.join(f).exists(), "{f}");
+    }
+    let again = Command::new(BIN)
+        .args(["ca", "init", "--dir", ca.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+}
+
+#[test]
+fn bad_flags_are_all_reported_with_exit_code_2() {
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--node-name",
+            "n",
+            "--ca-dir",
+            "/nonexistent",
+            "--outbound-addr",
+            "nope",
+            "--drain-timeout",
+            "soon",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--outbound-addr") && err.contains("--drain-timeout"),
+        "{err}"
+    );
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+#[test]
+fn app_binds_port_zero_serves_endpoints_and_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    ztunnel::identity::ca_init(&dir.path().join("ca"), "cluster.local", false).unwrap();
+    std::fs::create_dir_all(dir.path().join("m")).unwrap();
+    std::fs::write(
+        dir.path().join("m/pods.yaml"),
+        "kind: Namespace\nmetadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}\n---\nkind: Pod\nmetadata: {name: p, namespace: a, uid: u}\nspec: {nodeName: n1, serviceAccountName: s}\nstatus: {podIP: 127.0.0.9}\n",
+    )
+    .unwrap();
+    let (ca, m, sock) = (
+        dir.path().join("ca"),
+        dir.path().join("m"),
+        dir.path().join("z.sock"),
+    );
+    let argv = [
+        "ztunnel",
+        "--node-name",
+        "n1",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--manifest-dir",
+        m.to_str().unwrap(),
+        "--agent-socket",
+        sock.to_str().unwrap(),
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--inbound-addr",
+        "127.0.0.1:0",
+        "--inbound-plaintext-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--mark",
+        "0",
+        "--transparent",
+        "false",
+        "--tcp-migrate-req",
+        "false",
+        "--drain-timeout",
+        "1s",
+    ];
+    let cfg = Config::from_args(&Cli::try_parse_from(argv).unwrap().run).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = App::build(cfg, rt.handle(), rt.handle()).unwrap();
+    let addrs = app.addresses().clone();
+    assert_ne!(addrs.outbound[0].port(), 0, "real port after binding");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let h = rt.handle().clone();
+    let runner = rt.spawn(async move {
+        app.run(h.clone(), h, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(addrs.readiness, "/healthz/ready").map(|r| r.0) != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, dump) = http_get(addrs.admin, "/config_dump").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        dump.contains("\"workloads\"") && dump.contains("127.0.0.9"),
+        "{dump}"
+    );
+    // The local workload's certificate is issued ahead of any connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !http_get(addrs.admin, "/config_dump")
+        .unwrap()
+        .1
+        .contains("spiffe://cluster.local/ns/a/sa/s")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "certificate never issued"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, metrics) = http_get(addrs.metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("istio_tcp_connections_opened"),
+        "{metrics}"
+    );
+    assert_eq!(
+        http_get(addrs.admin, "/connections").unwrap().1.trim(),
+        "[]"
+    );
+    assert_eq!(http_get(addrs.admin, "/nope").map(|r| r.0), Some(404));
+    // A connection from an address that is no local workload is refused on outbound.
+    {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(addrs.outbound[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(buf.is_empty());
+    }
+    stop_tx.send(()).unwrap();
+    rt.block_on(runner).unwrap();
+    // After the drain: not ready any more (the proxy listeners are closed).
+    assert_eq!(
+        http_get(addrs.readiness, "/healthz/ready").map(|r| r.0),
+        Some(503)
+    );
+}
