@@ -446,6 +446,14 @@ impl Cluster {
                 }
             }
         }
+        // Service VIPs are reachable from the nodes themselves (a real node has a default
+        // route): the kube-proxy stand-in's output chain then DNATs them.
+        let [a, b, c3] = spec.addressing.service;
+        let svc_cidr = format!("{a}.{b}.{c3}.0/24");
+        for n in &cluster.nodes {
+            n.ns()
+                .ip(&["route", "add", &svc_cidr, "dev", NODE_UNDERLAY_IF])?;
+        }
         for i in 0..cluster.nodes.len() {
             cluster.start_ztunnel(i)?;
             cluster.start_agent(i)?;
