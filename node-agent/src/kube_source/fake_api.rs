@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,7 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub query: BTreeMap<String, String>,
+    pub authorization: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +106,11 @@ fn matches(obj: &Value, query: &BTreeMap<String, String>) -> bool {
 
 impl FakeApi {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Serves HTTPS with `acceptor`'s certificate (plain HTTP with `None`).
+    pub async fn start_with(acceptor: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = FakeApi {
             addr: listener.local_addr().unwrap(),
@@ -116,8 +122,18 @@ impl FakeApi {
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 let s = server.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let _ = s.serve(conn).await;
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(conn).await {
+                                let _ = s.serve(tls).await;
+                            }
+                        }
+                        None => {
+                            let _ = s.serve(conn).await;
+                        }
+                    }
                 });
             }
         });
@@ -220,7 +236,7 @@ impl FakeApi {
         self.state.lock().unwrap().requests.clone()
     }
 
-    async fn serve(&self, conn: TcpStream) -> std::io::Result<()> {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: S) -> std::io::Result<()> {
         let mut conn = BufReader::new(conn);
         let mut line = String::new();
         conn.read_line(&mut line).await?;
@@ -228,6 +244,7 @@ impl FakeApi {
         let method = parts.next().unwrap_or_default().to_owned();
         let target = parts.next().unwrap_or_default().to_owned();
         let mut length = 0usize;
+        let mut authorization = None;
         loop {
             let mut h = String::new();
             conn.read_line(&mut h).await?;
@@ -237,6 +254,9 @@ impl FakeApi {
             if let Some((k, v)) = h.split_once(':') {
                 if k.eq_ignore_ascii_case("content-length") {
                     length = v.trim().parse().unwrap_or(0);
+                }
+                if k.eq_ignore_ascii_case("authorization") {
+                    authorization = Some(v.trim().to_owned());
                 }
             }
         }
@@ -255,6 +275,7 @@ impl FakeApi {
             method: method.clone(),
             path: path.to_owned(),
             query: query.clone(),
+            authorization,
         };
         let fail = {
             let mut st = self.state.lock().unwrap();
@@ -301,9 +322,9 @@ impl FakeApi {
         }
     }
 
-    async fn list_or_watch(
+    async fn list_or_watch<S: AsyncWrite + Unpin>(
         &self,
-        conn: &mut TcpStream,
+        conn: &mut S,
         resource: &'static str,
         query: &BTreeMap<String, String>,
     ) -> std::io::Result<()> {
@@ -356,9 +377,9 @@ impl FakeApi {
         )
     }
 
-    async fn watch(
+    async fn watch<S: AsyncWrite + Unpin>(
         &self,
-        conn: &mut TcpStream,
+        conn: &mut S,
         resource: &'static str,
         query: &BTreeMap<String, String>,
     ) -> std::io::Result<()> {
@@ -414,7 +435,7 @@ impl FakeApi {
     }
 }
 
-async fn chunk(conn: &mut TcpStream, v: &Value) -> std::io::Result<()> {
+async fn chunk<S: AsyncWrite + Unpin>(conn: &mut S, v: &Value) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(v).unwrap();
     line.push(b'\n');
     conn.write_all(format!("{:x}\r\n", line.len()).as_bytes())
@@ -424,7 +445,11 @@ async fn chunk(conn: &mut TcpStream, v: &Value) -> std::io::Result<()> {
     conn.flush().await
 }
 
-async fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+async fn respond<S: AsyncWrite + Unpin>(
+    conn: &mut S,
+    code: u16,
+    body: &Value,
+) -> std::io::Result<()> {
     let body = serde_json::to_vec(body).unwrap();
     let head = format!(
         "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -531,3 +531,65 @@ fn conversion_keeps_exactly_the_needed_fields() {
     let n = convert_namespace(&n);
     assert_eq!(n.metadata.label("istio.io/dataplane-mode"), Some("ambient"));
 }
+
+/// The in-cluster shape: HTTPS verified against a CA file, a bearer token from a file (what
+/// the service account mount provides), through a kubeconfig that points at both.
+#[tokio::test]
+async fn https_with_a_ca_and_a_token_file() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use tokio_rustls::rustls;
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    let api = FakeApi::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+    api.put(ns("shop", true));
+    api.put(pod("shop", "web", "n1", "Running", Some("10.244.1.5")));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("token"), "sa-token-123").unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://{}\n    certificate-authority: {}\n\
+             contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n\
+             users:\n- name: u\n  user:\n    tokenFile: {}\n",
+            api.addr,
+            dir.path().join("ca.crt").display(),
+            dir.path().join("token").display()
+        ),
+    )
+    .unwrap();
+    let mut r = start(KubeSource::new(
+        client(Some(&kc)).await.unwrap(),
+        "n1".into(),
+    ));
+    r.until("synced over TLS", |s| {
+        s.synced && s.pod("shop", "web").is_some()
+    })
+    .await;
+    let reqs = api.requests();
+    assert!(!reqs.is_empty());
+    assert!(reqs
+        .iter()
+        .all(|q| q.authorization.as_deref() == Some("Bearer sa-token-123")));
+}
