@@ -117,3 +117,77 @@ async fn an_api_that_cannot_answer_keeps_the_plugin() {
     .await;
     assert!(matches!(d, ExitDecision::Keep(_)), "{d:?}");
 }
+
+/// The binary end to end: `install-cni run` against a temporary host directory and a
+/// loopback API server, stopped with SIGTERM.
+async fn run_and_stop(code: u16, body: serde_json::Value) -> (bool, bool, String) {
+    let (addr, _rx) = server(code, body, false).await;
+    let host = tempfile::tempdir().unwrap();
+    let conf = host.path().join("net.d");
+    let bin = host.path().join("bin");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let src = host.path().join("ambient-cni");
+    std::fs::write(&src, b"plugin").unwrap();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/cni/10-ptp.conflist"
+    );
+    std::fs::copy(fixture, conf.join("10-ptp.conflist")).unwrap();
+    let kc = host.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{addr}\n\
+             contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\nusers:\n- name: u\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_install-cni"))
+        .args(["run", "--poll-ms", "20", "--kubeconfig"])
+        .arg(&kc)
+        .arg("--cni-conf-dir")
+        .arg(&conf)
+        .arg("--cni-bin-dir")
+        .arg(&bin)
+        .arg("--plugin-source")
+        .arg(&src)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let conflist = conf.join("10-ptp.conflist");
+    let chained = || {
+        std::fs::read_to_string(&conflist)
+            .map(|t| t.contains("ambient-cni"))
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !chained() {
+        assert!(std::time::Instant::now() < deadline, "never chained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (
+        chained(),
+        bin.join("ambient-cni").exists(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_binary_keeps_the_plugin_on_upgrade_and_removes_it_on_delete() {
+    let (chained, binary, log) = run_and_stop(200, ds(false)).await;
+    assert!(chained && binary, "upgrade must keep the plugin: {log}");
+    assert!(log.contains("the plugin stays"), "{log}");
+    let (chained, binary, log) = run_and_stop(404, status(404)).await;
+    assert!(!chained && !binary, "delete must uninstall: {log}");
+    assert!(log.contains("stopping and uninstalling"), "{log}");
+}
