@@ -582,7 +582,12 @@ async fn annotate(
                 .annotations
                 .get(REDIRECTION_ANNOTATION)
                 .map(String::as_str);
-            if have == want || asked.get(&uid) == Some(&want) {
+            if have == want {
+                // Echoed by the watch: forget it, so a later manual change is repaired.
+                asked.remove(&uid);
+                continue;
+            }
+            if asked.get(&uid) == Some(&want) {
                 continue;
             }
             let api: kube::Api<k8s::Pod> = kube::Api::namespaced(client.clone(), pod.namespace());
