@@ -544,7 +544,7 @@ fn authorization_policy_deny_and_allow_between_namespaces() {
 fn ambient_pod_is_captured_when_add_returns() {
     let mut c = cluster("e2ead", 130, Attach::Bridge);
     let mut missing = Vec::new();
-    for i in 0..8 {
+    for i in 0..16 {
         let p = pod(&mut c, 0, "ambient-demo", &format!("p{i}"));
         let ip = c.pods[p].ip.to_string();
         let set = c.nodes[0]
@@ -555,6 +555,13 @@ fn ambient_pod_is_captured_when_add_returns() {
             missing.push(format!("p{i} ({ip})"));
         }
     }
+    // The agent's own account of each ADD: an ambient pod must never be reported NotAmbient.
+    let log = std::fs::read_to_string(c.nodes[0].agent_log()).unwrap_or_default();
+    missing.extend(
+        log.lines()
+            .filter(|l| l.contains("ADD handled") && l.contains("NotAmbient"))
+            .map(strip_ansi),
+    );
     assert!(
         missing.is_empty(),
         "ADD returned before the pod was captured: {missing:?}"
@@ -616,4 +623,19 @@ fn a_brand_new_service_is_never_reached_in_plaintext() {
         "the payload crossed in plaintext (connect: {r:?}); flows {:?}",
         UnderlaySummary::from_packets(&packets).flows
     );
+}
+
+/// A log line without its terminal colour codes.
+fn strip_ansi(l: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for ch in l.chars() {
+        match (esc, ch) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
 }
