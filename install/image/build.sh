@@ -56,6 +56,7 @@ if [[ ! -s "$cache" ]]; then
          "$work/rootfs"/var/log/* "$work/rootfs"/debootstrap
   tar -C "$work/rootfs" --numeric-owner -cf "$cache.tmp" .
   mv "$cache.tmp" "$cache"
+  rm -rf "$work/rootfs"
 fi
 
 # The build context: rootfs tarball + binaries.
