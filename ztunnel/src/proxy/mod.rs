@@ -142,17 +142,18 @@ pub async fn serve(
                     let _ = tcp.set_nodelay(true);
                     let p = proxy.clone();
                     let drain = drain.clone();
-                    tokio::spawn(async move {
-                        let peer = canonical(peer);
+                    let peer = canonical(peer);
+                    let span = tracing::info_span!("conn", ?kind, %peer);
+                    tokio::spawn(tracing::Instrument::instrument(async move {
                         let res = match kind {
                             Direction::Outbound => outbound::outbound(p, tcp, peer, local.map(|l| l.port())).await,
                             Direction::Inbound => inbound::inbound(p, tcp, peer, drain).await,
                             Direction::InboundPlaintext => inbound::inbound_plaintext(p, tcp, peer).await,
                         };
                         if let Err(e) = res {
-                            tracing::info!(?kind, %peer, error = %crate::error_chain(&e), "connection refused or failed");
+                            tracing::info!(error = %crate::error_chain(&e), "connection refused or failed");
                         }
-                    });
+                    }, span));
                 }
                 Err(e) => {
                     tracing::warn!(?local, error = %e, "accept failed");
