@@ -28,13 +28,12 @@ const HBONE: u16 = ambient_common::constants::HBONE_PORT;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn cluster(tag: &str, octet: u8) -> Cluster {
-    Cluster::new(ClusterSpec::new(
-        tag,
-        2,
-        Attach::Bridge,
-        Addressing::test(octet),
-    ))
-    .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
+    cluster_with(tag, octet, Attach::Bridge)
+}
+
+fn cluster_with(tag: &str, octet: u8, attach: Attach) -> Cluster {
+    Cluster::new(ClusterSpec::new(tag, 2, attach, Addressing::test(octet)))
+        .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
 }
 
 fn pod(c: &mut Cluster, node: usize, ns: &str, name: &str) -> usize {
@@ -155,8 +154,8 @@ fn progresses(load: &Load, n: u64) {
     .unwrap();
 }
 
-fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize) {
-    let mut c = cluster(tag, octet);
+fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize, attach: Attach) {
+    let mut c = cluster_with(tag, octet, attach);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
@@ -166,8 +165,32 @@ fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize) {
     let to = c.pods[server].echo_addr();
     let load = Load::start(&c, client, to, &m, 2, Duration::from_millis(10));
     progresses(&load, 20);
+    // A large transfer in flight when ztunnel dies: it breaks, it never continues around it.
+    let big = {
+        let mut d = ambient_tests::inns::pattern(u64::from(octet), 64 << 20);
+        for chunk in d.chunks_mut(1 << 20) {
+            chunk[..m.len()].copy_from_slice(m.as_bytes());
+        }
+        d
+    };
+    let ns = c.pods[client].ns().path();
+    let inflight = std::thread::spawn(move || {
+        in_ns(&ns, || {
+            ambient_tests::inns::transfer(to, &big, Duration::from_secs(10))
+                .map(|r| r.intact())
+                .map_err(|e| e.to_string())
+        })
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(150));
     let agent_pid = c.nodes[victim].agent_pid;
     c.kill_ztunnel(victim, Signal::SIGKILL);
+    let inflight = inflight.join().unwrap();
+    eprintln!("{tag}: the in-flight 64 MiB transfer at the crash: {inflight:?}");
+    assert!(
+        inflight != Ok(true),
+        "a 64 MiB transfer completed intact across a ztunnel crash: {inflight:?}"
+    );
     // Fail closed: while ztunnel is down, no connection from the ambient pod succeeds.
     std::thread::sleep(Duration::from_millis(300));
     let before = c.pods[server].accepted().len();
@@ -198,12 +221,17 @@ fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize) {
 
 #[test]
 fn ztunnel_killed_on_the_client_node() {
-    ztunnel_killed_during_traffic("fzc", 141, 0);
+    ztunnel_killed_during_traffic("fzc", 141, 0, Attach::Bridge);
 }
 
 #[test]
 fn ztunnel_killed_on_the_server_node() {
-    ztunnel_killed_during_traffic("fzs", 142, 1);
+    ztunnel_killed_during_traffic("fzs", 142, 1, Attach::Bridge);
+}
+
+#[test]
+fn ztunnel_killed_on_the_client_node_routed() {
+    ztunnel_killed_during_traffic("fzr", 153, 0, Attach::Ptp);
 }
 
 /// Opens a connection from a pod and keeps it (the socket stays in the pod's namespace).

@@ -470,6 +470,31 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
         }
     }
 
+    println!("\n=== 2b. ztunnel access log (one line per connection) ===");
+    for n in &c.nodes {
+        let log = std::fs::read_to_string(n.ztunnel_log()).unwrap_or_default();
+        for l in log.lines().filter(|l| l.contains("connection complete")) {
+            let l = strip_ansi(l);
+            let f = |k: &str| field(&l, k).unwrap_or_default();
+            println!(
+                "  {:7} {:8} {} ({}) -> {} ({}) mtls={} bytes={}/{}{}",
+                n.name,
+                f("direction"),
+                f("src.addr"),
+                or_dash(f("src.identity")),
+                f("dst.addr"),
+                or_dash(f("dst.identity")),
+                f("mtls"),
+                f("bytes_received"),
+                f("bytes_sent"),
+                match f("response_flags").trim_matches('"') {
+                    "-" | "" => String::new(),
+                    flag => format!(" flags={flag}"),
+                }
+            );
+        }
+    }
+
     println!(
         "\n=== 3. the underlay ({} TCP packets captured) ===",
         packets.len()
@@ -581,4 +606,35 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
         }
     }
     ok
+}
+
+/// A log line without its terminal colour codes.
+fn strip_ansi(l: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for ch in l.chars() {
+        match (esc, ch) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// The value of ` key=value` in a text log line (values have no spaces, or are quoted).
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].to_owned())
+}
+
+fn or_dash(s: String) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
 }
