@@ -602,3 +602,31 @@ fn ipv6_pods_get_hbone_and_keep_their_source_address() {
         "{m}"
     );
 }
+
+#[test]
+fn crashed_ztunnel_fails_closed_then_recovers() {
+    if skip() {
+        return;
+    }
+    let lab = lab("fc", 208);
+    let z0 = lab.start_ztunnel(0, &[]);
+    lab.start_ztunnel(1, &[]);
+    let (a1, b1) = (lab.pod("a1").clone(), lab.pod("b1").clone());
+    let echo = echo_server(&b1, 8080);
+    let data = payload(4000, 1);
+    assert_eq!(echo_from(&a1, echo.addr, &data).unwrap(), data);
+    let seen = echo.peers.lock().unwrap().len();
+
+    lab.kill(z0);
+    lab.wait_exit(z0, Duration::from_secs(5));
+    // Captured traffic has nowhere to go: refused, never sent around ztunnel.
+    let r = echo_from(&a1, echo.addr, &data);
+    assert!(r.map(|g| g.is_empty()).unwrap_or(true));
+    assert_eq!(echo.peers.lock().unwrap().len(), seen, "bypassed ztunnel");
+
+    lab.start_ztunnel(0, &[]);
+    let got = eventually("recovered", Duration::from_secs(10), || {
+        echo_from(&a1, echo.addr, &data).ok().filter(|g| *g == data)
+    });
+    assert_eq!(got, data);
+}

@@ -575,6 +575,14 @@ table inet ambient {{
         );
     }
 
+    /// SIGKILL to a process this lab started (a crash).
+    pub fn kill(&self, pid: u32) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
     /// Waits for a ztunnel this lab started to exit.
     pub fn wait_exit(&self, pid: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
