@@ -134,6 +134,7 @@ fn up(a: &UpArgs) -> anyhow::Result<Cluster> {
             s.nodes.len()
         );
     }
+    prepare_state_dir(&a.state_dir)?;
     let attach = match a.cni {
         Cni::Bridge => Attach::Bridge,
         Cni::Ptp => Attach::Ptp,
@@ -310,9 +311,40 @@ fn exec(s: &LabState, target: &str, command: &[String]) -> anyhow::Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
+/// Marks a directory as the lab's own, so that it is only ever emptied when it carries it.
+const MARKER: &str = ".ambient-lab";
+
+/// Makes `dir` an empty lab directory: creates it, or clears the leftovers of a failed `up`
+/// (only in a directory carrying the lab's marker); refuses any other non-empty directory.
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    let marked = dir.join(MARKER).exists();
+    let empty = std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none());
+    if marked {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("clearing the leftovers in {}", dir.display()))?;
+    } else if !empty {
+        bail!(
+            "{} is not empty and is not a lab directory; choose another --state-dir",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "state directory of `lab`\n")
+        .with_context(|| format!("writing {}", dir.join(MARKER).display()))?;
+    Ok(())
+}
+
 fn down(state_dir: &Path) -> anyhow::Result<()> {
     let Some(s) = LabState::load(state_dir).map_err(anyhow::Error::msg)? else {
-        println!("no lab in {}: nothing to do", state_dir.display());
+        if state_dir.join(MARKER).exists() {
+            std::fs::remove_dir_all(state_dir)?;
+            println!(
+                "no lab was up; removed the leftovers in {}",
+                state_dir.display()
+            );
+        } else {
+            println!("no lab in {}: nothing to do", state_dir.display());
+        }
         return Ok(());
     };
     let problems = s.down();
@@ -636,5 +668,50 @@ fn or_dash(s: String) -> String {
         "-".into()
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_fields_are_read_from_a_coloured_line() {
+        let line = "\u{1b}[2m2026\u{1b}[0m INFO \u{1b}[2maccess\u{1b}[0m: connection complete \u{1b}[3mconn\u{1b}[0m\u{1b}[2m=\u{1b}[0m1 \u{1b}[3mdirection\u{1b}[0m\u{1b}[2m=\u{1b}[0mOutbound \u{1b}[3mmtls\u{1b}[0m\u{1b}[2m=\u{1b}[0mtrue \u{1b}[3mresponse_flags\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"-\" \u{1b}[3merror\u{1b}[0m\u{1b}[2m=\u{1b}[0m";
+        let l = strip_ansi(line);
+        assert_eq!(field(&l, "direction").as_deref(), Some("Outbound"));
+        assert_eq!(field(&l, "mtls").as_deref(), Some("true"));
+        assert_eq!(field(&l, "response_flags").as_deref(), Some("\"-\""));
+        assert_eq!(field(&l, "error").as_deref(), Some(""));
+        assert_eq!(field(&l, "absent"), None);
+    }
+
+    #[test]
+    fn tls_records_are_recognised() {
+        let p = |payload: &[u8]| Packet {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            protocol: TCP,
+            sport: 1,
+            dport: 15008,
+            payload: payload.to_vec(),
+        };
+        assert!(is_tls(&p(&[0x16, 3, 1, 0, 5])));
+        assert!(is_tls(&p(&[0x17, 3, 3, 0, 5])));
+        assert!(!is_tls(&p(b"GET / HTTP/1.1")));
+        assert!(!is_tls(&p(&[])));
+    }
+
+    #[test]
+    fn a_foreign_non_empty_directory_is_never_used() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("precious"), "x").unwrap();
+        assert!(prepare_state_dir(d.path()).is_err());
+        assert!(d.path().join("precious").exists());
+        let lab = d.path().join("lab");
+        prepare_state_dir(&lab).unwrap();
+        std::fs::write(lab.join("leftover"), "x").unwrap();
+        prepare_state_dir(&lab).unwrap();
+        assert!(!lab.join("leftover").exists() && lab.join(MARKER).exists());
     }
 }
