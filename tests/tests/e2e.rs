@@ -180,7 +180,16 @@ fn captured(c: &Cluster, pod: usize) {
 /// sees the client pod's own address, and identity is what policy is evaluated on.
 #[test]
 fn ambient_to_ambient_same_node() {
-    let mut c = cluster("e2esn", 123, Attach::Bridge);
+    same_node("e2esn", 123, Attach::Bridge);
+}
+
+#[test]
+fn ambient_to_ambient_same_node_ptp() {
+    same_node("e2esp", 133, Attach::Ptp);
+}
+
+fn same_node(tag: &str, octet: u8, attach: Attach) {
+    let mut c = cluster(tag, octet, attach);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let server = pod(&mut c, 0, "ambient-demo", "server");
     c.set_namespace("other", true).unwrap();
@@ -243,7 +252,16 @@ fn wait_policy(c: &Cluster, node: usize, name: &str) {
 /// (untouched), all across nodes.
 #[test]
 fn mixed_ambient_and_legacy_pods() {
-    let mut c = cluster("e2emx", 124, Attach::Bridge);
+    mixed("e2emx", 124, Attach::Bridge);
+}
+
+#[test]
+fn mixed_ambient_and_legacy_pods_ptp() {
+    mixed("e2emp", 134, Attach::Ptp);
+}
+
+fn mixed(tag: &str, octet: u8, attach: Attach) {
+    let mut c = cluster(tag, octet, attach);
     let amb1 = pod(&mut c, 0, "ambient-demo", "amb1");
     let amb2 = pod(&mut c, 1, "ambient-demo", "amb2");
     let leg1 = pod(&mut c, 0, "legacy", "leg1");

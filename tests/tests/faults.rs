@@ -642,6 +642,8 @@ fn garbage_on_the_agent_and_ztunnel_sockets() {
     let b = pod(&mut c, 1, "ambient-demo", "b");
     c.wait_converged(WAIT).unwrap();
     let before = snapshot(&c);
+    let workloads = |c: &Cluster| c.nodes[0].config_dump().unwrap()["workloads"].to_string();
+    let zt_before = workloads(&c);
     let run = c.nodes[0].run_dir();
     let payloads: Vec<(&str, Vec<u8>)> = vec![
         ("random", random_bytes(7, 2048)),
@@ -674,6 +676,11 @@ fn garbage_on_the_agent_and_ztunnel_sockets() {
     drop(idle);
     assert!(c.nodes[0].ztunnel_ready(), "ztunnel still ready");
     assert_eq!(snapshot(&c), before, "garbage changed the node's state");
+    assert_eq!(
+        workloads(&c),
+        zt_before,
+        "garbage changed ztunnel's workloads"
+    );
     // The data path still works, including a new pod's ADD.
     c.connect(a, c.pods[b].echo_addr(), "still-works").unwrap();
     let n = pod(&mut c, 0, "ambient-demo", "newcomer");
@@ -1067,5 +1074,36 @@ fn garbage_inside_an_authenticated_hbone_session() {
     );
     c.connect(a, c.pods[target].echo_addr(), "mesh-still-works")
         .unwrap();
+    assert_no_panics(&c);
+}
+
+/// ztunnel down when a pod is created (BRIEF §6): ADD succeeds without a stall, the pod is
+/// enrolled, its connections are refused (never bypassed) until ztunnel is back, then work.
+#[test]
+fn ztunnel_down_at_add() {
+    let mut c = cluster("fzd", 154);
+    let server = pod(&mut c, 1, "ambient-demo", "server");
+    c.wait_converged(WAIT).unwrap();
+    let cap = c.capture_underlay("zdown").unwrap();
+    let m = marker("zdown");
+    c.kill_ztunnel(0, Signal::SIGKILL);
+    let started = Instant::now();
+    let p = pod(&mut c, 0, "ambient-demo", "born-blind");
+    let add_time = started.elapsed();
+    eprintln!("ADD with ztunnel down took {add_time:?}");
+    assert_eq!(c.agent_state(0, "born-blind").as_deref(), Some("captured"));
+    let to = c.pods[server].echo_addr();
+    for _ in 0..3 {
+        assert!(c.connect(p, to, &m).is_err(), "connected with ztunnel down");
+    }
+    assert!(
+        c.pods[server].accepted().is_empty(),
+        "something reached the server"
+    );
+    c.start_ztunnel(0).unwrap();
+    c.wait_converged(WAIT).unwrap();
+    eventually(WAIT, || c.connect(p, to, &m)).unwrap();
+    let ambient = c.ambient_ips();
+    assert_sealed(&c, cap, &ambient, &m);
     assert_no_panics(&c);
 }
