@@ -205,8 +205,23 @@ fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize, attach: At
         before,
         "something reached the server"
     );
+    // The agent reports it.
+    let connected = |c: &Cluster| -> Option<bool> {
+        let st = c.agent_view(victim, "status", true).ok()?;
+        serde_json::from_str::<serde_json::Value>(&st).ok()?["ztunnel_connected"].as_bool()
+    };
+    eventually(WAIT, || match connected(&c) {
+        Some(false) => Ok(()),
+        other => Err(format!("ztunnel_connected {other:?}")),
+    })
+    .unwrap();
     // Restarted without touching the agent: new connections work again.
     c.start_ztunnel(victim).unwrap();
+    eventually(WAIT, || match connected(&c) {
+        Some(true) => Ok(()),
+        other => Err(format!("ztunnel_connected {other:?}")),
+    })
+    .unwrap();
     eventually(WAIT, || c.connect(client, to, &m)).unwrap();
     progresses(&load, 20);
     let (ok, failed) = load.stop();
