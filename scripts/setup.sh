@@ -13,6 +13,8 @@ packages=(
   # build dependencies: libnftables for the agent, protoc for the CRI client, gcc/libc for
   # the static pause image and -sys crates
   libnftables-dev pkg-config protobuf-compiler gcc libc6-dev tar
+  # kubectl, for the test that renders the kustomization
+  kubernetes-client
   # load tools for the benchmarks
   iperf3
 )

@@ -1,6 +1,7 @@
 //! Framing for the local unix-socket contracts: a 4-byte big-endian length, then that many
-//! bytes of JSON. One request and one response per connection. Lengths above
-//! [`MAX_FRAME`] are refused before anything is allocated.
+//! bytes of JSON. How many frames a connection carries is the contract's business (one
+//! request and one reply for the plugin's; a long-lived sequence for ztunnel's). Lengths
+//! above [`MAX_FRAME`] are refused before anything is allocated.
 
 use std::io::{Read, Write};
 

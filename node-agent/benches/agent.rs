@@ -62,7 +62,8 @@ fn inner() {
     );
     enrol_one_more();
     cold_start();
-    plugin_add();
+    plugin_add(false);
+    plugin_add(true);
 }
 
 fn params() -> node_agent::nft::RulesetParams {
@@ -251,9 +252,15 @@ fn run_batch(batch: &str) {
     assert!(child.wait().unwrap().success());
 }
 
-/// The plugin's ADD, end to end, at 1 / 100 / 500 enrolled pods.
-fn plugin_add() {
-    println!("\n## plugin ADD end to end (exec of ambient-cni until redirection is active)\n");
+/// The plugin's ADD, end to end, at 1 / 100 / 500 enrolled pods. With `ztunnel`, a real
+/// ztunnel is connected and every pod has its own service account, so each ADD waits for a
+/// new certificate to be issued (the worst case).
+fn plugin_add(ztunnel: bool) {
+    if ztunnel {
+        println!("\n## plugin ADD end to end, ztunnel connected (each pod a new identity: ADD waits for its certificate)\n");
+    } else {
+        println!("\n## plugin ADD end to end, ztunnel absent (exec of ambient-cni until redirection is active)\n");
+    }
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
     let run = dir.path().join("run");
@@ -282,7 +289,7 @@ fn plugin_add() {
     );
     for i in 0..total {
         text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: bench\n  uid: uid-{i}\nspec:\n  nodeName: bench\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: bench\n  uid: uid-{i}\nspec:\n  nodeName: bench\n  serviceAccountName: sa-{i}\n"
         ));
     }
     std::fs::write(manifests.join("pods.yaml"), text).unwrap();
@@ -291,15 +298,35 @@ fn plugin_add() {
         .arg(&manifests)
         .arg("--run-dir")
         .arg(&run)
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log-level",
-            "warn,node_agent=debug",
-        ])
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-level", "warn"])
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let mut zt = None;
+    if ztunnel {
+        let ca = dir.path().join("ca");
+        let st = Command::new(bins::binary(bins::ZTUNNEL))
+            .args(["ca", "init", "--dir"])
+            .arg(&ca)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        zt = Some(
+            Command::new(bins::binary(bins::ZTUNNEL))
+                .args(["run", "--node-name", "bench", "--manifest-dir"])
+                .arg(&manifests)
+                .arg("--ca-dir")
+                .arg(&ca)
+                .arg("--agent-socket")
+                .arg(run.join("ztunnel.sock"))
+                .args(["--access-log", "false"])
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
     eventually(Duration::from_secs(10), || {
         if sock.exists() {
             Ok(())
@@ -308,6 +335,23 @@ fn plugin_add() {
         }
     })
     .unwrap();
+    if ztunnel {
+        eventually(Duration::from_secs(20), || {
+            let out = Command::new(bins::binary(bins::NODE_AGENT))
+                .args(["status", "-o", "json", "--run-dir"])
+                .arg(&run)
+                .output()
+                .map_err(|e| e.to_string())?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            if v["ztunnel_connected"] == true {
+                Ok(())
+            } else {
+                Err("ztunnel not connected".to_string())
+            }
+        })
+        .unwrap();
+    }
     let mut pods: Vec<(NetNs, RuntimeConf)> = Vec::new();
     let make_rt = |i: usize| -> (NetNs, RuntimeConf) {
         let ns = NetNs::new(&format!("bp{i}")).unwrap();
@@ -393,5 +437,9 @@ fn plugin_add() {
     }
     let _ = agent.kill();
     let _ = agent.wait();
+    if let Some(mut z) = zt {
+        let _ = z.kill();
+        let _ = z.wait();
+    }
     NftDataplane::new(params()).unwrap().uninstall().ok();
 }

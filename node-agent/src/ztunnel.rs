@@ -109,8 +109,22 @@ async fn session(
     });
     tracing::info!(workloads = sent.len(), "connected to ztunnel");
     loop {
-        if workloads.changed().await.is_err() {
-            return Ok(());
+        // ztunnel only ever answers, so anything readable while idle is its close (a new
+        // ztunnel taking over, or a crash): reconnect at once rather than at the next change.
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            changed = workloads.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            read = stream.read(&mut probe) => {
+                return Err(match read {
+                    Ok(0) => LinkError::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => LinkError::Refused("unsolicited bytes from ztunnel".into()),
+                    Err(e) => LinkError::Io(e),
+                });
+            }
         }
         let want: BTreeMap<String, LocalWorkload> = workloads
             .borrow_and_update()
@@ -138,5 +152,93 @@ async fn session(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    async fn read_op(s: &mut UnixStream) -> ZtunnelOp {
+        let mut header = [0u8; 4];
+        s.read_exact(&mut header).await.unwrap();
+        let mut body = vec![0u8; frame::body_len(header).unwrap()];
+        s.read_exact(&mut body).await.unwrap();
+        frame::decode::<ZtunnelRequest>(&body).unwrap().op
+    }
+
+    async fn ack(s: &mut UnixStream) {
+        s.write_all(&frame::encode(&ZtunnelReply::Ack).unwrap())
+            .await
+            .unwrap();
+    }
+
+    fn workload(uid: &str) -> LocalWorkload {
+        LocalWorkload {
+            uid: uid.into(),
+            namespace: "ns".into(),
+            name: uid.into(),
+            service_account: "sa".into(),
+            node: "n".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshot_then_changes_then_resync_after_ztunnel_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zt.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (wl_tx, wl_rx) = watch::channel(vec![workload("a")]);
+        let (st_tx, mut st_rx) = watch::channel(ZtunnelStatus::default());
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut reg);
+        let client = tokio::spawn(run_client(path.clone(), wl_rx, st_tx, metrics));
+
+        // First ztunnel: snapshot, then an Add, then it goes away.
+        let (mut s, _) = listener.accept().await.unwrap();
+        assert!(matches!(read_op(&mut s).await, ZtunnelOp::Snapshot(w) if w.len() == 1));
+        ack(&mut s).await;
+        wl_tx.send_replace(vec![workload("a"), workload("b")]);
+        assert!(matches!(read_op(&mut s).await, ZtunnelOp::Add(w) if w.uid == "b"));
+        ack(&mut s).await;
+        let st = st_rx
+            .wait_for(|s| s.acked.contains("b"))
+            .await
+            .unwrap()
+            .clone();
+        assert!(st.connected);
+        drop(s);
+
+        // The agent notices the close without any workload change and resyncs.
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("agent reconnects after ztunnel closes")
+            .unwrap();
+        assert!(matches!(read_op(&mut s).await, ZtunnelOp::Snapshot(w) if w.len() == 2));
+        ack(&mut s).await;
+        wl_tx.send_replace(vec![workload("b")]);
+        assert!(matches!(read_op(&mut s).await, ZtunnelOp::Remove { uid } if uid == "a"));
+        // A refusal drops the connection and the agent tries again.
+        s.write_all(
+            &frame::encode(&ZtunnelReply::Error {
+                message: "no".into(),
+            })
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(read_op(&mut s).await, ZtunnelOp::Snapshot(w) if w.len() == 1));
+        drop(wl_tx);
+        ack(&mut s).await;
+        tokio::time::timeout(Duration::from_secs(5), client)
+            .await
+            .expect("client ends when the agent drops its workloads")
+            .unwrap();
     }
 }
