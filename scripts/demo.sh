@@ -9,6 +9,8 @@
 # namespaces it creates (pods 10.244.<node>.0/24, underlay 172.31.254.0/24, service VIPs
 # 10.244.250.0/24) and in the state directory (default /var/run/ambient-lab).
 #
+# SKIP_SETUP=1 skips the package installation (scripts/setup.sh).
+#
 # Build profile: debug. On a 2-core machine a from-scratch debug build of the workspace's
 # binaries takes a fraction of the release build's time (no optimisation passes over
 # rustls/h2/tokio), and the demo itself runs in a few seconds either way: the proof is about
@@ -21,7 +23,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-./scripts/setup.sh
+# SKIP_SETUP=1 for machines whose packages are managed otherwise.
+[ "${SKIP_SETUP:-0}" = 1 ] || ./scripts/setup.sh
 
 # Rust toolchain (the workspace needs Rust >= 1.85; Debian 12's rustc is older).
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
