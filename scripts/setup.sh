@@ -13,11 +13,13 @@ packages=(
   # build dependencies: libnftables for the agent, protoc for the CRI client, gcc/libc for
   # the static pause image and -sys crates
   libnftables-dev pkg-config protobuf-compiler gcc libc6-dev tar
-  # kubectl, for the test that renders the kustomization
-  kubernetes-client
   # load tools for the benchmarks
   iperf3
 )
+
+# kubectl renders the kustomization in a test; any kubectl will do (a machine may already have
+# one from the Kubernetes apt repository, which conflicts with Debian's package).
+command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
 
 missing=()
 for p in "${packages[@]}"; do
