@@ -3,7 +3,8 @@
 //! of the agent uses and published as whole [`Snapshot`]s behind the same [`Source`] trait as
 //! the manifest directory.
 //!
-//! Each resource runs one reflector loop: list (paged) to get a complete view and a
+//! Each resource runs one reflector loop (`ambient_kube_watch::Reflector`, shared with
+//! ztunnel): list (paged) to get a complete view and a
 //! `resourceVersion`, then watch from it (with bookmarks), following every event's version.
 //! A watch that ends (server timeout, dropped connection) resumes from the last version seen;
 //! `410 Gone` (compacted history, as an HTTP status or an `ERROR` event) relists from scratch,
@@ -20,15 +21,12 @@
 //! subresource, the only write the agent's RBAC allows).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ambient_common::manifest::{Namespace, ObjectMeta, Pod, PodIp, PodSpec, PodStatus};
-use futures::StreamExt;
+use ambient_kube_watch::{Change, Reflector};
 use k8s_openapi::api::core::v1 as k8s;
-use kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::api::{Patch, PatchParams};
 use tokio::sync::{mpsc, watch};
 
 use crate::source::{Snapshot, Source};
@@ -74,76 +72,9 @@ pub const API_CALLS: &[ApiCall] = &[
     },
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum KubeSourceError {
-    #[error("cannot read kubeconfig {path}")]
-    Kubeconfig {
-        path: std::path::PathBuf,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("no in-cluster configuration (service account token and CA); outside a cluster pass --kubeconfig")]
-    InCluster(#[source] kube::config::InClusterError),
-    #[error("cannot build the Kubernetes client")]
-    Client(#[source] kube::Error),
-}
-
-/// A client from a kubeconfig file, or from the in-cluster service account (token, CA and
-/// `KUBERNETES_SERVICE_HOST`).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeSourceError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let wrap = |source| KubeSourceError::Kubeconfig {
-                path: path.to_owned(),
-                source,
-            };
-            let kc = Kubeconfig::read_from(path).map_err(wrap)?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(wrap)?
-        }
-        None => kube::Config::incluster().map_err(KubeSourceError::InCluster)?,
-    };
-    kube::Client::try_from(config).map_err(KubeSourceError::Client)
-}
-
-/// Exponential backoff between failed API calls.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(30),
-        }
-    }
-}
-
-struct BackoffState {
-    cfg: Backoff,
-    next: Duration,
-}
-
-impl BackoffState {
-    fn new(cfg: Backoff) -> Self {
-        Self {
-            cfg,
-            next: cfg.initial,
-        }
-    }
-    fn reset(&mut self) {
-        self.next = self.cfg.initial;
-    }
-    async fn wait(&mut self) {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.cfg.max);
-        tokio::time::sleep(d).await;
-    }
-}
+/// Errors building the client (the shared crate's).
+pub use ambient_kube_watch::ClientError as KubeSourceError;
+pub use ambient_kube_watch::{client, Backoff};
 
 /// The API source.
 pub struct KubeSource {
@@ -233,14 +164,6 @@ pub fn convert_namespace(n: &k8s::Namespace) -> Namespace {
 // The cache both reflectors feed, and what it publishes.
 
 #[derive(Debug)]
-enum Change<T> {
-    /// A complete list: replaces everything of this kind.
-    Relisted(Vec<T>),
-    Applied(T),
-    Deleted(T),
-}
-
-#[derive(Debug)]
 enum Update {
     Pods(Change<Pod>),
     Namespaces(Change<Namespace>),
@@ -314,195 +237,31 @@ impl Cache {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// The reflector loop, generic over the resource.
-
-/// Why a watch stopped.
-enum WatchEnd {
-    /// The stream ended or broke: resume from the last version.
-    Resume,
-    /// The version is too old (410): list again.
-    Relist,
-}
-
-fn is_gone(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 410)
-}
-
-async fn list_all<K>(
-    api: &kube::Api<K>,
-    fields: Option<&str>,
-    page: u32,
-) -> Result<(Vec<K>, String), kube::Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut out = Vec::new();
-    let mut token: Option<String> = None;
-    loop {
-        let mut lp = ListParams::default().limit(page);
-        if let Some(f) = fields {
-            lp = lp.fields(f);
-        }
-        if let Some(t) = &token {
-            lp = lp.continue_token(t);
-        }
-        let list = api.list(&lp).await?;
-        out.extend(list.items);
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(c) => token = Some(c),
-            None => {
-                let rv = list.metadata.resource_version.unwrap_or_default();
-                return Ok((out, rv));
-            }
-        }
-    }
-}
-
-struct Reflector<K, T> {
-    api: kube::Api<K>,
-    fields: Option<String>,
-    what: &'static str,
-    convert: fn(&K) -> T,
-    wrap: fn(Change<T>) -> Update,
-    backoff: Backoff,
-    watch_timeout: u32,
-    page_size: u32,
-}
-
-impl<K, T> Reflector<K, T>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    T: Send + 'static,
-{
-    async fn run(self, tx: mpsc::Sender<Update>) {
-        let mut backoff = BackoffState::new(self.backoff);
-        let mut version: Option<String> = None;
-        loop {
-            if tx.is_closed() {
-                return;
-            }
-            let rv = match version.clone() {
-                Some(v) => v,
-                None => match list_all(&self.api, self.fields.as_deref(), self.page_size).await {
-                    Ok((items, rv)) => {
-                        tracing::debug!(what = self.what, count = items.len(), %rv, "listed");
-                        let items = items.iter().map(self.convert).collect();
-                        if tx.send((self.wrap)(Change::Relisted(items))).await.is_err() {
-                            return;
-                        }
-                        backoff.reset();
-                        version = Some(rv.clone());
-                        rv
-                    }
-                    Err(e) => {
-                        tracing::warn!(what = self.what, error = %e, "list failed; retrying with backoff");
-                        backoff.wait().await;
-                        continue;
-                    }
-                },
-            };
-            match self.watch_from(&rv, &mut version, &tx, &mut backoff).await {
-                Some(WatchEnd::Relist) => {
-                    tracing::info!(what = self.what, %rv, "watch history expired (410 Gone); relisting");
-                    version = None;
-                }
-                Some(WatchEnd::Resume) => {}
-                None => return,
-            }
-        }
-    }
-
-    /// Watches from `rv`, updating `version` with every event. `None` when the receiver
-    /// is gone.
-    async fn watch_from(
-        &self,
-        rv: &str,
-        version: &mut Option<String>,
-        tx: &mpsc::Sender<Update>,
-        backoff: &mut BackoffState,
-    ) -> Option<WatchEnd> {
-        let mut wp = WatchParams::default().timeout(self.watch_timeout);
-        if let Some(f) = &self.fields {
-            wp = wp.fields(f);
-        }
-        let stream = match self.api.watch(&wp, rv).await {
-            Ok(s) => s,
-            Err(e) if is_gone(&e) => return Some(WatchEnd::Relist),
-            Err(e) => {
-                tracing::warn!(what = self.what, error = %e, "watch failed; retrying with backoff");
-                backoff.wait().await;
-                return Some(WatchEnd::Resume);
-            }
-        };
-        let mut stream = std::pin::pin!(stream);
-        let mut events = 0usize;
-        while let Some(item) = stream.next().await {
-            let change = match item {
-                Ok(WatchEvent::Added(o)) | Ok(WatchEvent::Modified(o)) => {
-                    *version = o.meta().resource_version.clone().or(version.take());
-                    Change::Applied((self.convert)(&o))
-                }
-                Ok(WatchEvent::Deleted(o)) => {
-                    *version = o.meta().resource_version.clone().or(version.take());
-                    Change::Deleted((self.convert)(&o))
-                }
-                Ok(WatchEvent::Bookmark(b)) => {
-                    *version = Some(b.metadata.resource_version);
-                    events += 1;
-                    continue;
-                }
-                Ok(WatchEvent::Error(s)) if s.code == 410 => return Some(WatchEnd::Relist),
-                Ok(WatchEvent::Error(s)) => {
-                    tracing::warn!(what = self.what, code = s.code, message = %s.message, "watch error event; resuming with backoff");
-                    backoff.wait().await;
-                    return Some(WatchEnd::Resume);
-                }
-                Err(e) => {
-                    tracing::warn!(what = self.what, error = %e, "watch stream broke; resuming with backoff");
-                    backoff.wait().await;
-                    return Some(WatchEnd::Resume);
-                }
-            };
-            events += 1;
-            backoff.reset();
-            if tx.send((self.wrap)(change)).await.is_err() {
-                return None;
-            }
-        }
-        if events == 0 {
-            // A server that closes every watch at once must not make us spin.
-            backoff.wait().await;
-        }
-        Some(WatchEnd::Resume)
-    }
-}
-
 impl Source for KubeSource {
     fn run(self: Box<Self>, tx: watch::Sender<Arc<Snapshot>>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let (utx, mut urx) = mpsc::channel::<Update>(256);
             let fields = format!("spec.nodeName={}", self.node_name);
-            let pods = Reflector {
-                api: kube::Api::<k8s::Pod>::all(self.client.clone()),
-                fields: Some(fields),
-                what: "pods",
-                convert: convert_pod,
-                wrap: Update::Pods,
-                backoff: self.backoff,
-                watch_timeout: self.watch_timeout,
-                page_size: self.page_size,
-            };
-            let namespaces = Reflector {
-                api: kube::Api::<k8s::Namespace>::all(self.client.clone()),
-                fields: None,
-                what: "namespaces",
-                convert: convert_namespace,
-                wrap: Update::Namespaces,
-                backoff: self.backoff,
-                watch_timeout: self.watch_timeout,
-                page_size: self.page_size,
-            };
+            let mut pods = Reflector::new(
+                kube::Api::<k8s::Pod>::all(self.client.clone()),
+                "pods",
+                convert_pod,
+                Update::Pods,
+            );
+            pods.fields = Some(fields);
+            let mut namespaces = Reflector::new(
+                kube::Api::<k8s::Namespace>::all(self.client.clone()),
+                "namespaces",
+                convert_namespace,
+                Update::Namespaces,
+            );
+            (pods.backoff, pods.watch_timeout, pods.page_size) =
+                (self.backoff, self.watch_timeout, self.page_size);
+            (
+                namespaces.backoff,
+                namespaces.watch_timeout,
+                namespaces.page_size,
+            ) = (self.backoff, self.watch_timeout, self.page_size);
             let tasks = [
                 tokio::spawn(pods.run(utx.clone())),
                 tokio::spawn(namespaces.run(utx)),
@@ -616,9 +375,6 @@ async fn annotate(
         });
     }
 }
-
-#[cfg(test)]
-mod fake_api;
 
 #[cfg(test)]
 mod tests;

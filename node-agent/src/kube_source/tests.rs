@@ -7,8 +7,8 @@ use ambient_common::manifest::Enrolment;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::fake_api::FakeApi;
 use super::*;
+use ambient_kube_watch::testing::{self as fake_api, FakeApi};
 
 fn ns(name: &str, ambient: bool) -> Value {
     let mut v = json!({"apiVersion": "v1", "kind": "Namespace",

@@ -1,11 +1,15 @@
 //! An in-process stand-in for the Kubernetes API server, speaking the real list/watch
 //! protocol over HTTP/1.1 on loopback: JSON lists with `resourceVersion` and `limit`/
 //! `continue` paging, chunked watch streams of ADDED/MODIFIED/DELETED/BOOKMARK events, `410
-//! Gone` for compacted versions (as an ERROR event on watch, as a status on list), merge
-//! patches on `pods/status`. Tests drive it (put, delete, bookmark, compact, drop watches,
-//! fail requests) and read back every request the real client sent.
+//! Gone` for compacted versions (as an ERROR event on watch, as a status on list), `404` for
+//! resources marked not served (a CRD not installed), merge patches on `pods/status`. Tests
+//! drive it (put, delete, bookmark, compact, drop watches, fail requests) and read back every
+//! request the real client sent.
+//!
+//! Test support only (feature `test-support`): it panics on what a test should never send.
+#![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +45,79 @@ struct State {
     compacted: u64,
     requests: Vec<Request>,
     fail_next: VecDeque<u16>,
+    /// Resources answered with 404 (their CRD is not installed).
+    absent: BTreeSet<&'static str>,
+}
+
+/// One resource the fake serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    pub kind: &'static str,
+    pub resource: &'static str,
+    /// API group ("" for core).
+    pub group: &'static str,
+    pub version: &'static str,
+}
+
+impl Kind {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+/// Every resource the fake serves.
+pub const KINDS: &[Kind] = &[
+    Kind {
+        kind: "Pod",
+        resource: "pods",
+        group: "",
+        version: "v1",
+    },
+    Kind {
+        kind: "Namespace",
+        resource: "namespaces",
+        group: "",
+        version: "v1",
+    },
+    Kind {
+        kind: "Service",
+        resource: "services",
+        group: "",
+        version: "v1",
+    },
+    Kind {
+        kind: "EndpointSlice",
+        resource: "endpointslices",
+        group: "discovery.k8s.io",
+        version: "v1",
+    },
+    Kind {
+        kind: "AuthorizationPolicy",
+        resource: "authorizationpolicies",
+        group: "security.istio.io",
+        version: "v1",
+    },
+    Kind {
+        kind: "PeerAuthentication",
+        resource: "peerauthentications",
+        group: "security.istio.io",
+        version: "v1",
+    },
+];
+
+fn by_kind(kind: &str) -> &'static Kind {
+    KINDS
+        .iter()
+        .find(|k| k.kind == kind)
+        .unwrap_or_else(|| panic!("fake API knows no kind {kind}"))
+}
+
+fn by_resource(resource: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.resource == resource)
 }
 
 #[derive(Clone)]
@@ -54,11 +131,7 @@ pub struct FakeApi {
 }
 
 fn resource_of(kind: &str) -> &'static str {
-    match kind {
-        "Pod" => "pods",
-        "Namespace" => "namespaces",
-        other => panic!("fake API knows no kind {other}"),
-    }
+    by_kind(kind).resource
 }
 
 fn decode(s: &str) -> String {
@@ -203,12 +276,8 @@ impl FakeApi {
     pub fn bookmark(&self, resource: &'static str) -> u64 {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
-        let kind = if resource == "pods" {
-            "Pod"
-        } else {
-            "Namespace"
-        };
-        let obj = json!({"kind": kind, "apiVersion": "v1",
+        let k = by_resource(resource).expect("bookmark for a known resource");
+        let obj = json!({"kind": k.kind, "apiVersion": k.api_version(),
             "metadata": {"resourceVersion": st.rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}});
         let rv = st.rv;
         self.record(&mut st, resource, "BOOKMARK", obj);
@@ -230,6 +299,32 @@ impl FakeApi {
     pub fn fail_next(&self, code: u16, n: usize) {
         let mut st = self.state.lock().unwrap();
         st.fail_next.extend(std::iter::repeat_n(code, n));
+    }
+
+    /// Serves `resource` (true) or answers 404 for it (false), as when its CRD is installed
+    /// or not. Open watches of it are cut when it disappears.
+    pub fn set_served(&self, resource: &'static str, served: bool) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if served {
+                st.absent.remove(resource);
+            } else {
+                st.absent.insert(resource);
+            }
+        }
+        if !served {
+            self.cut_watches();
+        }
+    }
+
+    /// Empties the store and its history (keeping the version counter), so a test can
+    /// measure what its client holds without the server's copy.
+    pub fn clear(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.objects = BTreeMap::new();
+        st.log = Vec::new();
+        st.requests = Vec::new();
+        st.compacted = st.rv + 1;
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -292,11 +387,27 @@ impl FakeApi {
             .await;
         }
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        match (method.as_str(), segs.as_slice()) {
-            ("GET", ["api", "v1", "pods"]) => self.list_or_watch(&mut conn, "pods", &query).await,
-            ("GET", ["api", "v1", "namespaces"]) => {
-                self.list_or_watch(&mut conn, "namespaces", &query).await
+        let collection = match segs.as_slice() {
+            ["api", v, r] => by_resource(r).filter(|k| k.group.is_empty() && k.version == *v),
+            ["apis", g, v, r] => by_resource(r).filter(|k| k.group == *g && k.version == *v),
+            _ => None,
+        };
+        if let (Some(k), "GET") = (collection, method.as_str()) {
+            if self.state.lock().unwrap().absent.contains(k.resource) {
+                return respond(
+                    &mut conn,
+                    404,
+                    &status(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    ),
+                )
+                .await;
             }
+            return self.list_or_watch(&mut conn, k.resource, &query).await;
+        }
+        match (method.as_str(), segs.as_slice()) {
             ("PATCH", ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
                 let patch: Value = serde_json::from_slice(&body).unwrap();
                 let Some(mut pod) = self.get("pods", ns, name) else {
@@ -366,14 +477,10 @@ impl FakeApi {
         if offset + page.len() < all.len() {
             meta["continue"] = json!(format!("{at}:{}", offset + page.len()));
         }
-        let kind = if resource == "pods" {
-            "PodList"
-        } else {
-            "NamespaceList"
-        };
+        let k = by_resource(resource).expect("known resource");
         (
             200,
-            json!({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": page}),
+            json!({"kind": format!("{}List", k.kind), "apiVersion": k.api_version(), "metadata": meta, "items": page}),
         )
     }
 
