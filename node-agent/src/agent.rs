@@ -26,10 +26,12 @@ pub type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
 
 /// Work for the core, in arrival order.
 pub enum Command {
-    /// Enrol (if ambient) an attachment whose pod the source already knows.
+    /// Enrol (if ambient) an attachment whose pod the source already knows: `snapshot` is
+    /// the view in which the caller saw it, adopted first if the core's is older (its own
+    /// `Snapshot` command may still be queued behind this one).
     Add {
         att: ApiAttachment,
-        pod: Box<Pod>,
+        snapshot: Arc<Snapshot>,
         reply: Reply<(AddOutcome, Option<LocalWorkload>)>,
     },
     Del {
@@ -177,8 +179,18 @@ impl Core {
 
     pub fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Add { att, pod, reply } => {
-                let _ = reply.send(self.add(att, &pod));
+            Command::Add {
+                att,
+                snapshot,
+                reply,
+            } => {
+                if snapshot.generation > self.snapshot.generation {
+                    self.snapshot = snapshot;
+                    if let Err(e) = self.reconcile_all() {
+                        self.note_error("reconcile", &e);
+                    }
+                }
+                let _ = reply.send(self.add(att));
             }
             Command::Del { key, reply } => {
                 let _ = reply.send(self.del(&key));
@@ -461,9 +473,12 @@ impl Core {
     fn add(
         &mut self,
         att: ApiAttachment,
-        pod: &Pod,
     ) -> Result<(AddOutcome, Option<LocalWorkload>), AgentError> {
         let started = Instant::now();
+        let snapshot = self.snapshot.clone();
+        let Some(pod) = snapshot.pod(&att.pod.namespace, &att.pod.name) else {
+            return Err(unknown_pod(&att));
+        };
         if att.host_interface.is_empty() {
             // The plugin found no host-side veth (a primary CNI without veths). Only an
             // ambient pod needs one; any other pod is left alone, unrecorded.
@@ -501,6 +516,11 @@ impl Core {
             ips: att.ips.iter().map(|p| p.addr).collect(),
             since: now(),
         };
+        // Never answer "not ambient" for a pod the source cannot place (another pod with the
+        // same name, a namespace not seen): the runtime retries.
+        if self.state_of(&att.key, &record) == PodState::Unknown {
+            return Err(unknown_pod(&att));
+        }
         let st = self.set_record(&att.key, Some(record))?;
         let outcome = match st {
             PodState::Captured => AddOutcome::Captured,
@@ -690,6 +710,18 @@ impl Core {
     }
 }
 
+fn unknown_pod(att: &ApiAttachment) -> AgentError {
+    AgentError::new(
+        ErrorKind::TryAgainLater,
+        format!(
+            "pod {}/{} (uid {}) is not known to the node agent's source yet; try again later",
+            att.pod.namespace,
+            att.pod.name,
+            att.pod.uid.as_deref().unwrap_or("unknown")
+        ),
+    )
+}
+
 /// The uid ztunnel knows a local workload by.
 fn workload_uid(r: &Record, pod: Option<&Pod>) -> String {
     r.pod
@@ -795,13 +827,7 @@ mod tests {
         }
 
         fn add(&mut self, att: ApiAttachment) -> Result<AddOutcome, AgentError> {
-            let pod = self
-                .core
-                .snapshot
-                .pod(&att.pod.namespace, &att.pod.name)
-                .cloned()
-                .unwrap_or_default();
-            self.core.add(att, &pod).map(|(o, _)| o)
+            self.core.add(att).map(|(o, _)| o)
         }
 
         fn elements(&mut self) -> BTreeSet<Element> {
@@ -869,6 +895,47 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::InvalidRequest);
         assert!(f.core.records.is_empty());
         assert!(f.core.store.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_pod_the_source_cannot_place_is_try_again_not_not_ambient() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1")]));
+        f.veth("v1", 11);
+        let err = f
+            .add(f.att("c1", "a", "ghost", "v1", "10.0.0.1"))
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TryAgainLater);
+        let mut other = f.att("c1", "a", "p1", "v1", "10.0.0.1");
+        other.pod.uid = Some("not-the-sources-uid".into());
+        let mut snap = (*snapshot(&["a"], &[("a", "p1")])).clone();
+        snap.pods
+            .get_mut(&("a".to_string(), "p1".to_string()))
+            .unwrap()
+            .metadata
+            .uid = Some("the-sources-uid".into());
+        f.core.snapshot = Arc::new(snap);
+        assert_eq!(f.add(other).unwrap_err().kind, ErrorKind::TryAgainLater);
+        assert!(f.core.records.is_empty());
+    }
+
+    #[test]
+    fn add_adopts_the_newer_snapshot_it_was_decided_in() {
+        let mut f = fixture(snapshot(&[], &[]));
+        f.veth("v1", 11);
+        let newer = {
+            let mut s = (*snapshot(&["a"], &[("a", "p1")])).clone();
+            s.generation = 2;
+            Arc::new(s)
+        };
+        let (tx, mut rx) = oneshot::channel();
+        f.core.handle(Command::Add {
+            att: f.att("c1", "a", "p1", "v1", "10.0.0.1"),
+            snapshot: newer,
+            reply: tx,
+        });
+        let (outcome, workload) = rx.try_recv().unwrap().unwrap();
+        assert_eq!(outcome, AddOutcome::Captured);
+        assert!(workload.is_some());
     }
 
     #[test]

@@ -9,7 +9,6 @@ use ambient_common::agent_api::{
     AgentError, AgentOp, AgentReply, AgentRequest, ErrorKind, AGENT_API_VERSION,
 };
 use ambient_common::frame;
-use ambient_common::manifest::Pod;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -202,10 +201,10 @@ async fn add(
     shared: &Shared,
     att: ambient_common::agent_api::Attachment,
 ) -> Result<AgentReply, AgentError> {
-    let pod = wait_for_pod(shared, &att).await?;
+    let snapshot = wait_for_pod(shared, &att).await?;
     let (outcome, workload) = call(&shared.core, |reply| Command::Add {
         att,
-        pod: Box::new(pod),
+        snapshot,
         reply,
     })
     .await?;
@@ -215,10 +214,11 @@ async fn add(
     Ok(AgentReply::Added(outcome))
 }
 
+/// Waits until the source can place the pod; returns the view in which it could.
 async fn wait_for_pod(
     shared: &Shared,
     att: &ambient_common::agent_api::Attachment,
-) -> Result<Pod, AgentError> {
+) -> Result<Arc<Snapshot>, AgentError> {
     let mut rx = shared.snapshots.clone();
     let deadline = tokio::time::Instant::now() + shared.cfg.pod_wait;
     loop {
@@ -230,7 +230,7 @@ async fn wait_for_pod(
                     _ => true,
                 };
                 if uid_ok && snap.decide(pod, &shared.cfg.excluded_namespaces).is_some() {
-                    return Ok(pod.clone());
+                    return Ok(Arc::clone(&snap));
                 }
             }
         }
