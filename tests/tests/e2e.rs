@@ -558,7 +558,6 @@ fn authorization_policy_deny_and_allow_between_namespaces() {
 /// When ADD returns for an ambient pod, its redirection is in place (the kubelet starts the
 /// containers right after: their first packet must already be captured).
 #[test]
-#[ignore = "F1: node-agent decides ADD on a stale snapshot (race; see notes/lab-findings.md)"]
 fn ambient_pod_is_captured_when_add_returns() {
     let mut c = cluster("e2ead", 130, Attach::Bridge);
     let mut missing = Vec::new();
