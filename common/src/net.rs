@@ -30,6 +30,23 @@ impl IpPrefix {
     }
 }
 
+impl IpPrefix {
+    /// Is `ip` inside this prefix (same family, same leading `prefix` bits)?
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 impl FromStr for IpPrefix {
     type Err = ParseIpPrefixError;
 
@@ -80,6 +97,19 @@ mod tests {
         assert!("10.0.0.1".parse::<IpPrefix>().is_err());
         assert!("x/3".parse::<IpPrefix>().is_err());
         assert!("fd00::1/129".parse::<IpPrefix>().is_err());
+    }
+
+    #[test]
+    fn containment() {
+        let p: IpPrefix = "10.244.0.0/16".parse().unwrap();
+        assert!(p.contains("10.244.7.9".parse().unwrap()));
+        assert!(!p.contains("10.245.0.1".parse().unwrap()));
+        assert!(!p.contains("fd00::1".parse().unwrap()));
+        let all: IpPrefix = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        let host: IpPrefix = "fd00::5/128".parse().unwrap();
+        assert!(host.contains("fd00::5".parse().unwrap()));
+        assert!(!host.contains("fd00::6".parse().unwrap()));
     }
 
     #[test]
