@@ -253,6 +253,18 @@ pub fn render_pods(pods: &[serde_json::Value]) -> String {
     )
 }
 
+fn write_pods(out: &mut impl Write, pods: &[serde_json::Value], json: bool) -> std::io::Result<()> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(pods).unwrap_or_default()
+        )
+    } else {
+        write!(out, "{}", render_pods(pods))
+    }
+}
+
 /// Runs an inspection command, writing to `out`. Returns the process exit code.
 pub fn view(kind: &str, args: &ViewArgs, out: &mut impl Write) -> std::io::Result<i32> {
     let sock = args
@@ -264,15 +276,7 @@ pub fn view(kind: &str, args: &ViewArgs, out: &mut impl Write) -> std::io::Resul
     match (kind, reply) {
         ("pods", Ok(r)) => {
             let pods = r.report["pods"].as_array().cloned().unwrap_or_default();
-            if json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&pods).unwrap_or_default()
-                )?;
-            } else {
-                write!(out, "{}", render_pods(&pods))?;
-            }
+            write_pods(out, &pods, json)?;
             Ok(0)
         }
         ("pods", Err(e)) => {
@@ -294,15 +298,7 @@ pub fn view(kind: &str, args: &ViewArgs, out: &mut impl Write) -> std::io::Resul
                     })
                 })
                 .collect();
-            if json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&pods).unwrap_or_default()
-                )?;
-            } else {
-                write!(out, "{}", render_pods(&pods))?;
-            }
+            write_pods(out, &pods, json)?;
             Ok(1)
         }
         ("rules", Ok(r)) => {
