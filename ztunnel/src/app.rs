@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::runtime::Handle;
 
 use crate::admin::{json, not_found, serve_http, Reply};
-use crate::config::Config;
+use crate::config::{Config, Source};
 use crate::hbone::{Pool, TlsDialer};
 use crate::identity::{CaError, CaFiles, CertificateProvider, FileCa, SecretManager};
 use crate::metrics::{Direction, Metrics, Tracker};
@@ -32,6 +32,8 @@ pub enum AppError {
     Agent(#[source] AgentError),
     #[error("building the runtime failed")]
     Runtime(#[source] std::io::Error),
+    #[error("building the Kubernetes client failed")]
+    Kube(#[source] store::kube::ClientError),
 }
 
 /// Real addresses after binding.
@@ -60,6 +62,8 @@ pub struct App {
     agent: UnixListener,
     addrs: Addresses,
     ready: Arc<AtomicBool>,
+    /// The client for `Source::Kube` (built in [`run_blocking`], else at the start of run).
+    kube: Option<kube::Client>,
 }
 
 impl std::fmt::Debug for App {
@@ -97,7 +101,7 @@ impl App {
     ) -> Result<Self, AppError> {
         tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
         let store = Store::new(&cfg.node_name, &cfg.trust_domain);
-        if let Some(dir) = &cfg.manifest_dir {
+        if let Source::Manifests { dir } = &cfg.source {
             match store::load_manifests(dir, &cfg.excluded_namespaces) {
                 Ok(m) => store.set_manifest(m),
                 Err(e) => {
@@ -168,7 +172,14 @@ impl App {
             agent,
             addrs,
             ready: Arc::new(AtomicBool::new(false)),
+            kube: None,
         })
+    }
+
+    /// Uses `client` for `--source=kube` (instead of building one from the configuration).
+    pub fn with_kube_client(mut self, client: kube::Client) -> Self {
+        self.kube = Some(client);
+        self
     }
 
     pub fn addresses(&self) -> &Addresses {
@@ -196,6 +207,7 @@ impl App {
             agent,
             addrs,
             ready,
+            kube,
         } = self;
         let sockets = SocketFactory {
             mark: cfg.mark,
@@ -253,14 +265,43 @@ impl App {
                 }
             });
         }
-        if let Some(dir) = cfg.manifest_dir.clone() {
-            control.spawn(store::poll_manifests(
-                dir,
-                cfg.poll_interval,
-                cfg.excluded_namespaces.clone(),
-                store.clone(),
-                || {},
-            ));
+        // The cluster source. Readiness waits for the API's first complete state (the
+        // directory was loaded in build).
+        let synced = Arc::new(AtomicBool::new(true));
+        match cfg.source.clone() {
+            Source::None => {}
+            Source::Manifests { dir } => {
+                control.spawn(store::poll_manifests(
+                    dir,
+                    cfg.poll_interval,
+                    cfg.excluded_namespaces.clone(),
+                    store.clone(),
+                    || {},
+                ));
+            }
+            Source::Kube { kubeconfig } => {
+                synced.store(false, Ordering::Release);
+                let (store, synced, excluded) = (
+                    store.clone(),
+                    synced.clone(),
+                    cfg.excluded_namespaces.clone(),
+                );
+                control.spawn(async move {
+                    let client = match kube {
+                        Some(c) => c,
+                        None => match store::kube::client(kubeconfig.as_deref()).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::error!(error = %crate::error_chain(&e), "no Kubernetes client; never ready");
+                                return;
+                            }
+                        },
+                    };
+                    store::kube::KubeSource::new(client, excluded)
+                        .run(store, || {}, synced)
+                        .await;
+                });
+            }
         }
         control.spawn(store::serve_agent(
             agent,
@@ -320,7 +361,9 @@ impl App {
             control.spawn(serve_http(
                 readiness,
                 Arc::new(move |path: &str| match path {
-                    "/healthz/ready" if ready.load(Ordering::Acquire) => {
+                    "/healthz/ready"
+                        if ready.load(Ordering::Acquire) && synced.load(Ordering::Acquire) =>
+                    {
                         (StatusCode::OK, "text/plain", "ready\n".into())
                     }
                     "/healthz/ready" => (
@@ -379,7 +422,18 @@ pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
         .enable_all()
         .build()
         .map_err(AppError::Runtime)?;
-    let app = App::build(cfg, data.handle(), control.handle())?;
+    let kube = match &cfg.source {
+        Source::Kube { kubeconfig } => Some(
+            control
+                .block_on(store::kube::client(kubeconfig.as_deref()))
+                .map_err(AppError::Kube)?,
+        ),
+        _ => None,
+    };
+    let mut app = App::build(cfg, data.handle(), control.handle())?;
+    if let Some(c) = kube {
+        app = app.with_kube_client(c);
+    }
     let (dh, ch) = (data.handle().clone(), control.handle().clone());
     control.block_on(async move {
         let shutdown = async {

@@ -35,6 +35,31 @@ pub enum MtlsMode {
     Strict,
 }
 
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// A directory of manifests (`--manifest-dir`), polled.
+    Manifests,
+    /// The Kubernetes API (list+watch, cluster-wide).
+    Kube,
+}
+
+/// The configured cluster source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Source {
+    /// No directory: only the node agent's push (local workloads).
+    None,
+    Manifests {
+        dir: PathBuf,
+    },
+    /// `kubeconfig: None`: the in-cluster service account.
+    Kube {
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -52,10 +77,16 @@ pub struct RunArgs {
     /// Name of this node (pods whose spec.nodeName equals it are local).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// Directory of Kubernetes manifests (Pods, Namespaces, Services, EndpointSlices,
-    /// AuthorizationPolicies, PeerAuthentications); polled for changes.
+    /// Where Pods, Namespaces, Services, EndpointSlices, AuthorizationPolicies and
+    /// PeerAuthentications come from: a manifest directory or the Kubernetes API.
+    #[arg(long, value_enum, default_value_t = SourceKind::Manifests)]
+    pub source: SourceKind,
+    /// Directory of Kubernetes manifests (with --source=manifests); polled for changes.
     #[arg(long)]
     pub manifest_dir: Option<PathBuf>,
+    /// Kubeconfig for --source=kube (default: the in-cluster service account).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Directory holding ca-cert.pem, ca-key.pem and root-cert.pem (see `ztunnel ca init`).
     #[arg(long)]
     pub ca_dir: PathBuf,
@@ -95,6 +126,15 @@ pub struct RunArgs {
     /// Connections to destinations outside the mesh.
     #[arg(long, value_enum, default_value_t = OutsideMesh::Allow)]
     pub outside_mesh: OutsideMesh,
+    /// The cluster's pod and service ranges, comma-separated (e.g. 10.244.0.0/16,10.96.0.0/12).
+    /// An outbound destination inside them that ztunnel does not know yet (a pod or Service
+    /// just created, not yet read) is never treated as outside the mesh: ztunnel waits up to
+    /// --discovery-wait for it, then refuses the connection rather than send it in plaintext.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidrs: Vec<String>,
+    /// How long an outbound connection to an unknown in-cluster destination waits for it.
+    #[arg(long, default_value = "2s")]
+    pub discovery_wait: String,
     /// Default mTLS mode for plaintext to local ambient pods.
     #[arg(long, value_enum, default_value_t = MtlsMode::Permissive)]
     pub default_mtls_mode: MtlsMode,
@@ -147,7 +187,7 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node_name: String,
-    pub manifest_dir: Option<PathBuf>,
+    pub source: Source,
     pub ca_dir: PathBuf,
     pub agent_socket: PathBuf,
     pub trust_domain: String,
@@ -161,6 +201,8 @@ pub struct Config {
     pub mark: u32,
     pub transparent: bool,
     pub outside_mesh: OutsideMesh,
+    pub cluster_cidrs: Vec<ambient_common::IpPrefix>,
+    pub discovery_wait: Duration,
     pub default_mtls_mode: MtlsMode,
     pub root_namespace: String,
     pub excluded_namespaces: Vec<String>,
@@ -265,6 +307,19 @@ impl Config {
         let ping_timeout = dur("ping-timeout", &a.ping_timeout);
         let connect_timeout = dur("connect-timeout", &a.connect_timeout);
         let drain_timeout = dur("drain-timeout", &a.drain_timeout);
+        let discovery_wait = dur("discovery-wait", &a.discovery_wait);
+        let cluster_cidrs = a
+            .cluster_cidrs
+            .iter()
+            .filter(|c| !c.trim().is_empty())
+            .filter_map(|c| match c.trim().parse() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    errs.push(format!("--cluster-cidrs: {e}"));
+                    None
+                }
+            })
+            .collect();
         let mark = parse_mark(&a.mark).unwrap_or_else(|e| {
             errs.push(format!("--mark: {e}"));
             0
@@ -299,12 +354,23 @@ impl Config {
         if mark & constants::MARK_MASK != mark && mark != 0 {
             tracing::debug!("mark {mark:#x} has bits outside the project's mask");
         }
+        let source = match (a.source, &a.manifest_dir) {
+            (SourceKind::Manifests, Some(dir)) => Source::Manifests { dir: dir.clone() },
+            (SourceKind::Manifests, None) => Source::None,
+            (SourceKind::Kube, None) => Source::Kube {
+                kubeconfig: a.kubeconfig.clone(),
+            },
+            (SourceKind::Kube, Some(_)) => {
+                errs.push("--manifest-dir: not used with --source=kube (give one source)".into());
+                Source::None
+            }
+        };
         if !errs.is_empty() {
             return Err(ConfigError(errs));
         }
         Ok(Self {
             node_name: a.node_name.clone(),
-            manifest_dir: a.manifest_dir.clone(),
+            source,
             ca_dir: a.ca_dir.clone(),
             agent_socket: a.agent_socket.clone(),
             trust_domain: a.trust_domain.clone(),
@@ -318,6 +384,8 @@ impl Config {
             mark,
             transparent: a.transparent,
             outside_mesh: a.outside_mesh,
+            cluster_cidrs,
+            discovery_wait,
             default_mtls_mode: a.default_mtls_mode,
             root_namespace: a.root_namespace.clone(),
             excluded_namespaces: a.excluded_namespaces.clone(),
@@ -391,6 +459,39 @@ mod tests {
         assert_eq!(err.0.len(), 4, "{err}");
         let c = parse(&["--transparent", "false", "--outbound-addr", "127.0.0.1:0"]).unwrap();
         assert!(!c.transparent);
+    }
+
+    #[test]
+    fn source_flags() {
+        assert_eq!(parse(&[]).unwrap().source, Source::None);
+        assert_eq!(
+            parse(&["--manifest-dir", "/m"]).unwrap().source,
+            Source::Manifests { dir: "/m".into() }
+        );
+        assert_eq!(
+            parse(&["--source=kube"]).unwrap().source,
+            Source::Kube { kubeconfig: None }
+        );
+        assert_eq!(
+            parse(&["--source", "kube", "--kubeconfig", "/k"])
+                .unwrap()
+                .source,
+            Source::Kube {
+                kubeconfig: Some("/k".into())
+            }
+        );
+        let err = parse(&["--source=kube", "--manifest-dir", "/m"]).unwrap_err();
+        assert!(err.to_string().contains("--manifest-dir"), "{err}");
+        let argv = [
+            "ztunnel",
+            "--node-name",
+            "n",
+            "--ca-dir",
+            "/c",
+            "--source",
+            "etcd",
+        ];
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub enum ProxyError {
     NoEndpoint { vip: IpAddr, port: u16 },
     #[error("{0} is outside the mesh and --outside-mesh=deny")]
     OutsideMeshDenied(SocketAddr),
+    #[error("{0} is inside --cluster-cidrs but no pod or Service has that address (waited {1:?}); refused rather than sent in plaintext")]
+    UnknownInCluster(SocketAddr, std::time::Duration),
     #[error("namespace {0} requires mTLS (PeerAuthentication STRICT); plaintext refused")]
     Strict(String),
     #[error("denied by authorization policy: {0}")]

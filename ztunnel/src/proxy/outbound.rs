@@ -23,41 +23,56 @@ pub(super) async fn outbound(
     if local == Some(orig) && listener_port == Some(orig.port()) {
         return Err(ProxyError::Loop(orig));
     }
-    let state = p.store.snapshot();
     let node = p.store.node();
     let td = p.td();
+    let in_cluster = |ip: std::net::IpAddr| p.cfg.cluster_cidrs.iter().any(|c| c.contains(ip));
+    let deadline = tokio::time::Instant::now() + p.cfg.discovery_wait;
+    // Resolve the destination. One inside the cluster's ranges that is not known yet (a pod
+    // or Service created a moment ago) is waited for, never mistaken for "outside the mesh".
+    let (state, target, service) = loop {
+        let state = p.store.snapshot();
+        // A Service VIP resolves to one of its ready endpoints.
+        let (target, service) = match (state.workload(orig.ip()), state.service(orig.ip())) {
+            (None, Some(svc)) => (
+                svc.pick(orig.port()).ok_or(ProxyError::NoEndpoint {
+                    vip: orig.ip(),
+                    port: orig.port(),
+                })?,
+                Some(svc.host()),
+            ),
+            _ => (orig, None),
+        };
+        let unknown = state.workload(target.ip()).is_none() && in_cluster(target.ip());
+        if !unknown {
+            break (state, target, service);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProxyError::UnknownInCluster(target, p.cfg.discovery_wait));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let src = state
         .local_workload(peer.ip(), node)
         .cloned()
         .ok_or(ProxyError::NotLocalSource(peer.ip()))?;
     let src_id = src.identity(td);
-    // A Service VIP resolves to one of its ready endpoints.
-    let (target, service) = match (state.workload(orig.ip()), state.service(orig.ip())) {
-        (None, Some(svc)) => (
-            svc.pick(orig.port()).ok_or(ProxyError::NoEndpoint {
-                vip: orig.ip(),
-                port: orig.port(),
-            })?,
-            Some(svc.host()),
-        ),
-        _ => (orig, None),
-    };
     let dst = state.workload(target.ip()).cloned();
     let src_peer = peer_of(Some(&src), Some(peer), td);
     let dst_peer = peer_of(dst.as_deref(), Some(target), td);
     match dst {
         Some(w) if w.ambient && w.node == node => {
             // Same node: no tunnel, but the same authorization as inbound.
+            // Not encrypted (it never leaves the node): not reported as mutual_tls.
             let mut g = p.tracker.open(
                 Direction::Outbound,
                 src_peer.clone(),
                 dst_peer.clone(),
                 service.clone(),
-                true,
+                false,
             );
             let mut gi = p
                 .tracker
-                .open(Direction::Inbound, src_peer, dst_peer, service, true);
+                .open(Direction::Inbound, src_peer, dst_peer, service, false);
             let up = match p
                 .authorize_and_connect(&state, Some(&src_id), peer.ip(), true, &w, target)
                 .await

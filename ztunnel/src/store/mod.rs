@@ -5,6 +5,7 @@
 //! an immutable [`State`] snapshot; each source update rebuilds it.
 
 mod agent;
+pub mod kube;
 mod manifest;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -291,6 +292,15 @@ impl Store {
         inner.state = Arc::new(build(&inner.manifest, &inner.agent));
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// The state the cluster source (directory or API) last set.
+    pub fn manifest_state(&self) -> ManifestState {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .manifest
+            .clone()
     }
 
     pub fn set_manifest(&self, m: ManifestState) {
