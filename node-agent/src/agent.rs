@@ -166,6 +166,18 @@ impl Core {
             last_error: None,
         };
         core.prune_vanished();
+        if !core.snapshot.synced {
+            // A source that has not listed yet (the API source at start) cannot say who is
+            // ambient: keep every pod whose redirection is wholly in the kernel as it is,
+            // until the first complete view arrives. Never release on ignorance.
+            let observed = core.dp.observe().map_err(internal)?;
+            for (key, r) in &core.records {
+                let want = Self::wanted(r, PodState::Captured);
+                if !want.is_empty() && want.is_subset(&observed.elements) {
+                    core.states.insert(key.clone(), PodState::Captured);
+                }
+            }
+        }
         core.resync().map_err(internal)?;
         Ok(core)
     }
@@ -991,6 +1003,37 @@ mod tests {
         f.core.handle(Command::Snapshot(snapshot(&["b"], &[])));
         assert!(f.elements().is_empty());
         assert_eq!(f.core.records.len(), 1);
+    }
+
+    #[test]
+    fn restart_before_the_source_has_synced_keeps_enrolled_pods() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1"), ("b", "q")]));
+        f.veth("v1", 11);
+        f.veth("v3", 13);
+        f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap();
+        f.add(f.att("c3", "b", "q", "v3", "10.0.0.3")).unwrap();
+        let kernel = std::mem::replace(&mut f.core.dp, Box::new(MemoryDataplane::default()));
+        let mut reg = prometheus_client::registry::Registry::default();
+        let (tx, rx) = watch::channel(Vec::new());
+        let core = Core::start(
+            f.core.cfg.clone(),
+            kernel,
+            Sysfs {
+                root: f.sys_root.clone(),
+            },
+            Arc::new(Snapshot::default()),
+            Metrics::new(&mut reg),
+            tx,
+        )
+        .unwrap();
+        f.core = core;
+        assert_eq!(f.elements().len(), 3, "p1 keeps its redirection");
+        assert_eq!(rx.borrow().len(), 1);
+        // The first complete view then decides as usual.
+        let mut synced = (*snapshot(&[], &[("a", "p1"), ("b", "q")])).clone();
+        synced.generation = 5;
+        f.core.handle(Command::Snapshot(Arc::new(synced)));
+        assert!(f.elements().is_empty());
     }
 
     #[test]
