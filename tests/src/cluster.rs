@@ -501,6 +501,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// The cluster's pod ranges and service range, as ztunnel's `--cluster-cidrs` takes them
+    /// (the underlay, where the nodes live, is not in them).
+    pub fn cluster_cidrs(&self) -> String {
+        let a = &self.spec.addressing;
+        let [x, y, z] = a.service;
+        let mut v: Vec<String> = (1..=self.spec.nodes).map(|i| a.pod_cidr(i)).collect();
+        v.push(format!("{x}.{y}.{z}.0/24"));
+        v.join(",")
+    }
+
     pub fn root(&self) -> &Path {
         self.root.path()
     }
@@ -545,6 +555,7 @@ impl Cluster {
         .arg(self.ca_dir())
         .arg("--agent-socket")
         .arg(n.ztunnel_socket())
+        .args(["--cluster-cidrs", &self.cluster_cidrs()])
         .args(&self.spec.ztunnel_args)
         .stdout(out)
         .stderr(err);

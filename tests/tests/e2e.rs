@@ -215,6 +215,19 @@ fn same_node(tag: &str, octet: u8, attach: Attach) {
         vec![IpAddr::V4(c.pods[client].ip)],
         "client IP kept"
     );
+    // The direct same-node path is not TLS and must not be reported as such (F3).
+    assert_eq!(
+        opened(
+            &c,
+            0,
+            &[
+                ("source_principal", &src),
+                ("connection_security_policy", "mutual_tls")
+            ]
+        ),
+        0.0,
+        "same-node connection labelled mutual_tls"
+    );
     // Identity enforced: a DENY on the source identity refuses the same-node connection.
     let policy = serde_json::json!({
         "apiVersion": "security.istio.io/v1",
@@ -588,7 +601,6 @@ fn ambient_pod_is_captured_when_add_returns() {
 /// A pod created on another node is reached by an ambient client right away (before every
 /// ztunnel has read the new Pod): the client's payload must never cross in plaintext.
 #[test]
-#[ignore = "F2: ztunnel passes an unknown (not yet discovered) pod IP through in plaintext"]
 fn a_brand_new_remote_pod_is_never_reached_in_plaintext() {
     let mut c = cluster("e2enw", 131, Attach::Bridge);
     let client = pod(&mut c, 0, "ambient-demo", "client");
@@ -624,7 +636,6 @@ fn a_brand_new_remote_pod_is_never_reached_in_plaintext() {
 /// A ClusterIP Service used right after it was created (before every ztunnel read it): the
 /// client's payload must never cross in plaintext.
 #[test]
-#[ignore = "F2: ztunnel passes an unknown (not yet discovered) Service VIP through in plaintext"]
 fn a_brand_new_service_is_never_reached_in_plaintext() {
     let mut c = cluster("e2ens", 132, Attach::Bridge);
     let client = pod(&mut c, 0, "ambient-demo", "client");
