@@ -529,7 +529,10 @@ fn snapshot(c: &Cluster) -> (Vec<String>, Vec<String>) {
 #[test]
 fn garbage_on_the_plugin_stdin_and_environment() {
     let mut c = cluster("fgp", 147);
-    let _a = pod(&mut c, 0, "ambient-demo", "a");
+    let a = pod(&mut c, 0, "ambient-demo", "a");
+    let b = pod(&mut c, 1, "ambient-demo", "b");
+    c.wait_converged(WAIT).unwrap();
+    let cap = c.capture_underlay("gplugin").unwrap();
     let before = snapshot(&c);
     let netns = c.pods[0].ns().path().display().to_string();
     let sock = c.nodes[0].run_dir().join("cni.sock").display().to_string();
@@ -627,6 +630,10 @@ fn garbage_on_the_plugin_stdin_and_environment() {
         assert!(!stderr.contains("panicked"), "{name}: {stderr}");
     }
     assert_eq!(snapshot(&c), before, "garbage changed the node's state");
+    let m = marker("gplugin");
+    c.connect(a, c.pods[b].echo_addr(), &m).unwrap();
+    let ambient = c.ambient_ips();
+    assert_sealed(&c, cap, &ambient, &m);
     assert_no_panics(&c);
 }
 
@@ -659,6 +666,8 @@ fn garbage_on_the_agent_and_ztunnel_sockets() {
     let before = snapshot(&c);
     let workloads = |c: &Cluster| c.nodes[0].config_dump().unwrap()["workloads"].to_string();
     let zt_before = workloads(&c);
+    let cap = c.capture_underlay("gsock").unwrap();
+    let m = marker("gsock");
     let run = c.nodes[0].run_dir();
     let payloads: Vec<(&str, Vec<u8>)> = vec![
         ("random", random_bytes(7, 2048)),
@@ -697,15 +706,16 @@ fn garbage_on_the_agent_and_ztunnel_sockets() {
         "garbage changed ztunnel's workloads"
     );
     // The data path still works, including a new pod's ADD.
-    c.connect(a, c.pods[b].echo_addr(), "still-works").unwrap();
+    c.connect(a, c.pods[b].echo_addr(), &m).unwrap();
     let n = pod(&mut c, 0, "ambient-demo", "newcomer");
     assert_eq!(c.agent_state(0, "newcomer").as_deref(), Some("captured"));
     c.wait_converged(WAIT).unwrap();
-    c.connect(n, c.pods[b].echo_addr(), "newcomer-works")
-        .unwrap();
+    c.connect(n, c.pods[b].echo_addr(), &m).unwrap();
     assert!(c.nodes[0]
         .agent_pid
         .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()));
+    let ambient = c.ambient_ips();
+    assert_sealed(&c, cap, &ambient, &m);
     assert_no_panics(&c);
 }
 
@@ -752,6 +762,8 @@ fn garbage_on_ztunnel_hbone_port() {
     let target = pod(&mut c, 1, "ambient-demo", "target");
     let legacy = pod(&mut c, 0, "legacy", "mallory");
     c.wait_converged(WAIT).unwrap();
+    let cap = c.capture_underlay("g15008").unwrap();
+    let m = marker("g15008");
     let hbone = SocketAddr::from((c.pods[target].ip, HBONE));
     let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // A SETTINGS frame, then a HEADERS frame claiming 16 MiB.
@@ -797,8 +809,9 @@ fn garbage_on_ztunnel_hbone_port() {
         before,
         "garbage reached the pod"
     );
-    c.connect(a, c.pods[target].echo_addr(), "mesh-still-works")
-        .unwrap();
+    c.connect(a, c.pods[target].echo_addr(), &m).unwrap();
+    let ambient = c.ambient_ips();
+    assert_sealed(&c, cap, &ambient, &m);
     assert_no_panics(&c);
 }
 
@@ -989,6 +1002,8 @@ fn garbage_inside_an_authenticated_hbone_session() {
     let target = pod(&mut c, 1, "ambient-demo", "target");
     let legacy = pod(&mut c, 0, "legacy", "mallory");
     c.wait_converged(WAIT).unwrap();
+    let cap = c.capture_underlay("gsession").unwrap();
+    let m = marker("gsession");
     let (cert, key) = mallory_cert(&c);
     let hbone = format!("{}:{HBONE}", c.pods[target].ip);
     let good_authority = format!("{}:8080", c.pods[target].ip);
@@ -1087,8 +1102,9 @@ fn garbage_inside_an_authenticated_hbone_session() {
         before,
         "garbage reached the pod"
     );
-    c.connect(a, c.pods[target].echo_addr(), "mesh-still-works")
-        .unwrap();
+    c.connect(a, c.pods[target].echo_addr(), &m).unwrap();
+    let ambient = c.ambient_ips();
+    assert_sealed(&c, cap, &ambient, &m);
     assert_no_panics(&c);
 }
 
