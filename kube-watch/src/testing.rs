@@ -462,19 +462,19 @@ impl FakeApi {
                 status(410, "Expired", "The provided continue parameter is too old"),
             );
         }
-        let all: Vec<Value> = st
-            .objects
-            .iter()
-            .filter(|((r, _, _), o)| *r == resource && matches(o, query))
-            .map(|(_, o)| o.clone())
-            .collect();
+        let all = || {
+            st.objects
+                .iter()
+                .filter(|((r, _, _), o)| *r == resource && matches(o, query))
+                .map(|(_, o)| o)
+        };
         let limit = query
             .get("limit")
             .map(|l| l.parse::<usize>().unwrap())
             .unwrap_or(usize::MAX);
-        let page: Vec<Value> = all.iter().skip(offset).take(limit).cloned().collect();
+        let page: Vec<Value> = all().skip(offset).take(limit).cloned().collect();
         let mut meta = json!({"resourceVersion": at.to_string()});
-        if offset + page.len() < all.len() {
+        if offset + page.len() < all().count() {
             meta["continue"] = json!(format!("{at}:{}", offset + page.len()));
         }
         let k = by_resource(resource).expect("known resource");
