@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   # kernel-facing tools the agent, the tests and the lab call
-  iproute2 nftables iptables tcpdump util-linux procps
+  iproute2 nftables iptables tcpdump util-linux procps openssl
   # the primary CNI plugins (bridge, ptp, host-local, loopback) the tests chain ours after
   containernetworking-plugins
   # the real container runtime of the CRI end-to-end test
