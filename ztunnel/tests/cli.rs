@@ -190,3 +190,121 @@ fn app_binds_port_zero_serves_endpoints_and_drains() {
         Some(503)
     );
 }
+
+/// `--source=kube --kubeconfig`: the App reads the cluster from the API (the in-process fake
+/// server), is not ready until every kind has been listed once, then serves the pods it read
+/// and pre-issues the local workload's certificate.
+#[test]
+fn app_with_the_kube_source_is_ready_only_after_the_first_sync() {
+    use ambient_kube_watch::testing::FakeApi;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = rt.block_on(FakeApi::start());
+    api.put(serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "a", "labels": {"istio.io/dataplane-mode": "ambient"}}}));
+    api.put(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "a", "uid": "u"},
+        "spec": {"nodeName": "n1", "serviceAccountName": "s"},
+        "status": {"phase": "Running", "podIP": "127.0.0.9"}}));
+    // Pods cannot be listed yet (an error, retried with backoff): not ready meanwhile.
+    api.set_served("pods", false);
+    let dir = tempfile::tempdir().unwrap();
+    ztunnel::identity::ca_init(&dir.path().join("ca"), "cluster.local", false).unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\n\
+             contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n\
+             users:\n- name: u\n  user:\n    token: abc\n",
+            api.addr
+        ),
+    )
+    .unwrap();
+    let (ca, sock) = (dir.path().join("ca"), dir.path().join("z.sock"));
+    let argv = [
+        "ztunnel",
+        "--node-name",
+        "n1",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--source=kube",
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "--agent-socket",
+        sock.to_str().unwrap(),
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--inbound-addr",
+        "127.0.0.1:0",
+        "--inbound-plaintext-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--mark",
+        "0",
+        "--transparent",
+        "false",
+        "--tcp-migrate-req",
+        "false",
+        "--drain-timeout",
+        "1s",
+    ];
+    let cfg = Config::from_args(&Cli::try_parse_from(argv).unwrap().run).unwrap();
+    let app = App::build(cfg, rt.handle(), rt.handle()).unwrap();
+    let addrs = app.addresses().clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let h = rt.handle().clone();
+    let runner = rt.spawn(async move {
+        app.run(h.clone(), h, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    // Listening, but not ready while a kind has never been listed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(addrs.readiness, "/healthz/ready").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness never served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        http_get(addrs.readiness, "/healthz/ready").map(|r| r.0),
+        Some(503)
+    );
+    api.set_served("pods", true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while http_get(addrs.readiness, "/healthz/ready").map(|r| r.0) != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let dump = http_get(addrs.admin, "/config_dump").unwrap().1;
+        if dump.contains("127.0.0.9") && dump.contains("spiffe://cluster.local/ns/a/sa/s") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod or certificate missing: {dump}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The kubeconfig's credentials were used.
+    assert!(api
+        .requests()
+        .iter()
+        .all(|q| q.authorization.as_deref() == Some("Bearer abc")));
+    stop_tx.send(()).unwrap();
+    rt.block_on(runner).unwrap();
+}
