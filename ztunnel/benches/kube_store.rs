@@ -196,6 +196,16 @@ fn main() {
         wait("update", || store.snapshot().workloads.len() == pods + 1).await;
         let update = t.elapsed();
 
+        // A stream of 500 new pods, 1 ms apart: batched rebuilds, not one per event.
+        let t = Instant::now();
+        for i in 0..500 {
+            api.put(pod(pods + 1 + i));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let sent = t.elapsed();
+        wait("stream", || store.snapshot().workloads.len() == pods + 501).await;
+        let stream = t.elapsed();
+
         // Drop the fake server's copy and history; what stays is ztunnel's.
         api.clear();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -206,6 +216,10 @@ fn main() {
         println!("  fake server heap           {:>8.1} MiB (not ztunnel's)", mib(with_fake - base));
         println!("  initial sync               {:>8.2?}", sync);
         println!("  one update (burst rebuild) {:>8.2?}", update);
+        println!(
+            "  500 pod events over {:.2?}  all visible after {:.2?}",
+            sent, stream
+        );
         println!("  peak heap during sync      {:>8.1} MiB (includes the fake server's copy and its list pages)", mib(peak - base));
         println!(
             "  ztunnel's heap after sync  {:>8.1} MiB ({} B/pod; cache + parsed state + store indexes + client)",

@@ -379,6 +379,10 @@ pub struct KubeSource {
     pub page_size: u32,
     /// How often the list of an absent CRD is retried.
     pub crd_retry: Duration,
+    /// After a change arrives, more are collected for at least this long (and at least as
+    /// long as the previous rebuild took) before the state is rebuilt, so a stream of events
+    /// in a large cluster costs a bounded share of a core instead of one rebuild per event.
+    pub batch_delay: Duration,
 }
 
 impl std::fmt::Debug for KubeSource {
@@ -389,6 +393,7 @@ impl std::fmt::Debug for KubeSource {
             .field("watch_timeout", &self.watch_timeout)
             .field("page_size", &self.page_size)
             .field("crd_retry", &self.crd_retry)
+            .field("batch_delay", &self.batch_delay)
             .finish_non_exhaustive()
     }
 }
@@ -402,6 +407,7 @@ impl KubeSource {
             watch_timeout: 290,
             page_size: 500,
             crd_retry: Duration::from_secs(60),
+            batch_delay: Duration::from_millis(20),
         }
     }
 
@@ -432,15 +438,29 @@ impl KubeSource {
         drop(tx);
         let _abort = AbortOnDrop(tasks);
         let mut cache = Cache::default();
+        let mut last_rebuild = Duration::ZERO;
         while let Some(first) = rx.recv().await {
             cache.apply(first);
+            if cache.synced() {
+                // Not before the first complete state: nothing is published until then.
+                let until = tokio::time::Instant::now()
+                    + self
+                        .batch_delay
+                        .max(last_rebuild)
+                        .min(Duration::from_secs(2));
+                while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+                    cache.apply(more);
+                }
+            }
             while let Ok(more) = rx.try_recv() {
                 cache.apply(more);
             }
             if !cache.synced() {
                 continue;
             }
-            match parse_manifests(&cache.objects(), &self.excluded) {
+            let started = std::time::Instant::now();
+            let parsed = parse_manifests(&cache.objects(), &self.excluded);
+            match parsed {
                 Ok(state) => {
                     if !synced.swap(true, Ordering::AcqRel) {
                         tracing::info!(
@@ -453,6 +473,8 @@ impl KubeSource {
                     }
                     store.set_manifest(state);
                     on_change();
+                    last_rebuild = started.elapsed();
+                    tracing::debug!(took = ?last_rebuild, objects = cache.len(), "state rebuilt");
                 }
                 Err(e) => tracing::error!(
                     error = %crate::error_chain(&e),
