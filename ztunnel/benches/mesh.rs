@@ -1,6 +1,8 @@
 //! Network benchmarks through the mesh, with the direct path measured in the same run:
-//! throughput (1 and 4 streams, iperf3), 64-byte request/response latency, connection rate,
-//! ztunnel RSS idle and with many connections. Needs root (network namespaces) and iperf3.
+//! throughput (1 and 4 streams, iperf3) with ztunnel CPU per Gbit/s, 64-byte request/response
+//! latency, connection rate, ztunnel RSS idle and with many (default 10,000) open connections,
+//! and the first connection of a freshly enrolled pod. Needs root (network namespaces),
+//! iperf3 and prlimit (util-linux).
 //! `cargo bench -p ztunnel --bench mesh` (prints a Markdown table; see BENCHMARKS.md).
 
 #[path = "../tests/support/mod.rs"]
@@ -10,7 +12,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use ambient_common::frame::{read_frame, write_frame};
+use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
 use support::*;
+
+/// Pods enrolled through the agent during the run (not in node 0's manifests).
+const FRESH: [&str; 5] = ["f1", "f2", "f3", "f4", "f5"];
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -111,7 +118,88 @@ fn wait_listening(ns: &str, port: u16) {
     });
 }
 
+/// An echo server for many concurrent connections: one thread, tokio tasks with a small
+/// buffer (the support crate's server spends a thread per connection). Runs in a child process
+/// (`mesh --echo-server <addr>`, started in the pod's namespace) so that its descriptors do
+/// not count against this process's open-file limit.
+fn run_many_echo_server(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = ztunnel::sys::raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        loop {
+            let Ok((mut c, _)) = l.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match c.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = c.shutdown().await;
+            });
+        }
+    });
+}
+
+fn many_echo_server(lab: &Lab, pod: &Pod, port: u16) -> SocketAddr {
+    let addr = SocketAddr::new(pod.ip, port);
+    let exe = std::env::current_exe().unwrap();
+    lab.spawn_in(
+        &pod.ns,
+        &[exe.to_str().unwrap(), "--echo-server", &addr.to_string()],
+    );
+    eventually("echo server listening", Duration::from_secs(10), || {
+        let out = ns_sh(&pod.ns, &["ss", "-ltnH", &format!("sport = :{port}")]);
+        (!out.trim().is_empty()).then_some(())
+    });
+    addr
+}
+
+/// Connect + one 64-byte echo from `pod`; the time to the echo (ms).
+fn first_echo_ms(pod: &Pod, to: SocketAddr) -> f64 {
+    in_ns(&pod.ns, move || {
+        let t = Instant::now();
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&[3u8; 64]).unwrap();
+        let mut b = [0u8; 64];
+        s.read_exact(&mut b).unwrap();
+        t.elapsed().as_secs_f64() * 1e3
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--echo-server") {
+        run_many_echo_server(args[i + 1].parse().expect("--echo-server <addr>"));
+        return;
+    }
     if !is_root() {
         eprintln!("mesh benchmark needs root (network namespaces); skipped");
         return;
@@ -120,25 +208,23 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let secs: u32 = env_or("BENCH_SECS", 5);
+    let many: usize = env_or("BENCH_CONNS", 10_000);
+    // BENCH_SKIP_TRAFFIC=1: only the memory and enrolment rows (quicker iterations).
+    let traffic = env_or("BENCH_SKIP_TRAFFIC", 0u8) == 0;
+    // This process holds the client side of the held connections (the echo server is a child
+    // process): BENCH_CONNS can go up to the hard RLIMIT_NOFILE (minus a few).
     let _ = ztunnel::sys::raise_nofile_limit();
-    let secs: u32 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let many: usize = std::env::var("BENCH_CONNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    let lab = Lab::new(
-        "bm",
-        250,
-        &[
-            (0, "a1", "shop", true),
-            (0, "a3", "plain", false),
-            (1, "b1", "db", true),
-            (1, "b2", "plain", false),
-        ],
-    );
+    let mut pods = vec![
+        (0, "a1", "shop", true),
+        (0, "a3", "plain", false),
+        (1, "b1", "db", true),
+        (1, "b2", "plain", false),
+    ];
+    pods.extend(FRESH.iter().map(|f| (0, *f, "shop", true)));
+    let lab = Lab::new("bm", 250, &pods);
+    // Node 0 learns of the fresh pods only from the agent push, as a new pod's would.
+    lab.write_manifests_with(0, "", |p| !FRESH.contains(&p.name.as_str()));
     // BENCH_ZT_ARGS: extra ztunnel flags for experiments (e.g. "--workers 1").
     let extra = std::env::var("BENCH_ZT_ARGS").unwrap_or_default();
     let mut args = vec!["--access-log", "false", "--log-format", "json"];
@@ -165,40 +251,82 @@ fn main() {
     let echo_mesh = echo_server(&b1, 7000);
     let echo_direct = echo_server(&b2, 7000);
 
-    let t1_direct = iperf(&a3, direct_srv, 1, secs);
-    let cpu0 = cpu_secs(z0) + cpu_secs(z1);
-    let t1_mesh = iperf(&a1, mesh_srv, 1, secs);
-    let cpu = cpu_secs(z0) + cpu_secs(z1) - cpu0;
-    let gbytes = t1_mesh * secs as f64 / 8.0;
-    let t1 = (t1_direct, t1_mesh);
-    let t4 = (
-        iperf(&a3, direct_srv, 4, secs),
-        iperf(&a1, mesh_srv, 4, secs),
-    );
-    let lat_direct = rr(&a3, echo_direct.addr, 20_000);
-    let lat_mesh = rr(&a1, echo_mesh.addr, 20_000);
-    let rate = (
-        conn_rate(&a3, echo_direct.addr, 4, secs as u64),
-        conn_rate(&a1, echo_mesh.addr, 4, secs as u64),
-    );
+    let (mut t1, mut t4, mut cpu1, mut cpu4) = ((0.0, 0.0), (0.0, 0.0), 0.0, 0.0);
+    let (mut lat_direct, mut lat_mesh, mut rate) = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0));
+    if traffic {
+        let zcpu = || cpu_secs(z0) + cpu_secs(z1);
+        // ztunnel CPU-seconds per Gbit carried = cores busy per Gbit/s.
+        t1.0 = iperf(&a3, direct_srv, 1, secs);
+        let c = zcpu();
+        t1.1 = iperf(&a1, mesh_srv, 1, secs);
+        cpu1 = (zcpu() - c) / (t1.1 * secs as f64);
+        t4.0 = iperf(&a3, direct_srv, 4, secs);
+        let c = zcpu();
+        t4.1 = iperf(&a1, mesh_srv, 4, secs);
+        cpu4 = (zcpu() - c) / (t4.1 * secs as f64);
+        lat_direct = rr(&a3, echo_direct.addr, 20_000);
+        lat_mesh = rr(&a1, echo_mesh.addr, 20_000);
+        rate = (
+            conn_rate(&a3, echo_direct.addr, 4, secs as u64),
+            conn_rate(&a1, echo_mesh.addr, 4, secs as u64),
+        );
+    }
 
-    // Many concurrent connections held open.
-    let to = echo_mesh.addr;
+    // Many concurrent connections held open, each established end to end with one echo.
+    let to = many_echo_server(&lab, &b1, 7001);
     let ns = a1.ns.clone();
+    let before = (rss_kib(z0), rss_kib(z1));
+    let t = Instant::now();
     let held: Vec<TcpStream> = in_ns(&ns, move || {
         (0..many)
-            .map(|_| {
-                let mut s = TcpStream::connect(to).unwrap();
+            .map(|i| {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 s.write_all(&[1u8; 64]).unwrap();
                 let mut b = [0u8; 64];
-                s.read_exact(&mut b).unwrap();
+                s.read_exact(&mut b)
+                    .unwrap_or_else(|e| panic!("echo on connection {i}: {e}"));
                 s
             })
             .collect()
     });
-    std::thread::sleep(Duration::from_millis(500));
+    eprintln!("{many} connections opened in {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(1000));
     let busy = (rss_kib(z0), rss_kib(z1));
+    // BENCH_HOLD_SECS: keep the connections open longer (to inspect /proc/<pid>/smaps).
+    std::thread::sleep(Duration::from_secs(env_or("BENCH_HOLD_SECS", 0)));
     drop(held);
+    std::thread::sleep(Duration::from_millis(2000));
+    let after = (rss_kib(z0), rss_kib(z1));
+
+    // First connection of freshly enrolled pods: the agent's Add is acked (certificate held),
+    // then the pod's first connection (connect + 64-byte echo; a new HBONE connection for its
+    // identity). The direct column is a new connection between two non-ambient pods. Both to
+    // the single-threaded echo servers (no thread spawned per connection).
+    let to_direct = many_echo_server(&lab, &b2, 7001);
+    let sock = std::os::unix::net::UnixStream::connect(&lab.nodes[0].agent_socket).unwrap();
+    let (mut acks, mut firsts, mut seconds, mut directs) = (vec![], vec![], vec![], vec![]);
+    for f in FRESH {
+        let pod = lab.pod(f).clone();
+        let w = LocalWorkload {
+            uid: format!("uid-{f}"),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            service_account: pod.sa.clone(),
+            node: lab.nodes[0].name.clone(),
+            ips: vec![pod.ip],
+        };
+        let t = Instant::now();
+        let mut s = &sock;
+        write_frame(&mut s, &ZtunnelRequest::new(ZtunnelOp::Add(w))).unwrap();
+        let reply: ZtunnelReply = read_frame(&mut s).unwrap();
+        assert_eq!(reply, ZtunnelReply::Ack, "agent Add for {f}");
+        acks.push(t.elapsed().as_secs_f64() * 1e3);
+        firsts.push(first_echo_ms(&pod, to));
+        seconds.push(first_echo_ms(&pod, to));
+        directs.push(first_echo_ms(&a3, to_direct));
+    }
 
     println!("| metric | direct | mesh (HBONE) | overhead |");
     println!("|---|---|---|---|");
@@ -215,8 +343,11 @@ fn main() {
         100.0 * t4.1 / t4.0
     );
     println!(
-        "| ztunnel CPU per GB carried, both nodes, 1 stream (CPU-seconds/GB) | - | {:.2} | |",
-        cpu / gbytes
+        "| ztunnel CPU per Gbit/s, both nodes, 1 / 4 streams (cores) | - | {:.2} / {:.2} | {:.2} / {:.2} CPU-s per GB |",
+        cpu1,
+        cpu4,
+        cpu1 * 8.0,
+        cpu4 * 8.0
     );
     println!(
         "| 64 B request/response p50 (µs) | {:.1} | {:.1} | +{:.1} µs |",
@@ -247,5 +378,27 @@ fn main() {
         busy.1 as f64 / 1024.0,
         (busy.0.saturating_sub(idle.0)) as f64 / many as f64,
         (busy.1.saturating_sub(idle.1)) as f64 / many as f64,
+    );
+    println!(
+        "| ztunnel RSS before / after the {many} connections, source; destination (MiB) | - | {:.1} / {:.1}; {:.1} / {:.1} | |",
+        before.0 as f64 / 1024.0,
+        after.0 as f64 / 1024.0,
+        before.1 as f64 / 1024.0,
+        after.1 as f64 / 1024.0,
+    );
+    let n = FRESH.len();
+    println!(
+        "| agent Add -> Ack, fresh pod (certificate issued; ms, median / max of {n}) | - | {:.2} / {:.2} | off the connection path |",
+        median(&mut acks.clone()),
+        acks.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "| first connection of a freshly enrolled pod, connect + 64 B echo (ms, median / max of {n}) | {:.2} / {:.2} | {:.2} / {:.2} | {:+.2} ms (second connection: {:.2}) |",
+        median(&mut directs.clone()),
+        directs.iter().cloned().fold(0.0, f64::max),
+        median(&mut firsts.clone()),
+        firsts.iter().cloned().fold(0.0, f64::max),
+        median(&mut firsts.clone()) - median(&mut directs.clone()),
+        median(&mut seconds.clone()),
     );
 }

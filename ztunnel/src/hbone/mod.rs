@@ -7,11 +7,13 @@
 //! a TCP socket and a stream (or another socket) with half-close and live byte counters;
 //! `pool` is the client side: pooled, multiplexed connections per [`PoolKey`].
 
+mod bufread;
 mod pool;
 mod relay;
 
 use std::net::{IpAddr, SocketAddr};
 
+pub use bufread::LazyBufReader;
 pub use pool::{Dialer, HboneStream, Io, Pool, PoolError, PoolKey, PoolStats, TlsDialer};
 pub use relay::{relay_h2, relay_tcp};
 
@@ -24,7 +26,8 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest DATA frame either side sends.
 pub const MAX_FRAME: u32 = 1024 * 1024;
-/// Socket read buffer under TLS (rustls itself reads 4 KiB at a time).
+/// Largest socket read buffer under TLS (rustls itself reads 4 KiB at a time); see
+/// [`LazyBufReader`].
 pub const READ_BUFFER: usize = 64 * 1024;
 /// Most concurrent streams the server accepts on one connection.
 pub const SERVER_MAX_STREAMS: u32 = 1000;

@@ -102,7 +102,7 @@ impl Dialer for TlsDialer {
                 .map_err(PoolError::Dial)?;
             // rustls reads 4 KiB per call; a buffer below it turns those into one large
             // socket read.
-            let tcp = tokio::io::BufReader::with_capacity(super::READ_BUFFER, tcp);
+            let tcp = super::LazyBufReader::new(tcp, super::READ_BUFFER);
             let tls = tokio::time::timeout(
                 self.sockets.connect_timeout,
                 tokio_rustls::TlsConnector::from(cfg)
@@ -346,8 +346,10 @@ impl Pool {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let lease = self.lease(key).await?;
-            match Self::open_stream(&lease, req.clone(), &auth).await {
+            // Boxed: leasing may dial (TLS and HTTP/2 handshakes); its state must not stay in
+            // the caller's task for the connection's life.
+            let lease = Box::pin(self.lease(key)).await?;
+            match Box::pin(Self::open_stream(&lease, req.clone(), &auth)).await {
                 Ok((send, recv)) => {
                     return Ok(HboneStream {
                         send,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{RecvStream, SendStream};
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
@@ -15,10 +15,23 @@ use crate::hbone::{
     check_connect, parse_forwarded_for, relay_h2, relay_tcp, server_builder, FORWARDED,
 };
 use crate::identity::{peer_identity, Identity};
-use crate::metrics::{Direction, Peer, ResponseFlag};
+use crate::metrics::{ConnGuard, Direction, Peer, ResponseFlag};
 use crate::store::Workload;
 
+/// An inbound HBONE connection. The work is boxed: the accept loop's per-connection task is
+/// sized for the largest of its handlers, and this one (TLS and HTTP/2 handshakes, about
+/// 6.7 KB) would otherwise enlarge every outbound connection's task, which lives as long as
+/// the connection (about 2 KB).
 pub(super) async fn inbound(
+    p: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    drain: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ProxyError> {
+    Box::pin(inbound_connection(p, tcp, peer, drain)).await
+}
+
+async fn inbound_connection(
     p: Arc<Proxy>,
     tcp: TcpStream,
     peer: SocketAddr,
@@ -39,7 +52,7 @@ pub(super) async fn inbound(
     let tls = tokio::time::timeout(
         p.cfg.connect_timeout,
         tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(
-            tokio::io::BufReader::with_capacity(crate::hbone::READ_BUFFER, tcp),
+            crate::hbone::LazyBufReader::new(tcp, crate::hbone::READ_BUFFER),
         ),
     )
     .await
@@ -50,7 +63,7 @@ pub(super) async fn inbound(
         ))
     })?
     .map_err(ProxyError::Tls)?;
-    let client_id = peer_identity(tls.get_ref().1).map_err(ProxyError::PeerIdentity)?;
+    let client_id = Arc::new(peer_identity(tls.get_ref().1).map_err(ProxyError::PeerIdentity)?);
     let _open = ConnCount::new(&p);
     let mut conn = tokio::time::timeout(
         p.cfg.connect_timeout,
@@ -69,9 +82,13 @@ pub(super) async fn inbound(
         tokio::select! {
             r = conn.accept() => match r {
                 Some(Ok((req, respond))) => {
-                    let (p, client_id, w) = (p.clone(), client_id.clone(), w.clone());
+                    // The task captures only the boxed setup (not its arguments), so it holds
+                    // little more than the relay for the stream's life.
+                    let setup = Box::pin(open_stream(
+                        p.clone(), req, respond, client_id.clone(), w.clone(), orig, peer,
+                    ));
                     tokio::spawn(async move {
-                        if let Err(e) = connect_stream(p, req, respond, client_id, w, orig, peer).await {
+                        if let Err(e) = connect_stream(setup).await {
                             tracing::info!(%peer, error = %crate::error_chain(&e), "inbound stream refused or failed");
                         }
                     });
@@ -114,15 +131,33 @@ fn reply(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
+/// One CONNECT stream: `setup` (checks, authorization and the connection to the pod; boxed by
+/// the caller, freed once done), then the relay, which is all the stream's task holds for the
+/// rest of its life.
 async fn connect_stream(
+    setup: impl std::future::Future<Output = Result<Option<Opened>, ProxyError>>,
+) -> Result<(), ProxyError> {
+    let Some((up, send, recv, g)) = setup.await? else {
+        return Ok(());
+    };
+    relay_h2(up, send, recv, &g.info.sent, &g.info.received)
+        .await
+        .map_err(ProxyError::Relay)
+}
+
+/// The stream's pod connection, the response stream, the request body and the tracking guard;
+/// `None` when the request was answered with an error status already.
+type Opened = (TcpStream, SendStream<Bytes>, RecvStream, ConnGuard);
+
+async fn open_stream(
     p: Arc<Proxy>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    client_id: Identity,
+    client_id: Arc<Identity>,
     w: Arc<Workload>,
     orig: SocketAddr,
     peer: SocketAddr,
-) -> Result<(), ProxyError> {
+) -> Result<Option<Opened>, ProxyError> {
     let target = match check_connect(
         req.method(),
         req.uri().authority().map(|a| a.as_str()),
@@ -132,7 +167,7 @@ async fn connect_stream(
         Err(e) => {
             tracing::info!(error = %crate::error_chain(&e), "CONNECT refused (400)");
             reply(respond, StatusCode::BAD_REQUEST);
-            return Ok(());
+            return Ok(None);
         }
     };
     let td = p.td().to_owned();
@@ -147,7 +182,7 @@ async fn connect_stream(
         .and_then(|ip| {
             state
                 .workload(ip)
-                .filter(|sw| sw.identity(&td) == client_id)
+                .filter(|sw| sw.identity(&td) == *client_id)
                 .map(|sw| (ip, sw.clone()))
         });
     let mut src_peer = match &src {
@@ -157,7 +192,7 @@ async fn connect_stream(
             ..Default::default()
         },
     };
-    src_peer.identity = Some(client_id.clone());
+    src_peer.identity = Some((*client_id).clone());
     let dst_peer = peer_of(Some(&w), Some(target), &td);
     let mut g = p
         .tracker
@@ -167,7 +202,7 @@ async fn connect_stream(
         None => (peer.ip(), false),
     };
     let up = match p
-        .authorize_and_connect(&state, Some(&client_id), src_ip, keep, &w, target)
+        .authorize_and_connect(&state, Some(&*client_id), src_ip, keep, &w, target)
         .await
     {
         Ok(s) => s,
@@ -187,9 +222,7 @@ async fn connect_stream(
     let send = respond
         .send_response(Response::new(()), false)
         .map_err(ProxyError::H2)?;
-    relay_h2(up, send, req.into_body(), &g.info.sent, &g.info.received)
-        .await
-        .map_err(ProxyError::Relay)
+    Ok(Some((up, send, req.into_body(), g)))
 }
 
 pub(super) async fn inbound_plaintext(
