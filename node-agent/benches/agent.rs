@@ -44,6 +44,16 @@ fn main() {
     assert!(status.success(), "benchmark failed");
 }
 
+/// The agent's run directory lives on a tmpfs on a node (`/var/run`); so does the bench's.
+fn run_tmpdir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -139,7 +149,7 @@ fn cold_start() {
     use ambient_common::agent_api::{AttachmentKey, PodRef};
     use node_agent::state::{LinkRecord, Record};
     println!("\n## agent cold start with 1,000 enrolled pods\n");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = run_tmpdir();
     // 1,000 host interfaces (veth pairs whose peers stay on the node: the agent checks names and
     // ifindexes), created in one `ip -batch`.
     let mut batch = String::new();
@@ -261,7 +271,7 @@ fn plugin_add(ztunnel: bool) {
     } else {
         println!("\n## plugin ADD end to end, ztunnel absent (exec of ambient-cni until redirection is active)\n");
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = run_tmpdir();
     let manifests = dir.path().join("manifests");
     let run = dir.path().join("run");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -395,9 +405,29 @@ fn plugin_add(ztunnel: bool) {
             }
             let last = list.plugins.len() - 1;
             let stdin = list.plugin_stdin(last, prev.as_ref(), &rt.runtime_config);
+            // Exec'd exactly as a runtime does: spawn, stdin, wait for exit and stdout.
+            let body = serde_json::to_vec(&stdin).unwrap();
             let t = Instant::now();
-            runner.exec(&list, last, "ADD", &rt, &stdin).unwrap();
+            let mut child = Command::new(bins::binary(bins::AMBIENT_CNI))
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_CONTAINERID", &rt.container_id)
+                .env("CNI_NETNS", &rt.netns)
+                .env("CNI_IFNAME", &rt.ifname)
+                .env("CNI_ARGS", rt.args.render())
+                .env("CNI_PATH", &cni_bin)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(&body).unwrap();
+            let out = child.wait_with_output().unwrap();
             samples.push(t.elapsed());
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
             let cached: serde_json::Value = prev.unwrap();
             // Keep the enrolled count at the level being measured.
             runner.del(&list, &rt, Some(&cached)).unwrap();
