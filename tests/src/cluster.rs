@@ -562,24 +562,14 @@ impl Cluster {
         let pid = n.ns().spawn(&mut cmd)?;
         self.nodes[i].ztunnel_pid = Some(pid);
         let n = &self.nodes[i];
-        eventually(READY_WAIT, || {
-            if !pid_alive(pid) {
-                return Ok(false);
-            }
-            if n.ztunnel_ready() {
-                Ok(true)
-            } else {
-                Err("not ready")
-            }
-        })
-        .map_err(|e| e.to_string())
-        .and_then(|alive| if alive { Ok(()) } else { Err("exited".into()) })
-        .map_err(|detail| ClusterError::NotReady {
-            what: "ztunnel",
-            node: n.name.clone(),
-            detail,
-            log: tail(&n.ztunnel_log(), 30),
-        })?;
+        wait_ready(
+            pid,
+            "ztunnel",
+            &n.name,
+            "not ready",
+            || n.ztunnel_ready(),
+            &n.ztunnel_log(),
+        )?;
         Ok(pid)
     }
 
@@ -603,24 +593,14 @@ impl Cluster {
         let pid = n.ns().spawn(&mut cmd)?;
         self.nodes[i].agent_pid = Some(pid);
         let n = &self.nodes[i];
-        eventually(READY_WAIT, || {
-            if !pid_alive(pid) {
-                return Ok(false);
-            }
-            if sock.exists() {
-                Ok(true)
-            } else {
-                Err("no CNI socket yet")
-            }
-        })
-        .map_err(|e| e.to_string())
-        .and_then(|alive| if alive { Ok(()) } else { Err("exited".into()) })
-        .map_err(|detail| ClusterError::NotReady {
-            what: "node-agent",
-            node: n.name.clone(),
-            detail,
-            log: tail(&n.agent_log(), 30),
-        })?;
+        wait_ready(
+            pid,
+            "node-agent",
+            &n.name,
+            "no CNI socket yet",
+            || sock.exists(),
+            &n.agent_log(),
+        )?;
         Ok(pid)
     }
 
@@ -1414,6 +1394,36 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Waits until `ready()` while the process `pid` lives; on failure the error carries the
+/// reason and the tail of its log.
+fn wait_ready(
+    pid: u32,
+    what: &'static str,
+    node: &str,
+    pending: &'static str,
+    ready: impl Fn() -> bool,
+    log: &std::path::Path,
+) -> Result<(), ClusterError> {
+    eventually(READY_WAIT, || {
+        if !pid_alive(pid) {
+            return Ok(false);
+        }
+        if ready() {
+            Ok(true)
+        } else {
+            Err(pending)
+        }
+    })
+    .map_err(|e| e.to_string())
+    .and_then(|alive| if alive { Ok(()) } else { Err("exited".into()) })
+    .map_err(|detail| ClusterError::NotReady {
+        what,
+        node: node.to_owned(),
+        detail,
+        log: tail(log, 30),
+    })
 }
 
 #[cfg(test)]
