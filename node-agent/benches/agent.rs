@@ -70,10 +70,21 @@ fn inner() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    enrol_one_more();
-    cold_start();
-    plugin_add(false);
-    plugin_add(true);
+    // `BENCH_ONLY=enrol,cold,add,add-ztunnel` runs a subset.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
+    if run("enrol") {
+        enrol_one_more();
+    }
+    if run("cold") {
+        cold_start();
+    }
+    if run("add") {
+        plugin_add(false);
+    }
+    if run("add-ztunnel") {
+        plugin_add(true);
+    }
 }
 
 fn params() -> node_agent::nft::RulesetParams {
@@ -112,36 +123,49 @@ fn rule_count(dp: &mut NftDataplane) -> usize {
     dp.observe().unwrap().chains.iter().map(|(_, n)| n).sum()
 }
 
-/// Time to add one pod's elements at N enrolled pods.
+/// Time to add one pod's elements at N enrolled pods, through the agent's path (one
+/// nfnetlink batch) and through libnftables, back to back and spaced out (a node enrols a
+/// pod now and then, so caches are cold and the freed memory gone: the realistic case).
 fn enrol_one_more() {
-    println!("\n## enrol one more pod (libnftables, one transaction)\n");
-    println!("| enrolled pods | p50 ms | p99 ms | rules | elements |");
-    println!("|---:|---:|---:|---:|---:|");
-    let mut dp = NftDataplane::new(params()).unwrap();
-    for target in [10usize, 100, 1000] {
-        let mut all = BTreeSet::new();
-        for i in 0..target {
-            all.extend(fake_pod(i));
+    println!("\n## enrol one more pod (one transaction)\n");
+    println!("| path | spacing | enrolled pods | p50 ms | p99 ms | rules | elements |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (path, netlink) in [("netlink batch (agent)", true), ("libnftables", false)] {
+        for (spacing, gap) in [("back to back", None), ("20 ms apart", Some(20u64))] {
+            let mut dp = NftDataplane::new(params()).unwrap();
+            if !netlink {
+                dp = dp.without_element_writer();
+            }
+            for target in [10usize, 100, 1000] {
+                let mut all = BTreeSet::new();
+                for i in 0..target {
+                    all.extend(fake_pod(i));
+                }
+                dp.install(&all).unwrap();
+                let mut samples = Vec::new();
+                let n = if gap.is_some() { 100 } else { 200 };
+                for k in 0..n {
+                    let extra = fake_pod(100_000 + k);
+                    if let Some(gap) = gap {
+                        std::thread::sleep(Duration::from_millis(gap));
+                    }
+                    let t = Instant::now();
+                    dp.apply(&BTreeSet::new(), &extra).unwrap();
+                    samples.push(t.elapsed());
+                    dp.apply(&extra, &BTreeSet::new()).unwrap();
+                }
+                samples.sort();
+                let rules = rule_count(&mut dp);
+                println!(
+                    "| {path} | {spacing} | {target} | {:.3} | {:.3} | {rules} | {} |",
+                    percentile(&samples, 0.5).as_secs_f64() * 1e3,
+                    percentile(&samples, 0.99).as_secs_f64() * 1e3,
+                    dp.observe().unwrap().elements.len()
+                );
+            }
+            dp.uninstall().unwrap();
         }
-        dp.install(&all).unwrap();
-        let mut samples = Vec::new();
-        for k in 0..200 {
-            let extra = fake_pod(100_000 + k);
-            let t = Instant::now();
-            dp.apply(&BTreeSet::new(), &extra).unwrap();
-            samples.push(t.elapsed());
-            dp.apply(&extra, &BTreeSet::new()).unwrap();
-        }
-        samples.sort();
-        let rules = rule_count(&mut dp);
-        println!(
-            "| {target} | {} | {} | {rules} | {} |",
-            ms(percentile(&samples, 0.5)),
-            ms(percentile(&samples, 0.99)),
-            dp.observe().unwrap().elements.len()
-        );
     }
-    dp.uninstall().unwrap();
 }
 
 /// Agent cold start with 1,000 enrolled pods: state file + kernel + source reconciled.
@@ -247,6 +271,22 @@ fn cold_start() {
     run_batch(&batch);
 }
 
+/// `BENCH_AGENT_LOG=debug` logs the agent's per-ADD timings (`attachment updated`,
+/// `ADD replied`) to `BENCH_AGENT_LOG_DIR` (default: the bench's stderr).
+fn agent_log_level() -> String {
+    std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into())
+}
+
+fn agent_log_sink(case: &str) -> Stdio {
+    match std::env::var_os("BENCH_AGENT_LOG_DIR") {
+        Some(dir) => {
+            let path = std::path::Path::new(&dir).join(format!("agent-{case}.log"));
+            Stdio::from(std::fs::File::create(path).expect("create the agent log"))
+        }
+        None => Stdio::inherit(),
+    }
+}
+
 fn run_batch(batch: &str) {
     let mut child = Command::new("ip")
         .args(["-batch", "-"])
@@ -308,8 +348,9 @@ fn plugin_add(ztunnel: bool) {
         .arg(&manifests)
         .arg("--run-dir")
         .arg(&run)
-        .args(["--metrics-addr", "127.0.0.1:0", "--log-level", "warn"])
-        .stderr(Stdio::inherit())
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-level"])
+        .arg(agent_log_level())
+        .stderr(agent_log_sink(if ztunnel { "ztunnel" } else { "alone" }))
         .spawn()
         .unwrap();
     let mut zt = None;
@@ -393,6 +434,7 @@ fn plugin_add(ztunnel: bool) {
             pods.push((ns, rt));
         }
         let mut samples = Vec::new();
+        let mut retired = Vec::new();
         for _ in 0..measured / 3 {
             let (ns, rt) = make_rt(next);
             next += 1;
@@ -431,8 +473,13 @@ fn plugin_add(ztunnel: bool) {
             let cached: serde_json::Value = prev.unwrap();
             // Keep the enrolled count at the level being measured.
             runner.del(&list, &rt, Some(&cached)).unwrap();
-            drop(ns);
+            if std::env::var_os("BENCH_DEFER_NETNS").is_some() {
+                retired.push(ns);
+            } else {
+                drop(ns);
+            }
         }
+        retired.clear();
         samples.sort();
         // The cost of exec'ing the plugin at all, at this moment: VERSION does no work.
         let mut base = Vec::new();

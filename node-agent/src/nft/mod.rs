@@ -4,6 +4,7 @@
 //! implementation and [`MemoryDataplane`] the one unit tests use.
 
 mod ffi;
+pub mod netlink;
 pub mod ruleset;
 
 use std::collections::BTreeSet;
@@ -21,6 +22,17 @@ pub enum DataplaneError {
     Rejected(String),
     #[error("cannot read the installed ruleset: {0}")]
     Listing(#[from] ruleset::ListingError),
+    #[error("netlink: {0}")]
+    Netlink(#[source] netlink::NetlinkError),
+}
+
+impl From<netlink::NetlinkError> for DataplaneError {
+    fn from(e: netlink::NetlinkError) -> Self {
+        match e {
+            netlink::NetlinkError::Refused(msg) => DataplaneError::Rejected(msg),
+            other => DataplaneError::Netlink(other),
+        }
+    }
 }
 
 /// Owner of the project's tables in the current network namespace.
@@ -46,14 +58,30 @@ pub trait Dataplane: Send {
 pub struct NftDataplane {
     ctx: ffi::NftContext,
     params: RulesetParams,
+    /// Element changes go straight to the kernel; `None` when the socket could not be
+    /// opened (libnftables then carries them too).
+    elements: Option<netlink::ElementWriter>,
 }
 
 impl NftDataplane {
+    /// Creates the dataplane of the network namespace the calling thread is in.
     pub fn new(params: RulesetParams) -> Result<Self, DataplaneError> {
+        let elements = netlink::ElementWriter::new()
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "element changes will go through libnftables"),
+            )
+            .ok();
         Ok(Self {
             ctx: ffi::NftContext::new().ok_or(DataplaneError::Context)?,
             params,
+            elements,
         })
+    }
+
+    /// Applies element changes through libnftables only (the benchmark's comparison).
+    pub fn without_element_writer(mut self) -> Self {
+        self.elements = None;
+        self
     }
 
     fn run(&mut self, script: &str, json: bool) -> Result<String, DataplaneError> {
@@ -84,6 +112,11 @@ impl Dataplane for NftDataplane {
     ) -> Result<(), DataplaneError> {
         if remove.is_empty() && add.is_empty() {
             return Ok(());
+        }
+        if let Some(writer) = &mut self.elements {
+            if remove.len() + add.len() <= netlink::MAX_ELEMENTS {
+                return Ok(writer.apply(&self.params.table, remove, add)?);
+            }
         }
         let script = ruleset::render_changes(&self.params.table, remove, add);
         self.run(&script, false).map(drop)
@@ -211,5 +244,94 @@ impl MemoryDataplane {
             return Err(DataplaneError::Rejected("injected failure".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn params() -> RulesetParams {
+        RulesetParams {
+            table: "ambient".into(),
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            hbone_port: 15008,
+            mark: 0x539,
+            mask: 0xfff,
+        }
+    }
+
+    /// Runs `f` on a thread of its own in a fresh network namespace, which the kernel
+    /// removes with everything in it when the thread ends, whatever happens.
+    fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (a network namespace of its own)");
+            return;
+        }
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(NEWNET)");
+            f()
+        })
+        .join()
+        .expect("test thread panicked");
+    }
+
+    /// The netlink fast path writes exactly the elements libnftables reads back (the
+    /// listing is parsed into `Element`s), is atomic, and replaces a map value.
+    #[test]
+    fn element_writer_agrees_with_libnftables() {
+        in_fresh_netns(|| {
+            let mut dp = NftDataplane::new(params()).unwrap();
+            assert!(dp.elements.is_some(), "netlink writer not available");
+            dp.install(&BTreeSet::new()).unwrap();
+            let v4 = |d| IpAddr::V4(Ipv4Addr::new(10, 61, 0, d));
+            let v6 = |d| IpAddr::V6(Ipv6Addr::new(0xfd61, 0, 0, 0, 0, 0, 0, d));
+            let routed = pod_elements(
+                &Attachment::Routed {
+                    veth: "vethr1".into(),
+                },
+                &[v4(2), v6(2)],
+            );
+            let bridge = |mac| Attachment::Bridged {
+                veth: "vethb-long-nam".into(),
+                bridge: "cni0".into(),
+                bridge_mac: Mac(mac),
+            };
+            let bridged = pod_elements(&bridge([2, 0, 0, 0, 0, 1]), &[v4(3), v6(3)]);
+            let all: BTreeSet<Element> = routed.union(&bridged).cloned().collect();
+            dp.apply(&BTreeSet::new(), &all).unwrap();
+            assert_eq!(dp.observe().unwrap().elements, all);
+
+            // A batch with one impossible change applies nothing.
+            let missing = BTreeSet::from([Element::PodV4(Ipv4Addr::new(10, 61, 9, 9))]);
+            let extra = BTreeSet::from([Element::PodV4(Ipv4Addr::new(10, 61, 8, 8))]);
+            match dp.apply(&missing, &extra) {
+                Err(DataplaneError::Rejected(msg)) => {
+                    assert!(msg.contains("No such file"), "{msg}")
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert_eq!(dp.observe().unwrap().elements, all);
+
+            // A map key given a new value in one transaction (delete, then add).
+            let rebridged = pod_elements(&bridge([2, 0, 0, 0, 0, 9]), &[v4(3), v6(3)]);
+            let old: BTreeSet<Element> = bridged.difference(&rebridged).cloned().collect();
+            let new: BTreeSet<Element> = rebridged.difference(&bridged).cloned().collect();
+            assert_eq!(old.len(), 1);
+            dp.apply(&old, &new).unwrap();
+            let now: BTreeSet<Element> = routed.union(&rebridged).cloned().collect();
+            assert_eq!(dp.observe().unwrap().elements, now);
+
+            dp.apply(&now, &BTreeSet::new()).unwrap();
+            assert!(dp.observe().unwrap().elements.is_empty());
+            // Without the tables the kernel refuses, and says why.
+            dp.uninstall().unwrap();
+            assert!(matches!(
+                dp.apply(&BTreeSet::new(), &all),
+                Err(DataplaneError::Rejected(_))
+            ));
+        });
     }
 }
