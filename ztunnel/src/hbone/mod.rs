@@ -14,8 +14,8 @@ mod relay;
 use std::net::{IpAddr, SocketAddr};
 
 pub use bufread::LazyBufReader;
-pub use pool::{Dialer, HboneStream, Io, Pool, PoolError, PoolKey, PoolStats, TlsDialer};
-pub use relay::{relay_h2, relay_tcp};
+pub use pool::{Dialer, HboneStream, Io, Lease, Pool, PoolError, PoolKey, PoolStats, TlsDialer};
+pub use relay::{relay_h2, relay_tcp, H2Relay, TcpRelay};
 
 /// Header carrying the original client address (`for=<ip>`), as Istio's ztunnel sends it.
 pub const FORWARDED: &str = "forwarded";

@@ -164,7 +164,7 @@ enum Retry {
 }
 
 /// A stream's hold on its connection; releases the slot on drop.
-struct Lease(Arc<Conn>);
+pub struct Lease(Arc<Conn>);
 
 impl Drop for Lease {
     fn drop(&mut self) {
@@ -180,6 +180,14 @@ pub struct HboneStream {
     /// The pooled connection it rides on (for logs).
     pub connection_id: u64,
     _lease: Lease,
+}
+
+impl HboneStream {
+    /// The stream's halves and its hold on the pooled connection (keep it as long as the
+    /// stream is used).
+    pub fn into_parts(self) -> (SendStream<Bytes>, RecvStream, Lease) {
+        (self.send, self.recv, self._lease)
+    }
 }
 
 /// Numbers for `/config_dump` and tests.

@@ -1,21 +1,20 @@
 //! Inbound: HBONE (15008) and plaintext (15006) to local ambient pods.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::{RecvStream, SendStream};
+use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
-use super::{original_dst, peer_of, Proxy, ProxyError};
+use super::{original_dst, peer_of, Opened, Proxy, ProxyError};
 use crate::config::MtlsMode;
-use crate::hbone::{
-    check_connect, parse_forwarded_for, relay_h2, relay_tcp, server_builder, FORWARDED,
-};
+use crate::hbone::{check_connect, parse_forwarded_for, server_builder, FORWARDED};
 use crate::identity::{peer_identity, Identity};
-use crate::metrics::{ConnGuard, Direction, Peer, ResponseFlag};
+use crate::metrics::{Direction, Peer, ResponseFlag};
 use crate::store::Workload;
 
 /// An inbound HBONE connection. The work is boxed: the accept loop's per-connection task is
@@ -87,11 +86,7 @@ async fn inbound_connection(
                     let setup = Box::pin(open_stream(
                         p.clone(), req, respond, client_id.clone(), w.clone(), orig, peer,
                     ));
-                    tokio::spawn(async move {
-                        if let Err(e) = connect_stream(setup).await {
-                            tracing::info!(%peer, error = %crate::error_chain(&e), "inbound stream refused or failed");
-                        }
-                    });
+                    tokio::spawn(connect_stream(setup, peer));
                 }
                 Some(Err(e)) => return Err(ProxyError::H2(e)),
                 None => return Ok(()),
@@ -135,19 +130,26 @@ fn reply(mut respond: SendResponse<Bytes>, status: StatusCode) {
 /// the caller, freed once done), then the relay, which is all the stream's task holds for the
 /// rest of its life.
 async fn connect_stream(
-    setup: impl std::future::Future<Output = Result<Option<Opened>, ProxyError>>,
-) -> Result<(), ProxyError> {
-    let Some((up, send, recv, g)) = setup.await? else {
-        return Ok(());
+    setup: std::pin::Pin<Box<impl Future<Output = Result<Option<Opened>, ProxyError>>>>,
+    peer: SocketAddr,
+) {
+    // The setup's result is scoped to this block and the relay polled in place, so the task
+    // keeps one copy of the relay state only.
+    let mut run = {
+        match setup.await {
+            Ok(Some(o)) => o.run(),
+            Ok(None) => return,
+            Err(e) => return stream_failed(peer, &e),
+        }
     };
-    relay_h2(up, send, recv, &g.info.sent, &g.info.received)
-        .await
-        .map_err(ProxyError::Relay)
+    if let Err(e) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut run).poll(cx)).await {
+        stream_failed(peer, &e);
+    }
 }
 
-/// The stream's pod connection, the response stream, the request body and the tracking guard;
-/// `None` when the request was answered with an error status already.
-type Opened = (TcpStream, SendStream<Bytes>, RecvStream, ConnGuard);
+fn stream_failed(peer: SocketAddr, e: &ProxyError) {
+    tracing::info!(%peer, error = %crate::error_chain(e), "inbound stream refused or failed");
+}
 
 async fn open_stream(
     p: Arc<Proxy>,
@@ -222,14 +224,19 @@ async fn open_stream(
     let send = respond
         .send_response(Response::new(()), false)
         .map_err(ProxyError::H2)?;
-    Ok(Some((up, send, req.into_body(), g)))
+    Ok(Some(Opened::h2(
+        up,
+        (send, req.into_body(), None),
+        false,
+        g,
+    )))
 }
 
 pub(super) async fn inbound_plaintext(
     p: Arc<Proxy>,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<(), ProxyError> {
+) -> Result<Opened, ProxyError> {
     let orig = original_dst(&tcp).map_err(ProxyError::OriginalDst)?;
     let state = p.store.snapshot();
     let w = state
@@ -265,7 +272,5 @@ pub(super) async fn inbound_plaintext(
         }
     };
     drop(state);
-    relay_tcp(tcp, up, &g.info.received, &g.info.sent)
-        .await
-        .map_err(ProxyError::Relay)
+    Ok(Opened::tcp(tcp, up, g))
 }

@@ -10,17 +10,21 @@ mod inbound;
 mod outbound;
 mod socket;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 
 pub use socket::{canonical, original_dst, SocketError, SocketFactory};
 
 use crate::config::Config;
-use crate::hbone::{Pool, PoolError};
+use crate::hbone::{H2Relay, Lease, Pool, PoolError, TcpRelay};
 use crate::identity::{Identity, SecretError, SecretManager, TlsError};
-use crate::metrics::{Direction, Peer, ResponseFlag, Tracker};
+use crate::metrics::{ConnGuard, Direction, Peer, ResponseFlag, Tracker};
 use crate::policy::{self, Decision};
 use crate::store::{State, Store, Workload};
 
@@ -129,6 +133,193 @@ impl Proxy {
     }
 }
 
+/// What a connection's setup hands over once both ends are connected: the relay (sockets,
+/// streams, a small state per direction) and the tracking. A connection's task holds only
+/// this for the connection's life; the setup (lookups, peers, pool key, snapshot) is boxed
+/// and freed before the relay starts.
+pub(crate) struct Opened {
+    relay: Relay,
+    guard: ConnGuard,
+    /// A same-node connection is tracked as inbound too; its counters mirror `guard`'s.
+    mirror: Option<Box<ConnGuard>>,
+}
+
+enum Relay {
+    /// A TCP connection and an HBONE stream; `tcp_is_client` when the TCP side is the client
+    /// (outbound; inbound it is the pod).
+    H2 {
+        relay: H2Relay,
+        tcp_is_client: bool,
+        /// The pooled connection's slot, held while the stream is used.
+        _lease: Option<Lease>,
+    },
+    /// Client (`a`) and server (`b`) TCP connections.
+    Tcp(TcpRelay),
+}
+
+impl Opened {
+    fn tcp(client: TcpStream, server: TcpStream, guard: ConnGuard) -> Self {
+        Self {
+            relay: Relay::Tcp(TcpRelay::new(client, server)),
+            guard,
+            mirror: None,
+        }
+    }
+
+    fn h2(
+        tcp: TcpStream,
+        (send, recv, lease): (SendStream<Bytes>, RecvStream, Option<Lease>),
+        tcp_is_client: bool,
+        guard: ConnGuard,
+    ) -> Self {
+        Self {
+            relay: Relay::H2 {
+                relay: H2Relay::new(tcp, send, recv),
+                tcp_is_client,
+                _lease: lease,
+            },
+            guard,
+            mirror: None,
+        }
+    }
+
+    fn poll_relay(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let i = &self.guard.info;
+        match &mut self.relay {
+            Relay::H2 {
+                relay,
+                tcp_is_client,
+                ..
+            } => {
+                // Bytes from the client are "received", towards it "sent".
+                let (up, down) = if *tcp_is_client {
+                    (&i.received, &i.sent)
+                } else {
+                    (&i.sent, &i.received)
+                };
+                relay.poll_relay(cx, up, down)
+            }
+            Relay::Tcp(r) => r.poll_relay(cx, &i.received, &i.sent),
+        }
+    }
+
+    /// Relays until both directions finished; resolves to the result and the tracking
+    /// guards (their drop records the connection's end). Sockets and streams are closed
+    /// first. (A named future rather than an `async fn`, which would keep two copies of
+    /// `self` for the connection's life.)
+    fn relay(self) -> Relaying {
+        Relaying(Some(self))
+    }
+
+    /// Relays, then records the connection's end.
+    pub(crate) fn run(self) -> impl Future<Output = Result<(), ProxyError>> {
+        let mut r = self.relay();
+        std::future::poll_fn(move |cx| std::pin::Pin::new(&mut r).poll(cx).map(|(res, _)| res))
+    }
+}
+
+/// See [`Opened::relay`].
+struct Relaying(Option<Opened>);
+
+impl Future for Relaying {
+    type Output = (Result<(), ProxyError>, Guards);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(o) = self.0.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let res = std::task::ready!(o.poll_relay(cx));
+        let Some(Opened {
+            relay,
+            guard,
+            mirror,
+        }) = self.0.take()
+        else {
+            return std::task::Poll::Pending;
+        };
+        drop(relay);
+        if let Some(m) = &mirror {
+            let i = &guard.info;
+            m.info
+                .received
+                .store(i.received.load(Ordering::Relaxed), Ordering::Relaxed);
+            m.info
+                .sent
+                .store(i.sent.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        std::task::Poll::Ready((res.map_err(ProxyError::Relay), Guards(guard, mirror)))
+    }
+}
+
+/// A finished connection's tracking guards (dropping them records its end).
+struct Guards(
+    #[allow(dead_code)] ConnGuard,
+    #[allow(dead_code)] Option<Box<ConnGuard>>,
+);
+
+/// One accepted connection's setup: lookups, authorization, the upstream connection (for an
+/// inbound HBONE connection, its whole life). Boxed by the caller.
+async fn setup(
+    kind: Direction,
+    p: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener_port: Option<u16>,
+    drain: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<Opened>, ProxyError> {
+    match kind {
+        Direction::Outbound => outbound::outbound(p, tcp, peer, listener_port)
+            .await
+            .map(Some),
+        Direction::Inbound => inbound::inbound(p, tcp, peer, drain).await.map(|()| None),
+        Direction::InboundPlaintext => inbound::inbound_plaintext(p, tcp, peer).await.map(Some),
+    }
+}
+
+/// Handles one accepted connection: the boxed `setup` inside the connection's span, then the
+/// relay. The span (with its formatted fields) is not held across the relay: it is entered
+/// again for what is logged at the end (access log, error), so the log lines are the same.
+async fn handle(
+    kind: Direction,
+    peer: SocketAddr,
+    setup: std::pin::Pin<Box<impl Future<Output = Result<Option<Opened>, ProxyError>>>>,
+) {
+    // The setup's result is scoped to this block, so this future does not keep its storage
+    // alongside the relay's.
+    let mut relaying = {
+        match tracing::Instrument::instrument(setup, conn_span(kind, peer)).await {
+            Ok(Some(o)) => o.relay(),
+            Ok(None) => return,
+            Err(e) => return finish(kind, peer, Err(e), None),
+        }
+    };
+    // Polled in place: awaiting it by value would keep a second copy in this future.
+    let (res, guards) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut relaying).poll(cx)).await;
+    drop(relaying);
+    finish(kind, peer, res, Some(guards));
+}
+
+/// Records a connection's end (the guards' drop: metrics, access log) and logs its error,
+/// inside the connection's span.
+fn finish(kind: Direction, peer: SocketAddr, res: Result<(), ProxyError>, guards: Option<Guards>) {
+    let span = conn_span(kind, peer);
+    let _entered = span.enter();
+    drop(guards);
+    if let Err(e) = res {
+        tracing::info!(error = %crate::error_chain(&e), "connection refused or failed");
+    }
+}
+
+fn conn_span(kind: Direction, peer: SocketAddr) -> tracing::Span {
+    tracing::info_span!("conn", ?kind, %peer)
+}
+
 /// Accepts on `listener` until `drain` fires, handling each connection per `kind`.
 pub async fn serve(
     listener: TcpListener,
@@ -142,20 +333,16 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    let p = proxy.clone();
-                    let drain = drain.clone();
                     let peer = canonical(peer);
-                    let span = tracing::info_span!("conn", ?kind, %peer);
-                    tokio::spawn(tracing::Instrument::instrument(async move {
-                        let res = match kind {
-                            Direction::Outbound => outbound::outbound(p, tcp, peer, local.map(|l| l.port())).await,
-                            Direction::Inbound => inbound::inbound(p, tcp, peer, drain).await,
-                            Direction::InboundPlaintext => inbound::inbound_plaintext(p, tcp, peer).await,
-                        };
-                        if let Err(e) = res {
-                            tracing::info!(error = %crate::error_chain(&e), "connection refused or failed");
-                        }
-                    }, span));
+                    let setup = Box::pin(setup(
+                        kind,
+                        proxy.clone(),
+                        tcp,
+                        peer,
+                        local.map(|l| l.port()),
+                        drain.clone(),
+                    ));
+                    tokio::spawn(handle(kind, peer, setup));
                 }
                 Err(e) => {
                     tracing::warn!(?local, error = %e, "accept failed");

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{original_dst, peer_of, Proxy, ProxyError};
+use super::{original_dst, peer_of, Opened, Proxy, ProxyError};
 use crate::config::OutsideMesh;
-use crate::hbone::{relay_h2, relay_tcp, PoolError, PoolKey};
+use crate::hbone::{PoolError, PoolKey};
 use crate::metrics::{Direction, ResponseFlag};
 
 pub(super) async fn outbound(
@@ -15,7 +15,7 @@ pub(super) async fn outbound(
     tcp: TcpStream,
     peer: SocketAddr,
     listener_port: Option<u16>,
-) -> Result<(), ProxyError> {
+) -> Result<Opened, ProxyError> {
     let orig = original_dst(&tcp).map_err(ProxyError::OriginalDst)?;
     // Sent to the listener itself, not redirected: a loop. (With TPROXY the local address is
     // the original destination, whose port is not the listener's.)
@@ -86,16 +86,9 @@ pub(super) async fn outbound(
                     return Err(e);
                 }
             };
-            let res = relay_tcp(tcp, up, &g.info.received, &g.info.sent).await;
-            gi.info.received.store(
-                g.info.received.load(std::sync::atomic::Ordering::Relaxed),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            gi.info.sent.store(
-                g.info.sent.load(std::sync::atomic::Ordering::Relaxed),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            res.map_err(ProxyError::Relay)
+            let mut o = Opened::tcp(tcp, up, g);
+            o.mirror = Some(Box::new(gi));
+            Ok(o)
         }
         Some(w) if w.ambient => {
             let key = PoolKey {
@@ -120,15 +113,8 @@ pub(super) async fn outbound(
                     return Err(ProxyError::Hbone(e));
                 }
             };
-            relay_h2(
-                tcp,
-                stream.send,
-                stream.recv,
-                &g.info.received,
-                &g.info.sent,
-            )
-            .await
-            .map_err(ProxyError::Relay)
+            let (send, recv, lease) = stream.into_parts();
+            Ok(Opened::h2(tcp, (send, recv, Some(lease)), true, g))
         }
         _ => {
             let mut g = p
@@ -146,9 +132,7 @@ pub(super) async fn outbound(
                     return Err(ProxyError::Connect(e));
                 }
             };
-            relay_tcp(tcp, up, &g.info.received, &g.info.sent)
-                .await
-                .map_err(ProxyError::Relay)
+            Ok(Opened::tcp(tcp, up, g))
         }
     }
 }

@@ -502,7 +502,13 @@ table inet ambient {{
             .join(format!("ztunnel-{node}-{instance}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &n.ns, env!("CARGO_BIN_EXE_ztunnel"), "run"])
+        cmd.args(["netns", "exec", &n.ns]);
+        // ZT_WRAPPER (memory investigations only, e.g. "heaptrack -o /tmp/zt"): a command the
+        // ztunnel runs under; the PID returned is then the wrapper's.
+        if let Ok(w) = std::env::var("ZT_WRAPPER") {
+            cmd.args(w.split_whitespace());
+        }
+        cmd.args([env!("CARGO_BIN_EXE_ztunnel"), "run"])
             .args(["--node-name", &n.name])
             .args(["--manifest-dir", n.manifest_dir.to_str().unwrap()])
             .args(["--ca-dir", self.ca_dir.to_str().unwrap()])
