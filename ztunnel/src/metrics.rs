@@ -3,7 +3,7 @@
 //! are known (opened counter), dropped when it ends (closed counter, bytes, one access-log
 //! line).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,10 +108,28 @@ impl Metrics {
     }
 }
 
-/// One side of a connection, as logged and shown.
-#[derive(Debug, Clone, Default, Serialize)]
+/// One side of a connection, as the proxy describes it when it opens one.
+#[derive(Debug, Clone, Default)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    pub identity: Option<Identity>,
+    pub app: Option<String>,
+}
+
+/// One side of a live connection, as logged and shown: its address and its workload's names,
+/// which all connections of that workload share (see [`Tracker::open`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnPeer {
+    pub addr: Option<SocketAddr>,
+    #[serde(flatten)]
+    pub names: Arc<PeerNames>,
+}
+
+/// A workload's names as shown for a connection.
+#[derive(Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct PeerNames {
     pub workload: Option<String>,
     pub namespace: Option<String>,
     pub identity: Option<Identity>,
@@ -123,10 +141,10 @@ pub struct Peer {
 pub struct ConnInfo {
     pub id: u64,
     pub direction: Direction,
-    pub src: Peer,
-    pub dst: Peer,
+    pub src: ConnPeer,
+    pub dst: ConnPeer,
     /// The destination service host when the client connected to a VIP.
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     pub mtls: bool,
     pub start_unix_ms: u64,
     /// Bytes from the client (request direction).
@@ -141,16 +159,61 @@ pub struct ConnInfo {
 #[derive(Debug)]
 pub struct Tracker {
     metrics: Arc<Metrics>,
-    live: Mutex<BTreeMap<u64, Arc<ConnInfo>>>,
+    live: Mutex<Live>,
     next: AtomicU64,
     access_log: bool,
+}
+
+/// The live connections and the names they share. 10,000 connections of a few workloads
+/// hold a few copies of their names, not 10,000 (about 0.5 KiB per connection otherwise).
+#[derive(Debug, Default)]
+struct Live {
+    conns: BTreeMap<u64, Arc<ConnInfo>>,
+    names: Interned<PeerNames>,
+    services: Interned<str>,
+}
+
+/// Shared copies of values in use; unused ones are dropped when the set has doubled since the
+/// last sweep (workloads come and go).
+#[derive(Debug)]
+struct Interned<T: ?Sized> {
+    set: HashSet<Arc<T>>,
+    sweep_at: usize,
+}
+
+/// Interned sets are not swept below this size.
+const MIN_SWEEP: usize = 64;
+
+impl<T: ?Sized> Default for Interned<T> {
+    fn default() -> Self {
+        Self {
+            set: HashSet::new(),
+            sweep_at: MIN_SWEEP,
+        }
+    }
+}
+
+impl<T: ?Sized + Eq + std::hash::Hash> Interned<T> {
+    /// The shared copy of `v`.
+    fn get<V: std::borrow::Borrow<T> + Into<Arc<T>>>(&mut self, v: V) -> Arc<T> {
+        if let Some(a) = self.set.get(v.borrow()) {
+            return a.clone();
+        }
+        if self.set.len() >= self.sweep_at {
+            self.set.retain(|a| Arc::strong_count(a) > 1);
+            self.sweep_at = (self.set.len() * 2).max(MIN_SWEEP);
+        }
+        let a: Arc<T> = v.into();
+        self.set.insert(a.clone());
+        a
+    }
 }
 
 impl Tracker {
     pub fn new(metrics: Arc<Metrics>, access_log: bool) -> Arc<Self> {
         Arc::new(Self {
             metrics,
-            live: Mutex::new(BTreeMap::new()),
+            live: Mutex::new(Live::default()),
             next: AtomicU64::new(1),
             access_log,
         })
@@ -160,7 +223,8 @@ impl Tracker {
         &self.metrics
     }
 
-    /// Starts tracking a connection.
+    /// Starts tracking a connection. The peers' names and the service are shared with the
+    /// other live connections that have the same.
     pub fn open(
         self: &Arc<Self>,
         direction: Direction,
@@ -170,11 +234,33 @@ impl Tracker {
         mtls: bool,
     ) -> ConnGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let split = |p: Peer| {
+            (
+                p.addr,
+                PeerNames {
+                    workload: p.workload,
+                    namespace: p.namespace,
+                    identity: p.identity,
+                    app: p.app,
+                },
+            )
+        };
+        let ((src_addr, src_names), (dst_addr, dst_names)) = (split(src), split(dst));
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let src_names = live.names.get(src_names);
+        let dst_names = live.names.get(dst_names);
+        let service = service.map(|s| live.services.get(s));
         let info = Arc::new(ConnInfo {
             id,
             direction,
-            src,
-            dst,
+            src: ConnPeer {
+                addr: src_addr,
+                names: src_names,
+            },
+            dst: ConnPeer {
+                addr: dst_addr,
+                names: dst_names,
+            },
             service,
             mtls,
             start_unix_ms: SystemTime::now()
@@ -185,10 +271,8 @@ impl Tracker {
             sent: AtomicU64::new(0),
             started: Instant::now(),
         });
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, info.clone());
+        live.conns.insert(id, info.clone());
+        drop(live);
         let g = ConnGuard {
             tracker: self.clone(),
             info,
@@ -203,13 +287,18 @@ impl Tracker {
         self.live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .conns
             .values()
             .cloned()
             .collect()
     }
 
     pub fn live_count(&self) -> usize {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .conns
+            .len()
     }
 }
 
@@ -242,25 +331,27 @@ impl ConnGuard {
                 Direction::Outbound => Reporter::source,
                 _ => Reporter::destination,
             },
-            source_workload: or_unknown(&i.src.workload),
-            source_workload_namespace: or_unknown(&i.src.namespace),
+            source_workload: or_unknown(&i.src.names.workload),
+            source_workload_namespace: or_unknown(&i.src.names.namespace),
             source_principal: i
                 .src
+                .names
                 .identity
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_else(|| "unknown".into()),
-            source_app: or_unknown(&i.src.app),
-            destination_workload: or_unknown(&i.dst.workload),
-            destination_workload_namespace: or_unknown(&i.dst.namespace),
+            source_app: or_unknown(&i.src.names.app),
+            destination_workload: or_unknown(&i.dst.names.workload),
+            destination_workload_namespace: or_unknown(&i.dst.names.namespace),
             destination_principal: i
                 .dst
+                .names
                 .identity
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_else(|| "unknown".into()),
-            destination_app: or_unknown(&i.dst.app),
-            destination_service: i.service.clone().unwrap_or_else(|| "unknown".into()),
+            destination_app: or_unknown(&i.dst.names.app),
+            destination_service: i.service.as_deref().unwrap_or("unknown").to_owned(),
             request_protocol: "tcp".into(),
             connection_security_policy: if i.mtls { "mutual_tls" } else { "unknown" }.into(),
             response_flags: self.flag.as_str().into(),
@@ -281,6 +372,7 @@ impl Drop for ConnGuard {
             .live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .conns
             .remove(&self.info.id);
         if self.tracker.access_log {
             let i = &self.info;
@@ -292,14 +384,14 @@ impl Drop for ConnGuard {
                 conn = i.id,
                 direction = ?i.direction,
                 src.addr = %fmt_addr(&i.src.addr),
-                src.workload = %i.src.workload.clone().unwrap_or_default(),
-                src.namespace = %i.src.namespace.clone().unwrap_or_default(),
-                src.identity = %fmt_id(&i.src.identity),
+                src.workload = %i.src.names.workload.clone().unwrap_or_default(),
+                src.namespace = %i.src.names.namespace.clone().unwrap_or_default(),
+                src.identity = %fmt_id(&i.src.names.identity),
                 dst.addr = %fmt_addr(&i.dst.addr),
-                dst.workload = %i.dst.workload.clone().unwrap_or_default(),
-                dst.namespace = %i.dst.namespace.clone().unwrap_or_default(),
-                dst.identity = %fmt_id(&i.dst.identity),
-                dst.service = %i.service.clone().unwrap_or_default(),
+                dst.workload = %i.dst.names.workload.clone().unwrap_or_default(),
+                dst.namespace = %i.dst.names.namespace.clone().unwrap_or_default(),
+                dst.identity = %fmt_id(&i.dst.names.identity),
+                dst.service = %i.service.as_deref().unwrap_or_default(),
                 mtls = i.mtls,
                 response_flags = self.flag.as_str(),
                 bytes_received = received,
@@ -355,5 +447,79 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
         assert!(text.contains("} 100"), "{text}");
+    }
+
+    fn workload_peer(name: &str) -> Peer {
+        Peer {
+            addr: Some("10.0.0.1:5000".parse().unwrap()),
+            workload: Some(name.into()),
+            namespace: Some("a".into()),
+            identity: Some(Identity::new("cluster.local", "a", name)),
+            app: Some("web".into()),
+        }
+    }
+
+    #[test]
+    fn connections_of_a_workload_share_its_names_and_show_them_in_full() {
+        let t = Tracker::new(Arc::new(Metrics::default()), false);
+        let svc = || Some("db.a.svc.cluster.local".to_owned());
+        let g1 = t.open(
+            Direction::Outbound,
+            workload_peer("client"),
+            Peer::default(),
+            svc(),
+            true,
+        );
+        let g2 = t.open(
+            Direction::Outbound,
+            workload_peer("client"),
+            Peer::default(),
+            svc(),
+            true,
+        );
+        assert!(Arc::ptr_eq(&g1.info.src.names, &g2.info.src.names));
+        assert!(Arc::ptr_eq(
+            g1.info.service.as_ref().unwrap(),
+            g2.info.service.as_ref().unwrap()
+        ));
+        let v = serde_json::to_value(&*g1.info).unwrap();
+        assert_eq!(
+            v["src"],
+            serde_json::json!({
+                "addr": "10.0.0.1:5000",
+                "workload": "client",
+                "namespace": "a",
+                "identity": "spiffe://cluster.local/ns/a/sa/client",
+                "app": "web",
+            })
+        );
+        assert_eq!(
+            v["dst"],
+            serde_json::json!({
+                "addr": null, "workload": null, "namespace": null, "identity": null, "app": null,
+            })
+        );
+        assert_eq!(v["service"], "db.a.svc.cluster.local");
+    }
+
+    #[test]
+    fn names_of_closed_connections_are_swept() {
+        let t = Tracker::new(Arc::new(Metrics::default()), false);
+        for i in 0..10 * MIN_SWEEP {
+            let g = t.open(
+                Direction::Inbound,
+                workload_peer(&format!("pod-{i}")),
+                Peer::default(),
+                None,
+                false,
+            );
+            drop(g);
+        }
+        let live = t.live.lock().unwrap();
+        assert!(
+            live.names.set.len() <= 2 * MIN_SWEEP,
+            "{}",
+            live.names.set.len()
+        );
     }
 }
