@@ -247,7 +247,7 @@ fn cold_start() {
     ] {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = node_agent::metrics::Metrics::new(&mut registry);
-        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+        let (tx, _rx) = node_agent::ztunnel::WorkloadFeed::new();
         let dp = NftDataplane::new(params()).unwrap();
         let t = Instant::now();
         let core = node_agent::agent::Core::start(
@@ -260,7 +260,11 @@ fn cold_start() {
         )
         .unwrap();
         let elapsed = t.elapsed();
-        println!("| {case} | {} | {} |", ms(elapsed), rx.borrow().len());
+        println!(
+            "| {case} | {} | {} |",
+            ms(elapsed),
+            core.published().count()
+        );
         drop(core);
     }
     NftDataplane::new(params()).unwrap().uninstall().unwrap();

@@ -13,7 +13,7 @@ use ambient_common::agent_api::{
 use ambient_common::manifest::{Enrolment, Pod};
 use ambient_common::ztunnel_api::LocalWorkload;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::host::{netns_id, Sysfs};
@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::nft::{chain_drift_of, pod_elements, Dataplane, Element};
 use crate::source::Snapshot;
 use crate::state::{LinkRecord, Record, StateDir};
+use crate::ztunnel::{WorkloadChange, WorkloadFeed};
 
 pub type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
 
@@ -121,7 +122,9 @@ pub struct Core {
     refs: BTreeMap<Element, u32>,
     snapshot: Arc<Snapshot>,
     metrics: Metrics,
-    workloads: watch::Sender<Vec<LocalWorkload>>,
+    /// The enrolled workloads as last told to the ztunnel client, per attachment.
+    published: BTreeMap<AttachmentKey, LocalWorkload>,
+    workloads: WorkloadFeed,
     drift: Vec<String>,
     last_error: Option<String>,
 }
@@ -146,7 +149,7 @@ impl Core {
         sysfs: Sysfs,
         snapshot: Arc<Snapshot>,
         metrics: Metrics,
-        workloads: watch::Sender<Vec<LocalWorkload>>,
+        workloads: WorkloadFeed,
     ) -> Result<Self, AgentError> {
         let store = cfg.state_dir();
         let records = store.load().map_err(internal)?;
@@ -161,6 +164,7 @@ impl Core {
             refs: BTreeMap::new(),
             snapshot,
             metrics,
+            published: BTreeMap::new(),
             workloads,
             drift: Vec::new(),
             last_error: None,
@@ -350,7 +354,7 @@ impl Core {
         self.refs = refs;
         self.states = states;
         self.count_transitions(before);
-        self.publish();
+        self.publish_all();
         Ok(())
     }
 
@@ -381,7 +385,7 @@ impl Core {
         }
         self.states = states;
         self.count_transitions(before);
-        self.publish();
+        self.publish_all();
         Ok(())
     }
 
@@ -401,23 +405,49 @@ impl Core {
             .count()
     }
 
-    /// Publishes the enrolled workloads for the ztunnel client, and the gauge.
-    fn publish(&mut self) {
-        let workloads: Vec<LocalWorkload> = self
+    /// Recomputes every enrolled workload and tells the ztunnel client what changed; used
+    /// after a source change or a resync. Per-pod changes use [`Core::publish_one`].
+    fn publish_all(&mut self) {
+        let mut want: BTreeMap<AttachmentKey, LocalWorkload> = self
             .records
             .iter()
             .filter(|(k, _)| self.states.get(*k) == Some(&PodState::Captured))
-            .map(|(_, r)| self.workload(r))
+            .map(|(k, r)| (k.clone(), self.workload(r)))
             .collect();
-        self.metrics.enrolled_pods.set(workloads.len() as i64);
-        self.workloads.send_if_modified(|w| {
-            if *w == workloads {
-                false
-            } else {
-                *w = workloads;
-                true
+        let keys: BTreeSet<AttachmentKey> =
+            want.keys().chain(self.published.keys()).cloned().collect();
+        for key in keys {
+            let w = want.remove(&key);
+            self.publish_one(&key, w);
+        }
+    }
+
+    /// Records `workload` (or its absence) for one attachment and sends the ztunnel client
+    /// the change, if any: the cost of one pod, whatever the number enrolled.
+    fn publish_one(&mut self, key: &AttachmentKey, workload: Option<LocalWorkload>) {
+        let old = match &workload {
+            Some(w) => self.published.insert(key.clone(), w.clone()),
+            None => self.published.remove(key),
+        };
+        if old == workload {
+            return;
+        }
+        if let Some(old) = old {
+            let same_uid = workload.as_ref().is_some_and(|w| w.uid == old.uid);
+            // Two attachments of one pod share its uid: ztunnel forgets it with the last.
+            if !same_uid && !self.published.values().any(|w| w.uid == old.uid) {
+                self.workloads.send(WorkloadChange::Remove(old.uid));
             }
-        });
+        }
+        if let Some(w) = workload {
+            self.workloads.send(WorkloadChange::Upsert(w));
+        }
+        self.metrics.enrolled_pods.set(self.published.len() as i64);
+    }
+
+    /// The workloads told to ztunnel, for tests and reports.
+    pub fn published(&self) -> impl Iterator<Item = &LocalWorkload> {
+        self.published.values()
     }
 
     fn workload(&self, r: &Record) -> LocalWorkload {
@@ -467,18 +497,21 @@ impl Core {
         if let Err(e) = persisted {
             self.note_error("persist", &e);
         }
-        match record {
+        let workload = match record {
             Some(r) => {
+                let w = (st == PodState::Captured).then(|| self.workload(&r));
                 self.records.insert(key.clone(), r);
                 self.states.insert(key.clone(), st);
+                w
             }
             None => {
                 self.records.remove(key);
                 self.states.remove(key);
+                None
             }
-        }
+        };
         self.count_transitions(before);
-        self.publish();
+        self.publish_one(key, workload);
         Ok(st)
     }
 
@@ -540,7 +573,7 @@ impl Core {
             PodState::HostNetwork => AddOutcome::HostNetwork,
             _ => AddOutcome::NotAmbient,
         };
-        let workload = (st == PodState::Captured).then(|| self.workload(&self.records[&att.key]));
+        let workload = self.published.get(&att.key).cloned();
         tracing::info!(
             namespace = %att.pod.namespace, pod = %att.pod.name, veth = %att.host_interface,
             outcome = ?outcome, elapsed_us = started.elapsed().as_micros() as u64, "ADD handled"
@@ -755,7 +788,7 @@ mod tests {
         _dir: tempfile::TempDir,
         core: Core,
         sys_root: std::path::PathBuf,
-        rx: watch::Receiver<Vec<LocalWorkload>>,
+        rx: mpsc::UnboundedReceiver<WorkloadChange>,
     }
 
     fn snapshot(ambient_ns: &[&str], pods: &[(&str, &str)]) -> Arc<Snapshot> {
@@ -795,7 +828,7 @@ mod tests {
         })
         .unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
-        let (tx, rx) = watch::channel(Vec::new());
+        let (tx, rx) = WorkloadFeed::new();
         let core = Core::start(
             Arc::new(cfg),
             Box::new(MemoryDataplane::default()),
@@ -816,6 +849,15 @@ mod tests {
     }
 
     impl Fixture {
+        /// What the core told the ztunnel client since the last call.
+        fn changes(&mut self) -> Vec<WorkloadChange> {
+            let mut out = Vec::new();
+            while let Ok(c) = self.rx.try_recv() {
+                out.push(c);
+            }
+            out
+        }
+
         fn veth(&self, name: &str, idx: u32) {
             std::fs::create_dir_all(self.sys_root.join(name)).unwrap();
             std::fs::write(self.sys_root.join(name).join("ifindex"), idx.to_string()).unwrap();
@@ -866,7 +908,17 @@ mod tests {
             AddOutcome::NotAmbient
         );
         assert_eq!(f.elements().len(), 6);
-        assert_eq!(f.rx.borrow().len(), 2);
+        assert_eq!(f.core.published().count(), 2);
+        // ztunnel is told each enrolled pod once, and nothing of the others.
+        let told: Vec<String> = f
+            .changes()
+            .into_iter()
+            .map(|c| match c {
+                WorkloadChange::Upsert(w) => w.name,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(told, ["p1", "p2"]);
         f.core
             .del(&AttachmentKey {
                 container_id: "c1".into(),
@@ -874,6 +926,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(f.elements().len(), 3);
+        assert!(matches!(&f.changes()[..], [WorkloadChange::Remove(uid)] if uid.contains("p1")));
         // DEL of something unknown succeeds.
         f.core
             .del(&AttachmentKey {
@@ -891,7 +944,8 @@ mod tests {
         assert_eq!(released, 1);
         assert!(f.elements().is_empty());
         assert_eq!(f.core.records.len(), 1);
-        assert!(f.rx.borrow().is_empty());
+        assert_eq!(f.core.published().count(), 0);
+        assert!(matches!(&f.changes()[..], [WorkloadChange::Remove(_)]));
     }
 
     #[test]
@@ -1014,7 +1068,7 @@ mod tests {
         f.add(f.att("c3", "b", "q", "v3", "10.0.0.3")).unwrap();
         let kernel = std::mem::replace(&mut f.core.dp, Box::new(MemoryDataplane::default()));
         let mut reg = prometheus_client::registry::Registry::default();
-        let (tx, rx) = watch::channel(Vec::new());
+        let (tx, _rx) = crate::ztunnel::WorkloadFeed::new();
         let core = Core::start(
             f.core.cfg.clone(),
             kernel,
@@ -1028,7 +1082,7 @@ mod tests {
         .unwrap();
         f.core = core;
         assert_eq!(f.elements().len(), 3, "p1 keeps its redirection");
-        assert_eq!(rx.borrow().len(), 1);
+        assert_eq!(f.core.published().count(), 1);
         // The first complete view then decides as usual.
         let mut synced = (*snapshot(&[], &[("a", "p1"), ("b", "q")])).clone();
         synced.generation = 5;
@@ -1069,7 +1123,7 @@ mod tests {
         // v2 vanished while the agent was down; p1 is still there.
         std::fs::remove_dir_all(f.sys_root.join("v2")).unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
-        let (tx, rx) = watch::channel(Vec::new());
+        let (tx, _rx) = crate::ztunnel::WorkloadFeed::new();
         let core = Core::start(
             f.core.cfg.clone(),
             kernel,
@@ -1083,7 +1137,7 @@ mod tests {
         .unwrap();
         f.core = core;
         assert_eq!(f.elements().len(), 3);
-        assert_eq!(rx.borrow().len(), 1);
+        assert_eq!(f.core.published().count(), 1);
         assert_eq!(f.core.store.load().unwrap().len(), 1);
     }
 }

@@ -115,7 +115,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
-    let (wl_tx, wl_rx) = watch::channel(Vec::new());
+    let (wl_tx, wl_rx) = ztunnel::WorkloadFeed::new();
     let dp = nft::NftDataplane::new(cfg.ruleset())?;
     let t0 = Instant::now();
     let core = Core::start(

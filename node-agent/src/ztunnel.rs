@@ -1,6 +1,6 @@
 //! The agent's side of the agent -> ztunnel contract (see `ambient_common::ztunnel_api`):
-//! keeps one connection, sends a snapshot on every connect and then the difference each time
-//! the set of enrolled workloads changes. Publishes which workloads ztunnel acknowledged, so
+//! keeps one connection, sends a snapshot on every connect and then each change of the set
+//! of enrolled workloads as the core reports it. Publishes which workloads ztunnel acknowledged, so
 //! an ADD can return once the pod's certificate is held.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +11,7 @@ use ambient_common::frame;
 use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 
@@ -55,15 +55,76 @@ async fn exchange(stream: &mut UnixStream, op: ZtunnelOp) -> Result<(), LinkErro
     }
 }
 
-/// Runs forever (until the workloads sender is dropped).
+/// A change of the set of enrolled workloads, from the core to the client. The core sends
+/// only what changed, so enrolling a pod costs the same at 1 or 1,000 enrolled pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkloadChange {
+    Upsert(LocalWorkload),
+    Remove(String),
+}
+
+/// The core's end of the feed. Unbounded: the core never waits for ztunnel, and the client
+/// drains the feed whether or not ztunnel is connected.
+#[derive(Debug, Clone)]
+pub struct WorkloadFeed(mpsc::UnboundedSender<WorkloadChange>);
+
+impl WorkloadFeed {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<WorkloadChange>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self(tx), rx)
+    }
+
+    pub fn send(&self, change: WorkloadChange) {
+        // The client is gone only when the agent is shutting down.
+        let _ = self.0.send(change);
+    }
+}
+
+/// Applies a change to the wanted set; returns the uid it touched.
+fn apply(want: &mut BTreeMap<String, LocalWorkload>, change: WorkloadChange) -> String {
+    match change {
+        WorkloadChange::Upsert(w) => {
+            let uid = w.uid.clone();
+            want.insert(uid.clone(), w);
+            uid
+        }
+        WorkloadChange::Remove(uid) => {
+            want.remove(&uid);
+            uid
+        }
+    }
+}
+
+/// Takes every change already queued; `false` once the core is gone and the feed empty.
+fn drain(
+    changes: &mut mpsc::UnboundedReceiver<WorkloadChange>,
+    want: &mut BTreeMap<String, LocalWorkload>,
+    dirty: &mut BTreeSet<String>,
+) -> bool {
+    loop {
+        match changes.try_recv() {
+            Ok(c) => {
+                dirty.insert(apply(want, c));
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return true,
+            Err(mpsc::error::TryRecvError::Disconnected) => return false,
+        }
+    }
+}
+
+/// Runs until the core drops its end of the feed.
 pub async fn run_client(
     path: PathBuf,
-    mut workloads: watch::Receiver<Vec<LocalWorkload>>,
+    mut changes: mpsc::UnboundedReceiver<WorkloadChange>,
     status: watch::Sender<ZtunnelStatus>,
     metrics: Metrics,
 ) {
+    let mut want: BTreeMap<String, LocalWorkload> = BTreeMap::new();
     let mut logged_down = false;
     loop {
+        if !drain(&mut changes, &mut want, &mut BTreeSet::new()) {
+            return;
+        }
         let mut stream = match UnixStream::connect(&path).await {
             Ok(s) => s,
             Err(e) => {
@@ -71,15 +132,22 @@ pub async fn run_client(
                     tracing::warn!(socket = %path.display(), error = %e, "ztunnel not reachable; pods are enrolled and wait for it");
                     logged_down = true;
                 }
-                if workloads.has_changed().is_err() {
-                    return;
+                // Keep taking changes while waiting to retry.
+                let retry_at = tokio::time::Instant::now() + RETRY;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(retry_at) => break,
+                        change = changes.recv() => match change {
+                            Some(c) => { apply(&mut want, c); }
+                            None => return,
+                        },
+                    }
                 }
-                tokio::time::sleep(RETRY).await;
                 continue;
             }
         };
         logged_down = false;
-        let res = session(&mut stream, &mut workloads, &status, &metrics).await;
+        let res = session(&mut stream, &mut changes, &mut want, &status, &metrics).await;
         metrics.ztunnel_connected.set(0);
         status.send_replace(ZtunnelStatus::default());
         match res {
@@ -92,16 +160,20 @@ pub async fn run_client(
     }
 }
 
+/// One connection: the whole set, then each change as it comes.
 async fn session(
     stream: &mut UnixStream,
-    workloads: &mut watch::Receiver<Vec<LocalWorkload>>,
+    changes: &mut mpsc::UnboundedReceiver<WorkloadChange>,
+    want: &mut BTreeMap<String, LocalWorkload>,
     status: &watch::Sender<ZtunnelStatus>,
     metrics: &Metrics,
 ) -> Result<(), LinkError> {
-    let current = workloads.borrow_and_update().clone();
-    exchange(stream, ZtunnelOp::Snapshot(current.clone())).await?;
-    let mut sent: BTreeMap<String, LocalWorkload> =
-        current.into_iter().map(|w| (w.uid.clone(), w)).collect();
+    exchange(
+        stream,
+        ZtunnelOp::Snapshot(want.values().cloned().collect()),
+    )
+    .await?;
+    let mut sent = want.clone();
     metrics.ztunnel_connected.set(1);
     status.send_replace(ZtunnelStatus {
         connected: true,
@@ -112,12 +184,12 @@ async fn session(
         // ztunnel only ever answers, so anything readable while idle is its close (a new
         // ztunnel taking over, or a crash): reconnect at once rather than at the next change.
         let mut probe = [0u8; 1];
+        let mut dirty = BTreeSet::new();
         tokio::select! {
-            changed = workloads.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
+            change = changes.recv() => match change {
+                Some(c) => { dirty.insert(apply(want, c)); }
+                None => return Ok(()),
+            },
             read = stream.read(&mut probe) => {
                 return Err(match read {
                     Ok(0) => LinkError::Io(std::io::ErrorKind::UnexpectedEof.into()),
@@ -126,31 +198,29 @@ async fn session(
                 });
             }
         }
-        let want: BTreeMap<String, LocalWorkload> = workloads
-            .borrow_and_update()
-            .iter()
-            .map(|w| (w.uid.clone(), w.clone()))
-            .collect();
-        for uid in sent
-            .keys()
-            .filter(|u| !want.contains_key(*u))
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            exchange(stream, ZtunnelOp::Remove { uid: uid.clone() }).await?;
-            sent.remove(&uid);
-            status.send_modify(|s| {
-                s.acked.remove(&uid);
-            });
-        }
-        for (uid, w) in &want {
-            if sent.get(uid) != Some(w) {
-                exchange(stream, ZtunnelOp::Add(w.clone())).await?;
-                sent.insert(uid.clone(), w.clone());
-                status.send_modify(|s| {
-                    s.acked.insert(uid.clone());
-                });
+        // Everything queued meanwhile goes in the same round.
+        let open = drain(changes, want, &mut dirty);
+        for uid in dirty {
+            match (want.get(&uid), sent.get(&uid)) {
+                (None, Some(_)) => {
+                    exchange(stream, ZtunnelOp::Remove { uid: uid.clone() }).await?;
+                    sent.remove(&uid);
+                    status.send_modify(|s| {
+                        s.acked.remove(&uid);
+                    });
+                }
+                (Some(w), old) if old != Some(w) => {
+                    exchange(stream, ZtunnelOp::Add(w.clone())).await?;
+                    sent.insert(uid.clone(), w.clone());
+                    status.send_modify(|s| {
+                        s.acked.insert(uid);
+                    });
+                }
+                _ => {}
             }
+        }
+        if !open {
+            return Ok(());
         }
     }
 }
@@ -190,7 +260,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("zt.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        let (wl_tx, wl_rx) = watch::channel(vec![workload("a")]);
+        let (wl_tx, wl_rx) = WorkloadFeed::new();
+        wl_tx.send(WorkloadChange::Upsert(workload("a")));
         let (st_tx, mut st_rx) = watch::channel(ZtunnelStatus::default());
         let mut reg = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut reg);
@@ -200,7 +271,7 @@ mod tests {
         let (mut s, _) = listener.accept().await.unwrap();
         assert!(matches!(read_op(&mut s).await, ZtunnelOp::Snapshot(w) if w.len() == 1));
         ack(&mut s).await;
-        wl_tx.send_replace(vec![workload("a"), workload("b")]);
+        wl_tx.send(WorkloadChange::Upsert(workload("b")));
         assert!(matches!(read_op(&mut s).await, ZtunnelOp::Add(w) if w.uid == "b"));
         ack(&mut s).await;
         let st = st_rx
@@ -218,7 +289,7 @@ mod tests {
             .unwrap();
         assert!(matches!(read_op(&mut s).await, ZtunnelOp::Snapshot(w) if w.len() == 2));
         ack(&mut s).await;
-        wl_tx.send_replace(vec![workload("b")]);
+        wl_tx.send(WorkloadChange::Remove("a".into()));
         assert!(matches!(read_op(&mut s).await, ZtunnelOp::Remove { uid } if uid == "a"));
         // A refusal drops the connection and the agent tries again.
         s.write_all(
