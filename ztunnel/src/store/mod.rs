@@ -231,8 +231,55 @@ impl State {
 
 struct Inner {
     manifest: ManifestState,
+    /// The manifest's part of the state, indexed once per manifest change, so that an
+    /// agent push (one local pod) costs pointer copies, not a rebuild of the cluster.
+    base: Base,
     agent: BTreeMap<String, Workload>,
     state: Arc<State>,
+}
+
+/// What the cluster source alone contributes to [`State`].
+#[derive(Default)]
+struct Base {
+    /// One per uid (the last listed wins), in uid order.
+    workloads: Vec<Arc<Workload>>,
+    by_uid: HashMap<String, usize>,
+    /// Every workload (index) claiming an IP, in order; the last one owns it.
+    claims: HashMap<IpAddr, Vec<usize>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<IpAddr, Arc<Service>>,
+    service_list: Vec<Arc<Service>>,
+    policies: Vec<Arc<AuthorizationPolicy>>,
+    peer_auth: Vec<PeerAuthentication>,
+}
+
+impl Base {
+    fn new(m: &ManifestState) -> Self {
+        let by_uid_sorted: BTreeMap<&str, &Workload> =
+            m.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
+        let mut base = Base {
+            policies: m.policies.iter().cloned().map(Arc::new).collect(),
+            peer_auth: m.peer_auth.clone(),
+            ..Default::default()
+        };
+        for (i, w) in by_uid_sorted.into_values().enumerate() {
+            let w = Arc::new(w.clone());
+            base.by_uid.insert(w.uid.clone(), i);
+            for ip in &w.ips {
+                base.claims.entry(*ip).or_default().push(i);
+                base.by_ip.insert(*ip, w.clone());
+            }
+            base.workloads.push(w);
+        }
+        for s in &m.services {
+            let s = Arc::new(s.clone());
+            for vip in &s.vips {
+                base.services.insert(*vip, s.clone());
+            }
+            base.service_list.push(s);
+        }
+        base
+    }
 }
 
 /// The store; cheap to share.
@@ -258,6 +305,7 @@ impl Store {
             trust_domain: trust_domain.to_owned(),
             inner: RwLock::new(Inner {
                 manifest: ManifestState::default(),
+                base: Base::default(),
                 agent: BTreeMap::new(),
                 state: Arc::new(State::default()),
             }),
@@ -289,7 +337,7 @@ impl Store {
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         f(&mut inner);
-        inner.state = Arc::new(build(&inner.manifest, &inner.agent));
+        inner.state = Arc::new(build(&inner.base, &inner.agent));
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -304,7 +352,10 @@ impl Store {
     }
 
     pub fn set_manifest(&self, m: ManifestState) {
-        self.update(|i| i.manifest = m);
+        self.update(|i| {
+            i.base = Base::new(&m);
+            i.manifest = m;
+        });
     }
 
     /// Replaces everything the agent told us.
@@ -341,60 +392,57 @@ impl Store {
     }
 }
 
-fn build(m: &ManifestState, agent: &BTreeMap<String, Workload>) -> State {
-    let mut by_uid: BTreeMap<String, Workload> = BTreeMap::new();
-    let mut manifest_by_ip: HashMap<IpAddr, &Workload> = HashMap::new();
-    for w in &m.workloads {
-        by_uid.insert(w.uid.clone(), w.clone());
-        for ip in &w.ips {
-            manifest_by_ip.insert(*ip, w);
-        }
-    }
+/// The state: the manifest's workloads, with the agent's entries replacing those of the
+/// same pods (same uid, or same IP), the agent's last. Cost: pointer copies of the base
+/// plus the agent's workloads.
+fn build(base: &Base, agent: &BTreeMap<String, Workload>) -> State {
+    let mut hidden: HashSet<usize> = HashSet::new();
+    let mut agent_ws = Vec::with_capacity(agent.len());
     // The agent is the truth for local pods; labels come from the manifest when it has them.
     for (uid, w) in agent {
         let mut w = w.clone();
-        let known = m
-            .workloads
-            .iter()
-            .find(|mw| &mw.uid == uid)
-            .or_else(|| w.ips.iter().find_map(|ip| manifest_by_ip.get(ip).copied()));
-        if let Some(mw) = known {
-            w.labels = mw.labels.clone();
-            if mw.uid != *uid {
-                by_uid.remove(&mw.uid);
-            }
+        let known = base.by_uid.get(uid).copied().or_else(|| {
+            w.ips
+                .iter()
+                .find_map(|ip| base.claims.get(ip).and_then(|c| c.last().copied()))
+        });
+        if let Some(i) = known {
+            w.labels = base.workloads[i].labels.clone();
+            hidden.insert(i);
         }
-        by_uid.insert(uid.clone(), w);
+        agent_ws.push(Arc::new(w));
     }
-    let mut by_ip = HashMap::new();
-    let mut workloads = Vec::new();
-    // Manifest entries first, so agent entries overwrite IPs they share.
-    let (agent_ws, manifest_ws): (Vec<_>, Vec<_>) = by_uid
-        .into_values()
-        .partition(|w| w.source == WorkloadSource::Agent);
-    for w in manifest_ws.into_iter().chain(agent_ws) {
-        let w = Arc::new(w);
+    let mut by_ip = base.by_ip.clone();
+    for &i in &hidden {
+        for ip in &base.workloads[i].ips {
+            // The IP goes to the last manifest workload still shown that claims it, if any.
+            let owner = base.claims[ip].iter().rev().find(|j| !hidden.contains(j));
+            match owner {
+                Some(&j) => by_ip.insert(*ip, base.workloads[j].clone()),
+                None => by_ip.remove(ip),
+            };
+        }
+    }
+    for w in &agent_ws {
         for ip in &w.ips {
             by_ip.insert(*ip, w.clone());
         }
-        workloads.push(w);
     }
-    let mut services = HashMap::new();
-    let mut service_list = Vec::new();
-    for s in &m.services {
-        let s = Arc::new(s.clone());
-        for vip in &s.vips {
-            services.insert(*vip, s.clone());
-        }
-        service_list.push(s);
-    }
+    let workloads = base
+        .workloads
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !hidden.contains(i))
+        .map(|(_, w)| w.clone())
+        .chain(agent_ws)
+        .collect();
     State {
         by_ip,
-        services,
-        policies: m.policies.iter().cloned().map(Arc::new).collect(),
-        peer_auth: m.peer_auth.clone(),
+        services: base.services.clone(),
+        policies: base.policies.clone(),
+        peer_auth: base.peer_auth.clone(),
         workloads,
-        service_list,
+        service_list: base.service_list.clone(),
     }
 }
 
@@ -433,6 +481,69 @@ mod tests {
         let st = s.snapshot();
         assert!(st.workload("10.1.0.3".parse().unwrap()).is_none());
         assert!(st.workload("10.1.0.9".parse().unwrap()).is_some());
+    }
+
+    /// Agent entries replace the manifest's for the same pod (by uid, else by IP), take its
+    /// labels, and give the manifest entry back when they go.
+    #[test]
+    fn agent_entries_overlay_the_manifest() {
+        let mw = |uid: &str, ip: &str, app: &str| Workload {
+            uid: uid.into(),
+            name: format!("pod-{uid}"),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            node: "n1".into(),
+            ips: vec![ip.parse().unwrap()],
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            ambient: true,
+            source: WorkloadSource::Manifest,
+        };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let s = Store::new("n1", "cluster.local");
+        s.set_manifest(ManifestState {
+            workloads: vec![
+                mw("u1", "10.1.0.1", "web"),
+                // A finished pod and a running one that reuses its IP.
+                mw("u2", "10.1.0.2", "old"),
+                mw("u3", "10.1.0.2", "new"),
+                mw("u4", "10.1.0.4", "db"),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(s.snapshot().workload(ip("10.1.0.2")).unwrap().uid, "u3");
+        // Same uid, new IP: the manifest's IP no longer resolves; labels carried over.
+        s.agent_add(&lw("u1", "10.1.0.9"));
+        // Unknown uid, an IP the manifest knows: replaces the IP's current owner.
+        s.agent_add(&lw("x", "10.1.0.2"));
+        let st = s.snapshot();
+        assert!(st.workload(ip("10.1.0.1")).is_none());
+        let w = st.workload(ip("10.1.0.9")).unwrap();
+        assert_eq!((w.uid.as_str(), w.source), ("u1", WorkloadSource::Agent));
+        assert_eq!(w.labels["app"], "web");
+        let w = st.workload(ip("10.1.0.2")).unwrap();
+        assert_eq!((w.uid.as_str(), w.labels["app"].as_str()), ("x", "new"));
+        let uids: Vec<&str> = st.workloads.iter().map(|w| w.uid.as_str()).collect();
+        assert_eq!(uids, ["u2", "u4", "u1", "x"]);
+        // The agent lets go: the manifest's entries come back as they were.
+        s.agent_remove("x");
+        s.agent_remove("u1");
+        let st = s.snapshot();
+        assert_eq!(st.workload(ip("10.1.0.2")).unwrap().uid, "u3");
+        assert_eq!(st.workload(ip("10.1.0.1")).unwrap().uid, "u1");
+        assert_eq!(st.workloads.len(), 4);
+        // A new manifest keeps the agent's entries on top.
+        s.agent_add(&lw("u4", "10.1.0.4"));
+        s.set_manifest(ManifestState {
+            workloads: vec![mw("u4", "10.1.0.4", "db2")],
+            ..Default::default()
+        });
+        let st = s.snapshot();
+        let w = st.workload(ip("10.1.0.4")).unwrap();
+        assert_eq!(
+            (w.source, w.labels["app"].as_str()),
+            (WorkloadSource::Agent, "db2")
+        );
+        assert_eq!(st.workloads.len(), 1);
     }
 
     #[test]
