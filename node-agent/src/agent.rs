@@ -4,6 +4,7 @@
 //! source says are ambient; reconcile = apply the difference, nothing more.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::host::{netns_id, Sysfs};
 use crate::metrics::Metrics;
-use crate::nft::{chain_drift_of, pod_elements, Dataplane, Element};
+use crate::nft::{chain_drift_of, pod_elements, Dataplane, Element, Observed};
 use crate::source::Snapshot;
 use crate::state::{LinkRecord, Record, StateDir};
 use crate::ztunnel::{WorkloadChange, WorkloadFeed};
@@ -49,11 +50,23 @@ pub enum Command {
     },
     /// The source published a new view.
     Snapshot(Arc<Snapshot>),
-    /// Periodic drift check.
-    Tick,
+    /// Periodic drift check, with a reading of the kernel taken off the core's thread (so
+    /// that the listing does not hold up ADDs), or `None` to read it here.
+    Tick(Option<Reading>),
     /// Read-only report for the CLI.
     Report { reply: oneshot::Sender<Report> },
 }
+
+/// The kernel as read by the drift observer, and the core's kernel generation when the
+/// reading started: it is compared only if the core changed nothing since.
+pub struct Reading {
+    pub generation: u64,
+    pub observed: Result<Observed, String>,
+}
+
+/// Readings in a row that may be found stale (the node is busy) before the core reads the
+/// kernel itself.
+const MAX_STALE_READINGS: u32 = 3;
 
 /// What a pod's attachment currently amounts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -125,6 +138,9 @@ pub struct Core {
     /// The enrolled workloads as last told to the ztunnel client, per attachment.
     published: BTreeMap<AttachmentKey, LocalWorkload>,
     workloads: WorkloadFeed,
+    /// Bumped after every change the core makes to the kernel.
+    kernel_generation: Arc<AtomicU64>,
+    stale_readings: u32,
     drift: Vec<String>,
     last_error: Option<String>,
 }
@@ -166,6 +182,8 @@ impl Core {
             metrics,
             published: BTreeMap::new(),
             workloads,
+            kernel_generation: Arc::new(AtomicU64::new(0)),
+            stale_readings: 0,
             drift: Vec::new(),
             last_error: None,
         };
@@ -223,7 +241,7 @@ impl Core {
                     self.note_error("reconcile", &e);
                 }
             }
-            Command::Tick => self.tick(),
+            Command::Tick(reading) => self.tick(reading),
             Command::Report { reply } => {
                 let _ = reply.send(self.report());
             }
@@ -299,7 +317,9 @@ impl Core {
             }
         }
         let counts: Vec<(Element, i64)> = delta.into_iter().map(|(e, d)| (e.clone(), d)).collect();
-        self.dp.apply(&remove, &add)?;
+        let applied = self.dp.apply(&remove, &add);
+        self.bump_kernel_generation();
+        applied?;
         for (e, d) in counts {
             let n = i64::from(self.refs.get(&e).copied().unwrap_or(0)) + d;
             if n > 0 {
@@ -343,11 +363,15 @@ impl Core {
             if observed.present {
                 tracing::warn!(?drift, "fixed rules are not this version's; reinstalling");
             }
-            self.dp.install(&desired)?;
+            let installed = self.dp.install(&desired);
+            self.bump_kernel_generation();
+            installed?;
         } else {
             let remove = observed.elements.difference(&desired).cloned().collect();
             let add = desired.difference(&observed.elements).cloned().collect();
-            self.dp.apply(&remove, &add)?;
+            let applied = self.dp.apply(&remove, &add);
+            self.bump_kernel_generation();
+            applied?;
         }
         let before = self.captured_count();
         self.owned = owned;
@@ -670,13 +694,34 @@ impl Core {
         gone
     }
 
+    fn bump_kernel_generation(&self) {
+        self.kernel_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The counter a drift observer reads before listing the kernel (see [`Reading`]).
+    pub fn kernel_generation(&self) -> Arc<AtomicU64> {
+        self.kernel_generation.clone()
+    }
+
     /// The periodic check: vanished pods, and kernel drift (missing tables, altered rules,
-    /// missing or unexpected elements), repaired.
-    fn tick(&mut self) {
+    /// missing or unexpected elements), repaired. The kernel listing is the expensive part
+    /// (tens of ms with hundreds of pods); it comes from the observer thread when it can.
+    fn tick(&mut self, reading: Option<Reading>) {
         let started = Instant::now();
-        let pruned = self.prune_vanished();
+        let current = self.kernel_generation.load(Ordering::Acquire);
+        let observed = match reading {
+            Some(r) if r.generation == current => r.observed,
+            Some(_) if self.stale_readings + 1 < MAX_STALE_READINGS => {
+                // The core changed the kernel during the reading: compare next time.
+                self.stale_readings += 1;
+                tracing::debug!("kernel changed during the drift reading; skipped");
+                return;
+            }
+            _ => self.dp.observe().map_err(|e| e.to_string()),
+        };
+        self.stale_readings = 0;
         let mut problems = Vec::new();
-        match self.dp.observe() {
+        match observed {
             Ok(observed) => {
                 problems.extend(chain_drift_of(&observed));
                 if !observed.present {
@@ -701,6 +746,8 @@ impl Core {
             }
             Err(e) => self.note_error("observe", &e),
         }
+        let compared = started.elapsed();
+        let pruned = self.prune_vanished();
         if !problems.is_empty() || !pruned.is_empty() {
             if !problems.is_empty() {
                 tracing::warn!(?problems, "kernel drift; repairing");
@@ -711,7 +758,7 @@ impl Core {
             }
         }
         self.drift = problems;
-        tracing::debug!(elapsed = ?started.elapsed(), "drift check done");
+        tracing::debug!(?compared, elapsed = ?started.elapsed(), "drift check done");
     }
 
     pub fn report(&mut self) -> Report {
@@ -1057,6 +1104,35 @@ mod tests {
         f.core.handle(Command::Snapshot(snapshot(&["b"], &[])));
         assert!(f.elements().is_empty());
         assert_eq!(f.core.records.len(), 1);
+    }
+
+    #[test]
+    fn drift_readings_taken_elsewhere_count_only_when_current() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1")]));
+        f.veth("v1", 11);
+        f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap();
+        let generation = f.core.kernel_generation();
+        let mut seen = f.core.dp.observe().unwrap();
+        let lost = seen.elements.iter().next().unwrap().clone();
+        seen.elements.remove(&lost);
+        let reading = |g: u64| {
+            Command::Tick(Some(Reading {
+                generation: g,
+                observed: Ok(seen.clone()),
+            }))
+        };
+        // Taken before the core's last change: not compared.
+        let old = generation.load(Ordering::Acquire) - 1;
+        f.core.handle(reading(old));
+        assert!(f.core.drift.is_empty());
+        // Current: compared, and the missing element reported.
+        f.core.handle(reading(generation.load(Ordering::Acquire)));
+        assert_eq!(f.core.drift, ["1 elements missing"]);
+        // Stale readings in a row: the core lists the kernel itself (complete here).
+        for _ in 0..MAX_STALE_READINGS {
+            f.core.handle(reading(old));
+        }
+        assert!(f.core.drift.is_empty());
     }
 
     #[test]

@@ -129,6 +129,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     .map_err(RunError::Core)?;
     tracing::info!(elapsed = ?t0.elapsed(), "cold-start reconcile done");
 
+    let generation = core.kernel_generation();
     let (core_tx, core_rx) = mpsc::channel::<Command>(1024);
     let core_thread = std::thread::Builder::new()
         .name("agent-core".into())
@@ -149,20 +150,32 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         });
     }
-    // Periodic drift check.
-    {
-        let tx = core_tx.clone();
-        let every = cfg.reconcile_interval;
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(every);
-            t.tick().await;
-            loop {
+    // Periodic drift check: the kernel is listed on a thread of its own (its own libnftables
+    // context, in this same namespace), so that the listing never holds up an ADD.
+    match nft::NftDataplane::new(cfg.ruleset()) {
+        Ok(observer) => {
+            let tx = core_tx.clone();
+            let every = cfg.reconcile_interval;
+            std::thread::Builder::new()
+                .name("agent-drift".into())
+                .spawn(move || drift_observer(observer, generation, every, tx))
+                .expect("spawn drift observer thread");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no drift observer; the core lists the kernel itself");
+            let tx = core_tx.clone();
+            let every = cfg.reconcile_interval;
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(every);
                 t.tick().await;
-                if tx.send(Command::Tick).await.is_err() {
-                    return;
+                loop {
+                    t.tick().await;
+                    if tx.send(Command::Tick(None)).await.is_err() {
+                        return;
+                    }
                 }
-            }
-        });
+            });
+        }
     }
 
     let (zt_tx, zt_rx) = watch::channel(ztunnel::ZtunnelStatus::default());
@@ -208,5 +221,25 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Lists the kernel every `every` and hands the reading to the core; ends with the core.
+fn drift_observer(
+    mut dp: nft::NftDataplane,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    every: std::time::Duration,
+    core: mpsc::Sender<Command>,
+) {
+    use nft::Dataplane;
+    loop {
+        std::thread::sleep(every);
+        let reading = agent::Reading {
+            generation: generation.load(std::sync::atomic::Ordering::Acquire),
+            observed: dp.observe().map_err(|e| e.to_string()),
+        };
+        if core.blocking_send(Command::Tick(Some(reading))).is_err() {
+            return;
+        }
     }
 }
