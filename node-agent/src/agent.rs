@@ -58,10 +58,14 @@ pub enum Command {
 }
 
 /// The kernel as read by the drift observer, and the core's kernel generation when the
-/// reading started: it is compared only if the core changed nothing since.
+/// reading started: it is compared only if the core changed nothing since (every ADD, DEL
+/// and release bumps the generation, so the records are those of the reading).
 pub struct Reading {
     pub generation: u64,
     pub observed: Result<Observed, String>,
+    /// The node's interfaces (name -> ifindex), to find vanished veths without reading
+    /// sysfs once per attachment on the core's thread.
+    pub links: Option<std::collections::HashMap<String, u32>>,
 }
 
 /// Readings in a row that may be found stale (the node is busy) before the core reads the
@@ -187,7 +191,7 @@ impl Core {
             drift: Vec::new(),
             last_error: None,
         };
-        core.prune_vanished();
+        core.prune_vanished(None);
         if !core.snapshot.synced {
             // A source that has not listed yet (the API source at start) cannot say who is
             // ambient: keep every pod whose redirection is wholly in the kernel as it is,
@@ -666,13 +670,20 @@ impl Core {
     /// Forgets records whose veth or netns disappeared without a DEL (pod gone, node agent
     /// down at the time): their elements must not linger for a reused name or address.
     /// Returns the keys dropped; the caller releases their elements.
-    fn prune_vanished(&mut self) -> Vec<AttachmentKey> {
+    fn prune_vanished(
+        &mut self,
+        links: Option<&std::collections::HashMap<String, u32>>,
+    ) -> Vec<AttachmentKey> {
         let sysfs = &self.sysfs;
         let gone: Vec<AttachmentKey> = self
             .records
             .iter()
             .filter(|(_, r)| {
-                let veth_ok = sysfs.ifindex(r.link.veth()) == Some(r.ifindex);
+                let ifindex = match links {
+                    Some(links) => links.get(r.link.veth()).copied(),
+                    None => sysfs.ifindex(r.link.veth()),
+                };
+                let veth_ok = ifindex == Some(r.ifindex);
                 let netns_ok = match r.netns_id {
                     Some(id) => netns_id(std::path::Path::new(&r.netns)) == Some(id),
                     None => true,
@@ -709,15 +720,15 @@ impl Core {
     fn tick(&mut self, reading: Option<Reading>) {
         let started = Instant::now();
         let current = self.kernel_generation.load(Ordering::Acquire);
-        let observed = match reading {
-            Some(r) if r.generation == current => r.observed,
+        let (observed, links) = match reading {
+            Some(r) if r.generation == current => (r.observed, r.links),
             Some(_) if self.stale_readings + 1 < MAX_STALE_READINGS => {
                 // The core changed the kernel during the reading: compare next time.
                 self.stale_readings += 1;
                 tracing::debug!("kernel changed during the drift reading; skipped");
                 return;
             }
-            _ => self.dp.observe().map_err(|e| e.to_string()),
+            _ => (self.dp.observe().map_err(|e| e.to_string()), None),
         };
         self.stale_readings = 0;
         let mut problems = Vec::new();
@@ -747,7 +758,7 @@ impl Core {
             Err(e) => self.note_error("observe", &e),
         }
         let compared = started.elapsed();
-        let pruned = self.prune_vanished();
+        let pruned = self.prune_vanished(links.as_ref());
         if !problems.is_empty() || !pruned.is_empty() {
             if !problems.is_empty() {
                 tracing::warn!(?problems, "kernel drift; repairing");
@@ -1119,6 +1130,7 @@ mod tests {
             Command::Tick(Some(Reading {
                 generation: g,
                 observed: Ok(seen.clone()),
+                links: None,
             }))
         };
         // Taken before the core's last change: not compared.
@@ -1133,6 +1145,27 @@ mod tests {
             f.core.handle(reading(old));
         }
         assert!(f.core.drift.is_empty());
+        // The reading's interface list decides which veths vanished.
+        let complete = f.core.dp.observe().unwrap();
+        let with_links = |links: &[(&str, u32)], g: u64| {
+            Command::Tick(Some(Reading {
+                generation: g,
+                observed: Ok(complete.clone()),
+                links: Some(links.iter().map(|(n, i)| (n.to_string(), *i)).collect()),
+            }))
+        };
+        f.core.handle(with_links(
+            &[("v1", 11)],
+            generation.load(Ordering::Acquire),
+        ));
+        assert_eq!(f.core.records.len(), 1);
+        // Same name, another interface (a new veth): the attachment is gone.
+        f.core.handle(with_links(
+            &[("v1", 99)],
+            generation.load(Ordering::Acquire),
+        ));
+        assert!(f.core.records.is_empty());
+        assert!(f.elements().is_empty());
     }
 
     #[test]

@@ -61,6 +61,18 @@ impl Sysfs {
             .map_err(|source| HostError::Read { path, source })
     }
 
+    /// Every interface of the namespace with its ifindex, in one pass over the directory.
+    pub fn links(&self) -> std::io::Result<std::collections::HashMap<String, u32>> {
+        let mut out = std::collections::HashMap::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(index) = self.ifindex(&name) {
+                out.insert(name, index);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn ifindex(&self, name: &str) -> Option<u32> {
         self.read(self.root.join(name).join("ifindex"))
             .ok()?

@@ -237,6 +237,7 @@ fn drift_observer(
         let reading = agent::Reading {
             generation: generation.load(std::sync::atomic::Ordering::Acquire),
             observed: dp.observe().map_err(|e| e.to_string()),
+            links: host::Sysfs::default().links().ok(),
         };
         if core.blocking_send(Command::Tick(Some(reading))).is_err() {
             return;
