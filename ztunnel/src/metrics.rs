@@ -308,7 +308,8 @@ pub struct ConnGuard {
     tracker: Arc<Tracker>,
     pub info: Arc<ConnInfo>,
     flag: ResponseFlag,
-    error: Option<String>,
+    /// Boxed: most connections have none, and the guard lives as long as the connection.
+    error: Option<Box<str>>,
 }
 
 fn or_unknown(v: &Option<String>) -> String {
@@ -321,7 +322,7 @@ impl ConnGuard {
     }
 
     pub fn set_error(&mut self, e: String) {
-        self.error = Some(e);
+        self.error = Some(e.into_boxed_str());
     }
 
     fn labels(&self) -> ConnLabels {
@@ -397,7 +398,7 @@ impl Drop for ConnGuard {
                 bytes_received = received,
                 bytes_sent = sent,
                 duration_ms = i.started.elapsed().as_millis() as u64,
-                error = %self.error.clone().unwrap_or_default(),
+                error = %self.error.as_deref().unwrap_or_default(),
                 "connection complete"
             );
         }

@@ -30,7 +30,9 @@ const MAX_CHUNK: usize = 128 * 1024;
 /// An adaptive read buffer (see [`MIN_CHUNK`]).
 struct ReadBuf {
     buf: BytesMut,
-    size: usize,
+    /// The next read's size (u32: the relays live as long as their connections, their state
+    /// is kept small).
+    size: u32,
     /// The last read filled the buffer.
     full: bool,
 }
@@ -39,7 +41,7 @@ impl ReadBuf {
     fn new() -> Self {
         Self {
             buf: BytesMut::new(),
-            size: MIN_CHUNK,
+            size: MIN_CHUNK as u32,
             full: false,
         }
     }
@@ -47,15 +49,15 @@ impl ReadBuf {
     /// Reads what `tcp` holds without waiting (call after readiness). `None` when the
     /// readiness was spurious. The bytes read are at the end of `self.buf`.
     fn try_read(&mut self, tcp: &TcpStream) -> std::io::Result<Option<usize>> {
-        self.buf.reserve(self.size);
+        self.buf.reserve(self.size as usize);
         let room = self.buf.capacity() - self.buf.len();
         match tcp.try_read_buf(&mut self.buf) {
             Ok(n) => {
                 self.full = n == room;
                 if self.full {
-                    self.size = (self.size * 2).min(MAX_CHUNK);
+                    self.size = (self.size * 2).min(MAX_CHUNK as u32);
                 } else {
-                    self.size = (self.size / 2).max(MIN_CHUNK);
+                    self.size = (self.size / 2).max(MIN_CHUNK as u32);
                 }
                 Ok(Some(n))
             }
@@ -113,11 +115,11 @@ enum Phase {
 
 /// TCP -> HBONE stream.
 struct ToH2 {
+    /// Holds what is left to send of the last read (chunks are split off it as the stream
+    /// gets capacity).
     rb: ReadBuf,
-    /// What is left to send of the last read.
-    data: Bytes,
-    /// Its size (counted once all is sent).
-    n: usize,
+    /// The last read's size (counted once all is sent; at most `MAX_CHUNK`).
+    n: u32,
     phase: Phase,
 }
 
@@ -125,7 +127,6 @@ impl ToH2 {
     fn new() -> Self {
         Self {
             rb: ReadBuf::new(),
-            data: Bytes::new(),
             n: 0,
             phase: Phase::Read,
         }
@@ -149,16 +150,13 @@ impl ToH2 {
                         self.phase = Phase::Close;
                         continue;
                     }
-                    self.data = self.rb.buf.split().freeze();
-                    if !self.rb.bulk() {
-                        self.rb.release();
-                    }
-                    self.n = n;
+                    self.n = n as u32;
                     self.phase = Phase::Write;
                 }
                 Phase::Write => {
-                    while !self.data.is_empty() {
-                        send.reserve_capacity(self.data.len());
+                    while !self.rb.buf.is_empty() {
+                        let len = self.rb.buf.len();
+                        send.reserve_capacity(len);
                         let cap = match ready!(send.poll_capacity(cx)) {
                             Some(r) => r.map_err(h2_io)?,
                             None => {
@@ -171,10 +169,12 @@ impl ToH2 {
                         if cap == 0 {
                             continue;
                         }
-                        let chunk = self.data.split_to(cap.min(self.data.len()));
+                        let chunk = self.rb.buf.split_to(cap.min(len)).freeze();
                         send.send_data(chunk, false).map_err(h2_io)?;
                     }
-                    self.data = Bytes::new();
+                    if !self.rb.bulk() {
+                        self.rb.release();
+                    }
                     count.fetch_add(self.n as u64, Ordering::Relaxed);
                     self.phase = Phase::Read;
                 }
@@ -193,8 +193,9 @@ impl ToH2 {
 struct FromH2 {
     /// What is left to write of the last DATA frame.
     data: Bytes,
-    /// Its size (flow-control capacity released and counted once all is written).
-    n: usize,
+    /// Its size (flow-control capacity released and counted once all is written; at most
+    /// the largest frame, `MAX_FRAME`).
+    n: u32,
     phase: Phase,
 }
 
@@ -219,7 +220,7 @@ impl FromH2 {
                 Phase::Read => match ready!(recv.poll_data(cx)) {
                     Some(r) => {
                         self.data = r.map_err(h2_io)?;
-                        self.n = self.data.len();
+                        self.n = self.data.len() as u32;
                         self.phase = Phase::Write;
                     }
                     None => self.phase = Phase::Close,
@@ -230,7 +231,7 @@ impl FromH2 {
                         self.data.advance(n);
                     }
                     self.data = Bytes::new();
-                    let _ = recv.flow_control().release_capacity(self.n);
+                    let _ = recv.flow_control().release_capacity(self.n as usize);
                     count.fetch_add(self.n as u64, Ordering::Relaxed);
                     self.phase = Phase::Read;
                 }
@@ -298,8 +299,8 @@ pub async fn relay_h2(
 /// One direction of a TCP -> TCP relay.
 struct CopyHalf {
     rb: ReadBuf,
-    /// How much of `rb.buf` is written.
-    pos: usize,
+    /// How much of `rb.buf` is written (at most `MAX_CHUNK`).
+    pos: u32,
     phase: Phase,
 }
 
@@ -335,9 +336,9 @@ impl CopyHalf {
                     }
                 }
                 Phase::Write => {
-                    while self.pos < self.rb.buf.len() {
-                        let n = ready!(poll_write_some(wr, cx, &self.rb.buf[self.pos..]))?;
-                        self.pos += n;
+                    while (self.pos as usize) < self.rb.buf.len() {
+                        let n = ready!(poll_write_some(wr, cx, &self.rb.buf[self.pos as usize..]))?;
+                        self.pos += n as u32;
                     }
                     count.fetch_add(self.pos as u64, Ordering::Relaxed);
                     self.rb.buf.clear();

@@ -1,6 +1,5 @@
 //! Inbound: HBONE (15008) and plaintext (15006) to local ambient pods.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,7 +9,7 @@ use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
-use super::{original_dst, peer_of, Opened, Proxy, ProxyError};
+use super::{original_dst, peer_of, ConnTask, Opened, Proxy, ProxyError};
 use crate::config::MtlsMode;
 use crate::hbone::{check_connect, parse_forwarded_for, server_builder, FORWARDED};
 use crate::identity::{peer_identity, Identity};
@@ -86,7 +85,7 @@ async fn inbound_connection(
                     let setup = Box::pin(open_stream(
                         p.clone(), req, respond, client_id.clone(), w.clone(), orig, peer,
                     ));
-                    tokio::spawn(connect_stream(setup, peer));
+                    tokio::spawn(ConnTask::new(None, peer, setup));
                 }
                 Some(Err(e)) => return Err(ProxyError::H2(e)),
                 None => return Ok(()),
@@ -124,31 +123,6 @@ fn reply(mut respond: SendResponse<Bytes>, status: StatusCode) {
         .body(())
         .unwrap_or_default();
     let _ = respond.send_response(resp, true);
-}
-
-/// One CONNECT stream: `setup` (checks, authorization and the connection to the pod; boxed by
-/// the caller, freed once done), then the relay, which is all the stream's task holds for the
-/// rest of its life.
-async fn connect_stream(
-    setup: std::pin::Pin<Box<impl Future<Output = Result<Option<Opened>, ProxyError>>>>,
-    peer: SocketAddr,
-) {
-    // The setup's result is scoped to this block and the relay polled in place, so the task
-    // keeps one copy of the relay state only.
-    let mut run = {
-        match setup.await {
-            Ok(Some(o)) => o.run(),
-            Ok(None) => return,
-            Err(e) => return stream_failed(peer, &e),
-        }
-    };
-    if let Err(e) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut run).poll(cx)).await {
-        stream_failed(peer, &e);
-    }
-}
-
-fn stream_failed(peer: SocketAddr, e: &ProxyError) {
-    tracing::info!(%peer, error = %crate::error_chain(e), "inbound stream refused or failed");
 }
 
 async fn open_stream(

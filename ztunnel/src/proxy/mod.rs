@@ -206,43 +206,14 @@ impl Opened {
         }
     }
 
-    /// Relays until both directions finished; resolves to the result and the tracking
-    /// guards (their drop records the connection's end). Sockets and streams are closed
-    /// first. (A named future rather than an `async fn`, which would keep two copies of
-    /// `self` for the connection's life.)
-    fn relay(self) -> Relaying {
-        Relaying(Some(self))
-    }
-
-    /// Relays, then records the connection's end.
-    pub(crate) fn run(self) -> impl Future<Output = Result<(), ProxyError>> {
-        let mut r = self.relay();
-        std::future::poll_fn(move |cx| std::pin::Pin::new(&mut r).poll(cx).map(|(res, _)| res))
-    }
-}
-
-/// See [`Opened::relay`].
-struct Relaying(Option<Opened>);
-
-impl Future for Relaying {
-    type Output = (Result<(), ProxyError>, Guards);
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let Some(o) = self.0.as_mut() else {
-            return std::task::Poll::Pending;
-        };
-        let res = std::task::ready!(o.poll_relay(cx));
-        let Some(Opened {
+    /// Ends the relay with its result: closes the sockets and streams, mirrors the counters
+    /// and hands back the tracking guards (their drop records the connection's end).
+    fn end(self, res: std::io::Result<()>) -> (Result<(), ProxyError>, Guards) {
+        let Self {
             relay,
             guard,
             mirror,
-        }) = self.0.take()
-        else {
-            return std::task::Poll::Pending;
-        };
+        } = self;
         drop(relay);
         if let Some(m) = &mirror {
             let i = &guard.info;
@@ -253,7 +224,7 @@ impl Future for Relaying {
                 .sent
                 .store(i.sent.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        std::task::Poll::Ready((res.map_err(ProxyError::Relay), Guards(guard, mirror)))
+        (res.map_err(ProxyError::Relay), Guards(guard, mirror))
     }
 }
 
@@ -262,6 +233,100 @@ struct Guards(
     #[allow(dead_code)] ConnGuard,
     #[allow(dead_code)] Option<Box<ConnGuard>>,
 );
+
+/// A connection's (or inbound HBONE stream's) task: the boxed setup `S`, then the relay.
+/// Written by hand rather than as an `async fn`: tokio sizes a task's allocation (128-byte
+/// aligned) for its future and keeps it for the connection's life, and an `async fn` keeps
+/// its arguments and the setup's slot beside the relay state. This one holds the relay state,
+/// the peer address and a tag (about 260 bytes).
+pub(crate) struct ConnTask<S> {
+    /// `None` for an inbound HBONE stream (whose task is not in a connection span).
+    kind: Option<Direction>,
+    peer: SocketAddr,
+    stage: Stage<S>,
+}
+
+// The relay is inline on purpose: it is what the task holds for the connection's life (boxing
+// it would add an allocation per connection, not save one).
+#[allow(clippy::large_enum_variant)]
+enum Stage<S> {
+    Setup(S),
+    Relay(Opened),
+    Done,
+}
+
+impl<S> ConnTask<S> {
+    pub(crate) fn new(kind: Option<Direction>, peer: SocketAddr, setup: S) -> Self {
+        Self {
+            kind,
+            peer,
+            stage: Stage::Setup(setup),
+        }
+    }
+
+    /// Records the end (the guards' drop: metrics, access log) and logs the error; for a
+    /// connection inside its span, entered again (so the log lines are as if the span had
+    /// been held throughout).
+    fn finish(&self, res: Result<(), ProxyError>, guards: Option<Guards>) {
+        match self.kind {
+            Some(kind) => {
+                let span = conn_span(kind, self.peer);
+                let _entered = span.enter();
+                drop(guards);
+                if let Err(e) = res {
+                    tracing::info!(error = %crate::error_chain(&e), "connection refused or failed");
+                }
+            }
+            None => {
+                drop(guards);
+                if let Err(e) = res {
+                    let peer = self.peer;
+                    tracing::info!(%peer, error = %crate::error_chain(&e), "inbound stream refused or failed");
+                }
+            }
+        }
+    }
+}
+
+impl<S> Future for ConnTask<S>
+where
+    S: Future<Output = Result<Option<Opened>, ProxyError>> + Unpin,
+{
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.stage {
+                Stage::Setup(s) => match std::task::ready!(std::pin::Pin::new(s).poll(cx)) {
+                    // The setup (and its span) is dropped here, before the relay starts.
+                    Ok(Some(o)) => this.stage = Stage::Relay(o),
+                    Ok(None) => {
+                        this.stage = Stage::Done;
+                        return std::task::Poll::Ready(());
+                    }
+                    Err(e) => {
+                        this.stage = Stage::Done;
+                        this.finish(Err(e), None);
+                        return std::task::Poll::Ready(());
+                    }
+                },
+                Stage::Relay(o) => {
+                    let res = std::task::ready!(o.poll_relay(cx));
+                    if let Stage::Relay(o) = std::mem::replace(&mut this.stage, Stage::Done) {
+                        let (res, guards) = o.end(res);
+                        this.finish(res, Some(guards));
+                    }
+                    return std::task::Poll::Ready(());
+                }
+                Stage::Done => return std::task::Poll::Ready(()),
+            }
+        }
+    }
+}
 
 /// One accepted connection's setup: lookups, authorization, the upstream connection (for an
 /// inbound HBONE connection, its whole life). Boxed by the caller.
@@ -279,40 +344,6 @@ async fn setup(
             .map(Some),
         Direction::Inbound => inbound::inbound(p, tcp, peer, drain).await.map(|()| None),
         Direction::InboundPlaintext => inbound::inbound_plaintext(p, tcp, peer).await.map(Some),
-    }
-}
-
-/// Handles one accepted connection: the boxed `setup` inside the connection's span, then the
-/// relay. The span (with its formatted fields) is not held across the relay: it is entered
-/// again for what is logged at the end (access log, error), so the log lines are the same.
-async fn handle(
-    kind: Direction,
-    peer: SocketAddr,
-    setup: std::pin::Pin<Box<impl Future<Output = Result<Option<Opened>, ProxyError>>>>,
-) {
-    // The setup's result is scoped to this block, so this future does not keep its storage
-    // alongside the relay's.
-    let mut relaying = {
-        match tracing::Instrument::instrument(setup, conn_span(kind, peer)).await {
-            Ok(Some(o)) => o.relay(),
-            Ok(None) => return,
-            Err(e) => return finish(kind, peer, Err(e), None),
-        }
-    };
-    // Polled in place: awaiting it by value would keep a second copy in this future.
-    let (res, guards) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut relaying).poll(cx)).await;
-    drop(relaying);
-    finish(kind, peer, res, Some(guards));
-}
-
-/// Records a connection's end (the guards' drop: metrics, access log) and logs its error,
-/// inside the connection's span.
-fn finish(kind: Direction, peer: SocketAddr, res: Result<(), ProxyError>, guards: Option<Guards>) {
-    let span = conn_span(kind, peer);
-    let _entered = span.enter();
-    drop(guards);
-    if let Err(e) = res {
-        tracing::info!(error = %crate::error_chain(&e), "connection refused or failed");
     }
 }
 
@@ -342,7 +373,8 @@ pub async fn serve(
                         local.map(|l| l.port()),
                         drain.clone(),
                     ));
-                    tokio::spawn(handle(kind, peer, setup));
+                    let setup = tracing::Instrument::instrument(setup, conn_span(kind, peer));
+                    tokio::spawn(ConnTask::new(Some(kind), peer, setup));
                 }
                 Err(e) => {
                     tracing::warn!(?local, error = %e, "accept failed");
