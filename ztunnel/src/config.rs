@@ -10,6 +10,12 @@ use ambient_common::constants;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+/// Default most streams per pooled HBONE connection (`--pool-max-streams`): as many as the
+/// inbound side accepts ([`crate::hbone::SERVER_MAX_STREAMS`]). Istio's ztunnel defaults to
+/// 100; with 10,000 open connections between two nodes, 100 means 100 HBONE connections
+/// (~3.3 MiB of TLS and HTTP/2 buffers on each side) where 1000 means 10.
+pub const DEFAULT_POOL_MAX_STREAMS: usize = crate::hbone::SERVER_MAX_STREAMS as usize;
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
@@ -150,8 +156,10 @@ pub struct RunArgs {
     /// How often the manifest directory is checked for changes.
     #[arg(long, default_value = "1s")]
     pub poll_interval: String,
-    /// Most concurrent streams on one pooled HBONE connection.
-    #[arg(long, default_value_t = 100)]
+    /// Most concurrent streams on one pooled HBONE connection (fewer if the server
+    /// allows fewer). Each HBONE connection costs ~30 KiB (TLS and HTTP/2 buffers) whether
+    /// its streams are busy or idle.
+    #[arg(long, default_value_t = DEFAULT_POOL_MAX_STREAMS)]
     pub pool_max_streams: usize,
     /// Pooled HBONE connections unused for this long are closed.
     #[arg(long, default_value = "60s")]
@@ -229,7 +237,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            max_streams: 100,
+            max_streams: DEFAULT_POOL_MAX_STREAMS,
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(5),

@@ -135,10 +135,14 @@ struct Conn {
 }
 
 impl Conn {
+    /// Takes a stream slot if fewer than `max` (and than the server allows) are in use.
     fn try_lease(&self, max: usize) -> bool {
         if self.dead.load(Ordering::Acquire) {
             return false;
         }
+        // A server advertising a lower SETTINGS_MAX_CONCURRENT_STREAMS gets no more than that
+        // per connection: further streams open another connection rather than wait in h2.
+        let max = max.min(self.send.current_max_send_streams());
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)

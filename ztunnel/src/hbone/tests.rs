@@ -135,16 +135,18 @@ async fn hbone_server() -> SocketAddr {
 }
 
 async fn hbone_server_on(bind: &str) -> SocketAddr {
+    hbone_server_with(bind, server_builder()).await
+}
+
+async fn hbone_server_with(bind: &str, builder: h2::server::Builder) -> SocketAddr {
     let l = TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (s, _) = l.accept().await.unwrap();
+            let builder = builder.clone();
             tokio::spawn(async move {
-                let mut conn = server_builder()
-                    .handshake::<_, bytes::Bytes>(s)
-                    .await
-                    .unwrap();
+                let mut conn = builder.handshake::<_, bytes::Bytes>(s).await.unwrap();
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     tokio::spawn(async move {
                         let Ok(dst) = parse_authority(
@@ -251,6 +253,28 @@ async fn stream_limit_opens_more_connections_and_keys_separate() {
         .collect();
     assert_eq!(b[0].connections, 3);
     assert_eq!(b[0].streams, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_allowing_fewer_streams_gets_more_connections() {
+    let upstream = echo_upstream().await;
+    let mut b = server_builder();
+    b.max_concurrent_streams(2);
+    let p = pool(
+        hbone_server_with("127.0.0.1:0", b).await,
+        10,
+        Duration::from_secs(60),
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(p.connect(&key("b"), upstream, None).await.unwrap());
+    }
+    let stats = p.stats();
+    assert_eq!(
+        stats[0].connections, 2,
+        "the server's limit (2), not the pool's (10)"
+    );
+    assert_eq!(stats[0].streams, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
