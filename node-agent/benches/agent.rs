@@ -281,8 +281,8 @@ fn cold_start() {
     run_batch(&batch);
 }
 
-/// `BENCH_AGENT_LOG=debug` logs the agent's per-ADD timings (`attachment updated`,
-/// `ADD replied`) to `BENCH_AGENT_LOG_DIR` (default: the bench's stderr).
+/// `BENCH_AGENT_LOG=debug` logs the agent's (and ztunnel's) per-ADD timings (`attachment
+/// updated`, `ADD replied`) to `BENCH_AGENT_LOG_DIR` (default: the bench's stderr).
 fn agent_log_level() -> String {
     std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into())
 }
@@ -382,8 +382,8 @@ fn plugin_add(ztunnel: bool) {
                 .arg("--agent-socket")
                 .arg(run.join("ztunnel.sock"))
                 .args(["--access-log", "false"])
-                .env("RUST_LOG", "warn")
-                .stderr(Stdio::null())
+                .env("RUST_LOG", agent_log_level())
+                .stderr(agent_log_sink("ztunnel-process"))
                 .spawn()
                 .unwrap(),
         );

@@ -22,6 +22,10 @@ use crate::metrics::{Direction, Metrics, Tracker};
 use crate::proxy::{serve, Proxy, SocketError, SocketFactory};
 use crate::store::{self, AgentError, Store};
 
+/// How long the certificate pass waits after a change so that a burst of pushes costs one
+/// walk of the local workloads.
+const CERT_PASS_DEBOUNCE: Duration = Duration::from_millis(200);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("loading the CA failed")]
@@ -235,7 +239,11 @@ impl App {
             hbone_conns: Default::default(),
         });
 
-        // Control plane: certificates follow the local workloads.
+        // Control plane: certificates follow the local workloads. A pushed pod's certificate
+        // is issued by the push itself; this pass drops unused ones and pre-issues for local
+        // pods the cluster source knows first. It walks every local workload, so it runs
+        // once per burst of changes, not once per push (where it raced the push for the
+        // issuing lock and slowed every ADD by the size of the node).
         let mut changes = store.subscribe();
         {
             let (store, certs) = (store.clone(), certs.clone());
@@ -243,13 +251,18 @@ impl App {
                 loop {
                     let local = store.local_identities();
                     certs.retain(&local);
-                    let ids: Vec<_> = local.into_iter().collect();
-                    if let Err(e) = certs.ensure(&ids).await {
+                    let missing: Vec<_> = local
+                        .into_iter()
+                        .filter(|id| certs.get(id).is_none())
+                        .collect();
+                    if let Err(e) = certs.ensure(&missing).await {
                         tracing::warn!(error = %crate::error_chain(&e), "pre-issuing certificates failed");
                     }
                     if changes.changed().await.is_err() {
                         return;
                     }
+                    tokio::time::sleep(CERT_PASS_DEBOUNCE).await;
+                    changes.borrow_and_update();
                 }
             });
         }
