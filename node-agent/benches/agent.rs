@@ -312,6 +312,11 @@ fn run_batch(batch: &str) {
     assert!(child.wait().unwrap().success());
 }
 
+/// The environment a runtime gives a plugin: its own (a plain PATH) plus the CNI_ variables.
+/// Not the bench's: `cargo bench` sets LD_LIBRARY_PATH to a dozen build directories, and
+/// the dynamic loader would search them all for libgcc_s and libc on every exec.
+const RUNTIME_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The plugin's ADD, end to end, at 1 / 100 / 500 enrolled pods. With `ztunnel`, a real
 /// ztunnel is connected and every pod has its own service account, so each ADD waits for a
 /// new certificate to be issued (the worst case).
@@ -461,6 +466,8 @@ fn plugin_add(ztunnel: bool) {
             let body = serde_json::to_vec(&stdin).unwrap();
             let t = Instant::now();
             let mut child = Command::new(bins::binary(bins::AMBIENT_CNI))
+                .env_clear()
+                .env("PATH", RUNTIME_PATH)
                 .env("CNI_COMMAND", "ADD")
                 .env("CNI_CONTAINERID", &rt.container_id)
                 .env("CNI_NETNS", &rt.netns)
@@ -496,6 +503,8 @@ fn plugin_add(ztunnel: bool) {
         for _ in 0..20 {
             let t = Instant::now();
             let mut c = Command::new(bins::binary(bins::AMBIENT_CNI))
+                .env_clear()
+                .env("PATH", RUNTIME_PATH)
                 .env("CNI_COMMAND", "VERSION")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
