@@ -235,7 +235,45 @@ struct Inner {
     /// agent push (one local pod) costs pointer copies, not a rebuild of the cluster.
     base: Base,
     agent: BTreeMap<String, Workload>,
+    /// The agent's workloads as shown: with the base's labels, and the base entry each one
+    /// hides. Kept per uid, so a push merges one workload, not all of them.
+    overlay: BTreeMap<String, Overlaid>,
     state: Arc<State>,
+}
+
+struct Overlaid {
+    workload: Arc<Workload>,
+    hides: Option<usize>,
+}
+
+impl Overlaid {
+    /// An agent workload replaces the base's entry of the same pod (same uid, else the
+    /// current owner of one of its IPs) and takes its labels.
+    fn new(base: &Base, uid: &str, w: &Workload) -> Self {
+        let mut w = w.clone();
+        let hides = base.by_uid.get(uid).copied().or_else(|| {
+            w.ips
+                .iter()
+                .find_map(|ip| base.claims.get(ip).and_then(|c| c.last().copied()))
+        });
+        if let Some(i) = hides {
+            w.labels = base.workloads[i].labels.clone();
+        }
+        Self {
+            workload: Arc::new(w),
+            hides,
+        }
+    }
+}
+
+impl Inner {
+    fn overlay_all(&mut self) {
+        self.overlay = self
+            .agent
+            .iter()
+            .map(|(uid, w)| (uid.clone(), Overlaid::new(&self.base, uid, w)))
+            .collect();
+    }
 }
 
 /// What the cluster source alone contributes to [`State`].
@@ -307,6 +345,7 @@ impl Store {
                 manifest: ManifestState::default(),
                 base: Base::default(),
                 agent: BTreeMap::new(),
+                overlay: BTreeMap::new(),
                 state: Arc::new(State::default()),
             }),
             changed: tokio::sync::watch::channel(0).0,
@@ -337,7 +376,7 @@ impl Store {
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         f(&mut inner);
-        inner.state = Arc::new(build(&inner.base, &inner.agent));
+        inner.state = Arc::new(build(&inner.base, &inner.overlay));
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -355,6 +394,7 @@ impl Store {
         self.update(|i| {
             i.base = Base::new(&m);
             i.manifest = m;
+            i.overlay_all();
         });
     }
 
@@ -365,18 +405,23 @@ impl Store {
                 .iter()
                 .map(|w| (w.uid.clone(), Workload::from_agent(w)))
                 .collect();
+            i.overlay_all();
         });
     }
 
     pub fn agent_add(&self, w: &LocalWorkload) {
         self.update(|i| {
-            i.agent.insert(w.uid.clone(), Workload::from_agent(w));
+            let w = Workload::from_agent(w);
+            let overlaid = Overlaid::new(&i.base, &w.uid, &w);
+            i.overlay.insert(w.uid.clone(), overlaid);
+            i.agent.insert(w.uid.clone(), w);
         });
     }
 
     pub fn agent_remove(&self, uid: &str) {
         self.update(|i| {
             i.agent.remove(uid);
+            i.overlay.remove(uid);
         });
     }
 
@@ -394,24 +439,10 @@ impl Store {
 
 /// The state: the manifest's workloads, with the agent's entries replacing those of the
 /// same pods (same uid, or same IP), the agent's last. Cost: pointer copies of the base
-/// plus the agent's workloads.
-fn build(base: &Base, agent: &BTreeMap<String, Workload>) -> State {
-    let mut hidden: HashSet<usize> = HashSet::new();
-    let mut agent_ws = Vec::with_capacity(agent.len());
-    // The agent is the truth for local pods; labels come from the manifest when it has them.
-    for (uid, w) in agent {
-        let mut w = w.clone();
-        let known = base.by_uid.get(uid).copied().or_else(|| {
-            w.ips
-                .iter()
-                .find_map(|ip| base.claims.get(ip).and_then(|c| c.last().copied()))
-        });
-        if let Some(i) = known {
-            w.labels = base.workloads[i].labels.clone();
-            hidden.insert(i);
-        }
-        agent_ws.push(Arc::new(w));
-    }
+/// and of the agent's workloads, merged when they were pushed.
+fn build(base: &Base, overlay: &BTreeMap<String, Overlaid>) -> State {
+    let hidden: HashSet<usize> = overlay.values().filter_map(|o| o.hides).collect();
+    let agent_ws: Vec<Arc<Workload>> = overlay.values().map(|o| o.workload.clone()).collect();
     let mut by_ip = base.by_ip.clone();
     for &i in &hidden {
         for ip in &base.workloads[i].ips {
