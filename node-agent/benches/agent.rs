@@ -6,16 +6,17 @@
 //! path.
 //!
 //! 1. Plugin ADD end to end: exec of `ambient-cni` until it exits, which is after the agent
-//!    committed the pod's redirection, with 1, 100 and 500 pods already enrolled.
+//!    committed the pod's redirection, with 1, 100 and 500 pods already enrolled; ztunnel
+//!    absent or connected; each measured pod's namespace deleted right after its sample (the
+//!    kernel's asynchronous namespace teardown then runs during the next ADD, on one of the
+//!    two cores) or after the level.
 //! 2. Enrolling one more pod (one nftables transaction through libnftables) at 10, 100 and
 //!    1,000 enrolled pods, with the rule count alongside.
 //! 3. Agent cold start (load state, read the kernel, reconcile) with 1,000 enrolled pods.
 //!
 //! Knobs: `BENCH_ONLY=enrol,cold,add,add-ztunnel` runs a subset; `BENCH_AGENT_LOG=debug`
 //! with `BENCH_AGENT_LOG_DIR=<dir>` keeps the agent's per-ADD timings (`attachment updated`,
-//! `ADD handled`, `ADD replied`, `drift check done`); `BENCH_DEFER_NETNS=1` deletes the
-//! measured pods' namespaces after each level instead of after each sample (the kernel's
-//! namespace teardown then does not overlap the next ADD).
+//! `ADD handled`, `ADD replied`, `drift check done`).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -86,10 +87,12 @@ fn inner() {
         cold_start();
     }
     if run("add") {
-        plugin_add(false);
+        plugin_add(false, Teardown::Each);
+        plugin_add(false, Teardown::AfterLevel);
     }
     if run("add-ztunnel") {
-        plugin_add(true);
+        plugin_add(true, Teardown::Each);
+        plugin_add(true, Teardown::AfterLevel);
     }
 }
 
@@ -320,11 +323,24 @@ const RUNTIME_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// The plugin's ADD, end to end, at 1 / 100 / 500 enrolled pods. With `ztunnel`, a real
 /// ztunnel is connected and every pod has its own service account, so each ADD waits for a
 /// new certificate to be issued (the worst case).
-fn plugin_add(ztunnel: bool) {
+/// When a measured pod's network namespace is deleted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Teardown {
+    /// Right after its sample: the kernel's cleanup overlaps the next ADD.
+    Each,
+    /// After the level's samples.
+    AfterLevel,
+}
+
+fn plugin_add(ztunnel: bool, teardown: Teardown) {
+    let when = match teardown {
+        Teardown::Each => "namespace deleted after each sample",
+        Teardown::AfterLevel => "namespaces deleted after the level",
+    };
     if ztunnel {
-        println!("\n## plugin ADD end to end, ztunnel connected (each pod a new identity: ADD waits for its certificate)\n");
+        println!("\n## plugin ADD end to end, ztunnel connected (each pod a new identity: ADD waits for its certificate); {when}\n");
     } else {
-        println!("\n## plugin ADD end to end, ztunnel absent (exec of ambient-cni until redirection is active)\n");
+        println!("\n## plugin ADD end to end, ztunnel absent (exec of ambient-cni until redirection is active); {when}\n");
     }
     let dir = run_tmpdir();
     let manifests = dir.path().join("manifests");
@@ -490,7 +506,7 @@ fn plugin_add(ztunnel: bool) {
             let cached: serde_json::Value = prev.unwrap();
             // Keep the enrolled count at the level being measured.
             runner.del(&list, &rt, Some(&cached)).unwrap();
-            if std::env::var_os("BENCH_DEFER_NETNS").is_some() {
+            if teardown == Teardown::AfterLevel {
                 retired.push(ns);
             } else {
                 drop(ns);
