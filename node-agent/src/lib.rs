@@ -2,10 +2,11 @@
 //! redirection to ztunnel.
 //!
 //! Layout: [`config`] (typed configuration), [`source`] (pods and namespaces, behind one
-//! trait), [`agent`] (the core: the single writer of kernel state), [`nft`] (the ruleset
-//! and libnftables), [`server`] (the plugin's and the CLI's unix sockets), [`ztunnel`] (the
-//! push of local workloads), [`routing`] (policy routing for ztunnel's transparent sockets),
-//! [`state`] (what survives a restart), [`cli`] (the `pods`/`rules`/`status` views).
+//! trait), [`agent`] (the core: the single writer of kernel state), [`nft`] (the ruleset,
+//! libnftables and the element fast path), [`server`] (the plugin's and the CLI's unix
+//! sockets), [`ztunnel`] (the push of local workloads), [`routing`] (policy routing for
+//! ztunnel's transparent sockets), [`state`] (what survives a restart), [`cli`] (the
+//! `pods`/`rules`/`status` views), [`sched`] (the drift observer's low priority).
 #![deny(unsafe_code)]
 
 pub mod agent;
@@ -17,6 +18,7 @@ pub mod kube_source;
 pub mod metrics;
 pub mod nft;
 pub mod routing;
+pub mod sched;
 pub mod server;
 pub mod source;
 pub mod state;
@@ -232,6 +234,9 @@ fn drift_observer(
     core: mpsc::Sender<Command>,
 ) {
     use nft::Dataplane;
+    if let Err(e) = sched::lower_current_thread_priority() {
+        tracing::warn!(error = %e, "drift observer keeps normal priority");
+    }
     loop {
         std::thread::sleep(every);
         let reading = agent::Reading {
