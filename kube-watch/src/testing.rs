@@ -218,6 +218,18 @@ impl FakeApi {
         kube::Client::try_from(cfg).unwrap()
     }
 
+    /// Writes a kubeconfig pointing at this server (plain HTTP, a bearer token), for tests of
+    /// the daemons' `--kubeconfig` flag.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\n\
+             contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n\
+             users:\n- name: u\n  user:\n    token: abc\n",
+            self.addr
+        );
+        std::fs::write(path, text).unwrap();
+    }
+
     fn record(&self, st: &mut State, resource: &'static str, kind: &'static str, object: Value) {
         st.log.push(Event {
             rv: st.rv,

@@ -96,17 +96,6 @@ fn inner() {
     }
 }
 
-fn params() -> node_agent::nft::RulesetParams {
-    node_agent::nft::RulesetParams {
-        table: "ambient".into(),
-        outbound_port: 15001,
-        inbound_plaintext_port: 15006,
-        hbone_port: 15008,
-        mark: 0x539,
-        mask: 0xfff,
-    }
-}
-
 fn fake_pod(i: usize) -> BTreeSet<Element> {
     let ip = IpAddr::V4(Ipv4Addr::new(
         10,
@@ -141,7 +130,7 @@ fn enrol_one_more() {
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (path, netlink) in [("netlink batch (agent)", true), ("libnftables", false)] {
         for (spacing, gap) in [("back to back", None), ("20 ms apart", Some(20u64))] {
-            let mut dp = NftDataplane::new(params()).unwrap();
+            let mut dp = NftDataplane::new(node_agent::nft::RulesetParams::default()).unwrap();
             if !netlink {
                 dp = dp.without_element_writer();
             }
@@ -257,7 +246,7 @@ fn cold_start() {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = node_agent::metrics::Metrics::new(&mut registry);
         let (tx, _rx) = node_agent::ztunnel::WorkloadFeed::new();
-        let dp = NftDataplane::new(params()).unwrap();
+        let dp = NftDataplane::new(node_agent::nft::RulesetParams::default()).unwrap();
         let t = Instant::now();
         let core = node_agent::agent::Core::start(
             cfg.clone(),
@@ -276,7 +265,10 @@ fn cold_start() {
         );
         drop(core);
     }
-    NftDataplane::new(params()).unwrap().uninstall().unwrap();
+    NftDataplane::new(node_agent::nft::RulesetParams::default())
+        .unwrap()
+        .uninstall()
+        .unwrap();
     let mut batch = String::new();
     for i in 0..1000 {
         batch.push_str(&format!("link del vc{i}\n"));
@@ -553,5 +545,8 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
         let _ = z.kill();
         let _ = z.wait();
     }
-    NftDataplane::new(params()).unwrap().uninstall().ok();
+    NftDataplane::new(node_agent::nft::RulesetParams::default())
+        .unwrap()
+        .uninstall()
+        .ok();
 }

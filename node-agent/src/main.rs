@@ -59,13 +59,10 @@ fn main() -> ExitCode {
         CommandKind::Status(a) => view("status", &a),
         CommandKind::Uninstall(a) => {
             init_logs(false, "info");
+            // Only the table name matters to removing the tables.
             let params = node_agent::nft::RulesetParams {
                 table: a.table.clone(),
-                outbound_port: 0,
-                inbound_plaintext_port: 0,
-                hbone_port: 0,
-                mark: 0,
-                mask: 0,
+                ..Default::default()
             };
             let res = node_agent::nft::NftDataplane::new(params)
                 .and_then(|mut dp| node_agent::nft::Dataplane::uninstall(&mut dp));

@@ -64,6 +64,41 @@ struct Cli {
     run: RunArgs,
 }
 
+/// A `ztunnel run` configuration for an unprivileged in-process test: node `n1`, every
+/// listener on a free loopback port, no mark, no transparent sockets; `source` adds the
+/// cluster source's flags.
+fn loopback_config(ca: &std::path::Path, sock: &std::path::Path, source: &[&str]) -> Config {
+    let mut argv = vec![
+        "ztunnel",
+        "--node-name",
+        "n1",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--agent-socket",
+        sock.to_str().unwrap(),
+        "--mark",
+        "0",
+        "--transparent",
+        "false",
+        "--tcp-migrate-req",
+        "false",
+        "--drain-timeout",
+        "1s",
+    ];
+    for flag in [
+        "--outbound-addr",
+        "--inbound-addr",
+        "--inbound-plaintext-addr",
+        "--admin-addr",
+        "--metrics-addr",
+        "--readiness-addr",
+    ] {
+        argv.extend([flag, "127.0.0.1:0"]);
+    }
+    argv.extend_from_slice(source);
+    Config::from_args(&Cli::try_parse_from(argv).unwrap().run).unwrap()
+}
+
 fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
@@ -90,38 +125,7 @@ fn app_binds_port_zero_serves_endpoints_and_drains() {
         dir.path().join("m"),
         dir.path().join("z.sock"),
     );
-    let argv = [
-        "ztunnel",
-        "--node-name",
-        "n1",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--manifest-dir",
-        m.to_str().unwrap(),
-        "--agent-socket",
-        sock.to_str().unwrap(),
-        "--outbound-addr",
-        "127.0.0.1:0",
-        "--inbound-addr",
-        "127.0.0.1:0",
-        "--inbound-plaintext-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-        "--mark",
-        "0",
-        "--transparent",
-        "false",
-        "--tcp-migrate-req",
-        "false",
-        "--drain-timeout",
-        "1s",
-    ];
-    let cfg = Config::from_args(&Cli::try_parse_from(argv).unwrap().run).unwrap();
+    let cfg = loopback_config(&ca, &sock, &["--manifest-dir", m.to_str().unwrap()]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -214,50 +218,13 @@ fn app_with_the_kube_source_is_ready_only_after_the_first_sync() {
     let dir = tempfile::tempdir().unwrap();
     ztunnel::identity::ca_init(&dir.path().join("ca"), "cluster.local", false).unwrap();
     let kc = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kc,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\n\
-             contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n\
-             users:\n- name: u\n  user:\n    token: abc\n",
-            api.addr
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kc);
     let (ca, sock) = (dir.path().join("ca"), dir.path().join("z.sock"));
-    let argv = [
-        "ztunnel",
-        "--node-name",
-        "n1",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--source=kube",
-        "--kubeconfig",
-        kc.to_str().unwrap(),
-        "--agent-socket",
-        sock.to_str().unwrap(),
-        "--outbound-addr",
-        "127.0.0.1:0",
-        "--inbound-addr",
-        "127.0.0.1:0",
-        "--inbound-plaintext-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-        "--mark",
-        "0",
-        "--transparent",
-        "false",
-        "--tcp-migrate-req",
-        "false",
-        "--drain-timeout",
-        "1s",
-    ];
-    let cfg = Config::from_args(&Cli::try_parse_from(argv).unwrap().run).unwrap();
+    let cfg = loopback_config(
+        &ca,
+        &sock,
+        &["--source=kube", "--kubeconfig", kc.to_str().unwrap()],
+    );
     let app = App::build(cfg, rt.handle(), rt.handle()).unwrap();
     let addrs = app.addresses().clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

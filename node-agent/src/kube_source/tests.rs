@@ -486,16 +486,7 @@ async fn kubeconfig_flag_reaches_the_server() {
     api.put(ns("shop", true));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\n\
-             contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n\
-             users:\n- name: u\n  user:\n    token: abc\n",
-            api.addr
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&path);
     let c = client(Some(&path)).await.unwrap();
     let mut r = start(KubeSource::new(c, "n1".into()));
     r.until("synced through kubeconfig", |s| {

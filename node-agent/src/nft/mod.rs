@@ -252,17 +252,6 @@ mod tests {
     use super::*;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    fn params() -> RulesetParams {
-        RulesetParams {
-            table: "ambient".into(),
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            hbone_port: 15008,
-            mark: 0x539,
-            mask: 0xfff,
-        }
-    }
-
     /// Runs `f` on a thread of its own in a fresh network namespace, which the kernel
     /// removes with everything in it when the thread ends, whatever happens.
     fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
@@ -283,7 +272,7 @@ mod tests {
     #[test]
     fn element_writer_agrees_with_libnftables() {
         in_fresh_netns(|| {
-            let mut dp = NftDataplane::new(params()).unwrap();
+            let mut dp = NftDataplane::new(RulesetParams::default()).unwrap();
             assert!(dp.elements.is_some(), "netlink writer not available");
             dp.install(&BTreeSet::new()).unwrap();
             let v4 = |d| IpAddr::V4(Ipv4Addr::new(10, 61, 0, d));

@@ -25,6 +25,22 @@ pub struct RulesetParams {
     pub mask: u32,
 }
 
+/// The project's defaults (`ambient_common::constants`), as the node agent's configuration has
+/// them when nothing overrides them.
+impl Default for RulesetParams {
+    fn default() -> Self {
+        use ambient_common::constants as c;
+        Self {
+            table: c::NFT_TABLE.to_owned(),
+            outbound_port: c::OUTBOUND_PORT,
+            inbound_plaintext_port: c::INBOUND_PLAINTEXT_PORT,
+            hbone_port: c::HBONE_PORT,
+            mark: c::ZTUNNEL_MARK,
+            mask: c::MARK_MASK,
+        }
+    }
+}
+
 /// Chain names and the number of rules each holds: what drift detection compares.
 pub const INET_CHAINS: &[(&str, usize)] = &[
     ("guard", 4),
@@ -448,20 +464,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    pub(crate) fn params() -> RulesetParams {
-        RulesetParams {
-            table: "ambient".into(),
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            hbone_port: 15008,
-            mark: 0x539,
-            mask: 0xfff,
-        }
-    }
-
     #[test]
     fn base_counts_match_the_drift_table() {
-        let text = params().render_base();
+        let text = RulesetParams::default().render_base();
         // Count rule lines per chain in the rendered text and compare with the table.
         let mut family = "";
         let mut chain = String::new();
