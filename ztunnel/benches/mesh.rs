@@ -28,6 +28,61 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a process's resident memory is, in KiB: pages of its own executable (code, read-only
+/// data, relocated data), pages of shared libraries, and anonymous memory (heap, stacks).
+#[derive(Clone, Copy, Default)]
+struct RssParts {
+    binary: u64,
+    libs: u64,
+    anon: u64,
+}
+
+fn rss_parts(pid: u32) -> RssParts {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut parts = RssParts::default();
+    let mut path = String::new();
+    let mut rss = 0;
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        match f.next() {
+            Some("Rss:") => rss = f.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            Some("Anonymous:") => {
+                // Every mapping's Rss line precedes its Anonymous line.
+                let anon: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                parts.anon += anon;
+                let file = rss - anon;
+                if !path.is_empty() && std::path::Path::new(&path) == exe {
+                    parts.binary += file;
+                } else if path.starts_with('/') {
+                    parts.libs += file;
+                }
+            }
+            // A mapping's header: address range, perms, offset, device, inode, [path].
+            Some(range) if range.contains('-') && !range.ends_with(':') => {
+                path = f.nth(4).unwrap_or("").to_owned();
+            }
+            _ => {}
+        }
+    }
+    parts
+}
+
+/// Size of the code the linker placed by `ztunnel/link-order.txt` (the `.text.ordered`
+/// section, see ztunnel/build.rs), in KiB; 0 when the binary has none (a debug build, another
+/// linker, or a list that no longer matches the source).
+fn ordered_code_kib(exe: &str) -> u64 {
+    let out = sh(&["readelf", "-SW", exe]);
+    out.lines()
+        .find(|l| l.contains(" .text.ordered "))
+        .and_then(|l| {
+            // "[17] .text.ordered PROGBITS <addr> <offset> <size> ..."
+            let f: Vec<&str> = l.split(']').nth(1)?.split_whitespace().collect();
+            u64::from_str_radix(f.get(4)?, 16).ok()
+        })
+        .map_or(0, |b| b / 1024)
+}
+
 /// CPU seconds (user + system) a process has used.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -233,6 +288,7 @@ fn main() {
     let z1 = lab.start_ztunnel(1, &args);
     std::thread::sleep(Duration::from_millis(500));
     let idle = (rss_kib(z0), rss_kib(z1));
+    let idle_parts = rss_parts(z0);
     let (a1, a3, b1, b2) = (
         lab.pod("a1").clone(),
         lab.pod("a3").clone(),
@@ -371,6 +427,14 @@ fn main() {
         "| ztunnel RSS idle, source / destination node (MiB) | - | {:.1} / {:.1} | |",
         idle.0 as f64 / 1024.0,
         idle.1 as f64 / 1024.0
+    );
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!(
+        "| ztunnel RSS idle, source node: own binary / shared libraries / anonymous (MiB) | - | {:.2} / {:.2} / {:.2} | startup and idle code placed together: {} KiB |",
+        mib(idle_parts.binary),
+        mib(idle_parts.libs),
+        mib(idle_parts.anon),
+        ordered_code_kib(env!("CARGO_BIN_EXE_ztunnel"))
     );
     println!(
         "| ztunnel RSS with {many} open connections, source / destination (MiB) | - | {:.1} / {:.1} | {:.1} / {:.1} KiB per connection |",
