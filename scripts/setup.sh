@@ -13,8 +13,9 @@ packages=(
   # build dependencies: libnftables for the agent, protoc for the CRI client, gcc/libc for
   # the static pause image and -sys crates
   libnftables-dev pkg-config protobuf-compiler gcc libc6-dev tar
-  # load tools for the benchmarks
-  iperf3
+  # load tools for the benchmarks (the mesh benchmark also runs nginx: `apt-get install
+  # nginx-light`, not installed here because its package starts a server on port 80)
+  iperf3 wrk
 )
 
 # kubectl renders the kustomization in a test; any kubectl will do (a machine may already have

@@ -2,7 +2,7 @@
 //! throughput (1 and 4 streams, iperf3) with ztunnel CPU per Gbit/s, 64-byte request/response
 //! latency, connection rate, ztunnel RSS idle and with many (default 10,000) open connections,
 //! and the first connection of a freshly enrolled pod. Needs root (network namespaces),
-//! iperf3 and prlimit (util-linux).
+//! iperf3, wrk, nginx and prlimit (util-linux).
 //! `cargo bench -p ztunnel --bench mesh` (prints a Markdown table; see BENCHMARKS.md).
 
 #[path = "../tests/support/mod.rs"]
@@ -166,6 +166,52 @@ fn conn_rate(pod: &Pod, to: SocketAddr, threads: usize, secs: u64) -> f64 {
     total as f64 / secs as f64
 }
 
+/// nginx in `pod`'s namespace answering every GET on `port` with a 2-byte body; one process
+/// (`master_process off`), so killing the child ends it.
+fn nginx(lab: &Lab, dir: &std::path::Path, pod: &Pod, port: u16) -> SocketAddr {
+    let addr = SocketAddr::new(pod.ip, port);
+    let prefix = dir.join(&pod.name);
+    std::fs::create_dir_all(&prefix).unwrap();
+    let conf = prefix.join("nginx.conf");
+    let p = prefix.display();
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+               fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+               keepalive_requests 100000000;\n\
+               server {{ listen {addr}; location / {{ return 200 \"ok\"; }} }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    lab.spawn_in(
+        &pod.ns,
+        &["nginx", "-p", &p.to_string(), "-c", conf.to_str().unwrap()],
+    );
+    wait_listening(&pod.ns, port);
+    addr
+}
+
+/// HTTP/1.1 GETs per second on one keep-alive connection (wrk, one thread, one connection).
+fn http_keepalive_rps(client: &Pod, server: SocketAddr, secs: u32) -> f64 {
+    let out = ns_sh(
+        &client.ns,
+        &[
+            "wrk",
+            "-t1",
+            "-c1",
+            &format!("-d{secs}s"),
+            &format!("http://{server}/"),
+        ],
+    );
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{out}"))
+}
+
 fn wait_listening(ns: &str, port: u16) {
     eventually("iperf3 listening", Duration::from_secs(10), || {
         let out = ns_sh(ns, &["ss", "-ltnH", &format!("sport = :{port}")]);
@@ -263,6 +309,22 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let missing: Vec<&str> = ["iperf3", "wrk", "nginx", "prlimit"]
+        .into_iter()
+        .filter(|tool| {
+            let path = std::env::var("PATH").unwrap_or_default();
+            !path
+                .split(':')
+                .any(|d| std::path::Path::new(d).join(tool).is_file())
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "mesh benchmark needs {}: apt-get install iperf3 wrk nginx-light util-linux",
+            missing.join(", ")
+        );
+        std::process::exit(1);
+    }
     let secs: u32 = env_or("BENCH_SECS", 5);
     let many: usize = env_or("BENCH_CONNS", 10_000);
     // BENCH_SKIP_TRAFFIC=1: only the memory and enrolment rows (quicker iterations).
@@ -306,9 +368,13 @@ fn main() {
     let direct_srv = SocketAddr::new(b2.ip, 5201);
     let echo_mesh = echo_server(&b1, 7000);
     let echo_direct = echo_server(&b2, 7000);
+    let web = tempfile::tempdir().unwrap();
+    let web_mesh = nginx(&lab, web.path(), &b1, 8080);
+    let web_direct = nginx(&lab, web.path(), &b2, 8080);
 
     let (mut t1, mut t4, mut cpu1, mut cpu4) = ((0.0, 0.0), (0.0, 0.0), 0.0, 0.0);
     let (mut lat_direct, mut lat_mesh, mut rate) = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0));
+    let mut rps = (0.0, 0.0);
     if traffic {
         let zcpu = || cpu_secs(z0) + cpu_secs(z1);
         // ztunnel CPU-seconds per Gbit carried = cores busy per Gbit/s.
@@ -322,6 +388,10 @@ fn main() {
         cpu4 = (zcpu() - c) / (t4.1 * secs as f64);
         lat_direct = rr(&a3, echo_direct.addr, 20_000);
         lat_mesh = rr(&a1, echo_mesh.addr, 20_000);
+        rps = (
+            http_keepalive_rps(&a3, web_direct, secs),
+            http_keepalive_rps(&a1, web_mesh, secs),
+        );
         rate = (
             conn_rate(&a3, echo_direct.addr, 4, secs as u64),
             conn_rate(&a1, echo_mesh.addr, 4, secs as u64),
@@ -416,6 +486,12 @@ fn main() {
         lat_direct.1,
         lat_mesh.1,
         lat_mesh.1 - lat_direct.1
+    );
+    println!(
+        "| HTTP keep-alive requests/s, one connection (wrk -t1 -c1, nginx) | {:.0} | {:.0} | {:.0}% of direct |",
+        rps.0,
+        rps.1,
+        100.0 * rps.1 / rps.0
     );
     println!(
         "| new connections/s (4 clients, connect + 64 B echo) | {:.0} | {:.0} | {:.0}% of direct |",
