@@ -86,6 +86,9 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             init_logging(cfg.log_format);
+            if !ztunnel::sys::tune_allocator() {
+                tracing::debug!("allocator thresholds left at their defaults");
+            }
             match ztunnel::sys::raise_nofile_limit() {
                 Ok(n) => tracing::debug!(nofile = n, "open-file limit"),
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
