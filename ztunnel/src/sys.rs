@@ -5,13 +5,13 @@
 /// Largest allocation glibc's malloc serves from its heaps rather than with a fresh `mmap`.
 pub const MALLOC_MMAP_THRESHOLD: usize = 1 << 20;
 /// Free memory at the top of a malloc heap that glibc keeps instead of returning it.
-pub const MALLOC_TRIM_THRESHOLD: usize = 2 << 20;
+pub const MALLOC_TRIM_THRESHOLD: usize = 4 << 20;
 
 /// Stops glibc's malloc from handing relay buffers back to the kernel between bursts. A
 /// stream's buffers grow to 128 KiB and are freed when reads come up short; by default glibc
 /// then trims or unmaps that memory, and the next burst faults fresh zeroed pages in: 7% of
 /// ztunnel's CPU in a single-stream transfer. With these thresholds (fixed values, which also
-/// turn off glibc's dynamic adjustment) a busy ztunnel keeps up to 2 MiB free per malloc
+/// turn off glibc's dynamic adjustment) a busy ztunnel keeps up to 4 MiB free per malloc
 /// arena; idle memory is unchanged. Returns false when the allocator refused a setting or
 /// is not glibc's.
 pub fn tune_allocator() -> bool {
