@@ -3,7 +3,7 @@
 //! and applied as one transaction. Desired state = the recorded attachments whose pods the
 //! source says are ambient; reconcile = apply the difference, nothing more.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -132,7 +132,7 @@ pub struct Core {
     sysfs: Sysfs,
     store: StateDir,
     records: BTreeMap<AttachmentKey, Record>,
-    states: BTreeMap<AttachmentKey, PodState>,
+    states: States,
     /// Elements installed on behalf of each attachment.
     owned: BTreeMap<AttachmentKey, BTreeSet<Element>>,
     /// How many attachments own each installed element: the kernel holds exactly the keys.
@@ -141,12 +141,47 @@ pub struct Core {
     metrics: Metrics,
     /// The enrolled workloads as last told to the ztunnel client, per attachment.
     published: BTreeMap<AttachmentKey, LocalWorkload>,
+    /// How many published attachments carry each workload uid (a pod may have several).
+    published_uids: HashMap<String, u32>,
     workloads: WorkloadFeed,
     /// Bumped after every change the core makes to the kernel.
     kernel_generation: Arc<AtomicU64>,
     stale_readings: u32,
     drift: Vec<String>,
     last_error: Option<String>,
+}
+
+/// Each attachment's state, with the number captured kept alongside so that counting them
+/// costs nothing per change.
+#[derive(Debug, Default)]
+struct States {
+    map: BTreeMap<AttachmentKey, PodState>,
+    captured: usize,
+}
+
+impl States {
+    fn get(&self, key: &AttachmentKey) -> Option<&PodState> {
+        self.map.get(key)
+    }
+
+    fn insert(&mut self, key: AttachmentKey, st: PodState) {
+        if st == PodState::Captured {
+            self.captured += 1;
+        }
+        if self.map.insert(key, st) == Some(PodState::Captured) {
+            self.captured -= 1;
+        }
+    }
+
+    fn remove(&mut self, key: &AttachmentKey) {
+        if self.map.remove(key) == Some(PodState::Captured) {
+            self.captured -= 1;
+        }
+    }
+
+    fn captured(&self) -> usize {
+        self.captured
+    }
 }
 
 fn now() -> u64 {
@@ -179,12 +214,13 @@ impl Core {
             sysfs,
             store,
             records,
-            states: BTreeMap::new(),
+            states: States::default(),
             owned: BTreeMap::new(),
             refs: BTreeMap::new(),
             snapshot,
             metrics,
             published: BTreeMap::new(),
+            published_uids: HashMap::new(),
             workloads,
             kernel_generation: Arc::new(AtomicU64::new(0)),
             stale_readings: 0,
@@ -348,7 +384,7 @@ impl Core {
     fn resync(&mut self) -> Result<(), crate::nft::DataplaneError> {
         let mut owned = BTreeMap::new();
         let mut refs: BTreeMap<Element, u32> = BTreeMap::new();
-        let mut states = BTreeMap::new();
+        let mut states = States::default();
         for (key, r) in &self.records {
             let st = self.state_of(key, r);
             states.insert(key.clone(), st);
@@ -391,7 +427,7 @@ impl Core {
         self.metrics.reconcile_runs.inc();
         let before = self.captured_count();
         let mut changes = Vec::new();
-        let mut states = BTreeMap::new();
+        let mut states = States::default();
         for (key, r) in &self.records {
             let st = self.state_of(key, r);
             states.insert(key.clone(), st);
@@ -427,10 +463,7 @@ impl Core {
     }
 
     fn captured_count(&self) -> usize {
-        self.states
-            .values()
-            .filter(|s| **s == PodState::Captured)
-            .count()
+        self.states.captured()
     }
 
     /// Recomputes every enrolled workload and tells the ztunnel client what changed; used
@@ -439,7 +472,7 @@ impl Core {
         let mut want: BTreeMap<AttachmentKey, LocalWorkload> = self
             .records
             .iter()
-            .filter(|(k, _)| self.states.get(*k) == Some(&PodState::Captured))
+            .filter(|(k, _)| self.states.get(k) == Some(&PodState::Captured))
             .map(|(k, r)| (k.clone(), self.workload(r)))
             .collect();
         let keys: BTreeSet<AttachmentKey> =
@@ -460,10 +493,22 @@ impl Core {
         if old == workload {
             return;
         }
+        if let Some(w) = &workload {
+            *self.published_uids.entry(w.uid.clone()).or_default() += 1;
+        }
         if let Some(old) = old {
-            let same_uid = workload.as_ref().is_some_and(|w| w.uid == old.uid);
             // Two attachments of one pod share its uid: ztunnel forgets it with the last.
-            if !same_uid && !self.published.values().any(|w| w.uid == old.uid) {
+            let last = match self.published_uids.get_mut(&old.uid) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => {
+                    self.published_uids.remove(&old.uid);
+                    true
+                }
+            };
+            if last {
                 self.workloads.send(WorkloadChange::Remove(old.uid));
             }
         }
@@ -602,7 +647,7 @@ impl Core {
             _ => AddOutcome::NotAmbient,
         };
         let workload = self.published.get(&att.key).cloned();
-        tracing::info!(
+        tracing::debug!(
             namespace = %att.pod.namespace, pod = %att.pod.name, veth = %att.host_interface,
             outcome = ?outcome, elapsed_us = started.elapsed().as_micros() as u64, "ADD handled"
         );
@@ -1107,7 +1152,7 @@ mod tests {
         f.core
             .handle(Command::Snapshot(snapshot(&["b"], &[("b", "q")])));
         assert_eq!(f.elements().len(), 3);
-        assert_eq!(f.core.states.values().next(), Some(&PodState::Captured));
+        assert_eq!(f.core.states.map.values().next(), Some(&PodState::Captured));
         f.core
             .handle(Command::Snapshot(snapshot(&[], &[("b", "q")])));
         assert!(f.elements().is_empty());
@@ -1209,7 +1254,9 @@ mod tests {
         let mut second = f.att("c1", "a", "p1", "v2", "10.0.0.1");
         second.key.ifname = "net1".into();
         f.add(second).unwrap();
-        // PodV4 is shared; removing one attachment must keep it.
+        assert_eq!(f.core.captured_count(), 2);
+        // PodV4 is shared; removing one attachment must keep it, and ztunnel keeps the pod.
+        f.changes();
         f.core
             .del(&AttachmentKey {
                 container_id: "c1".into(),
@@ -1219,6 +1266,22 @@ mod tests {
         assert!(f
             .elements()
             .contains(&Element::PodV4("10.0.0.1".parse().unwrap())));
+        assert!(f.changes().is_empty());
+        assert_eq!(f.core.captured_count(), 1);
+        // The last attachment gone: ztunnel forgets the pod, once.
+        f.core
+            .del(&AttachmentKey {
+                container_id: "c1".into(),
+                ifname: "net1".into(),
+            })
+            .unwrap();
+        assert!(matches!(
+            f.changes().as_slice(),
+            [WorkloadChange::Remove(_)]
+        ));
+        assert_eq!(f.core.captured_count(), 0);
+        assert!(f.core.published_uids.is_empty());
+        assert!(f.elements().is_empty());
     }
 
     #[test]

@@ -151,11 +151,20 @@ pub async fn handle(shared: &Shared, req: AgentRequest) -> AgentReply {
     let result = match req.op {
         AgentOp::Add(att) => {
             let started = Instant::now();
+            let pod = format!("{}/{}", att.pod.namespace, att.pod.name);
             let r = add(shared, att).await;
-            tracing::debug!(
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "ADD replied"
-            );
+            // The one line per ADD at the default level: what the runtime waited for.
+            match &r {
+                Ok(AgentReply::Added(outcome)) => tracing::info!(
+                    pod, outcome = ?outcome, elapsed_us = started.elapsed().as_micros() as u64,
+                    "ADD replied"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::info!(
+                    pod, kind = ?e.kind, error = %e.message, elapsed_us = started.elapsed().as_micros() as u64,
+                    "ADD refused"
+                ),
+            }
             shared
                 .metrics
                 .add_duration

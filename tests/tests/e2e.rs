@@ -587,9 +587,14 @@ fn ambient_pod_is_captured_when_add_returns() {
     }
     // The agent's own account of each ADD: an ambient pod must never be reported NotAmbient.
     let log = std::fs::read_to_string(c.nodes[0].agent_log()).unwrap_or_default();
+    let replied = log.lines().filter(|l| l.contains("ADD replied")).count();
+    assert!(
+        replied >= 16,
+        "the agent logged {replied} ADD replies for 16 pods"
+    );
     missing.extend(
         log.lines()
-            .filter(|l| l.contains("ADD handled") && l.contains("NotAmbient"))
+            .filter(|l| l.contains("ADD replied") && l.contains("NotAmbient"))
             .map(strip_ansi),
     );
     assert!(
