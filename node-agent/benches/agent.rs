@@ -17,7 +17,8 @@
 //! Knobs: `BENCH_ONLY=enrol,cold,add,add-ztunnel` runs a subset; `BENCH_ADD_SAMPLES=N`
 //! measured ADDs per level (default 300); `BENCH_AGENT_LOG=debug` adds the agent's and
 //! ztunnel's per-ADD timings (`attachment updated`, `ADD handled`) to their logs, and
-//! `BENCH_AGENT_LOG_DIR=<dir>` keeps the logs. The ADD table's "in the agent" column is read
+//! `BENCH_AGENT_LOG_DIR=<dir>` keeps the logs; `BENCH_ADD_TRACE=<file>` appends every ADD
+//! sample with its time. The ADD table's "in the agent" column is read
 //! from the agent's `ADD replied` lines (JSON logs, default level `info`).
 
 use std::collections::BTreeSet;
@@ -293,6 +294,14 @@ fn agent_log_path(run: &std::path::Path, case: &str) -> std::path::PathBuf {
     dir.join(format!("agent-{case}.log"))
 }
 
+/// Seconds since the epoch with microseconds, as in the agents' log timestamps.
+fn epoch_now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:06}", t.as_secs(), t.subsec_micros())
+}
+
 fn log_sink(path: &std::path::Path) -> Stdio {
     Stdio::from(std::fs::File::create(path).expect("create the agent log"))
 }
@@ -312,6 +321,45 @@ fn agent_add_times(log: &std::path::Path, from: &mut usize) -> Vec<Duration> {
         .filter_map(|v| v["fields"]["elapsed_us"].as_u64())
         .map(Duration::from_micros)
         .collect()
+}
+
+/// The busy and total jiffies of all CPUs so far (`/proc/stat`).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait are fields 4 and 5.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Waits (up to 30 s) until the CPUs are at least 90% idle over 200 ms: the kernel tears
+/// namespaces down asynchronously, for seconds after hundreds of them are deleted.
+fn settle() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (b0, t0) = cpu_jiffies();
+        std::thread::sleep(Duration::from_millis(200));
+        let (b1, t1) = cpu_jiffies();
+        let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+        if busy <= 0.10 {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "machine still {:.0}% busy after 30 s; measuring anyway",
+                busy * 100.0
+            );
+            return;
+        }
+    }
 }
 
 fn run_batch(batch: &str) {
@@ -482,6 +530,15 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
         "| enrolled before | p50 ms | p99 ms | max ms | over 5 ms | samples | in the agent p50 / p99 ms | exec baseline p50 ms (VERSION) |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // `BENCH_ADD_TRACE=<file>`: every sample, with its wall-clock time, to set beside the
+    // agent's log.
+    let mut trace = std::env::var_os("BENCH_ADD_TRACE").map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .expect("open BENCH_ADD_TRACE")
+    });
     let mut log_from = std::fs::metadata(&agent_log).map_or(0, |m| m.len() as usize);
     let mut next = 0usize;
     for level in [1usize, 100, 500] {
@@ -491,6 +548,9 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
             runner.add(&list, &rt).unwrap();
             pods.push((ns, rt));
         }
+        // Start each level on a settled machine: not during the kernel's teardown of the
+        // previous level's (or variant's) namespaces, nor ztunnel's certificate pass.
+        settle();
         agent_add_times(&agent_log, &mut log_from);
         let mut samples = Vec::new();
         let mut retired = Vec::new();
@@ -525,7 +585,18 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
                 .unwrap();
             child.stdin.take().unwrap().write_all(&body).unwrap();
             let out = child.wait_with_output().unwrap();
-            samples.push(t.elapsed());
+            let took = t.elapsed();
+            samples.push(took);
+            if let Some(f) = trace.as_mut() {
+                let _ = writeln!(
+                    f,
+                    "{} {level} {} {} {}",
+                    if ztunnel { "connected" } else { "absent" },
+                    epoch_now(),
+                    rt.args.pod_name,
+                    took.as_micros()
+                );
+            }
             assert!(
                 out.status.success(),
                 "{}",
