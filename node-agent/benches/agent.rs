@@ -15,7 +15,7 @@
 //! 3. Agent cold start (load state, read the kernel, reconcile) with 1,000 enrolled pods.
 //!
 //! Knobs: `BENCH_ONLY=enrol,cold,add,add-ztunnel` runs a subset; `BENCH_ADD_SAMPLES=N`
-//! measured ADDs per level (default 300); `BENCH_AGENT_LOG=debug` adds the agent's and
+//! measured ADDs per level (default 300); `BENCH_ADD_LEVELS=1,100,500` the levels; `BENCH_AGENT_LOG=debug` adds the agent's and
 //! ztunnel's per-ADD timings (`attachment updated`, `ADD handled`) to their logs, and
 //! `BENCH_AGENT_LOG_DIR=<dir>` keeps the logs; `BENCH_ADD_TRACE=<file>` appends every ADD
 //! sample with its time. The ADD table's "in the agent" column is read
@@ -541,7 +541,12 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
     });
     let mut log_from = std::fs::metadata(&agent_log).map_or(0, |m| m.len() as usize);
     let mut next = 0usize;
-    for level in [1usize, 100, 500] {
+    // `BENCH_ADD_LEVELS=500` measures a subset of the levels.
+    let levels: Vec<usize> = std::env::var("BENCH_ADD_LEVELS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 100, 500]);
+    for level in levels {
         while pods.len() < level {
             let (ns, rt) = make_rt(next);
             next += 1;
