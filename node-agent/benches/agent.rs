@@ -441,7 +441,13 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
         ));
     }
     std::fs::write(manifests.join("pods.yaml"), text).unwrap();
-    let agent_log = agent_log_path(dir.path(), if ztunnel { "ztunnel" } else { "alone" });
+    let case = match (ztunnel, teardown) {
+        (false, Teardown::Each) => "alone-each",
+        (false, Teardown::AfterLevel) => "alone-level",
+        (true, Teardown::Each) => "ztunnel-each",
+        (true, Teardown::AfterLevel) => "ztunnel-level",
+    };
+    let agent_log = agent_log_path(dir.path(), case);
     let mut agent = Command::new(bins::binary(bins::NODE_AGENT))
         .args(["run", "--node-name", "bench", "--manifest-dir"])
         .arg(&manifests)
@@ -478,7 +484,10 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
                 .arg(run.join("ztunnel.sock"))
                 .args(["--access-log", "false"])
                 .env("RUST_LOG", agent_log_level())
-                .stderr(log_sink(&agent_log_path(dir.path(), "ztunnel-process")))
+                .stderr(log_sink(&agent_log_path(
+                    dir.path(),
+                    &format!("{case}-ztunnel-process"),
+                )))
                 .spawn()
                 .unwrap(),
         );

@@ -184,7 +184,7 @@ fn main() {
         let t = Instant::now();
         let task = tokio::spawn(src.run(store.clone(), || {}, synced.clone()));
         wait("sync", || {
-            synced.load(Ordering::Acquire) && store.snapshot().workloads.len() >= pods
+            synced.load(Ordering::Acquire) && store.snapshot().workloads().count() >= pods
         })
         .await;
         let sync = t.elapsed();
@@ -193,7 +193,7 @@ fn main() {
         // One more pod: one burst, one rebuild of the whole state.
         let t = Instant::now();
         api.put(pod(pods));
-        wait("update", || store.snapshot().workloads.len() == pods + 1).await;
+        wait("update", || store.snapshot().workloads().count() == pods + 1).await;
         let update = t.elapsed();
 
         // A stream of 500 new pods, 1 ms apart: batched rebuilds, not one per event.
@@ -203,7 +203,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let sent = t.elapsed();
-        wait("stream", || store.snapshot().workloads.len() == pods + 501).await;
+        wait("stream", || store.snapshot().workloads().count() == pods + 501).await;
         let stream = t.elapsed();
 
         // The node agent's push of one local pod (what a plugin ADD waits for, besides the
@@ -266,6 +266,6 @@ fn main() {
             mib(kept.saturating_sub(store_only)),
             mib(store_only)
         );
-        println!("  workloads {} services {}", state.workloads.len(), state.service_list.len());
+        println!("  workloads {} services {}", state.workloads().count(), state.services().len());
     });
 }

@@ -342,9 +342,9 @@ impl App {
                             "node": store.node(),
                             "config": &*cfg,
                             "addresses": &addrs,
-                            "workloads": st.workloads,
-                            "services": st.service_list,
-                            "policies": st.policies,
+                            "workloads": st.workloads().collect::<Vec<_>>(),
+                            "services": st.services(),
+                            "policies": st.policies(),
                             "certificates": certs.dump(),
                             "pool": pool.stats(),
                         }))

@@ -109,7 +109,7 @@ impl Proxy {
         target: SocketAddr,
     ) -> Result<TcpStream, (ResponseFlag, ProxyError)> {
         let decision = policy::evaluate(
-            state.policies.iter().map(|p| p.as_ref()),
+            state.policies().iter().map(|p| p.as_ref()),
             &self.cfg.root_namespace,
             &policy::Target {
                 namespace: &dst.namespace,

@@ -191,36 +191,63 @@ pub struct PeerAuthentication {
     pub mode: Option<MtlsMode>,
 }
 
-/// An immutable view for the data plane.
+/// An immutable view for the data plane: the cluster source's indexes, shared by every
+/// view built on the same source, with the agent's workloads laid over them.
 #[derive(Debug, Default)]
 pub struct State {
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    services: HashMap<IpAddr, Arc<Service>>,
-    pub policies: Vec<Arc<AuthorizationPolicy>>,
-    peer_auth: Vec<PeerAuthentication>,
-    pub workloads: Vec<Arc<Workload>>,
-    pub service_list: Vec<Arc<Service>>,
+    base: Arc<Base>,
+    /// The IPs whose owner is not the base's: the agent's workloads' IPs, and those of base
+    /// workloads an agent entry hides (the next claimer still shown, or nobody).
+    by_ip: HashMap<IpAddr, Option<Arc<Workload>>>,
+    /// Base workloads (indexes) an agent entry replaces.
+    hidden: HashSet<usize>,
+    /// The agent's workloads, in uid order.
+    agent: Vec<Arc<Workload>>,
 }
 
 impl State {
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip)
+        match self.by_ip.get(&ip) {
+            Some(owner) => owner.as_ref(),
+            None => self.base.by_ip.get(&ip),
+        }
     }
 
     /// An ambient workload on `node` with this IP.
     pub fn local_workload(&self, ip: IpAddr, node: &str) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip).filter(|w| w.ambient && w.node == node)
+        self.workload(ip).filter(|w| w.ambient && w.node == node)
     }
 
     pub fn service(&self, vip: IpAddr) -> Option<&Arc<Service>> {
-        self.services.get(&vip)
+        self.base.services.get(&vip)
+    }
+
+    /// Every workload shown: the cluster source's not replaced by the agent, then the
+    /// agent's.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.base
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.hidden.contains(i))
+            .map(|(_, w)| w)
+            .chain(&self.agent)
+    }
+
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.base.service_list
+    }
+
+    pub fn policies(&self) -> &[Arc<AuthorizationPolicy>] {
+        &self.base.policies
     }
 
     /// The effective mTLS mode for a namespace: its PeerAuthentication, else the root
     /// namespace's, else `default`.
     pub fn mtls_mode(&self, ns: &str, root_ns: &str, default: MtlsMode) -> MtlsMode {
         let find = |n: &str| {
-            self.peer_auth
+            self.base
+                .peer_auth
                 .iter()
                 .filter(|p| p.namespace == n)
                 .find_map(|p| p.mode)
@@ -233,7 +260,7 @@ struct Inner {
     manifest: ManifestState,
     /// The manifest's part of the state, indexed once per manifest change, so that an
     /// agent push (one local pod) costs pointer copies, not a rebuild of the cluster.
-    base: Base,
+    base: Arc<Base>,
     agent: BTreeMap<String, Workload>,
     /// The agent's workloads as shown: with the base's labels, and the base entry each one
     /// hides. Kept per uid, so a push merges one workload, not all of them.
@@ -277,7 +304,7 @@ impl Inner {
 }
 
 /// What the cluster source alone contributes to [`State`].
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Base {
     /// One per uid (the last listed wins), in uid order.
     workloads: Vec<Arc<Workload>>,
@@ -343,7 +370,7 @@ impl Store {
             trust_domain: trust_domain.to_owned(),
             inner: RwLock::new(Inner {
                 manifest: ManifestState::default(),
-                base: Base::default(),
+                base: Arc::default(),
                 agent: BTreeMap::new(),
                 overlay: BTreeMap::new(),
                 state: Arc::new(State::default()),
@@ -392,7 +419,7 @@ impl Store {
 
     pub fn set_manifest(&self, m: ManifestState) {
         self.update(|i| {
-            i.base = Base::new(&m);
+            i.base = Arc::new(Base::new(&m));
             i.manifest = m;
             i.overlay_all();
         });
@@ -429,8 +456,7 @@ impl Store {
     pub fn local_identities(&self) -> HashSet<Identity> {
         let state = self.snapshot();
         state
-            .workloads
-            .iter()
+            .workloads()
             .filter(|w| w.ambient && w.node == self.node)
             .map(|w| w.identity(&self.trust_domain))
             .collect()
@@ -438,42 +464,29 @@ impl Store {
 }
 
 /// The state: the manifest's workloads, with the agent's entries replacing those of the
-/// same pods (same uid, or same IP), the agent's last. Cost: pointer copies of the base
-/// and of the agent's workloads, merged when they were pushed.
-fn build(base: &Base, overlay: &BTreeMap<String, Overlaid>) -> State {
+/// same pods (same uid, or same IP), the agent's last. The base is shared, not copied: the
+/// cost is that of the agent's workloads (the node's pods), whatever the cluster's size.
+fn build(base: &Arc<Base>, overlay: &BTreeMap<String, Overlaid>) -> State {
     let hidden: HashSet<usize> = overlay.values().filter_map(|o| o.hides).collect();
-    let agent_ws: Vec<Arc<Workload>> = overlay.values().map(|o| o.workload.clone()).collect();
-    let mut by_ip = base.by_ip.clone();
+    let agent: Vec<Arc<Workload>> = overlay.values().map(|o| o.workload.clone()).collect();
+    let mut by_ip = HashMap::new();
     for &i in &hidden {
         for ip in &base.workloads[i].ips {
             // The IP goes to the last manifest workload still shown that claims it, if any.
             let owner = base.claims[ip].iter().rev().find(|j| !hidden.contains(j));
-            match owner {
-                Some(&j) => by_ip.insert(*ip, base.workloads[j].clone()),
-                None => by_ip.remove(ip),
-            };
+            by_ip.insert(*ip, owner.map(|&j| base.workloads[j].clone()));
         }
     }
-    for w in &agent_ws {
+    for w in &agent {
         for ip in &w.ips {
-            by_ip.insert(*ip, w.clone());
+            by_ip.insert(*ip, Some(w.clone()));
         }
     }
-    let workloads = base
-        .workloads
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !hidden.contains(i))
-        .map(|(_, w)| w.clone())
-        .chain(agent_ws)
-        .collect();
     State {
+        base: base.clone(),
         by_ip,
-        services: base.services.clone(),
-        policies: base.policies.clone(),
-        peer_auth: base.peer_auth.clone(),
-        workloads,
-        service_list: base.service_list.clone(),
+        hidden,
+        agent,
     }
 }
 
@@ -553,7 +566,7 @@ mod tests {
         assert_eq!(w.labels["app"], "web");
         let w = st.workload(ip("10.1.0.2")).unwrap();
         assert_eq!((w.uid.as_str(), w.labels["app"].as_str()), ("x", "new"));
-        let uids: Vec<&str> = st.workloads.iter().map(|w| w.uid.as_str()).collect();
+        let uids: Vec<&str> = st.workloads().map(|w| w.uid.as_str()).collect();
         assert_eq!(uids, ["u2", "u4", "u1", "x"]);
         // The agent lets go: the manifest's entries come back as they were.
         s.agent_remove("x");
@@ -561,7 +574,7 @@ mod tests {
         let st = s.snapshot();
         assert_eq!(st.workload(ip("10.1.0.2")).unwrap().uid, "u3");
         assert_eq!(st.workload(ip("10.1.0.1")).unwrap().uid, "u1");
-        assert_eq!(st.workloads.len(), 4);
+        assert_eq!(st.workloads().count(), 4);
         // A new manifest keeps the agent's entries on top.
         s.agent_add(&lw("u4", "10.1.0.4"));
         s.set_manifest(ManifestState {
@@ -574,7 +587,7 @@ mod tests {
             (w.source, w.labels["app"].as_str()),
             (WorkloadSource::Agent, "db2")
         );
-        assert_eq!(st.workloads.len(), 1);
+        assert_eq!(st.workloads().count(), 1);
     }
 
     #[test]
