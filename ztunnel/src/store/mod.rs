@@ -8,7 +8,7 @@ mod agent;
 pub mod kube;
 mod manifest;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -192,17 +192,21 @@ pub struct PeerAuthentication {
 }
 
 /// An immutable view for the data plane: the cluster source's indexes, shared by every
-/// view built on the same source, with the agent's workloads laid over them.
-#[derive(Debug, Default)]
+/// view built on the same source, with the agent's workloads laid over them. An agent push
+/// changes the current view in place (a copy only while a reader still holds it), at the
+/// cost of the pushed workload alone.
+#[derive(Debug, Default, Clone)]
 pub struct State {
     base: Arc<Base>,
     /// The IPs whose owner is not the base's: the agent's workloads' IPs, and those of base
     /// workloads an agent entry hides (the next claimer still shown, or nobody).
     by_ip: HashMap<IpAddr, Option<Arc<Workload>>>,
-    /// Base workloads (indexes) an agent entry replaces.
-    hidden: HashSet<usize>,
-    /// The agent's workloads, in uid order.
-    agent: Vec<Arc<Workload>>,
+    /// Base workloads (indexes) an agent entry replaces, with how many entries do.
+    hidden: HashMap<usize, u32>,
+    /// The agent's workloads, by uid.
+    agent: BTreeMap<String, Arc<Workload>>,
+    /// The agent's workloads (uids) claiming each IP; the last uid owns it.
+    agent_claims: HashMap<IpAddr, BTreeSet<String>>,
 }
 
 impl State {
@@ -229,9 +233,9 @@ impl State {
             .workloads
             .iter()
             .enumerate()
-            .filter(|(i, _)| !self.hidden.contains(i))
+            .filter(|(i, _)| !self.hidden.contains_key(i))
             .map(|(_, w)| w)
-            .chain(&self.agent)
+            .chain(self.agent.values())
     }
 
     pub fn services(&self) -> &[Arc<Service>] {
@@ -400,10 +404,18 @@ impl Store {
         self.changed.subscribe()
     }
 
+    /// Applies `f`, then rebuilds the state (a new cluster view, or the agent's whole set).
     fn update(&self, f: impl FnOnce(&mut Inner)) {
+        self.update_in_place(|inner| {
+            f(inner);
+            inner.state = Arc::new(build(&inner.base, &inner.overlay));
+        });
+    }
+
+    /// Applies `f`, which keeps the state current itself.
+    fn update_in_place(&self, f: impl FnOnce(&mut Inner)) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         f(&mut inner);
-        inner.state = Arc::new(build(&inner.base, &inner.overlay));
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -436,19 +448,24 @@ impl Store {
         });
     }
 
+    /// Adds or replaces one of the agent's workloads: the cost of that workload alone.
     pub fn agent_add(&self, w: &LocalWorkload) {
-        self.update(|i| {
+        self.update_in_place(|i| {
             let w = Workload::from_agent(w);
-            let overlaid = Overlaid::new(&i.base, &w.uid, &w);
-            i.overlay.insert(w.uid.clone(), overlaid);
-            i.agent.insert(w.uid.clone(), w);
+            let uid = w.uid.clone();
+            let overlaid = Overlaid::new(&i.base, &uid, &w);
+            let old = i.overlay.insert(uid.clone(), overlaid);
+            Arc::make_mut(&mut i.state).set_agent(&uid, old.as_ref(), i.overlay.get(&uid));
+            i.agent.insert(uid, w);
         });
     }
 
     pub fn agent_remove(&self, uid: &str) {
-        self.update(|i| {
+        self.update_in_place(|i| {
             i.agent.remove(uid);
-            i.overlay.remove(uid);
+            if let Some(old) = i.overlay.remove(uid) {
+                Arc::make_mut(&mut i.state).set_agent(uid, Some(&old), None);
+            }
         });
     }
 
@@ -464,35 +481,217 @@ impl Store {
 }
 
 /// The state: the manifest's workloads, with the agent's entries replacing those of the
-/// same pods (same uid, or same IP), the agent's last. The base is shared, not copied: the
-/// cost is that of the agent's workloads (the node's pods), whatever the cluster's size.
+/// same pods (same uid, or same IP), the agent's last. The base is shared, not copied.
 fn build(base: &Arc<Base>, overlay: &BTreeMap<String, Overlaid>) -> State {
-    let hidden: HashSet<usize> = overlay.values().filter_map(|o| o.hides).collect();
-    let agent: Vec<Arc<Workload>> = overlay.values().map(|o| o.workload.clone()).collect();
-    let mut by_ip = HashMap::new();
-    for &i in &hidden {
-        for ip in &base.workloads[i].ips {
-            // The IP goes to the last manifest workload still shown that claims it, if any.
-            let owner = base.claims[ip].iter().rev().find(|j| !hidden.contains(j));
-            by_ip.insert(*ip, owner.map(|&j| base.workloads[j].clone()));
-        }
-    }
-    for w in &agent {
-        for ip in &w.ips {
-            by_ip.insert(*ip, Some(w.clone()));
-        }
-    }
-    State {
+    let mut st = State {
         base: base.clone(),
-        by_ip,
-        hidden,
-        agent,
+        ..Default::default()
+    };
+    for (uid, o) in overlay {
+        st.set_agent(uid, None, Some(o));
+    }
+    st
+}
+
+impl State {
+    /// Moves the agent's entry for `uid` from `old` to `new` (either may be absent) and
+    /// settles the owner of every IP the change touches: the agent's entries first (the last
+    /// uid claiming it), then the last base claimer not hidden, else nobody.
+    fn set_agent(&mut self, uid: &str, old: Option<&Overlaid>, new: Option<&Overlaid>) {
+        let mut touched: Vec<IpAddr> = Vec::new();
+        if let Some(o) = old {
+            self.agent.remove(uid);
+            for ip in &o.workload.ips {
+                if let Some(c) = self.agent_claims.get_mut(ip) {
+                    c.remove(uid);
+                    if c.is_empty() {
+                        self.agent_claims.remove(ip);
+                    }
+                }
+                touched.push(*ip);
+            }
+            if let Some(i) = o.hides {
+                match self.hidden.get_mut(&i) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    _ => {
+                        self.hidden.remove(&i);
+                    }
+                }
+                touched.extend(&self.base.workloads[i].ips);
+            }
+        }
+        if let Some(n) = new {
+            self.agent.insert(uid.to_owned(), n.workload.clone());
+            for ip in &n.workload.ips {
+                self.agent_claims
+                    .entry(*ip)
+                    .or_default()
+                    .insert(uid.to_owned());
+                touched.push(*ip);
+            }
+            if let Some(i) = n.hides {
+                *self.hidden.entry(i).or_default() += 1;
+                touched.extend(&self.base.workloads[i].ips);
+            }
+        }
+        for ip in touched {
+            self.settle(ip);
+        }
+    }
+
+    fn settle(&mut self, ip: IpAddr) {
+        let owner = match self.agent_claims.get(&ip).and_then(|c| c.last()) {
+            Some(uid) => self.agent.get(uid).cloned(),
+            None => self
+                .base
+                .claims
+                .get(&ip)
+                .and_then(|c| c.iter().rev().find(|j| !self.hidden.contains_key(j)))
+                .map(|&j| self.base.workloads[j].clone()),
+        };
+        let base_owner = self.base.by_ip.get(&ip);
+        if owner.as_ref().map(Arc::as_ptr) == base_owner.map(Arc::as_ptr) {
+            self.by_ip.remove(&ip);
+        } else {
+            self.by_ip.insert(ip, owner);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod incremental {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn ip(i: u8) -> IpAddr {
+            IpAddr::from([10, 9, 0, i])
+        }
+
+        fn manifest_workload(uid: u8, ips: &[u8]) -> Workload {
+            Workload {
+                uid: format!("u{uid}"),
+                name: format!("m{uid}"),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+                node: "n1".into(),
+                ips: ips.iter().map(|&i| ip(i)).collect(),
+                labels: BTreeMap::from([("from".to_string(), format!("m{uid}"))]),
+                ambient: true,
+                source: WorkloadSource::Manifest,
+            }
+        }
+
+        /// What a reader sees: every IP's owner and the workload list, by value.
+        fn view(st: &State) -> (Vec<Option<Workload>>, Vec<Workload>) {
+            let owners = (0..6)
+                .map(|i| st.workload(ip(i)).map(|w| (**w).clone()))
+                .collect();
+            (owners, st.workloads().map(|w| (**w).clone()).collect())
+        }
+
+        /// The overlay's meaning, written plainly: an IP belongs to the agent's entry with
+        /// the greatest uid claiming it, else to the last manifest workload claiming it that
+        /// no agent entry hides; the list is the manifest's not hidden, then the agent's.
+        fn reference(
+            base: &Base,
+            overlay: &BTreeMap<String, Overlaid>,
+        ) -> (Vec<Option<Workload>>, Vec<Workload>) {
+            let hidden: HashSet<usize> = overlay.values().filter_map(|o| o.hides).collect();
+            let owners = (0..6)
+                .map(|i| {
+                    let agent = overlay
+                        .values()
+                        .rev()
+                        .find(|o| o.workload.ips.contains(&ip(i)));
+                    match agent {
+                        Some(o) => Some((*o.workload).clone()),
+                        None => base
+                            .workloads
+                            .iter()
+                            .enumerate()
+                            .rev()
+                            .find(|(j, w)| !hidden.contains(j) && w.ips.contains(&ip(i)))
+                            .map(|(_, w)| (**w).clone()),
+                    }
+                })
+                .collect();
+            let list = base
+                .workloads
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !hidden.contains(j))
+                .map(|(_, w)| (**w).clone())
+                .chain(overlay.values().map(|o| (*o.workload).clone()))
+                .collect();
+            (owners, list)
+        }
+
+        proptest! {
+            /// A state changed in place by pushes and removals reads as the overlay means,
+            /// and exactly like one built from scratch: shared IPs, finished pods reusing an IP, uid matches, and two
+            /// agent entries hiding the same manifest pod.
+            #[test]
+            fn pushes_in_place_match_a_rebuild(
+                base in prop::collection::vec((0u8..6, prop::collection::vec(0u8..6, 1..3)), 0..6),
+                ops in prop::collection::vec(
+                    (0u8..8, prop::option::of(prop::collection::vec(0u8..6, 1..3))),
+                    1..24,
+                ),
+            ) {
+                let s = Store::new("n1", "cluster.local");
+                s.set_manifest(ManifestState {
+                    workloads: base.iter().map(|(u, ips)| manifest_workload(*u, ips)).collect(),
+                    ..Default::default()
+                });
+                for (uid, ips) in ops {
+                    match ips {
+                        Some(ips) => s.agent_add(&LocalWorkload {
+                            uid: format!("u{uid}"),
+                            namespace: "ns".into(),
+                            name: format!("a{uid}"),
+                            service_account: "sa".into(),
+                            node: "n1".into(),
+                            ips: ips.iter().map(|&i| ip(i)).collect(),
+                        }),
+                        None => s.agent_remove(&format!("u{uid}")),
+                    }
+                    let inner = s.inner.read().unwrap();
+                    let expected = reference(&inner.base, &inner.overlay);
+                    prop_assert_eq!(view(&inner.state), expected.clone());
+                    let rebuilt = build(&inner.base, &inner.overlay);
+                    prop_assert_eq!(view(&rebuilt), expected);
+                    // No override left behind that merely repeats the base.
+                    prop_assert_eq!(inner.state.by_ip.len(), rebuilt.by_ip.len());
+                }
+            }
+        }
+
+        /// A reader holding the old view keeps it unchanged while a push lands.
+        #[test]
+        fn a_held_view_is_not_changed_by_a_push() {
+            let s = Store::new("n1", "cluster.local");
+            let add = |uid: &str, i: u8| LocalWorkload {
+                uid: uid.into(),
+                namespace: "ns".into(),
+                name: uid.into(),
+                service_account: "sa".into(),
+                node: "n1".into(),
+                ips: vec![ip(i)],
+            };
+            s.agent_add(&add("a", 1));
+            let held = s.snapshot();
+            s.agent_add(&add("b", 2));
+            s.agent_remove("a");
+            assert_eq!(held.workload(ip(1)).unwrap().uid, "a");
+            assert!(held.workload(ip(2)).is_none());
+            let now = s.snapshot();
+            assert!(now.workload(ip(1)).is_none());
+            assert_eq!(now.workload(ip(2)).unwrap().uid, "b");
+        }
+    }
 
     fn lw(uid: &str, ip: &str) -> LocalWorkload {
         LocalWorkload {
