@@ -262,8 +262,8 @@ impl State {
 
 struct Inner {
     manifest: ManifestState,
-    /// The manifest's part of the state, indexed once per manifest change, so that an
-    /// agent push (one local pod) costs pointer copies, not a rebuild of the cluster.
+    /// The manifest's part of the state, indexed once per manifest change and shared by
+    /// every state built on it: an agent push settles its pod's IPs, nothing else.
     base: Arc<Base>,
     agent: BTreeMap<String, Workload>,
     /// The agent's workloads as shown: with the base's labels, and the base entry each one
