@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use ambient_common::net::Mac;
+
 use crate::result::PrevResult;
 use crate::sys::{self, SysError};
 
@@ -32,6 +34,8 @@ pub trait HostLinks {
     fn is_bridge(&self, name: &str) -> bool;
     /// The host-side peer of `ifname` inside the namespace at `netns`.
     fn veth_peer(&self, netns: &Path, ifname: &str) -> Result<String, SysError>;
+    /// The MAC address of `ifname` inside the namespace at `netns`.
+    fn container_mac(&self, netns: &Path, ifname: &str) -> Result<Mac, SysError>;
 }
 
 /// Sysfs for bridge detection, netlink for the peer lookup.
@@ -47,6 +51,10 @@ impl HostLinks for KernelLinks {
 
     fn veth_peer(&self, netns: &Path, ifname: &str) -> Result<String, SysError> {
         sys::veth_peer_name(netns, ifname)
+    }
+
+    fn container_mac(&self, netns: &Path, ifname: &str) -> Result<Mac, SysError> {
+        sys::container_mac(netns, ifname)
     }
 }
 
@@ -97,6 +105,9 @@ mod tests {
             self.peer
                 .map(str::to_owned)
                 .ok_or_else(|| SysError::NoPeer(ifname.into()))
+        }
+        fn container_mac(&self, _: &Path, ifname: &str) -> Result<Mac, SysError> {
+            Err(SysError::NoSuchLink(ifname.into()))
         }
     }
 

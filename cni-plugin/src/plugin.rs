@@ -2,6 +2,7 @@
 //! [`AgentClient`] and [`HostLinks`] it is given; returns what `main` should print.
 
 use std::io::Read;
+use std::path::Path;
 
 use ambient_common::agent_api::{
     AgentOp, AgentReply, AgentRequest, Attachment, AttachmentKey, AttachmentRef, PodRef,
@@ -335,6 +336,17 @@ fn attachment(
             String::new()
         }
     };
+    // The container's MAC pins its bridge port (anti-spoofing at L2): from the result, else
+    // from the namespace. Without one the agent still enrols the pod, unpinned (logged there).
+    let mac = prev.container_mac(&att.ifname).or_else(|| {
+        if netns.is_empty() {
+            return None;
+        }
+        links
+            .container_mac(Path::new(&netns), &att.ifname)
+            .map_err(|e| warn!(error = %chain(&e), "container MAC not found"))
+            .ok()
+    });
     Ok(Attachment {
         key: AttachmentKey {
             container_id: att.container_id.clone(),
@@ -344,6 +356,7 @@ fn attachment(
         netns,
         host_interface: host,
         ips: prev.pod_ips()?,
+        mac,
     })
 }
 
@@ -387,9 +400,10 @@ mod tests {
     use crate::error::to_cni_error;
     use crate::sys::SysError;
     use ambient_common::agent_api::{AddOutcome, AgentError, ErrorKind};
+    use ambient_common::net::Mac;
     use std::cell::RefCell;
     use std::collections::HashMap;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     /// Answers with a fixed reply (or unreachable) and records the requests.
     struct FakeAgent {
@@ -426,6 +440,9 @@ mod tests {
     impl HostLinks for Links {
         fn is_bridge(&self, name: &str) -> bool {
             name == "cni0" || name == "cni-hpod0"
+        }
+        fn container_mac(&self, _: &Path, ifname: &str) -> Result<Mac, SysError> {
+            Err(SysError::NoSuchLink(ifname.into()))
         }
         fn veth_peer(&self, _: &Path, ifname: &str) -> Result<String, SysError> {
             Err(SysError::NoPeer(ifname.into()))

@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 
+use ambient_common::net::Mac;
 use ambient_common::IpPrefix;
 use serde_json::{Map, Value};
 
@@ -34,6 +35,8 @@ pub struct Interface {
     /// The netns path for container-side interfaces; `None` (or empty in the JSON) for
     /// host-side ones.
     pub sandbox: Option<String>,
+    /// `mac`, when the plugin that created the interface reported it.
+    pub mac: Option<Mac>,
 }
 
 /// An entry of `prevResult.ips`.
@@ -89,6 +92,14 @@ impl PrevResult {
     /// Interfaces outside the container (no `sandbox`), in the order given.
     pub fn host_side(&self) -> impl Iterator<Item = &Interface> {
         self.interfaces.iter().filter(|i| i.sandbox.is_none())
+    }
+
+    /// The MAC of the container interface `ifname`, when the result reports it.
+    pub fn container_mac(&self, ifname: &str) -> Option<Mac> {
+        self.interfaces
+            .iter()
+            .find(|i| i.name == ifname && i.sandbox.is_some())
+            .and_then(|i| i.mac)
     }
 
     /// The pod's addresses: those attached to a sandbox interface, plus those that name no
@@ -168,7 +179,17 @@ fn parse_interface(i: usize, v: &Value) -> Result<Interface, ResultError> {
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(bad(format!("interfaces[{i}].sandbox"), "must be a string")),
     };
-    Ok(Interface { name, sandbox })
+    // Only the container side's MAC is read (it pins the pod's bridge port).
+    let mac = match v.get("mac").filter(|_| sandbox.is_some()) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(
+            s.parse::<Mac>()
+                .map_err(|e| bad(format!("interfaces[{i}].mac"), e.to_string()))?,
+        ),
+        Some(_) => return Err(bad(format!("interfaces[{i}].mac"), "must be a string")),
+    };
+    Ok(Interface { name, sandbox, mac })
 }
 
 fn parse_ip(i: usize, v: &Value) -> Result<IpConfig, ResultError> {

@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ambient_common::net::Mac;
 use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{
@@ -28,6 +29,7 @@ const NLMSG_DONE: u16 = 3;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const NLM_F_REQUEST: u16 = 1;
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
 const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -101,6 +103,8 @@ pub struct LinkInfo {
     pub name: Option<String>,
     /// `IFLA_LINK`: for a veth, the peer's index (in the peer's namespace).
     pub link: Option<u32>,
+    /// `IFLA_ADDRESS` when it is an Ethernet (6-byte) address.
+    pub address: Option<Mac>,
 }
 
 /// Builds an `RTM_GETLINK` request for one link.
@@ -193,6 +197,7 @@ fn parse_link(payload: &[u8]) -> Result<LinkInfo, SysError> {
         index,
         name: None,
         link: None,
+        address: None,
     };
     let mut attrs = &payload[IFINFOMSG_LEN..];
     while attrs.len() >= 4 {
@@ -210,6 +215,7 @@ fn parse_link(payload: &[u8]) -> Result<LinkInfo, SysError> {
                 info.name = Some(name.to_owned());
             }
             IFLA_LINK => info.link = u32_at(data, 0),
+            IFLA_ADDRESS => info.address = <[u8; 6]>::try_from(data).ok().map(Mac),
             _ => {}
         }
         attrs = attrs.get(align4(len)..).unwrap_or(&[]);
@@ -285,6 +291,15 @@ pub fn get_link_in_netns(netns: &Path, ifname: &str) -> Result<LinkInfo, SysErro
     worker.join().map_err(|_| SysError::ThreadPanicked)?
 }
 
+/// The MAC address of the container's `ifname`, read inside `netns`.
+pub fn container_mac(netns: &Path, ifname: &str) -> Result<Mac, SysError> {
+    get_link_in_netns(netns, ifname)?
+        .address
+        .ok_or(SysError::Malformed(
+            "the container interface has no Ethernet address",
+        ))
+}
+
 /// The host-side peer of the container's `ifname`: read `IFLA_LINK` inside `netns`, then name
 /// that index in the plugin's own namespace, and check that the link found there points back
 /// at the container interface.
@@ -349,7 +364,7 @@ mod tests {
         let mut p = vec![0u8; 16];
         p[4..8].copy_from_slice(&index.to_ne_bytes());
         p.extend(attr(IFLA_IFNAME, format!("{name}\0").as_bytes()));
-        p.extend(attr(1, &[1, 2, 3, 4, 5, 6])); // IFLA_ADDRESS, ignored
+        p.extend(attr(IFLA_ADDRESS, &[1, 2, 3, 4, 5, 6]));
         if let Some(l) = link {
             p.extend(attr(IFLA_LINK, &l.to_ne_bytes()));
         }
@@ -386,7 +401,8 @@ mod tests {
             LinkInfo {
                 index: 2,
                 name: Some("eth0".into()),
-                link: Some(17)
+                link: Some(17),
+                address: Some(Mac([1, 2, 3, 4, 5, 6])),
             }
         );
         // A message of another sequence number is skipped.

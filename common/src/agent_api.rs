@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::net::IpPrefix;
+use crate::net::{IpPrefix, Mac};
 
 /// Version of this contract. The agent refuses requests of another version with
 /// [`ErrorKind::IncompatibleVersion`], so a plugin binary left behind by an upgrade fails loudly.
@@ -78,6 +78,10 @@ pub struct Attachment {
     pub host_interface: String,
     /// The pod's addresses from `prevResult.ips` (container side only).
     pub ips: Vec<IpPrefix>,
+    /// The MAC address of the container's interface (`prevResult.interfaces[].mac`, or read
+    /// from the pod's namespace): a bridged pod's port accepts only this source MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<Mac>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +167,7 @@ mod tests {
             netns: "/var/run/netns/x".into(),
             host_interface: "veth1234".into(),
             ips: vec!["10.244.0.5/24".parse().unwrap()],
+            mac: None,
         }
     }
 

@@ -87,6 +87,58 @@ impl<'de> Deserialize<'de> for IpPrefix {
     }
 }
 
+/// A MAC (EUI-48) address, written `02:00:0a:f4:01:05`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address (six hex octets separated by colons)")]
+pub struct ParseMacError(pub String);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl FromStr for Mac {
+    type Err = ParseMacError;
+    fn from_str(s: &str) -> Result<Self, ParseMacError> {
+        let bad = || ParseMacError(s.to_owned());
+        let mut out = [0u8; 6];
+        let mut parts = s.trim().split(':');
+        for b in &mut out {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.is_empty() || part.len() > 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -222,6 +222,7 @@ fn cold_start() {
                 (i / 250) as u8,
                 (i % 250 + 2) as u8,
             ))],
+            mac: None,
             since: 0,
         });
     }

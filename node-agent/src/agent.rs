@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::host::{netns_id, Sysfs};
 use crate::metrics::Metrics;
-use crate::nft::{chain_drift_of, pod_elements, Dataplane, Element, Observed};
+use crate::nft::{chain_drift_of, pin_elements, pod_elements, Dataplane, Element, Observed};
 use crate::source::Snapshot;
 use crate::state::{LinkRecord, Record, StateDir};
 use crate::ztunnel::{WorkloadChange, WorkloadFeed};
@@ -320,11 +320,17 @@ impl Core {
         st
     }
 
+    /// Every bridged pod's port is pinned to its MAC; an ambient pod's also carries its
+    /// capture and anti-spoofing elements.
     fn wanted(r: &Record, st: PodState) -> BTreeSet<Element> {
-        match (st, r.link.to_attachment()) {
-            (PodState::Captured, Some(a)) => pod_elements(&a, &r.ips),
-            _ => BTreeSet::new(),
+        let Some(a) = r.link.to_attachment() else {
+            return BTreeSet::new();
+        };
+        let mut out = pin_elements(&a, r.mac);
+        if st == PodState::Captured {
+            out.extend(pod_elements(&a, &r.ips));
         }
+        out
     }
 
     /// Moves the listed attachments to their wanted element sets in one transaction; the
@@ -632,6 +638,7 @@ impl Core {
             link: LinkRecord::from_attachment(&link),
             ifindex,
             ips: att.ips.iter().map(|p| p.addr).collect(),
+            mac: att.mac,
             since: now(),
         };
         // Never answer "not ambient" for a pod the source cannot place (another pod with the
@@ -980,6 +987,7 @@ mod tests {
                 netns: "/nonexistent".into(),
                 host_interface: veth.into(),
                 ips: vec![format!("{ip}/24").parse().unwrap()],
+                mac: None,
             }
         }
 

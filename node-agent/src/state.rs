@@ -81,6 +81,9 @@ pub struct Record {
     pub link: LinkRecord,
     pub ifindex: u32,
     pub ips: Vec<IpAddr>,
+    /// The container interface's MAC, when the plugin reported one (pins a bridge port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<ambient_common::net::Mac>,
     /// Unix seconds of the ADD.
     pub since: u64,
 }
@@ -261,6 +264,7 @@ mod tests {
             },
             ifindex: 4,
             ips: vec!["10.0.0.2".parse().unwrap()],
+            mac: None,
             since: 1,
         }
     }

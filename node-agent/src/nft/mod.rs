@@ -10,7 +10,9 @@ pub mod ruleset;
 use std::collections::BTreeSet;
 
 pub use ruleset::chain_drift as chain_drift_of;
-pub use ruleset::{pod_elements, valid_ifname, Attachment, Element, Mac, Observed, RulesetParams};
+pub use ruleset::{
+    pin_elements, pod_elements, valid_ifname, Attachment, Element, Mac, Observed, RulesetParams,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -288,7 +290,11 @@ mod tests {
                 bridge: "cni0".into(),
                 bridge_mac: Mac(mac),
             };
-            let bridged = pod_elements(&bridge([2, 0, 0, 0, 0, 1]), &[v4(3), v6(3)]);
+            let mut bridged = pod_elements(&bridge([2, 0, 0, 0, 0, 1]), &[v4(3), v6(3)]);
+            bridged.extend(pin_elements(
+                &bridge([2, 0, 0, 0, 0, 1]),
+                Some(Mac([0x0a, 0x58, 1, 2, 3, 4])),
+            ));
             let all: BTreeSet<Element> = routed.union(&bridged).cloned().collect();
             dp.apply(&BTreeSet::new(), &all).unwrap();
             assert_eq!(dp.observe().unwrap().elements, all);
@@ -305,7 +311,11 @@ mod tests {
             assert_eq!(dp.observe().unwrap().elements, all);
 
             // A map key given a new value in one transaction (delete, then add).
-            let rebridged = pod_elements(&bridge([2, 0, 0, 0, 0, 9]), &[v4(3), v6(3)]);
+            let mut rebridged = pod_elements(&bridge([2, 0, 0, 0, 0, 9]), &[v4(3), v6(3)]);
+            rebridged.extend(pin_elements(
+                &bridge([2, 0, 0, 0, 0, 9]),
+                Some(Mac([0x0a, 0x58, 1, 2, 3, 4])),
+            ));
             let old: BTreeSet<Element> = bridged.difference(&rebridged).cloned().collect();
             let new: BTreeSet<Element> = rebridged.difference(&bridged).cloned().collect();
             assert_eq!(old.len(), 1);

@@ -265,8 +265,19 @@ fn key_bytes(e: &Element) -> Vec<u8> {
             ifname(&mut out, i);
             out.extend_from_slice(&a.octets());
         }
-        Element::RoutedPort(i) | Element::BrPort(i) | Element::BrPortMac(i, _) => {
-            ifname(&mut out, i)
+        Element::RoutedPort(i)
+        | Element::BrPort(i)
+        | Element::BrPortMac(i, _)
+        | Element::BrPinned(i) => ifname(&mut out, i),
+        Element::BrPinnedMac(i, mac) => {
+            ifname(&mut out, i);
+            out.extend_from_slice(&mac.0);
+            pad4(&mut out);
+        }
+        Element::BrNdTarget(a) => out.extend_from_slice(&a.octets()),
+        Element::BrNdPortTarget(i, a) => {
+            ifname(&mut out, i);
+            out.extend_from_slice(&a.octets());
         }
     }
     out

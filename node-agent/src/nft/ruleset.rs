@@ -11,7 +11,7 @@
 //! See `docs/architecture.md` for why each rule exists.
 
 use std::collections::BTreeSet;
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Values the fixed rules are rendered from.
@@ -43,15 +43,15 @@ impl Default for RulesetParams {
 
 /// Chain names and the number of rules each holds: what drift detection compares.
 pub const INET_CHAINS: &[(&str, usize)] = &[
-    ("guard", 4),
+    ("guard", 5),
     ("mark_replies", 1),
-    ("capture", 7),
+    ("capture", 8),
     ("closed", 2),
     ("local_hbone", 2),
     ("mark_own", 1),
     ("input_guard", 1),
 ];
-pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 8)];
+pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 14), ("forward_guard", 2)];
 
 impl RulesetParams {
     /// The fixed part of both tables, as one nft script. Applying it replaces any previous
@@ -84,6 +84,7 @@ table inet {table} {{
     ip6 saddr @pod_v6 iifname . ip6 saddr != @pod_if_v6 counter drop comment "ambient address from a foreign interface"
     iifname @routed_ports iifname . ip saddr != @pod_if_v4 counter drop comment "routed ambient pod with a foreign address"
     iifname @routed_ports ip6 saddr != fe80::/10 iifname . ip6 saddr != @pod_if_v6 counter drop comment "routed ambient pod with a foreign address"
+    iifname @routed_ports ip6 saddr fe80::/10 meta l4proto tcp counter drop comment "TCP from an ambient pod's link-local address (never captured)"
   }}
   chain mark_replies {{
     type filter hook prerouting priority mangle; policy accept;
@@ -92,6 +93,7 @@ table inet {table} {{
   chain capture {{
     type nat hook prerouting priority -110; policy accept;
     meta mark & {mask:#x} == {mark:#x} return
+    fib daddr type local counter return comment "node-local destinations: delivered as without the mesh, never through ztunnel"
     meta l4proto tcp ip saddr @pod_v4 counter redirect to :{out} comment "outbound"
     meta l4proto tcp ip6 saddr @pod_v6 counter redirect to :{out} comment "outbound"
     ip daddr @pod_v4 tcp dport {hbone} counter redirect to :{hbone} comment "inbound HBONE"
@@ -126,16 +128,31 @@ table bridge {table} {{
   set pod_v4 {{ type ipv4_addr; comment "bridged ambient pod addresses"; }}
   set pod_v6 {{ type ipv6_addr; comment "bridged ambient pod addresses"; }}
   map port_bridge_mac {{ type ifname : ether_addr; }}
+  set pinned {{ type ifname; comment "bridge ports of every pod the agent knows"; }}
+  set port_mac {{ type ifname . ether_addr; comment "bridge port . the pod's own MAC"; }}
+  set nd_target {{ typeof @th,64,128; comment "bridged ambient IPv6 addresses, as ND targets"; }}
+  set nd_port_target {{ typeof iifname . @th,64,128; comment "bridge port . ambient IPv6 address"; }}
   chain guard {{
     type filter hook prerouting priority -300; policy accept;
+    ether type {{ 8021q, 8021ad }} @ll,112,16 & 0xfff == 0 counter drop comment "priority-tagged frame (VLAN 0 is read as untagged)"
+    iifname @pinned ether type != {{ ip, ip6, arp }} counter drop comment "pod ports carry IPv4, IPv6 and ARP only (no VLAN tags)"
+    iifname @pinned iifname . ether saddr != @port_mac counter drop comment "foreign source MAC from a pod port"
+    iifname @pinned ether type arp iifname . arp saddr ether != @port_mac counter drop comment "ARP with a foreign sender MAC"
     ether type ip ip saddr @pod_v4 iifname . ip saddr != @port_v4 counter drop comment "ambient address from a foreign port"
     ether type ip6 ip6 saddr @pod_v6 iifname . ip6 saddr != @port_v6 counter drop comment "ambient address from a foreign port"
     iifname @ports ether type ip iifname . ip saddr != @port_v4 counter drop comment "ambient pod with a foreign address"
     iifname @ports ether type ip6 ip6 saddr != fe80::/10 iifname . ip6 saddr != @port_v6 counter drop comment "ambient pod with a foreign address"
     iifname @ports ether type arp arp saddr ip != 0.0.0.0 iifname . arp saddr ip != @port_v4 counter drop comment "ARP for a foreign address"
     ether type arp arp saddr ip @pod_v4 iifname . arp saddr ip != @port_v4 counter drop comment "ARP claiming an ambient address"
+    ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 @nd_target iifname . @th,64,128 != @nd_port_target counter drop comment "neighbour advertisement claiming an ambient address"
+    iifname @ports ether type ip6 ip6 saddr fe80::/10 meta l4proto tcp counter drop comment "TCP from an ambient pod's link-local address (never captured)"
     iifname @ports ether type ip ip protocol tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
     iifname @ports ether type ip6 ip6 nexthdr tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
+  }}
+  chain forward_guard {{
+    type filter hook forward priority -300; policy accept;
+    oifname @ports ether type != {{ ip, ip6, arp }} counter drop comment "ambient pods receive IPv4, IPv6 and ARP only (no VLAN tags)"
+    oifname @ports ether type ip6 ip6 daddr fe80::/10 meta l4proto tcp counter drop comment "TCP to an ambient pod's link-local address (never captured)"
   }}
 }}
 "#
@@ -151,35 +168,7 @@ table bridge {table} {{
     }
 }
 
-/// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Mac(pub [u8; 6]);
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl std::str::FromStr for Mac {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let mut out = [0u8; 6];
-        let mut parts = s.trim().split(':');
-        for b in &mut out {
-            *b = u8::from_str_radix(parts.next().ok_or(())?, 16).map_err(|_| ())?;
-        }
-        if parts.next().is_some() {
-            return Err(());
-        }
-        Ok(Mac(out))
-    }
-}
+pub use ambient_common::net::Mac;
 
 /// One set or map element. The ordering makes rendering deterministic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -195,6 +184,15 @@ pub enum Element {
     BrPodV4(Ipv4Addr),
     BrPodV6(Ipv6Addr),
     BrPortMac(String, Mac),
+    /// The bridge port of any pod the agent knows (ambient or not): MAC-pinned, and limited
+    /// to IPv4, IPv6 and ARP frames.
+    BrPinned(String),
+    /// Port . the pod's own MAC: the only source MAC the port accepts.
+    BrPinnedMac(String, Mac),
+    /// A bridged ambient IPv6 address, as the target of a neighbour advertisement.
+    BrNdTarget(Ipv6Addr),
+    /// Port . bridged ambient IPv6 address: the only port that may advertise it.
+    BrNdPortTarget(String, Ipv6Addr),
 }
 
 impl Element {
@@ -211,6 +209,10 @@ impl Element {
             Element::BrPodV4(_) => ("bridge", "pod_v4"),
             Element::BrPodV6(_) => ("bridge", "pod_v6"),
             Element::BrPortMac(..) => ("bridge", "port_bridge_mac"),
+            Element::BrPinned(_) => ("bridge", "pinned"),
+            Element::BrPinnedMac(..) => ("bridge", "port_mac"),
+            Element::BrNdTarget(_) => ("bridge", "nd_target"),
+            Element::BrNdPortTarget(..) => ("bridge", "nd_port_target"),
         }
     }
 
@@ -220,10 +222,18 @@ impl Element {
             Element::PodV6(a) | Element::BrPodV6(a) => a.to_string(),
             Element::PodIfV4(i, a) | Element::BrPortV4(i, a) => format!("{} . {a}", quote(i)),
             Element::PodIfV6(i, a) | Element::BrPortV6(i, a) => format!("{} . {a}", quote(i)),
-            Element::RoutedPort(i) | Element::BrPort(i) => quote(i),
+            Element::RoutedPort(i) | Element::BrPort(i) | Element::BrPinned(i) => quote(i),
             Element::BrPortMac(i, m) => format!("{} : {m}", quote(i)),
+            Element::BrPinnedMac(i, m) => format!("{} . {m}", quote(i)),
+            Element::BrNdTarget(a) => raw128(a),
+            Element::BrNdPortTarget(i, a) => format!("{} . {}", quote(i), raw128(a)),
         }
     }
+}
+
+/// An IPv6 address as the 128-bit integer a raw payload match (`@th,64,128`) compares.
+fn raw128(a: &Ipv6Addr) -> String {
+    format!("0x{:032x}", u128::from(*a))
 }
 
 /// Interface names come from the kernel (at most 15 bytes, no quotes or whitespace); quote
@@ -295,12 +305,27 @@ pub fn pod_elements(attachment: &Attachment, ips: &[IpAddr]) -> BTreeSet<Element
                         out.insert(Element::PodIfV6(bridge.clone(), a));
                         out.insert(Element::BrPodV6(a));
                         out.insert(Element::BrPortV6(veth.clone(), a));
+                        out.insert(Element::BrNdTarget(a));
+                        out.insert(Element::BrNdPortTarget(veth.clone(), a));
                     }
                 }
             }
         }
     }
     out
+}
+
+/// The elements that pin a bridged pod's port to its own MAC, whether it is ambient or not
+/// (a pod that takes a neighbour's MAC takes the bridge's forwarding entry, and with it the
+/// node's traffic to that neighbour). Routed pods, and pods whose MAC is unknown, have none.
+pub fn pin_elements(attachment: &Attachment, mac: Option<Mac>) -> BTreeSet<Element> {
+    match (attachment, mac) {
+        (Attachment::Bridged { veth, .. }, Some(mac)) => BTreeSet::from([
+            Element::BrPinned(veth.clone()),
+            Element::BrPinnedMac(veth.clone(), mac),
+        ]),
+        _ => BTreeSet::new(),
+    }
 }
 
 /// Renders one transaction that deletes `remove` and adds `add`. Deletions come first so
@@ -410,6 +435,12 @@ fn parse_element(
     };
     let v4 = |t: &str| t.parse::<Ipv4Addr>().map_err(|_| bad());
     let v6 = |t: &str| t.parse::<Ipv6Addr>().map_err(|_| bad());
+    let raw = |t: &str| {
+        t.strip_prefix("0x")
+            .and_then(|h| u128::from_str_radix(h, 16).ok())
+            .map(Ipv6Addr::from)
+            .ok_or_else(bad)
+    };
     Ok(match (family, set) {
         ("inet", "pod_v4") => Element::PodV4(v4(&s(elem)?)?),
         ("inet", "pod_v6") => Element::PodV6(v6(&s(elem)?)?),
@@ -436,6 +467,16 @@ fn parse_element(
         ("bridge", "port_bridge_mac") => {
             let (i, m) = pair(elem)?;
             Element::BrPortMac(i, m.parse().map_err(|_| bad())?)
+        }
+        ("bridge", "pinned") => Element::BrPinned(s(elem)?),
+        ("bridge", "port_mac") => {
+            let (i, m) = pair(elem)?;
+            Element::BrPinnedMac(i, m.parse().map_err(|_| bad())?)
+        }
+        ("bridge", "nd_target") => Element::BrNdTarget(raw(&s(elem)?)?),
+        ("bridge", "nd_port_target") => {
+            let (i, a) = pair(elem)?;
+            Element::BrNdPortTarget(i, raw(&a)?)
         }
         _ => return Err(bad()),
     })
@@ -529,7 +570,30 @@ mod tests {
             "veth2".into(),
             "fd00::5".parse().unwrap()
         )));
-        assert_eq!(bridged.len(), 10);
+        assert!(bridged.contains(&Element::BrNdPortTarget(
+            "veth2".into(),
+            "fd00::5".parse().unwrap()
+        )));
+        assert_eq!(bridged.len(), 12);
+        let pins = pin_elements(
+            &Attachment::Bridged {
+                veth: "veth2".into(),
+                bridge: "cni0".into(),
+                bridge_mac: Mac([2, 0, 0, 0, 0, 1]),
+            },
+            Some(Mac([2, 0, 0, 0, 0, 9])),
+        );
+        assert_eq!(
+            pins,
+            BTreeSet::from([
+                Element::BrPinned("veth2".into()),
+                Element::BrPinnedMac("veth2".into(), Mac([2, 0, 0, 0, 0, 9])),
+            ])
+        );
+        let routed_att = Attachment::Routed {
+            veth: "veth1".into(),
+        };
+        assert!(pin_elements(&routed_att, Some(Mac([2; 6]))).is_empty());
     }
 
     #[test]
