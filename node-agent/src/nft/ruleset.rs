@@ -46,7 +46,7 @@ pub const INET_CHAINS: &[(&str, usize)] = &[
     ("guard", 5),
     ("mark_replies", 1),
     ("capture", 8),
-    ("closed", 2),
+    ("closed", 6),
     ("local_hbone", 2),
     ("mark_own", 1),
     ("input_guard", 1),
@@ -105,6 +105,10 @@ table inet {table} {{
     type filter hook prerouting priority -90; policy accept;
     ct state new ct status dnat meta l4proto tcp ip daddr @pod_v4 counter reject with tcp reset comment "DNAT to an ambient pod that bypassed capture"
     ct state new ct status dnat meta l4proto tcp ip6 daddr @pod_v6 counter reject with tcp reset comment "DNAT to an ambient pod that bypassed capture"
+    meta l4proto tcp ip saddr @pod_v4 ct status & dnat == 0 ct mark & {mask:#x} != {mark:#x} ct state established fib daddr type != local counter reject with tcp reset comment "an ambient pod's flow that never passed capture (opened before its enrolment)"
+    meta l4proto tcp ip6 saddr @pod_v6 ct status & dnat == 0 ct mark & {mask:#x} != {mark:#x} ct state established fib daddr type != local counter reject with tcp reset comment "an ambient pod's flow that never passed capture (opened before its enrolment)"
+    meta l4proto tcp ip daddr @pod_v4 ct status & dnat == 0 ct mark & {mask:#x} != {mark:#x} ct state established counter reject with tcp reset comment "a flow to an ambient pod that never passed capture (opened before its enrolment)"
+    meta l4proto tcp ip6 daddr @pod_v6 ct status & dnat == 0 ct mark & {mask:#x} != {mark:#x} ct state established counter reject with tcp reset comment "a flow to an ambient pod that never passed capture (opened before its enrolment)"
   }}
   chain local_hbone {{
     type nat hook output priority -110; policy accept;
