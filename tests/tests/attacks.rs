@@ -502,7 +502,16 @@ fn link_local_tcp_neither_reaches_nor_leaves_an_ambient_pod() {
         plain.is_ok(),
         "link-local TCP between plain pods: {plain:?}"
     );
-    // ...but neither direction between an ambient pod and its neighbour over link-local.
+    // ...but neither direction between an ambient pod and its neighbour over link-local: not
+    // even the SYN reaches the ambient pod.
+    let dir = tempfile::tempdir().unwrap();
+    let cap = Capture::start(
+        c.pods[amb].ns(),
+        "eth0",
+        "ip6 and tcp",
+        &dir.path().join("amb.pcap"),
+    )
+    .unwrap();
     let inbound = connect_from(c.pods[legacy].ns(), scoped(amb_ll, legacy), "ll-in");
     assert!(
         inbound.is_err(),
@@ -512,6 +521,16 @@ fn link_local_tcp_neither_reaches_nor_leaves_an_ambient_pod() {
     assert!(
         outbound.is_err(),
         "the ambient pod's link-local TCP left uncaptured: {outbound:?}"
+    );
+    let reached: Vec<_> = cap
+        .finish(c.pods[amb].ns())
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.dst == IpAddr::V6(amb_ll) && p.dport == port)
+        .collect();
+    assert!(
+        reached.is_empty(),
+        "TCP to the ambient pod's link-local address reached it: {reached:?}"
     );
     // ICMPv6 and neighbour discovery keep working: the neighbour entry resolves.
     let amb_ll_s = amb_ll.to_string();
