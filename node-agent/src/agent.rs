@@ -669,6 +669,25 @@ impl Core {
     }
 
     fn gc(&mut self, valid: Vec<AttachmentKey>) -> Result<u32, AgentError> {
+        // "Nothing is valid" releases every pod of the node: believed only when the source
+        // agrees that none of them is here any more.
+        if valid.is_empty() && !self.records.is_empty() {
+            let placed = self
+                .records
+                .values()
+                .filter(|r| Self::pod_of(&self.snapshot, r).is_some())
+                .count();
+            if placed > 0 || !self.snapshot.synced {
+                return Err(AgentError::new(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "GC with no valid attachment would release all {} attachments while the \
+                         source still places {placed} of their pods on this node; refused",
+                        self.records.len()
+                    ),
+                ));
+            }
+        }
         let valid: BTreeSet<AttachmentKey> = valid.into_iter().collect();
         let stale: Vec<AttachmentKey> = self
             .records
@@ -1057,6 +1076,23 @@ mod tests {
         assert_eq!(f.core.records.len(), 1);
         assert_eq!(f.core.published().count(), 0);
         assert!(matches!(&f.changes()[..], [WorkloadChange::Remove(_)]));
+    }
+
+    #[test]
+    fn an_empty_gc_is_refused_while_the_source_places_the_pods() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1")]));
+        f.veth("veth1", 11);
+        f.add(f.att("c1", "a", "p1", "veth1", "10.0.0.1")).unwrap();
+        let before = f.elements();
+        let err = f.core.gc(Vec::new()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidRequest);
+        assert!(err.message.contains("refused"), "{}", err.message);
+        assert_eq!(f.core.records.len(), 1);
+        assert_eq!(f.elements(), before);
+        // Once the source no longer has the pod, the same GC releases it.
+        f.core.snapshot = snapshot(&["a"], &[]);
+        assert_eq!(f.core.gc(Vec::new()).unwrap(), 1);
+        assert!(f.core.records.is_empty());
     }
 
     #[test]

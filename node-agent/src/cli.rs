@@ -103,6 +103,9 @@ pub struct RunArgs {
     pub route_table: Option<u32>,
     #[arg(long)]
     pub no_policy_routing: bool,
+    /// The uid allowed to call the CNI socket (the container runtime's; default 0).
+    #[arg(long)]
+    pub cni_peer_uid: Option<u32>,
     #[arg(long)]
     pub pod_wait_ms: Option<u64>,
     #[arg(long)]
@@ -146,6 +149,7 @@ impl RunArgs {
             route_table: self.route_table,
             policy_routing: self.no_policy_routing.then_some(false),
             pod_wait_ms: self.pod_wait_ms,
+            cni_peer_uid: self.cni_peer_uid,
             ztunnel_ack_timeout_ms: self.ztunnel_ack_timeout_ms,
             reconcile_interval_ms: self.reconcile_interval_ms,
             json_logs: self.json_logs.then_some(true),

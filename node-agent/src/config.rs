@@ -33,6 +33,8 @@ pub struct Config {
     pub annotate_pods: bool,
     pub run_dir: PathBuf,
     pub cni_socket: PathBuf,
+    /// The only uid allowed on the CNI socket (SO_PEERCRED): the container runtime's.
+    pub cni_peer_uid: u32,
     pub admin_socket: PathBuf,
     pub ztunnel_socket: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -71,6 +73,7 @@ pub struct ConfigFile {
     pub annotate_pods: Option<bool>,
     pub run_dir: Option<PathBuf>,
     pub cni_socket: Option<PathBuf>,
+    pub cni_peer_uid: Option<u32>,
     pub admin_socket: Option<PathBuf>,
     pub ztunnel_socket: Option<PathBuf>,
     pub metrics_addr: Option<String>,
@@ -130,6 +133,7 @@ impl ConfigFile {
             annotate_pods,
             run_dir,
             cni_socket,
+            cni_peer_uid,
             admin_socket,
             ztunnel_socket,
             metrics_addr,
@@ -265,6 +269,7 @@ impl Config {
             route_table: src.route_table.unwrap_or(c::ROUTE_TABLE),
             route_rule_priority: c::ROUTE_RULE_PRIORITY,
             policy_routing: src.policy_routing.unwrap_or(true),
+            cni_peer_uid: src.cni_peer_uid.unwrap_or(0),
             pod_wait: Duration::from_millis(src.pod_wait_ms.unwrap_or(5_000)),
             ztunnel_ack_timeout: Duration::from_millis(src.ztunnel_ack_timeout_ms.unwrap_or(2_000)),
             reconcile_interval: Duration::from_millis(

@@ -92,9 +92,22 @@ async fn write_reply<T: Serialize>(stream: &mut UnixStream, reply: &T) {
 pub async fn serve_cni(listener: UnixListener, shared: Shared) {
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "accepting on the CNI socket failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
+        if let Err(refusal) = peer_allowed(&stream, shared.cfg.cni_peer_uid) {
+            tracing::warn!(%refusal, "CNI socket caller refused");
+            shared.metrics.fail("peer_refused");
+            let reply = AgentReply::Error(AgentError::new(ErrorKind::InvalidRequest, refusal));
+            tokio::spawn(async move { write_reply(&mut stream, &reply).await });
+            continue;
+        }
         let shared = shared.clone();
         let slots = slots.clone();
         tokio::spawn(async move {
@@ -107,6 +120,23 @@ pub async fn serve_cni(listener: UnixListener, shared: Shared) {
             };
             write_reply(&mut stream, &reply).await;
         });
+    }
+}
+
+/// Only the container runtime (uid `allowed`, root by default) may enrol, release or
+/// garbage-collect pods: the caller is read from the socket (SO_PEERCRED), not believed.
+fn peer_allowed(stream: &UnixStream, allowed: u32) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the caller's credentials: {e}"))?;
+    if cred.uid() == allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} (pid {:?}) may not use the CNI socket; only uid {allowed} (the container runtime, --cni-peer-uid) may",
+            cred.uid(),
+            cred.pid()
+        ))
     }
 }
 

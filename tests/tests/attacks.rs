@@ -771,3 +771,81 @@ fn enrolment_ends_plaintext_flows_opened_before_it() {
     assert_eq!(c.connect(client, to, "new-conn").unwrap(), "new-conn");
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
+
+/// Attack 7, agent side: the CNI socket believed anyone who could open it; a GC naming no
+/// valid attachment released every pod of the node. Here the socket is made world-writable
+/// (as a careless hostPath mount would) and a uid-1000 process sends that GC through the real
+/// plugin: refused by the peer check. Root's empty GC is refused too while the source still
+/// places the pods on the node.
+#[test]
+fn control_socket_refuses_other_uids_and_an_empty_gc() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut c = cluster("atcs", 177, Attach::Bridge);
+    let amb = pod(&mut c, 0, "ambient-demo", "amb");
+    let server = pod(&mut c, 1, "ambient-demo", "server");
+    c.wait_converged(WAIT).unwrap();
+    let sock = c.nodes[0].run_dir().join("cni.sock");
+    let run_dir = c.nodes[0].run_dir();
+    for p in [run_dir.as_path(), run_dir.parent().unwrap(), sock.as_path()] {
+        sh(c.nodes[0].ns(), "chmod", &["o+rwx", p.to_str().unwrap()]);
+    }
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "attack",
+        "type": "ambient-cni",
+        "agentSocket": sock,
+        "cni.dev/valid-attachments": [],
+    });
+    let gc = |as_uid: Option<u32>| {
+        let mut cmd = match as_uid {
+            Some(uid) => {
+                let mut cmd = Command::new("setpriv");
+                cmd.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                ])
+                .arg(c.bin("ambient-cni"));
+                cmd
+            }
+            None => Command::new(c.bin("ambient-cni")),
+        };
+        let mut child = cmd
+            .env("CNI_COMMAND", "GC")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let captured = |c: &Cluster| {
+        ambient_tests::agent::pods(&c.bin(bins::NODE_AGENT), &c.nodes[0].run_dir())
+            .unwrap()
+            .iter()
+            .any(|p| p.name == "amb" && p.state == "captured")
+    };
+    for who in [Some(1000), None] {
+        let out = gc(who);
+        assert!(
+            !out.status.success(),
+            "GC with no valid attachment as {who:?} was accepted: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(captured(&c), "the GC as {who:?} released the ambient pod");
+    }
+    assert_eq!(
+        c.connect(amb, c.pods[server].echo_addr(), "still-meshed")
+            .unwrap(),
+        "still-meshed"
+    );
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
