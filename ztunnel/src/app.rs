@@ -116,6 +116,7 @@ impl App {
         let certs = Arc::new(SecretManager::new(provider, cfg.cert_ttl));
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
+        store.refusals().register(&mut registry);
         let tracker = Tracker::new(metrics, cfg.access_log);
         if cfg.tcp_migrate_req {
             set_migrate_req();

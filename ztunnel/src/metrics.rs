@@ -405,6 +405,66 @@ impl Drop for ConnGuard {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RejectedLabels {
+    pub kind: &'static str,
+    pub effect: &'static str,
+}
+
+/// What ztunnel refused or set aside to keep its promises against a hostile pod, node
+/// process or object, under the `ztunnel` prefix. Cheap to clone (the families are shared).
+#[derive(Debug, Clone, Default)]
+pub struct Refusals {
+    /// Outbound connections refused before any upstream connect, by reason
+    /// (`node_local`: a loopback, link-local, multicast or node address).
+    pub outbound: Family<ReasonLabels, Counter>,
+    /// Cluster objects set aside when they first fail (`kind`, what was done instead).
+    pub config_rejected: Family<RejectedLabels, Counter>,
+    /// Cluster objects set aside in the current view.
+    pub config_rejected_now: Family<RejectedLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Inbound HBONE connections closed before their TLS handshake finished, by reason
+    /// (`per_source_limit`, `total_limit`, `timeout`).
+    pub handshakes: Family<ReasonLabels, Counter>,
+    /// Agent-socket peers and pushes refused, by reason (`peer_uid`, `contradicts_source`, ...).
+    pub agent: Family<ReasonLabels, Counter>,
+}
+
+impl Refusals {
+    pub fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("ztunnel");
+        sub.register(
+            "outbound_refused",
+            "Outbound connections refused before connecting, by reason",
+            self.outbound.clone(),
+        );
+        sub.register(
+            "config_rejected",
+            "Cluster objects set aside (skipped or replaced by a fail-closed stand-in) when first seen failing",
+            self.config_rejected.clone(),
+        );
+        sub.register(
+            "config_rejected_objects",
+            "Cluster objects set aside in the current view",
+            self.config_rejected_now.clone(),
+        );
+        sub.register(
+            "hbone_handshakes_refused",
+            "Inbound HBONE connections closed before the TLS handshake finished, by reason",
+            self.handshakes.clone(),
+        );
+        sub.register(
+            "agent_refused",
+            "Agent-socket connections and workload pushes refused, by reason",
+            self.agent.clone(),
+        );
+    }
+}
+
 /// Renders the registry in the Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
     let mut s = String::new();

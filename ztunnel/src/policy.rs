@@ -26,6 +26,12 @@ pub enum PolicyError {
     },
     #[error("AuthorizationPolicy {name}: action {action:?} is not supported (ALLOW or DENY)")]
     Action { name: String, action: String },
+    #[error("AuthorizationPolicy {name}: unreadable selector: {source}")]
+    Selector {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("AuthorizationPolicy {name}: {value:?} is not an IP or CIDR")]
     IpBlock { name: String, value: String },
     #[error("AuthorizationPolicy {name}: {value:?} is not a port number")]
@@ -93,6 +99,38 @@ pub struct AuthorizationPolicy {
     pub selector: Option<BTreeMap<String, String>>,
     pub action: Action,
     pub rules: Vec<Rule>,
+    /// Set when the object could not be enforced as written and this is its fail-closed
+    /// stand-in (see [`AuthorizationPolicy::from_object_or_fallback`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+/// What replaces an AuthorizationPolicy that cannot be enforced as written (an action this
+/// proxy does not implement, a field that does not parse). One bad object never stops the
+/// others from applying; its own effect errs on the side of denying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// AUDIT: it never allows or denies anything; dropped with a warning.
+    Ignored,
+    /// DENY, CUSTOM or an unknown action: denies everything its selector selects.
+    DenySelection,
+    /// As `DenySelection`, but the selector itself is unreadable: its whole namespace.
+    DenyNamespace,
+    /// An ALLOW that does not parse: kept with no rules, so it allows nothing itself (the
+    /// workloads it selects are still allowed by any other ALLOW that matches).
+    AllowNothing,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ignored => "ignored",
+            Self::DenySelection => "deny_selection",
+            Self::DenyNamespace => "deny_namespace",
+            Self::AllowNothing => "allow_nothing",
+        }
+    }
 }
 
 /// What is known about a connection when it is authorized.
@@ -415,7 +453,58 @@ impl AuthorizationPolicy {
             selector: raw.selector.map(|s| s.match_labels),
             action,
             rules,
+            fallback: None,
         })
+    }
+
+    /// Parses like [`Self::from_object`], but never lets one object fail a whole update:
+    /// a policy that cannot be enforced as written comes back as its fail-closed stand-in
+    /// (see [`Fallback`]) with the reason, or as `None` for an ignored AUDIT policy.
+    pub fn from_object_or_fallback(
+        name: &str,
+        namespace: &str,
+        spec: &serde_json::Value,
+    ) -> (Option<Self>, Option<(Fallback, PolicyError)>) {
+        let err = match Self::from_object(name, namespace, spec) {
+            Ok(p) => return (Some(p), None),
+            Err(e) => e,
+        };
+        let action = spec.get("action");
+        if action.and_then(|a| a.as_str()) == Some("AUDIT") {
+            return (None, Some((Fallback::Ignored, err)));
+        }
+        let selector = match spec.get("selector") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value::<RawSelector>(v.clone())
+                .map(|s| Some(s.match_labels))
+                .map_err(|source| PolicyError::Selector {
+                    name: format!("{namespace}/{name}"),
+                    source,
+                }),
+        };
+        let is_allow = match action {
+            None | Some(serde_json::Value::Null) => true,
+            Some(a) => a.as_str() == Some("ALLOW"),
+        };
+        let (selector, scoped, err) = match selector {
+            Ok(s) => (s, true, err),
+            // The selector is unreadable: the namespace is the one scope left to close.
+            Err(e) => (None, false, e),
+        };
+        let (action, rules, fallback) = match (is_allow, scoped) {
+            (true, _) => (Action::Allow, Vec::new(), Fallback::AllowNothing),
+            (false, true) => (Action::Deny, vec![Rule::default()], Fallback::DenySelection),
+            (false, false) => (Action::Deny, vec![Rule::default()], Fallback::DenyNamespace),
+        };
+        let p = Self {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            selector,
+            action,
+            rules,
+            fallback: Some(fallback),
+        };
+        (Some(p), Some((fallback, err)))
     }
 }
 
@@ -796,6 +885,145 @@ mod tests {
             assert!(err.to_string().contains(needle), "{err}");
             assert!(err.to_string().contains("ns/p"), "{err}");
         }
+    }
+
+    /// A policy that cannot be enforced as written fails closed for its own selection and
+    /// touches nothing else: AUDIT is ignored, DENY/CUSTOM/unknown deny what they select (the
+    /// namespace when the selector is unreadable), a broken ALLOW allows nothing itself.
+    #[test]
+    fn unenforceable_policies_fail_closed_for_their_selection() {
+        let db = labels(&[("app", "db")]);
+        let web_labels = labels(&[("app", "web")]);
+        let web = Identity::new("cluster.local", "shop", "web");
+        let allow_all = pol("shop", json!({"rules": [{}]}));
+        struct Case {
+            name: &'static str,
+            spec: serde_json::Value,
+            fallback: Option<Fallback>,
+            /// (target namespace, labels, allowed) with `allow_all` also present.
+            checks: Vec<(&'static str, &'static BTreeMap<String, String>, bool)>,
+        }
+        // Leak the label maps so the table can borrow them for its whole life.
+        let db: &'static BTreeMap<String, String> = Box::leak(Box::new(db));
+        let web_l: &'static BTreeMap<String, String> = Box::leak(Box::new(web_labels));
+        let sel_db = json!({"matchLabels": {"app": "db"}});
+        let cases = vec![
+            Case {
+                name: "AUDIT is ignored",
+                spec: json!({"action": "AUDIT", "selector": sel_db, "rules": [{}]}),
+                fallback: Some(Fallback::Ignored),
+                checks: vec![("shop", db, true), ("shop", web_l, true)],
+            },
+            Case {
+                name: "CUSTOM denies its selection only",
+                spec: json!({"action": "CUSTOM", "provider": {"name": "ext"}, "selector": sel_db, "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}),
+                fallback: Some(Fallback::DenySelection),
+                checks: vec![
+                    ("shop", db, false),
+                    ("shop", web_l, true),
+                    ("other", db, true),
+                ],
+            },
+            Case {
+                name: "unknown action denies its selection",
+                spec: json!({"action": "LOG", "selector": sel_db}),
+                fallback: Some(Fallback::DenySelection),
+                checks: vec![("shop", db, false), ("shop", web_l, true)],
+            },
+            Case {
+                name: "DENY with a bad port denies its selection",
+                spec: json!({"action": "DENY", "selector": sel_db, "rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}),
+                fallback: Some(Fallback::DenySelection),
+                checks: vec![("shop", db, false), ("shop", web_l, true)],
+            },
+            Case {
+                name: "DENY with an unreadable selector denies its namespace",
+                spec: json!({"action": "DENY", "selector": {"matchLabels": "app=db"}, "rules": [{}]}),
+                fallback: Some(Fallback::DenyNamespace),
+                checks: vec![
+                    ("shop", db, false),
+                    ("shop", web_l, false),
+                    ("other", db, true),
+                ],
+            },
+            Case {
+                name: "DENY with unreadable rules denies its selection",
+                spec: json!({"action": "DENY", "selector": sel_db, "rules": "nope"}),
+                fallback: Some(Fallback::DenySelection),
+                checks: vec![("shop", db, false), ("shop", web_l, true)],
+            },
+            Case {
+                name: "ALLOW with a bad CIDR allows nothing itself",
+                spec: json!({"selector": sel_db, "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}),
+                fallback: Some(Fallback::AllowNothing),
+                // allow_all still allows: a broken ALLOW never denies what another allows.
+                checks: vec![("shop", db, true), ("shop", web_l, true)],
+            },
+            Case {
+                name: "a valid policy has no fallback",
+                spec: json!({"action": "DENY", "selector": sel_db, "rules": [{}]}),
+                fallback: None,
+                checks: vec![("shop", db, false), ("shop", web_l, true)],
+            },
+        ];
+        for case in cases {
+            let (p, why) = AuthorizationPolicy::from_object_or_fallback("bad", "shop", &case.spec);
+            assert_eq!(why.as_ref().map(|w| w.0), case.fallback, "{}", case.name);
+            if let Some((_, e)) = &why {
+                assert!(e.to_string().contains("shop/bad"), "{}: {e}", case.name);
+            }
+            assert_eq!(
+                p.as_ref().and_then(|p| p.fallback),
+                case.fallback.filter(|f| *f != Fallback::Ignored),
+                "{}",
+                case.name
+            );
+            let policies: Vec<AuthorizationPolicy> =
+                p.into_iter().chain([allow_all.clone()]).collect();
+            for (ns, l, allowed) in case.checks {
+                let req = Request {
+                    src_identity: Some(&web),
+                    src_ip: "10.0.0.1".parse().unwrap(),
+                    dst_port: 80,
+                };
+                let d = evaluate(
+                    &policies,
+                    "istio-system",
+                    &Target {
+                        namespace: ns,
+                        labels: l,
+                    },
+                    &req,
+                );
+                assert_eq!(
+                    d == Decision::Allow,
+                    allowed,
+                    "{}: {ns} {l:?}: {d:?}",
+                    case.name
+                );
+            }
+        }
+        // Without any other ALLOW, a broken ALLOW leaves its selection allowing nothing.
+        let (p, _) = AuthorizationPolicy::from_object_or_fallback(
+            "bad",
+            "shop",
+            &json!({"selector": {"matchLabels": {"app": "db"}}, "rules": [{"to": [{"operation": {"ports": ["x"]}}]}]}),
+        );
+        let req = Request {
+            src_identity: Some(&web),
+            src_ip: "10.0.0.1".parse().unwrap(),
+            dst_port: 80,
+        };
+        let d = evaluate(
+            &p.into_iter().collect::<Vec<_>>(),
+            "istio-system",
+            &Target {
+                namespace: "shop",
+                labels: db,
+            },
+            &req,
+        );
+        assert!(matches!(d, Decision::Deny(_)), "{d:?}");
     }
 
     #[test]

@@ -148,6 +148,16 @@ async fn open_stream(
     };
     let td = p.td().to_owned();
     let state = p.store.snapshot();
+    // The destination as the store says now, not as it was when the pooled connection was
+    // opened: labels (policy selectors) may have arrived since, and the pod behind the IP may
+    // have changed (then the certificate this connection presented is no longer its own).
+    let w = match state.local_workload(orig.ip(), p.store.node()) {
+        Some(now) if now.identity(&td) == w.identity(&td) => now.clone(),
+        _ => {
+            reply(respond, StatusCode::SERVICE_UNAVAILABLE);
+            return Err(ProxyError::NotLocalDestination(orig));
+        }
+    };
     // Believe the forwarded client address only if it belongs to a workload with the very
     // identity the client proved.
     let src = req

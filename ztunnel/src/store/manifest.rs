@@ -1,7 +1,9 @@
 //! The manifest-directory source: Pods and Namespaces (typed by `ambient_common::manifest`),
 //! Services, EndpointSlices, AuthorizationPolicies and PeerAuthentications (parsed here).
-//! The directory is polled on file mtimes; an update that fails to parse is rejected whole
-//! (the previous state stays) with a precise error.
+//! The directory is polled on file mtimes; a directory that cannot be read or split into
+//! objects keeps the previous state. One object that does not parse or cannot be enforced as
+//! written is set aside alone ([`Rejected`]: skipped, or replaced by its fail-closed stand-in)
+//! and everything else applies: one bad AuthorizationPolicy must not freeze the node's view.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -44,6 +46,50 @@ pub struct ManifestState {
     pub services: Vec<Service>,
     pub policies: Vec<AuthorizationPolicy>,
     pub peer_auth: Vec<PeerAuthentication>,
+    /// Objects set aside: not applied as written.
+    pub rejected: Vec<Rejected>,
+}
+
+/// An object that could not be applied as written, and what was done instead.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejected {
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub name: String,
+    pub effect: RejectEffect,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectEffect {
+    /// Left out (a Service or EndpointSlice that does not parse: its VIP is unknown, so
+    /// connections to it are handled like any unknown in-cluster address).
+    Skipped,
+    /// An AuthorizationPolicy replaced by its fail-closed stand-in, or ignored (AUDIT).
+    Policy(crate::policy::Fallback),
+    /// A PeerAuthentication with an unreadable mode: STRICT for its namespace.
+    Strict,
+}
+
+impl RejectEffect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skipped => "skipped",
+            Self::Policy(f) => f.as_str(),
+            Self::Strict => "strict",
+        }
+    }
+}
+
+/// `namespace/name` from an object's metadata, read leniently.
+fn object_id(v: &serde_json::Value) -> String {
+    let s = |p: &str| v.pointer(p).and_then(|n| n.as_str());
+    format!(
+        "{}/{}",
+        s("/metadata/namespace").unwrap_or("default"),
+        s("/metadata/name").unwrap_or("<unnamed>")
+    )
 }
 
 #[derive(Deserialize, Default)]
@@ -223,9 +269,28 @@ pub fn parse_manifests(
     for o in objs {
         let Object::Other(kind, v) = o else { continue };
         match kind.as_str() {
-            "Service" => raw_services.push(typed::<RawService>("Service", v)?),
+            "Service" => match typed::<RawService>("Service", v) {
+                Ok(s) => raw_services.push(s),
+                Err(e) => out.rejected.push(Rejected {
+                    kind: "Service",
+                    name: object_id(v),
+                    effect: RejectEffect::Skipped,
+                    reason: crate::error_chain(&e),
+                }),
+            },
             "EndpointSlice" => {
-                let s: RawSlice = typed("EndpointSlice", v)?;
+                let s: RawSlice = match typed("EndpointSlice", v) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        out.rejected.push(Rejected {
+                            kind: "EndpointSlice",
+                            name: object_id(v),
+                            effect: RejectEffect::Skipped,
+                            reason: crate::error_chain(&e),
+                        });
+                        continue;
+                    }
+                };
                 if let Some(svc) = s.metadata.labels.get("kubernetes.io/service-name") {
                     slices
                         .entry((s.metadata.ns().to_owned(), svc.clone()))
@@ -234,20 +299,44 @@ pub fn parse_manifests(
                 }
             }
             "AuthorizationPolicy" => {
-                let md = v
-                    .get("metadata")
-                    .cloned()
-                    .unwrap_or_else(|| serde_json::json!({}));
-                let meta: Meta = typed("AuthorizationPolicy", &md)?;
+                let id = object_id(v);
+                let (ns, name) = id.split_once('/').unwrap_or(("default", &id));
                 let spec = v.get("spec").cloned().unwrap_or(serde_json::Value::Null);
-                out.policies.push(
-                    AuthorizationPolicy::from_object(&meta.name, meta.ns(), &spec)
-                        .map_err(ManifestError::Policy)?,
-                );
+                let (policy, why) = AuthorizationPolicy::from_object_or_fallback(name, ns, &spec);
+                if let Some((fallback, e)) = why {
+                    out.rejected.push(Rejected {
+                        kind: "AuthorizationPolicy",
+                        name: id.clone(),
+                        effect: RejectEffect::Policy(fallback),
+                        reason: crate::error_chain(&ManifestError::Policy(e)),
+                    });
+                }
+                out.policies.extend(policy);
             }
             "PeerAuthentication" => {
-                let pa: RawPeerAuth = typed("PeerAuthentication", v)?;
-                if pa.spec.selector.is_some() {
+                let (pa, unreadable) = match typed::<RawPeerAuth>("PeerAuthentication", v) {
+                    Ok(pa) => (pa, None),
+                    Err(e) => {
+                        // Keep what can be read: its namespace and whether it is scoped.
+                        let id = object_id(v);
+                        let (ns, name) = id.split_once('/').unwrap_or(("default", &id));
+                        let pa = RawPeerAuth {
+                            metadata: Meta {
+                                name: name.to_owned(),
+                                namespace: Some(ns.to_owned()),
+                                labels: BTreeMap::new(),
+                            },
+                            spec: RawPeerAuthSpec {
+                                selector: v.pointer("/spec/selector").cloned(),
+                                mtls: Some(RawMtls {
+                                    mode: Some("<unreadable>".into()),
+                                }),
+                            },
+                        };
+                        (pa, Some(crate::error_chain(&e)))
+                    }
+                };
+                if pa.spec.selector.as_ref().is_some_and(|s| !s.is_null()) {
                     // Workload-scoped modes are not supported; namespace-wide only.
                     continue;
                 }
@@ -257,10 +346,21 @@ pub fn parse_manifests(
                     Some("STRICT") => Some(MtlsMode::Strict),
                     Some("PERMISSIVE") | Some("DISABLE") => Some(MtlsMode::Permissive),
                     Some(other) => {
-                        return Err(ManifestError::PeerAuthMode {
+                        // Fail closed: plaintext to the namespace is refused, not allowed.
+                        let reason = unreadable.unwrap_or_else(|| {
+                            ManifestError::PeerAuthMode {
+                                name: name.clone(),
+                                mode: other.to_owned(),
+                            }
+                            .to_string()
+                        });
+                        out.rejected.push(Rejected {
+                            kind: "PeerAuthentication",
                             name,
-                            mode: other.to_owned(),
-                        })
+                            effect: RejectEffect::Strict,
+                            reason,
+                        });
+                        Some(MtlsMode::Strict)
                     }
                 };
                 out.peer_auth.push(PeerAuthentication {
@@ -520,19 +620,144 @@ spec: {mtls: {mode: STRICT}}
     }
 
     #[test]
-    fn bad_objects_reject_the_whole_update() {
-        let err = parse("kind: Service\nmetadata: {name: s}\nspec: {ports: [{port: nope}]}\n")
-            .unwrap_err();
-        assert!(err.to_string().contains("Service s"), "{err}");
-        let err = parse(
-            "kind: AuthorizationPolicy\nmetadata: {name: p, namespace: x}\nspec: {action: AUDIT}\n",
-        )
-        .unwrap_err();
-        assert!(crate::error_chain(&err).contains("AUDIT"), "{err}");
-        let err =
-            parse("kind: PeerAuthentication\nmetadata: {name: p}\nspec: {mtls: {mode: LOOSE}}\n")
-                .unwrap_err();
-        assert!(err.to_string().contains("LOOSE"), "{err}");
+    fn bad_objects_are_set_aside_with_a_precise_reason() {
+        let cases = [
+            (
+                "kind: Service\nmetadata: {name: s}\nspec: {ports: [{port: nope}]}\n",
+                "Service",
+                "default/s",
+                RejectEffect::Skipped,
+                "Service s",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: p, namespace: x}\nspec: {action: AUDIT}\n",
+                "AuthorizationPolicy",
+                "x/p",
+                RejectEffect::Policy(crate::policy::Fallback::Ignored),
+                "AUDIT",
+            ),
+            (
+                "kind: PeerAuthentication\nmetadata: {name: p}\nspec: {mtls: {mode: LOOSE}}\n",
+                "PeerAuthentication",
+                "default/p",
+                RejectEffect::Strict,
+                "LOOSE",
+            ),
+            (
+                "kind: PeerAuthentication\nmetadata: {name: p, namespace: q}\nspec: {mtls: 3}\n",
+                "PeerAuthentication",
+                "q/p",
+                RejectEffect::Strict,
+                "invalid fields",
+            ),
+        ];
+        for (text, kind, name, effect, needle) in cases {
+            let m = parse(text).unwrap();
+            assert_eq!(m.rejected.len(), 1, "{text}");
+            let r = &m.rejected[0];
+            assert_eq!((r.kind, r.name.as_str(), r.effect), (kind, name, effect));
+            assert!(r.reason.contains(needle), "{}", r.reason);
+        }
+    }
+
+    /// Attack 8: one AuthorizationPolicy ztunnel cannot enforce (AUDIT, CUSTOM, a DENY with
+    /// a bad field) no longer rejects the whole update: pods, services and the other
+    /// policies still apply, and the bad DENY/CUSTOM ones deny their own selection.
+    #[test]
+    fn a_bad_policy_is_skipped_alone_and_fails_closed_for_its_selection() {
+        use crate::identity::Identity;
+        use crate::policy::{evaluate, Decision, Request, Target};
+        let extra = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-all, namespace: shop}
+spec: {action: AUDIT, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: shop}
+spec:
+  action: CUSTOM
+  provider: {name: opa}
+  selector: {matchLabels: {app: admin}}
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken-deny, namespace: shop}
+spec:
+  action: DENY
+  selector: {matchLabels: {app: cache}}
+  rules: [{to: [{operation: {ports: [redis]}}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, uid: u9, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: web}
+status: {podIP: 10.1.0.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: shop}
+spec: {clusterIP: 10.96.0.99, ports: [{port: nope}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: odd, namespace: legacy}
+spec: {mtls: {mode: SOMETIMES}}
+"#;
+        let m = parse(&format!("{DOCS}{extra}")).unwrap();
+        assert!(
+            m.workloads.iter().any(|w| w.name == "web-2"),
+            "later pods apply"
+        );
+        assert!(
+            m.services.iter().any(|s| s.name == "web"),
+            "other services apply"
+        );
+        let verdict = |ns: &str, app: &str, src_ns: &str| {
+            let l = BTreeMap::from([("app".to_string(), app.to_string())]);
+            let id = Identity::new("cluster.local", src_ns, "x");
+            evaluate(
+                &m.policies,
+                "istio-system",
+                &Target {
+                    namespace: ns,
+                    labels: &l,
+                },
+                &Request {
+                    src_identity: Some(&id),
+                    src_ip: "10.0.0.1".parse().unwrap(),
+                    dst_port: 80,
+                },
+            )
+        };
+        // The valid DENY still applies; the AUDIT one changes nothing.
+        assert_eq!(
+            verdict("shop", "web", "legacy"),
+            Decision::Deny("shop/deny-legacy".into())
+        );
+        assert_eq!(verdict("shop", "web", "shop"), Decision::Allow);
+        // CUSTOM and the broken DENY deny their own selection, nothing else.
+        assert_eq!(
+            verdict("shop", "admin", "shop"),
+            Decision::Deny("shop/ext-authz".into())
+        );
+        assert_eq!(
+            verdict("shop", "cache", "shop"),
+            Decision::Deny("shop/broken-deny".into())
+        );
+        assert_eq!(verdict("legacy", "admin", "shop"), Decision::Allow);
+        // An unknown mTLS mode is STRICT for its namespace (plaintext refused, not allowed).
+        let store = Store::new("n1", "cluster.local");
+        store.set_manifest(m);
+        assert_eq!(
+            store
+                .snapshot()
+                .mtls_mode("legacy", "istio-system", MtlsMode::Permissive),
+            MtlsMode::Strict
+        );
     }
 
     #[test]

@@ -19,10 +19,12 @@ use serde::Serialize;
 pub use agent::{bind_agent_socket, handle_request, serve_agent, AgentError};
 pub use manifest::{
     load as load_manifests, parse_manifests, poll_manifests, ManifestError, ManifestState,
+    RejectEffect, Rejected,
 };
 
 use crate::config::MtlsMode;
 use crate::identity::Identity;
+use crate::metrics::{Refusals, RejectedLabels};
 use crate::policy::AuthorizationPolicy;
 
 /// Where a workload was learned.
@@ -357,6 +359,7 @@ pub struct Store {
     trust_domain: String,
     inner: RwLock<Inner>,
     changed: tokio::sync::watch::Sender<u64>,
+    refusals: Refusals,
 }
 
 impl std::fmt::Debug for Store {
@@ -380,7 +383,14 @@ impl Store {
                 state: Arc::new(State::default()),
             }),
             changed: tokio::sync::watch::channel(0).0,
+            refusals: Refusals::default(),
         })
+    }
+
+    /// The refusal counters (registered by the app; the proxy and the agent socket count
+    /// into them too).
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
     }
 
     pub fn node(&self) -> &str {
@@ -431,10 +441,47 @@ impl Store {
 
     pub fn set_manifest(&self, m: ManifestState) {
         self.update(|i| {
+            self.report_rejected(&i.manifest.rejected, &m.rejected);
             i.base = Arc::new(Base::new(&m));
             i.manifest = m;
             i.overlay_all();
         });
+    }
+
+    /// Logs and counts each object set aside once, when it starts failing (the source
+    /// re-reads every object on each change), and keeps the gauge of those set aside now.
+    fn report_rejected(&self, before: &[Rejected], now: &[Rejected]) {
+        let labels = |r: &Rejected| RejectedLabels {
+            kind: r.kind,
+            effect: r.effect.as_str(),
+        };
+        for r in now.iter().filter(|r| !before.contains(r)) {
+            self.refusals
+                .config_rejected
+                .get_or_create(&labels(r))
+                .inc();
+            match r.effect {
+                RejectEffect::Policy(crate::policy::Fallback::Ignored) => tracing::warn!(
+                    kind = r.kind, object = %r.name, reason = %r.reason,
+                    "object not supported; ignored (it would only have audited)"
+                ),
+                effect => tracing::error!(
+                    kind = r.kind, object = %r.name, effect = effect.as_str(), reason = %r.reason,
+                    "object cannot be applied as written; set aside alone (fail closed where it guards access)"
+                ),
+            }
+        }
+        for r in before.iter().filter(|r| !now.contains(r)) {
+            tracing::info!(kind = r.kind, object = %r.name, "object no longer set aside");
+        }
+        let mut counts: HashMap<RejectedLabels, i64> =
+            before.iter().map(|r| (labels(r), 0)).collect();
+        for r in now {
+            *counts.entry(labels(r)).or_default() += 1;
+        }
+        for (l, n) in counts {
+            self.refusals.config_rejected_now.get_or_create(&l).set(n);
+        }
     }
 
     /// Replaces everything the agent told us.

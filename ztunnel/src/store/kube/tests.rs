@@ -348,23 +348,52 @@ async fn absent_crds_mean_no_policies_and_a_policy_appearing_later_applies() {
     .await;
 }
 
+/// Attack 8: an object ztunnel cannot apply as written (an AUDIT or CUSTOM
+/// AuthorizationPolicy, a PeerAuthentication with an unknown mode) is set aside alone: a
+/// ztunnel starting with it present syncs (becomes ready), later pods and policies flow.
 #[tokio::test]
-async fn a_bad_update_keeps_the_previous_state() {
+async fn a_bad_object_is_set_aside_alone_and_later_changes_flow() {
     let api = FakeApi::start().await;
     for o in fixture() {
         api.put(o);
     }
+    let mut audit = deny_policy("shop", "audit-all");
+    audit["spec"] = json!({"action": "AUDIT", "rules": [{}]});
+    api.put(audit);
+    let mut custom = deny_policy("shop", "ext-authz");
+    custom["spec"] = json!({"action": "CUSTOM", "provider": {"name": "opa"},
+        "selector": {"matchLabels": {"app": "admin"}}, "rules": [{}]});
+    api.put(custom);
     let r = start(source(&api));
-    r.until("synced", |_| true).await;
-    let mut bad = strict("shop");
+    let m = r
+        .until("synced with the bad policies present", |_| true)
+        .await;
+    assert_eq!(m.rejected.len(), 2, "{:?}", m.rejected);
+    let mut bad = strict("legacy");
     bad["spec"]["mtls"]["mode"] = json!("SOMETIMES");
     api.put(bad);
     api.put(pod("shop", "web-9", "n1", "10.1.0.9"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(ambient(&r.store.manifest_state(), "web-9"), None);
-    api.put(strict("shop"));
-    r.until("repaired", |m| ambient(m, "web-9") == Some(true))
+    api.put(deny_policy("shop", "deny-later"));
+    let m = r
+        .until("later changes applied", |m| {
+            ambient(m, "web-9") == Some(true) && m.policies.iter().any(|p| p.name == "deny-later")
+        })
         .await;
+    assert_eq!(m.rejected.len(), 3, "{:?}", m.rejected);
+    let custom = m.policies.iter().find(|p| p.name == "ext-authz").unwrap();
+    assert_eq!(
+        custom.fallback,
+        Some(crate::policy::Fallback::DenySelection)
+    );
+    assert!(m.policies.iter().all(|p| p.name != "audit-all"));
+    assert_eq!(
+        r.store.snapshot().mtls_mode(
+            "legacy",
+            "istio-system",
+            crate::config::MtlsMode::Permissive
+        ),
+        crate::config::MtlsMode::Strict
+    );
 }
 
 /// Maps a request to the RBAC (group, resource, verb) it needs.
