@@ -5,11 +5,15 @@
 //! builds its own cluster in 10.<octet>.0.0/16 (octets 160-169, tags `ap*`), so they run in
 //! parallel. Run as root after `cargo build --workspace --bins`.
 
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
+use ambient_tests::bins;
 use ambient_tests::cluster::{metric_samples, Addressing, Cluster, ClusterSpec};
 use ambient_tests::cni::Attach;
-use ambient_tests::eventually;
+use ambient_tests::probe::ConnRecord;
+use ambient_tests::{eventually, NetNs};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -162,5 +166,98 @@ fn a_bad_policy_does_not_freeze_the_view_and_custom_fails_closed() {
     c.start_ztunnel(1).unwrap();
     wait_policy(&c, 1, "deny-client");
     check(&c, "after a restart");
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+/// Starts `netprobe listen-origdst` (an echo server that records each peer) in `ns` on
+/// `port`; returns the records file.
+fn recorder(ns: &NetNs, dir: &Path, name: &str, port: u16) -> std::path::PathBuf {
+    let records = dir.join(format!("{name}.jsonl"));
+    let ready = dir.join(format!("{name}.ready"));
+    let mut cmd = ns.command(bins::binary(bins::NETPROBE));
+    cmd.args(["listen-origdst", "--port", &port.to_string(), "--out"])
+        .arg(&records)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    ns.spawn(&mut cmd).unwrap();
+    eventually(WAIT, || {
+        if ready.exists() {
+            Ok(())
+        } else {
+            Err("recorder not listening")
+        }
+    })
+    .unwrap();
+    records
+}
+
+fn records(path: &Path) -> Vec<ConnRecord> {
+    ambient_tests::probe::read_records(path).unwrap_or_default()
+}
+
+/// Attack 4, ztunnel side: a pod's captured connection to a link-local destination (cloud
+/// metadata at 169.254.169.254, here a namespace routed from node-1) used to be connected by
+/// ztunnel from the node's network namespace, so the metadata service saw the node's address
+/// (IMDS hop limits and metadata concealment defeated). Now ztunnel refuses it before any
+/// connect, counts it in `ztunnel_outbound_refused_total{reason="node_local"}` and logs it
+/// once per source, however many connections the pod tries. (Destinations that are the
+/// node's own addresses are no longer captured at all, see `attacks.rs`; ztunnel refuses
+/// them too, proven by the table test `proxy::local::tests::node_local_table`.)
+#[test]
+fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf() {
+    let mut c = cluster("apimd", 161, Attach::Bridge);
+    let amb = pod(&mut c, 0, "ambient-demo", "amb", &[]);
+    c.wait_converged(WAIT).unwrap();
+    // "Cloud metadata": 169.254.169.254 in its own namespace behind node-1.
+    let imds = NetNs::new("apimds").unwrap();
+    let node = c.nodes[0].ns();
+    NetNs::veth_pair(
+        node,
+        "apmd0",
+        None,
+        &imds,
+        "eth0",
+        Some("169.254.169.254/32"),
+    )
+    .unwrap();
+    node.ip(&["route", "add", "169.254.169.254/32", "dev", "apmd0"])
+        .unwrap();
+    imds.ip(&["route", "add", "default", "dev", "eth0"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let recs = recorder(&imds, dir.path(), "imds", 80);
+    // The node itself reaches it (the route works).
+    let md = SocketAddr::from(([169, 254, 169, 254], 80));
+    c.connect_from_node(0, md, "node").unwrap();
+    let from_node = records(&recs).len();
+
+    let tries = 3;
+    let mut results = Vec::new();
+    for i in 0..tries {
+        results.push(c.connect(amb, md, &format!("pod-{i}")));
+    }
+    let seen: Vec<IpAddr> = records(&recs)[from_node..]
+        .iter()
+        .map(|r| r.peer.ip())
+        .collect();
+    assert!(
+        seen.is_empty() && results.iter().all(|r| r.is_err()),
+        "the pod reached the metadata service through ztunnel (peers seen: {seen:?}, results: {results:?})"
+    );
+    let refused = count(
+        &c,
+        0,
+        "ztunnel_outbound_refused_total",
+        &[("reason", "node_local")],
+    );
+    assert_eq!(refused, tries as f64, "each refusal is counted");
+    let log = std::fs::read_to_string(c.nodes[0].ztunnel_log()).unwrap_or_default();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("refused a node-local destination"))
+        .count();
+    assert_eq!(lines, 1, "logged once per source, not once per connection");
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }

@@ -26,6 +26,10 @@ use crate::store::{self, AgentError, Store};
 /// walk of the local workloads.
 const CERT_PASS_DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// How often the node's interface addresses are re-read (they are never a destination a
+/// pod may reach through ztunnel).
+const NODE_ADDRS_REFRESH: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("loading the CA failed")]
@@ -218,6 +222,11 @@ impl App {
             mark: cfg.mark,
             connect_timeout: cfg.connect_timeout,
         };
+        let node_addrs = Arc::new(crate::proxy::local::NodeAddrs::default());
+        match node_addrs.refresh() {
+            Ok(n) => tracing::info!(addresses = n, "node addresses read"),
+            Err(e) => tracing::warn!(error = %e, "cannot read the node's addresses yet"),
+        }
         let pool = {
             let _g = data.enter();
             let pool = Pool::new(
@@ -238,7 +247,9 @@ impl App {
             sockets,
             tracker: tracker.clone(),
             hbone_conns: Default::default(),
+            node_addrs: node_addrs.clone(),
         });
+        control.spawn(node_addrs.keep_fresh(NODE_ADDRS_REFRESH));
 
         // Control plane: certificates follow the local workloads. A pushed pod's certificate
         // is issued by the push itself; this pass drops unused ones and pre-issues for local

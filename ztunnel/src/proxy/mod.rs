@@ -7,6 +7,7 @@
 //!   by the namespace's mTLS mode and authorization policy.
 
 mod inbound;
+pub mod local;
 mod outbound;
 mod socket;
 
@@ -34,6 +35,8 @@ pub enum ProxyError {
     OriginalDst(#[source] SocketError),
     #[error("connection addressed to the proxy itself ({0}); refusing a loop")]
     Loop(SocketAddr),
+    #[error("{dst} is node-local ({why}); ztunnel never connects to it on a pod's behalf")]
+    NodeLocal { dst: SocketAddr, why: &'static str },
     #[error("source {0} is not an enrolled workload on this node")]
     NotLocalSource(IpAddr),
     #[error("{0} is not an ambient workload on this node")]
@@ -74,6 +77,8 @@ pub struct Proxy {
     pub tracker: Arc<Tracker>,
     /// Open inbound HBONE connections (drain waits for them too).
     pub hbone_conns: std::sync::atomic::AtomicUsize,
+    /// The node's own addresses (never a destination on a pod's behalf).
+    pub node_addrs: Arc<local::NodeAddrs>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -95,6 +100,37 @@ pub(crate) fn peer_of(w: Option<&Workload>, addr: Option<SocketAddr>, td: &str) 
 impl Proxy {
     fn td(&self) -> &str {
         &self.cfg.trust_domain
+    }
+
+    /// Refuses `dst` if it is node-local (`endpoint`: a destination the cluster resolved, on
+    /// which the node's own addresses are allowed): counts it, logs it once per source.
+    pub(crate) fn refuse_node_local(
+        &self,
+        src: IpAddr,
+        dst: SocketAddr,
+        endpoint: bool,
+    ) -> Result<(), ProxyError> {
+        let why = if endpoint {
+            local::classify_endpoint(dst.ip())
+        } else {
+            self.node_addrs.classify(dst.ip())
+        };
+        let Some(why) = why else { return Ok(()) };
+        self.store
+            .refusals()
+            .outbound
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "node_local",
+            })
+            .inc();
+        if self.node_addrs.should_log(src) {
+            tracing::warn!(%src, %dst, kind = why.as_str(),
+                "refused a node-local destination (logged once per source per minute; ztunnel_outbound_refused_total counts each)");
+        }
+        Err(ProxyError::NodeLocal {
+            dst,
+            why: why.as_str(),
+        })
     }
 
     /// Authorizes a connection to a local workload and connects to it, keeping `src_ip` as
@@ -124,6 +160,10 @@ impl Proxy {
         if let Decision::Deny(why) = decision {
             return Err((ResponseFlag::Deny, ProxyError::Denied(why)));
         }
+        // A local workload's address is a pod's, never the node's; a store entry saying
+        // otherwise (a bad object or push) must not make ztunnel connect to the node itself.
+        self.refuse_node_local(src_ip, target, false)
+            .map_err(|e| (ResponseFlag::Deny, e))?;
         let r = if self.cfg.transparent && keep_source {
             self.sockets.connect_transparent(src_ip, target).await
         } else {
@@ -273,8 +313,12 @@ impl<S> ConnTask<S> {
                 let span = conn_span(kind, self.peer);
                 let _entered = span.enter();
                 drop(guards);
-                if let Err(e) = res {
-                    tracing::info!(error = %crate::error_chain(&e), "connection refused or failed");
+                match res {
+                    // Logged (rate-limited per source) where it was refused.
+                    Err(ProxyError::NodeLocal { .. }) | Ok(()) => {}
+                    Err(e) => {
+                        tracing::info!(error = %crate::error_chain(&e), "connection refused or failed")
+                    }
                 }
             }
             None => {

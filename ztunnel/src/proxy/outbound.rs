@@ -23,6 +23,9 @@ pub(super) async fn outbound(
     if local == Some(orig) && listener_port == Some(orig.port()) {
         return Err(ProxyError::Loop(orig));
     }
+    // Loopback, link-local (cloud metadata), multicast and the node's own addresses: a pod
+    // must not reach them through ztunnel, with the node's address.
+    p.refuse_node_local(peer.ip(), orig, false)?;
     let node = p.store.node();
     let td = p.td();
     let in_cluster = |ip: std::net::IpAddr| p.cfg.cluster_cidrs.iter().any(|c| c.contains(ip));
@@ -42,6 +45,9 @@ pub(super) async fn outbound(
             ),
             _ => (orig, None),
         };
+        if service.is_some() {
+            p.refuse_node_local(peer.ip(), target, true)?;
+        }
         let unknown = state.workload(target.ip()).is_none() && in_cluster(target.ip());
         if !unknown {
             break (state, target, service);
