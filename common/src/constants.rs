@@ -51,3 +51,8 @@ pub const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system"];
 
 /// CNI spec versions the plugin accepts and reports.
 pub const SUPPORTED_CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// Annotation recording the node agent's decision on an ambient pod (Istio's key, so existing
+/// tooling reads it): `enabled` while the pod is ambient, removed when it no longer is. The
+/// only field the agent may change on a pod (`install/manifests/admission.yaml`).
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use ambient_common::constants as c;
 use clap::Parser;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
@@ -64,6 +67,10 @@ fn check_kind(v: &Value) {
         "RoleBinding" => drop(roundtrip::<RoleBinding>(v)),
         "ConfigMap" => drop(roundtrip::<ConfigMap>(v)),
         "DaemonSet" => drop(roundtrip::<DaemonSet>(v)),
+        "ValidatingAdmissionPolicy" => drop(roundtrip::<ValidatingAdmissionPolicy>(v)),
+        "ValidatingAdmissionPolicyBinding" => {
+            drop(roundtrip::<ValidatingAdmissionPolicyBinding>(v))
+        }
         other => panic!("no typed check for kind {other}"),
     }
 }
@@ -85,7 +92,13 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
         let ns = o["metadata"]["namespace"].as_str();
         let cluster_scoped = matches!(
             o["kind"].as_str(),
-            Some("Namespace" | "ClusterRole" | "ClusterRoleBinding")
+            Some(
+                "Namespace"
+                    | "ClusterRole"
+                    | "ClusterRoleBinding"
+                    | "ValidatingAdmissionPolicy"
+                    | "ValidatingAdmissionPolicyBinding"
+            )
         );
         assert_eq!(
             ns,
@@ -375,9 +388,27 @@ fn node_daemonset_mounts_the_paths_the_binaries_use() {
         caps(&agent),
         (vec!["NET_ADMIN".to_string()], vec!["ALL".to_string()])
     );
+    // Metrics on the node's address (docs/operations.md), from the downward API.
     assert_eq!(
         env(&agent, "AMBIENT_METRICS_ADDR"),
-        Some(format!("0.0.0.0:{}", c::AGENT_METRICS_PORT))
+        Some(format!("$(HOST_IP):{}", c::AGENT_METRICS_PORT))
+    );
+    let env_vars = agent.env.clone().unwrap();
+    let host_ip = env_vars.iter().position(|e| e.name == "HOST_IP");
+    let metrics = env_vars
+        .iter()
+        .position(|e| e.name == "AMBIENT_METRICS_ADDR");
+    assert!(
+        host_ip < metrics,
+        "HOST_IP must come before the variable that expands it"
+    );
+    assert_eq!(
+        env_vars[host_ip.unwrap()]
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("status.hostIP")
     );
     let cmd = agent.command.clone().unwrap();
     assert_eq!(cmd[1..], ["run", "--source", "kube"]);
@@ -446,4 +477,56 @@ fn ztunnel_daemonset_matches_the_conventions() {
         c::DEFAULT_EXCLUDED_NAMESPACES.join(",")
     );
     assert_eq!(data["TRUST_DOMAIN"], c::DEFAULT_TRUST_DOMAIN);
+}
+
+/// The node agent's only write (pods/status) is scoped by an admission policy to the
+/// redirection annotation on pods of its own node; the policy names the agent's service
+/// account and the annotation key the agent writes. (No API server here: the CEL itself is
+/// not evaluated by this test.)
+#[test]
+fn pod_status_writes_are_scoped_to_the_agents_node_and_annotation() {
+    let policy: ValidatingAdmissionPolicy =
+        find("ValidatingAdmissionPolicy", "ambient-node-pod-status");
+    let spec = policy.spec.unwrap();
+    let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods/status".to_string()][..])
+    );
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+    let conditions = spec.match_conditions.unwrap();
+    assert!(conditions[0]
+        .expression
+        .contains("system:serviceaccount:ambient-system:ambient-node"));
+    let text: String = spec
+        .variables
+        .unwrap()
+        .iter()
+        .map(|v| v.expression.clone())
+        .chain(
+            spec.validations
+                .unwrap()
+                .iter()
+                .map(|v| v.expression.clone()),
+        )
+        .collect();
+    assert!(text.contains(&format!("'{}'", c::REDIRECTION_ANNOTATION)));
+    for needle in [
+        "authentication.kubernetes.io/node-name",
+        "object.spec.nodeName",
+        "metadata.labels",
+        "object.status == oldObject.status",
+    ] {
+        assert!(text.contains(needle), "the policy does not check {needle}");
+    }
+    let binding: ValidatingAdmissionPolicyBinding = find(
+        "ValidatingAdmissionPolicyBinding",
+        "ambient-node-pod-status",
+    );
+    let b = binding.spec.unwrap();
+    assert_eq!(b.policy_name.as_deref(), Some("ambient-node-pod-status"));
+    assert_eq!(b.validation_actions, Some(vec!["Deny".to_string()]));
+    // The agent's service account is the one the policy names.
+    let sa: ServiceAccount = find("ServiceAccount", "ambient-node");
+    assert_eq!(sa.metadata.name.as_deref(), Some("ambient-node"));
 }

@@ -31,9 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::source::{Snapshot, Source};
 
-/// Annotation recording the agent's decision on an ambient pod (Istio's key, so existing
-/// tooling reads it): `enabled` while the pod is ambient, removed when it no longer is.
-pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+pub use ambient_common::constants::REDIRECTION_ANNOTATION;
 
 /// One API call the agent makes, for the RBAC test: (API group, resource, verb).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
