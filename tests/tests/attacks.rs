@@ -727,9 +727,18 @@ fn neighbour_advertisement_claims_no_ambient_address() {
 /// A pod enrolled while running (its namespace labelled) must not keep talking in plaintext
 /// on a connection it opened before: packets of a flow that never passed capture are reset.
 #[test]
-fn enrolment_ends_plaintext_flows_opened_before_it() {
+fn enrolment_ends_plaintext_flows_opened_before_it_bridge() {
+    enrolment_ends_plaintext_flows("atfb", 176, Attach::Bridge);
+}
+
+#[test]
+fn enrolment_ends_plaintext_flows_opened_before_it_ptp() {
+    enrolment_ends_plaintext_flows("atfp", 178, Attach::Ptp);
+}
+
+fn enrolment_ends_plaintext_flows(tag: &str, octet: u8, attach: Attach) {
     use std::io::{Read, Write};
-    let mut c = cluster("atfl", 176, Attach::Bridge);
+    let mut c = cluster(tag, octet, attach);
     c.set_namespace("flip", false).unwrap();
     let client = pod(&mut c, 0, "flip", "client");
     let server = pod(&mut c, 1, "legacy", "server");
@@ -753,6 +762,16 @@ fn enrolment_ends_plaintext_flows_opened_before_it() {
 
     c.set_namespace("flip", true).unwrap();
     c.wait_converged(WAIT).unwrap();
+    // The agent has enrolled it (its rules are in the kernel), not only ztunnel's view.
+    eventually(WAIT, || {
+        let rows = ambient_tests::agent::pods(&c.bin(bins::NODE_AGENT), &c.nodes[0].run_dir())
+            .map_err(|e| e.to_string())?;
+        match rows.iter().find(|p| p.name == "client") {
+            Some(p) if p.state == "captured" => Ok(()),
+            other => Err(format!("client not captured yet: {other:?}")),
+        }
+    })
+    .unwrap();
     let cap = c.capture_underlay("flip").unwrap();
     let marker = format!("AFTER-FLIP-{}", std::process::id());
     let after = echo(&mut stream, &marker);
