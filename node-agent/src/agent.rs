@@ -107,6 +107,8 @@ pub struct PodReport {
     pub ips: Vec<std::net::IpAddr>,
     pub host_interface: String,
     pub mode: String,
+    /// The MAC the pod's bridge port is pinned to (bridged pods whose MAC is known).
+    pub pinned_mac: Option<String>,
     pub netns: String,
     pub state: PodState,
     pub since: u64,
@@ -856,6 +858,7 @@ impl Core {
                 ips: r.ips.clone(),
                 host_interface: r.link.veth().to_owned(),
                 mode: r.link.mode().to_owned(),
+                pinned_mac: pinned_mac(r),
                 netns: r.netns.clone(),
                 state: self
                     .states
@@ -881,6 +884,14 @@ impl Core {
             last_error: self.last_error.clone(),
             rules,
         }
+    }
+}
+
+/// The MAC a record's bridge port is pinned to, as `node-agent pods` shows it.
+pub fn pinned_mac(r: &Record) -> Option<String> {
+    match (&r.link, r.mac) {
+        (crate::state::LinkRecord::Bridged { .. }, Some(m)) => Some(m.to_string()),
+        _ => None,
     }
 }
 

@@ -246,13 +246,14 @@ pub fn render_pods(pods: &[serde_json::Value]) -> String {
                 ips,
                 s("host_interface"),
                 s("mode"),
+                p["pinned_mac"].as_str().unwrap_or("-").to_owned(),
                 s("state"),
                 ago(p["since"].as_u64().unwrap_or(0)),
             ]
         })
         .collect();
     table(
-        &["NAMESPACE", "POD", "IPS", "VETH", "MODE", "STATE", "SINCE"],
+        &["NAMESPACE", "POD", "IPS", "VETH", "MODE", "PINNED MAC", "STATE", "SINCE"],
         &rows,
     )
 }
@@ -298,7 +299,7 @@ pub fn view(kind: &str, args: &ViewArgs, out: &mut impl Write) -> std::io::Resul
                         "namespace": r.pod.namespace, "name": r.pod.name, "uid": r.pod.uid,
                         "container_id": r.key.container_id, "ifname": r.key.ifname,
                         "ips": r.ips, "host_interface": r.link.veth(), "mode": r.link.mode(),
-                        "netns": r.netns, "state": "agent_down", "since": r.since,
+                        "pinned_mac": crate::agent::pinned_mac(r), "netns": r.netns, "state": "agent_down", "since": r.since,
                     })
                 })
                 .collect();
