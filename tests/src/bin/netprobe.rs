@@ -51,6 +51,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Binds `addr:port` with SO_REUSEPORT (joining any group the kernel lets it join) and
+    /// records every connection it accepts, as `listen-origdst` does. Exits 3 when the bind
+    /// is refused.
+    ListenReuseport {
+        #[arg(long)]
+        addr: std::net::IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
     /// Forwards every frame arriving on `--from` out of `--to` behind an 802.1Q tag (until
     /// killed): a pod's own stack, sending through a veth whose peer this reads, then puts
     /// tagged frames on its link as a pod with CAP_NET_RAW could.
@@ -102,6 +115,24 @@ fn main() -> anyhow::Result<()> {
                 raw::send_frame(&dev, &frame).with_context(|| format!("frame on {dev}"))?;
             }
         }
+        Cmd::ListenReuseport {
+            addr,
+            port,
+            out,
+            ready_file,
+        } => {
+            let l = match reuseport_listener(SocketAddr::new(addr, port)) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("bind {addr}:{port} with SO_REUSEPORT: {e}");
+                    std::process::exit(3);
+                }
+            };
+            if let Some(f) = ready_file {
+                std::fs::write(f, b"ready")?;
+            }
+            probe::serve_origdst(l, &out)?;
+        }
         Cmd::VlanRelay {
             from,
             to,
@@ -145,6 +176,27 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrStorage,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    listen(&fd, Backlog::new(128)?)?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
