@@ -253,7 +253,16 @@ pub fn render_pods(pods: &[serde_json::Value]) -> String {
         })
         .collect();
     table(
-        &["NAMESPACE", "POD", "IPS", "VETH", "MODE", "PINNED MAC", "STATE", "SINCE"],
+        &[
+            "NAMESPACE",
+            "POD",
+            "IPS",
+            "VETH",
+            "MODE",
+            "PINNED MAC",
+            "STATE",
+            "SINCE",
+        ],
         &rows,
     )
 }
