@@ -9,6 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use ambient_common::frame;
+use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
 use ambient_tests::bins;
 use ambient_tests::cluster::{metric_samples, Addressing, Cluster, ClusterSpec};
 use ambient_tests::cni::Attach;
@@ -259,5 +261,151 @@ fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf() {
         .filter(|l| l.contains("refused a node-local destination"))
         .count();
     assert_eq!(lines, 1, "logged once per source, not once per connection");
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+/// One request on ztunnel's agent socket (4-byte length + JSON frames); the reply.
+fn push(path: &Path, op: ZtunnelOp) -> Result<ZtunnelReply, String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let bytes = frame::encode(&ZtunnelRequest::new(op)).map_err(|e| e.to_string())?;
+    s.write_all(&bytes).map_err(|e| e.to_string())?;
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; frame::body_len(header).map_err(|e| e.to_string())?];
+    s.read_exact(&mut body).map_err(|e| e.to_string())?;
+    frame::decode(&body).map_err(|e| e.to_string())
+}
+
+/// Not a test of its own: the body of the unprivileged caller of
+/// `a_forged_push_on_the_agent_socket_is_refused`, run by it as uid 1000 (`setpriv`) with
+/// `AP_PUSH_SOCKET` set. Without the variable it does nothing.
+#[test]
+fn helper_push_as_another_uid() {
+    let Some(path) = std::env::var_os("AP_PUSH_SOCKET") else {
+        return;
+    };
+    // The most destructive request there is: "the agent enrolled nothing".
+    let r = push(Path::new(&path), ZtunnelOp::Snapshot(Vec::new()));
+    println!("AP_REPLY {r:?}");
+}
+
+fn dump_workload(c: &Cluster, node: usize, ip: std::net::Ipv4Addr) -> Value {
+    let dump = c.nodes[node].config_dump().unwrap();
+    dump["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| {
+            w["ips"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&ip.to_string())))
+        })
+        .last()
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Attack 7, ztunnel side: anything that could open ztunnel's agent socket could push a
+/// workload binding another pod's IP to any service account (ztunnel issued that
+/// certificate and preferred the claim over the cluster source), or replace the agent's whole
+/// set. Now the caller must be the configured uid (SO_PEERCRED), and a push the cluster
+/// source contradicts is refused, counted and gets no certificate; the IP stays the
+/// source's pod's. Real pods are still enrolled promptly afterwards.
+#[test]
+fn a_forged_push_on_the_agent_socket_is_refused() {
+    let mut c = cluster("apagt", 162, Attach::Bridge);
+    let victim = pod(&mut c, 0, "ambient-demo", "victim", &[]);
+    let server = pod(&mut c, 1, "ambient-demo", "server", &[]);
+    c.wait_converged(WAIT).unwrap();
+    let sock = c.nodes[0].ztunnel_socket();
+    let vip = c.pods[victim].ip;
+    let thief = LocalWorkload {
+        uid: "forged-uid".into(),
+        namespace: "ambient-demo".into(),
+        name: "thief".into(),
+        service_account: "admin".into(),
+        node: c.nodes[0].name.clone(),
+        ips: vec![IpAddr::V4(vip)],
+    };
+    // A root process on the node (the socket's permissions let only root in).
+    let r = push(&sock, ZtunnelOp::Add(thief));
+    let w = dump_workload(&c, 0, vip);
+    let certs = c.nodes[0].config_dump().unwrap()["certificates"].to_string();
+    assert!(
+        matches!(&r, Ok(ZtunnelReply::Error { .. })),
+        "a push stealing {vip} for service account admin was accepted: {r:?}; {vip} is now {w}; certificates {certs}"
+    );
+    assert_eq!(w["service_account"], "sa-victim", "{w}");
+    assert!(
+        !certs.contains("/sa/admin"),
+        "certificate issued for the forged push: {certs}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            0,
+            "ztunnel_agent_refused_total",
+            &[("reason", "contradicts_source")]
+        ),
+        1.0
+    );
+    // The victim still speaks as itself.
+    c.connect(victim, c.pods[server].echo_addr(), "still-me")
+        .unwrap();
+
+    // Another uid: let it reach the socket (directories traversable, socket 0666), so the
+    // peer check is what refuses it, not the file mode.
+    use std::os::unix::fs::PermissionsExt;
+    let mut p = sock.parent();
+    while let Some(dir) = p.filter(|d| d.starts_with(c.root())) {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011)).unwrap();
+        p = dir.parent();
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "helper_push_as_another_uid", "--nocapture"])
+        .env("AP_PUSH_SOCKET", &sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reply = text
+        .lines()
+        .find(|l| l.starts_with("AP_REPLY"))
+        .unwrap_or("");
+    assert!(
+        reply.contains("may not push"),
+        "uid 1000 was not refused: {reply:?} ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        count(
+            &c,
+            0,
+            "ztunnel_agent_refused_total",
+            &[("reason", "peer_uid")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        dump_workload(&c, 0, vip)["source"],
+        "agent",
+        "the agent's set was replaced"
+    );
+
+    // The real agent still enrols new pods, promptly.
+    let t = std::time::Instant::now();
+    let late = pod(&mut c, 0, "ambient-demo", "late", &[]);
+    eprintln!(
+        "pod added (manifest, CNI chain, echo server) in {:?}",
+        t.elapsed()
+    );
+    c.wait_converged(WAIT).unwrap();
+    c.connect(late, c.pods[server].echo_addr(), "late").unwrap();
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }

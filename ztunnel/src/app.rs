@@ -109,6 +109,9 @@ impl App {
     ) -> Result<Self, AppError> {
         tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
         let store = Store::new(&cfg.node_name, &cfg.trust_domain);
+        if cfg.source != Source::None {
+            store.enable_cross_check();
+        }
         if let Source::Manifests { dir } = &cfg.source {
             match store::load_manifests(dir, &cfg.excluded_namespaces) {
                 Ok(m) => store.set_manifest(m),
@@ -328,11 +331,27 @@ impl App {
                 });
             }
         }
+        if cfg.source != Source::None {
+            // Pushes are checked against the cluster source, and not trusted for long
+            // without it.
+            let (store, ttl) = (store.clone(), cfg.agent_unconfirmed_ttl);
+            control.spawn(async move {
+                let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                loop {
+                    tokio::time::sleep(every).await;
+                    store.expire_unconfirmed(ttl);
+                }
+            });
+        }
         control.spawn(store::serve_agent(
             agent,
             store.clone(),
             certs.clone(),
-            cfg.connect_timeout,
+            store::AgentPolicy {
+                peer_uid: cfg.agent_peer_uid,
+                confirm_wait: cfg.agent_confirm_wait,
+                cert_timeout: cfg.connect_timeout,
+            },
             Arc::new(|| {}),
         ));
 

@@ -99,6 +99,18 @@ pub struct RunArgs {
     /// Unix socket on which the node agent pushes local workloads.
     #[arg(long, default_value = constants::ZTUNNEL_SOCKET)]
     pub agent_socket: PathBuf,
+    /// The only uid allowed to push workloads on --agent-socket (the node agent's),
+    /// checked with SO_PEERCRED.
+    #[arg(long, default_value_t = 0)]
+    pub agent_peer_uid: u32,
+    /// With a cluster source: how long an agent push the source contradicts in a way it may
+    /// still settle (an IP of a pod of this node being reused) is held before it is refused.
+    #[arg(long, default_value = "1s")]
+    pub agent_confirm_wait: String,
+    /// With a cluster source: how long a workload pushed by the agent is kept while the
+    /// source does not know its pod.
+    #[arg(long, default_value = "30s")]
+    pub agent_unconfirmed_ttl: String,
     /// SPIFFE trust domain.
     #[arg(long, default_value = constants::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -198,6 +210,9 @@ pub struct Config {
     pub source: Source,
     pub ca_dir: PathBuf,
     pub agent_socket: PathBuf,
+    pub agent_peer_uid: u32,
+    pub agent_confirm_wait: Duration,
+    pub agent_unconfirmed_ttl: Duration,
     pub trust_domain: String,
     pub outbound_addrs: Vec<SocketAddr>,
     pub inbound_addrs: Vec<SocketAddr>,
@@ -316,6 +331,8 @@ impl Config {
         let connect_timeout = dur("connect-timeout", &a.connect_timeout);
         let drain_timeout = dur("drain-timeout", &a.drain_timeout);
         let discovery_wait = dur("discovery-wait", &a.discovery_wait);
+        let agent_confirm_wait = dur("agent-confirm-wait", &a.agent_confirm_wait);
+        let agent_unconfirmed_ttl = dur("agent-unconfirmed-ttl", &a.agent_unconfirmed_ttl);
         let cluster_cidrs = a
             .cluster_cidrs
             .iter()
@@ -381,6 +398,9 @@ impl Config {
             source,
             ca_dir: a.ca_dir.clone(),
             agent_socket: a.agent_socket.clone(),
+            agent_peer_uid: a.agent_peer_uid,
+            agent_confirm_wait,
+            agent_unconfirmed_ttl,
             trust_domain: a.trust_domain.clone(),
             outbound_addrs,
             inbound_addrs,
@@ -449,6 +469,8 @@ mod tests {
         assert_eq!(c.cert_ttl, Duration::from_secs(24 * 3600));
         assert!(c.transparent);
         assert_eq!(c.agent_socket, PathBuf::from(constants::ZTUNNEL_SOCKET));
+        assert_eq!(c.agent_peer_uid, 0);
+        assert_eq!(c.agent_confirm_wait, Duration::from_secs(1));
     }
 
     #[test]

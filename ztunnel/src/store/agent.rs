@@ -2,6 +2,16 @@
 //! (`ambient_common::ztunnel_api`). ztunnel is the server; each connection carries a
 //! Snapshot, then Adds and Removes, each answered in order. `Ack` means the workloads are in
 //! the store and a certificate is held for each identity; `Error{message}` otherwise.
+//!
+//! Nothing on the socket is believed blindly ([`AgentPolicy`]): the peer must be the
+//! configured uid (SO_PEERCRED), and with a cluster source each pushed workload is checked
+//! against the pod the source knows ([`Store::check_push`]). A push the source contradicts
+//! (another namespace, name, service account or node for the same uid, or an IP the source
+//! gives to another pod) is refused, logged and counted, and gets no certificate; one the
+//! source may still settle (an IP of a pod of this node that a new pod reuses) is held up to
+//! `confirm_wait` first. A pod the source does not know yet is applied (the ADD must not
+//! wait for the source's next read) but dropped if the source contradicts it later or has
+//! not confirmed it within `unconfirmed_ttl`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +24,30 @@ use ambient_common::ztunnel_api::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::Store;
+use super::{PushCheck, Store};
 use crate::identity::{Identity, SecretManager};
+
+/// Who may push, and how pushes are checked.
+#[derive(Debug, Clone)]
+pub struct AgentPolicy {
+    /// The only uid allowed on the socket (the node agent's; root by default).
+    pub peer_uid: u32,
+    /// How long a push the source may still settle is held before it is refused.
+    pub confirm_wait: Duration,
+    /// How long the certificate may take before the push is answered with an error.
+    pub cert_timeout: Duration,
+}
+
+impl AgentPolicy {
+    /// Root peer, 1 s hold, `cert_timeout` for certificates.
+    pub fn new(cert_timeout: Duration) -> Self {
+        Self {
+            peer_uid: 0,
+            confirm_wait: Duration::from_secs(1),
+            cert_timeout,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -97,8 +129,9 @@ pub async fn handle_request(
     req: ZtunnelRequest,
     store: &Store,
     certs: &SecretManager,
-    cert_timeout: Duration,
+    policy: &AgentPolicy,
 ) -> ZtunnelReply {
+    let cert_timeout = policy.cert_timeout;
     if req.version != ZTUNNEL_API_VERSION {
         return ZtunnelReply::Error {
             message: format!(
@@ -114,6 +147,18 @@ pub async fn handle_request(
                 return ZtunnelReply::Error { message: e };
             }
             let ws: Vec<_> = ws.iter().map(|w| local(w, store.node())).collect();
+            // The ones the source contradicts are left out (refusing the whole snapshot would
+            // only make the agent reconnect and send it again).
+            let mut kept = Vec::with_capacity(ws.len());
+            for w in ws {
+                match checked(store, &w, policy.confirm_wait).await {
+                    Ok(()) => kept.push(w),
+                    Err(message) => {
+                        tracing::warn!(%message, "workload left out of the agent's snapshot")
+                    }
+                }
+            }
+            let ws = kept;
             store.agent_snapshot(&ws);
             ws.iter()
                 .map(|w| Identity::new(&td, &w.namespace, &default_sa(&w.service_account)))
@@ -123,7 +168,11 @@ pub async fn handle_request(
             if let Err(e) = validate(w, store.node()) {
                 return ZtunnelReply::Error { message: e };
             }
-            store.agent_add(&local(w, store.node()));
+            let w = &local(w, store.node());
+            if let Err(message) = checked(store, w, policy.confirm_wait).await {
+                return ZtunnelReply::Error { message };
+            }
+            store.agent_add(w);
             vec![Identity::new(
                 &td,
                 &w.namespace,
@@ -146,6 +195,34 @@ pub async fn handle_request(
     }
 }
 
+/// Checks a push against the cluster source, holding it up to `wait` while the
+/// contradiction is one the source may settle; the refusal is logged and counted.
+async fn checked(store: &Store, w: &LocalWorkload, wait: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = store.subscribe();
+    loop {
+        match store.check_push(w) {
+            PushCheck::Confirmed | PushCheck::Unknown => return Ok(()),
+            PushCheck::Contradicts { reason, may_settle } => {
+                let settle = may_settle
+                    && tokio::time::timeout_at(deadline, changes.changed())
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                if settle {
+                    continue;
+                }
+                let message = format!(
+                    "workload {}/{} (uid {}, service account {:?}, IPs {:?}) refused: {reason}",
+                    w.namespace, w.name, w.uid, w.service_account, w.ips
+                );
+                tracing::error!(%message, "agent push contradicts the cluster source");
+                store.count_agent_refusal("contradicts_source");
+                return Err(message);
+            }
+        }
+    }
+}
+
 fn default_sa(sa: &str) -> String {
     if sa.is_empty() {
         "default".into()
@@ -158,7 +235,7 @@ async fn serve_conn(
     mut conn: UnixStream,
     store: Arc<Store>,
     certs: Arc<SecretManager>,
-    cert_timeout: Duration,
+    policy: Arc<AgentPolicy>,
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) -> Result<(), frame::FrameError> {
     loop {
@@ -176,7 +253,7 @@ async fn serve_conn(
         let reply = match frame::decode::<ZtunnelRequest>(&body) {
             Ok(req) => {
                 tracing::debug!(?req, "agent request");
-                let r = handle_request(req, &store, &certs, cert_timeout).await;
+                let r = handle_request(req, &store, &certs, &policy).await;
                 on_change();
                 r
             }
@@ -194,21 +271,63 @@ async fn serve_conn(
     }
 }
 
+/// Only the node agent (uid `allowed`) may push: the caller is read from the socket
+/// (SO_PEERCRED), not believed.
+fn peer_allowed(conn: &UnixStream, allowed: u32) -> Result<(), String> {
+    let cred = conn
+        .peer_cred()
+        .map_err(|e| format!("cannot read the caller's credentials: {e}"))?;
+    if cred.uid() == allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} (pid {:?}) may not push workloads; only uid {allowed} (the node agent, --agent-peer-uid) may",
+            cred.uid(),
+            cred.pid()
+        ))
+    }
+}
+
 /// Serves the agent until the listener fails.
 pub async fn serve_agent(
     listener: UnixListener,
     store: Arc<Store>,
     certs: Arc<SecretManager>,
-    cert_timeout: Duration,
+    policy: AgentPolicy,
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) {
+    let policy = Arc::new(policy);
     loop {
         match listener.accept().await {
-            Ok((conn, _)) => {
+            Ok((mut conn, _)) => {
+                if let Err(refusal) = peer_allowed(&conn, policy.peer_uid) {
+                    tracing::warn!(%refusal, "agent socket caller refused");
+                    store.count_agent_refusal("peer_uid");
+                    // Say why, and let the caller finish writing its request (closing at once
+                    // would fail its write before it reads the reason); nothing it sends is read.
+                    tokio::spawn(async move {
+                        let reply = ZtunnelReply::Error { message: refusal };
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            if let Ok(bytes) = frame::encode(&reply) {
+                                conn.write_all(&bytes).await?;
+                            }
+                            let mut sink = [0u8; 4096];
+                            while conn.read(&mut sink).await? > 0 {}
+                            Ok::<_, std::io::Error>(())
+                        })
+                        .await;
+                    });
+                    continue;
+                }
                 tracing::info!("node agent connected");
-                let (store, certs, on_change) = (store.clone(), certs.clone(), on_change.clone());
+                let (store, certs, policy, on_change) = (
+                    store.clone(),
+                    certs.clone(),
+                    policy.clone(),
+                    on_change.clone(),
+                );
                 tokio::spawn(async move {
-                    if let Err(e) = serve_conn(conn, store, certs, cert_timeout, on_change).await {
+                    if let Err(e) = serve_conn(conn, store, certs, policy, on_change).await {
                         tracing::warn!(error = %crate::error_chain(&e), "agent connection ended");
                     }
                 });
@@ -259,11 +378,13 @@ mod tests {
         let store = Store::new("n1", "cluster.local");
         let path = dir.path().join("run/ztunnel.sock");
         let l = bind_agent_socket(&path).unwrap();
+        let mut policy = AgentPolicy::new(Duration::from_secs(5));
+        policy.peer_uid = nix::unistd::geteuid().as_raw();
         tokio::spawn(serve_agent(
             l,
             store.clone(),
             certs.clone(),
-            Duration::from_secs(5),
+            policy,
             Arc::new(|| {}),
         ));
         let mut c = UnixStream::connect(&path).await.unwrap();
@@ -324,6 +445,106 @@ mod tests {
         assert_eq!(
             rpc(&mut c, ZtunnelOp::Remove { uid: "b".into() }).await,
             ZtunnelReply::Ack
+        );
+    }
+
+    /// Attack 7: a push binding another pod's IP to another service account is refused
+    /// (no certificate for that account, the IP still maps to the source's pod), and a
+    /// caller that is not the configured uid is refused before anything is read.
+    #[tokio::test]
+    async fn forged_pushes_and_foreign_callers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ca_init(&dir.path().join("ca"), "cluster.local", false).unwrap();
+        let certs = Arc::new(SecretManager::new(
+            Arc::new(FileCa::load(&files, "cluster.local").unwrap()),
+            Duration::from_secs(3600),
+        ));
+        let store = Store::new("n1", "cluster.local");
+        store.enable_cross_check();
+        store.set_manifest(super::super::ManifestState {
+            workloads: vec![super::super::Workload {
+                uid: "victim".into(),
+                name: "p-victim".into(),
+                namespace: "shop".into(),
+                service_account: "web".into(),
+                node: "n1".into(),
+                ips: vec!["10.1.0.2".parse().unwrap()],
+                labels: Default::default(),
+                ambient: true,
+                source: super::super::WorkloadSource::Manifest,
+            }],
+            ..Default::default()
+        });
+        let path = dir.path().join("run/ztunnel.sock");
+        let mut policy = AgentPolicy::new(Duration::from_secs(5));
+        policy.peer_uid = nix::unistd::geteuid().as_raw();
+        policy.confirm_wait = Duration::from_millis(100);
+        tokio::spawn(serve_agent(
+            bind_agent_socket(&path).unwrap(),
+            store.clone(),
+            certs.clone(),
+            policy,
+            Arc::new(|| {}),
+        ));
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        let mut forged = lw("thief", "10.1.0.2");
+        forged.service_account = "admin".into();
+        let r = rpc(&mut c, ZtunnelOp::Add(forged)).await;
+        assert!(
+            matches!(&r, ZtunnelReply::Error { message } if message.contains("belongs to pod shop/p-victim")),
+            "{r:?}"
+        );
+        assert!(certs
+            .get(&Identity::new("cluster.local", "shop", "admin"))
+            .is_none());
+        assert_eq!(
+            store
+                .snapshot()
+                .workload("10.1.0.2".parse().unwrap())
+                .unwrap()
+                .uid,
+            "victim"
+        );
+        // The same forgery inside a snapshot is left out.
+        let mut forged = lw("victim", "10.1.0.2");
+        forged.service_account = "admin".into();
+        rpc(&mut c, ZtunnelOp::Snapshot(vec![forged])).await;
+        assert_eq!(
+            store
+                .snapshot()
+                .workload("10.1.0.2".parse().unwrap())
+                .unwrap()
+                .service_account,
+            "web"
+        );
+        assert!(certs
+            .get(&Identity::new("cluster.local", "shop", "admin"))
+            .is_none());
+
+        // A caller whose uid is not the configured one.
+        let path2 = dir.path().join("run/other.sock");
+        let mut policy = AgentPolicy::new(Duration::from_secs(5));
+        policy.peer_uid = nix::unistd::geteuid().as_raw() + 1;
+        tokio::spawn(serve_agent(
+            bind_agent_socket(&path2).unwrap(),
+            store.clone(),
+            certs.clone(),
+            policy,
+            Arc::new(|| {}),
+        ));
+        let mut c = UnixStream::connect(&path2).await.unwrap();
+        let r = rpc(&mut c, ZtunnelOp::Snapshot(vec![])).await;
+        assert!(
+            matches!(&r, ZtunnelReply::Error { message } if message.contains("may not push")),
+            "{r:?}"
+        );
+        assert_eq!(
+            store
+                .snapshot()
+                .workload("10.1.0.2".parse().unwrap())
+                .unwrap()
+                .uid,
+            "victim"
         );
     }
 }

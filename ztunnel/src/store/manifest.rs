@@ -236,16 +236,24 @@ pub fn parse_manifests(
             _ => None,
         })
         .collect();
-    let pods: Vec<&Pod> = objs
+    // Pods without an IP yet are kept too (no IP, so they route nothing): the node agent
+    // pushes a pod at its CNI ADD, before its status has an IP, and ztunnel checks the push
+    // against the pod the cluster source knows.
+    let live: Vec<&Pod> = objs
         .iter()
         .filter_map(|o| match o {
             Object::Pod(p) => Some(p),
             _ => None,
         })
-        .filter(|p| !p.is_terminal() && !p.spec.host_network && !p.ips().is_empty())
+        .filter(|p| !p.is_terminal() && !p.spec.host_network)
+        .collect();
+    let pods: Vec<&Pod> = live
+        .iter()
+        .copied()
+        .filter(|p| !p.ips().is_empty())
         .collect();
     let mut out = ManifestState::default();
-    for p in &pods {
+    for p in &live {
         let ns = namespaces.get(p.namespace()).copied();
         let enrolment = Enrolment::decide(p, ns, excluded);
         out.workloads.push(Workload {

@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use ambient_common::ztunnel_api::LocalWorkload;
 use serde::Serialize;
 
-pub use agent::{bind_agent_socket, handle_request, serve_agent, AgentError};
+pub use agent::{bind_agent_socket, handle_request, serve_agent, AgentError, AgentPolicy};
 pub use manifest::{
     load as load_manifests, parse_manifests, poll_manifests, ManifestError, ManifestState,
     RejectEffect, Rejected,
@@ -272,6 +272,10 @@ struct Inner {
     /// hides. Kept per uid, so a push merges one workload, not all of them.
     overlay: BTreeMap<String, Overlaid>,
     state: Arc<State>,
+    /// The agent's workloads the cluster source does not know yet, since when.
+    unconfirmed: HashMap<String, std::time::Instant>,
+    /// Whether pushes are checked against a cluster source (there is one).
+    cross_check: bool,
 }
 
 struct Overlaid {
@@ -353,6 +357,85 @@ impl Base {
     }
 }
 
+/// How an agent push compares with the cluster source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushCheck {
+    /// The source knows the pod, with the same namespace, name, service account and node,
+    /// and none of its IPs belongs to another pod.
+    Confirmed,
+    /// The source does not know the pod yet and nothing contradicts the push.
+    Unknown,
+    /// The source says otherwise. `may_settle`: the contradiction is one the source may
+    /// resolve in a moment (an IP still listed for another pod of this node, which a new
+    /// pod may reuse; a recreated sandbox's new IP); otherwise it never will.
+    Contradicts { reason: String, may_settle: bool },
+}
+
+impl Base {
+    /// Checks a pushed workload (already normalised: default service account, this node)
+    /// against the cluster source.
+    fn check(&self, w: &Workload, node: &str) -> PushCheck {
+        let known = self.by_uid.get(&w.uid).map(|&i| &self.workloads[i]);
+        if let Some(s) = known {
+            let id = format!("{}/{}", s.namespace, s.name);
+            let differs = |what: &str, src: &str, pushed: &str| {
+                PushCheck::Contradicts {
+                reason: format!(
+                    "pod {} (uid {}) has {what} {src:?} in the cluster source, the push says {pushed:?}",
+                    id, w.uid
+                ),
+                may_settle: false,
+            }
+            };
+            if s.namespace != w.namespace || s.name != w.name {
+                return differs("name", &id, &format!("{}/{}", w.namespace, w.name));
+            }
+            if s.service_account != w.service_account {
+                return differs("service account", &s.service_account, &w.service_account);
+            }
+            if !s.node.is_empty() && s.node != node {
+                return differs("node", &s.node, node);
+            }
+            if let Some(ip) = w
+                .ips
+                .iter()
+                .find(|ip| !s.ips.is_empty() && !s.ips.contains(ip))
+            {
+                return PushCheck::Contradicts {
+                    reason: format!(
+                        "pod {id} has IPs {:?} in the cluster source, not {ip}",
+                        s.ips
+                    ),
+                    may_settle: true,
+                };
+            }
+        }
+        for ip in &w.ips {
+            let other = self
+                .claims
+                .get(ip)
+                .into_iter()
+                .flatten()
+                .map(|&j| &self.workloads[j])
+                .find(|o| o.uid != w.uid);
+            if let Some(o) = other {
+                return PushCheck::Contradicts {
+                    reason: format!(
+                        "{ip} belongs to pod {}/{} (service account {}, node {:?}) in the cluster source",
+                        o.namespace, o.name, o.service_account, o.node
+                    ),
+                    may_settle: o.node == node,
+                };
+            }
+        }
+        if known.is_some() {
+            PushCheck::Confirmed
+        } else {
+            PushCheck::Unknown
+        }
+    }
+}
+
 /// The store; cheap to share.
 pub struct Store {
     node: String,
@@ -381,6 +464,8 @@ impl Store {
                 agent: BTreeMap::new(),
                 overlay: BTreeMap::new(),
                 state: Arc::new(State::default()),
+                unconfirmed: HashMap::new(),
+                cross_check: false,
             }),
             changed: tokio::sync::watch::channel(0).0,
             refusals: Refusals::default(),
@@ -444,8 +529,84 @@ impl Store {
             self.report_rejected(&i.manifest.rejected, &m.rejected);
             i.base = Arc::new(Base::new(&m));
             i.manifest = m;
+            if i.cross_check {
+                self.recheck_agent(i);
+            }
             i.overlay_all();
         });
+    }
+
+    /// Checks the agent's pushes against a cluster source from now on: each push is
+    /// compared with the source's pod ([`Store::check_push`]), and on every source change
+    /// the agent's workloads the source now contradicts are dropped.
+    pub fn enable_cross_check(&self) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .cross_check = true;
+    }
+
+    /// Compares a push with the cluster source (always `Confirmed` without one).
+    pub fn check_push(&self, w: &LocalWorkload) -> PushCheck {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        if !inner.cross_check {
+            return PushCheck::Confirmed;
+        }
+        let mut w = Workload::from_agent(w);
+        w.node = self.node.clone();
+        inner.base.check(&w, &self.node)
+    }
+
+    /// After a source change: drops the agent's workloads the source contradicts (logged,
+    /// counted) and notes those it now confirms.
+    fn recheck_agent(&self, i: &mut Inner) {
+        let mut dropped = Vec::new();
+        for (uid, w) in &i.agent {
+            match i.base.check(w, &self.node) {
+                PushCheck::Confirmed => {
+                    i.unconfirmed.remove(uid);
+                }
+                PushCheck::Unknown => {}
+                PushCheck::Contradicts { reason, .. } => {
+                    tracing::error!(%uid, pod = %format!("{}/{}", w.namespace, w.name), %reason,
+                        "the cluster source contradicts a workload the node agent pushed; dropped");
+                    dropped.push(uid.clone());
+                }
+            }
+        }
+        for uid in dropped {
+            i.agent.remove(&uid);
+            i.unconfirmed.remove(&uid);
+            self.count_agent_refusal("contradicts_source");
+        }
+    }
+
+    pub(crate) fn count_agent_refusal(&self, reason: &'static str) {
+        self.refusals
+            .agent
+            .get_or_create(&crate::metrics::ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Drops the agent's workloads the cluster source has not confirmed within `ttl`
+    /// (a pod it never lists is not trusted for longer than that); returns how many.
+    pub fn expire_unconfirmed(&self, ttl: std::time::Duration) -> usize {
+        let now = std::time::Instant::now();
+        let expired: Vec<String> = {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            inner
+                .unconfirmed
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= ttl)
+                .map(|(uid, _)| uid.clone())
+                .collect()
+        };
+        for uid in &expired {
+            tracing::warn!(%uid, ?ttl, "the cluster source never confirmed a workload the node agent pushed; dropped");
+            self.agent_remove(uid);
+            self.count_agent_refusal("unconfirmed");
+        }
+        expired.len()
     }
 
     /// Logs and counts each object set aside once, when it starts failing (the source
@@ -491,6 +652,14 @@ impl Store {
                 .iter()
                 .map(|w| (w.uid.clone(), Workload::from_agent(w)))
                 .collect();
+            let now = std::time::Instant::now();
+            let old = std::mem::take(&mut i.unconfirmed);
+            if i.cross_check {
+                for uid in i.agent.keys().filter(|u| !i.base.by_uid.contains_key(*u)) {
+                    i.unconfirmed
+                        .insert(uid.clone(), old.get(uid).copied().unwrap_or(now));
+                }
+            }
             i.overlay_all();
         });
     }
@@ -503,6 +672,11 @@ impl Store {
             let overlaid = Overlaid::new(&i.base, &uid, &w);
             let old = i.overlay.insert(uid.clone(), overlaid);
             Arc::make_mut(&mut i.state).set_agent(&uid, old.as_ref(), i.overlay.get(&uid));
+            if i.cross_check && !i.base.by_uid.contains_key(&uid) {
+                i.unconfirmed
+                    .entry(uid.clone())
+                    .or_insert_with(std::time::Instant::now);
+            }
             i.agent.insert(uid, w);
         });
     }
@@ -510,6 +684,7 @@ impl Store {
     pub fn agent_remove(&self, uid: &str) {
         self.update_in_place(|i| {
             i.agent.remove(uid);
+            i.unconfirmed.remove(uid);
             if let Some(old) = i.overlay.remove(uid) {
                 Arc::make_mut(&mut i.state).set_agent(uid, Some(&old), None);
             }
@@ -834,6 +1009,131 @@ mod tests {
             (WorkloadSource::Agent, "db2")
         );
         assert_eq!(st.workloads().count(), 1);
+    }
+
+    /// Attack 7: a push is checked against the pod the cluster source knows. Contradictions
+    /// (another service account, name or node for the uid; an IP the source gives another
+    /// pod) are refused; a pod the source does not know yet is not contradicted.
+    #[test]
+    fn pushes_are_checked_against_the_cluster_source() {
+        let mw = |uid: &str, ip: Option<&str>, node: &str| Workload {
+            uid: uid.into(),
+            name: format!("pod-{uid}"),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            node: node.into(),
+            ips: ip.into_iter().map(|i| i.parse().unwrap()).collect(),
+            labels: BTreeMap::new(),
+            ambient: true,
+            source: WorkloadSource::Manifest,
+        };
+        let s = Store::new("n1", "cluster.local");
+        s.enable_cross_check();
+        s.set_manifest(ManifestState {
+            workloads: vec![
+                mw("a", Some("10.1.0.2"), "n1"),
+                // Pending: the source knows the pod, not its IP yet (a CNI ADD in progress).
+                mw("b", None, "n1"),
+                mw("c", Some("10.2.0.9"), "n2"),
+            ],
+            ..Default::default()
+        });
+        let push = |uid: &str, ip: &str, sa: &str| {
+            let mut w = lw(uid, ip);
+            w.name = format!("pod-{uid}");
+            w.service_account = sa.into();
+            w
+        };
+        let settles = |c: PushCheck| match c {
+            PushCheck::Contradicts { may_settle, .. } => Some(may_settle),
+            _ => None,
+        };
+        struct Case {
+            name: &'static str,
+            push: LocalWorkload,
+            want: Result<bool, Option<bool>>,
+        }
+        // want: Ok(confirmed?) or Err(may_settle of the contradiction)
+        let cases = vec![
+            Case {
+                name: "as the source says",
+                push: push("a", "10.1.0.2", "web"),
+                want: Ok(true),
+            },
+            Case {
+                name: "pending pod gets its IP",
+                push: push("b", "10.1.0.3", "web"),
+                want: Ok(true),
+            },
+            Case {
+                name: "unknown pod, free IP",
+                push: push("x", "10.1.0.7", "web"),
+                want: Ok(false),
+            },
+            Case {
+                name: "another service account",
+                push: push("a", "10.1.0.2", "admin"),
+                want: Err(Some(false)),
+            },
+            Case {
+                name: "pending pod, other service account",
+                push: push("b", "10.1.0.3", "admin"),
+                want: Err(Some(false)),
+            },
+            Case {
+                name: "another pod's IP, this node",
+                push: push("x", "10.1.0.2", "admin"),
+                want: Err(Some(true)),
+            },
+            Case {
+                name: "another pod's IP, other node",
+                push: push("x", "10.2.0.9", "web"),
+                want: Err(Some(false)),
+            },
+            Case {
+                name: "a pod of another node",
+                push: push("c", "10.2.0.9", "web"),
+                want: Err(Some(false)),
+            },
+            Case {
+                name: "known pod, another IP",
+                push: push("a", "10.1.0.8", "web"),
+                want: Err(Some(true)),
+            },
+        ];
+        for case in cases {
+            let got = s.check_push(&case.push);
+            let as_want = match &got {
+                PushCheck::Confirmed => Ok(true),
+                PushCheck::Unknown => Ok(false),
+                c => Err(settles(c.clone())),
+            };
+            assert_eq!(as_want, case.want, "{}: {got:?}", case.name);
+        }
+        // Without a cluster source there is nothing to check against.
+        let plain = Store::new("n1", "cluster.local");
+        assert_eq!(
+            plain.check_push(&push("a", "10.1.0.2", "admin")),
+            PushCheck::Confirmed
+        );
+
+        // A pod pushed before the source knew it is dropped when the source contradicts it,
+        // and when the source never confirms it.
+        s.agent_add(&push("x", "10.1.0.7", "web"));
+        s.agent_add(&push("y", "10.1.0.8", "web"));
+        assert_eq!(s.expire_unconfirmed(std::time::Duration::from_secs(60)), 0);
+        s.set_manifest(ManifestState {
+            workloads: vec![
+                mw("a", Some("10.1.0.2"), "n1"),
+                mw("z", Some("10.1.0.7"), "n1"),
+            ],
+            ..Default::default()
+        });
+        let st = s.snapshot();
+        assert_eq!(st.workload("10.1.0.7".parse().unwrap()).unwrap().uid, "z");
+        assert_eq!(st.workload("10.1.0.8".parse().unwrap()).unwrap().uid, "y");
+        assert_eq!(s.expire_unconfirmed(std::time::Duration::ZERO), 1);
+        assert!(s.snapshot().workload("10.1.0.8".parse().unwrap()).is_none());
     }
 
     #[test]
