@@ -409,3 +409,67 @@ fn a_forged_push_on_the_agent_socket_is_refused() {
     c.connect(late, c.pods[server].echo_addr(), "late").unwrap();
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
+
+/// Attack 5: out-of-mesh traffic (an ambient pod to a legacy pod, on another node or on its
+/// own) used to leave ztunnel from the node's address, so the destination's NetworkPolicy,
+/// firewalls and logs saw the node, not the pod. Now ztunnel originates it from the pod's own
+/// IP (the transparent socket and reply routing of the inbound side): the legacy server sees
+/// exactly the peer it would see without the mesh.
+fn out_of_mesh_keeps_the_pods_address(tag: &str, octet: u8, attach: Attach) {
+    let mut c = cluster(tag, octet, attach);
+    let amb = pod(&mut c, 0, "ambient-demo", "amb", &[]);
+    let remote = pod(&mut c, 1, "legacy", "remote", &[]);
+    let local = pod(&mut c, 0, "legacy", "local", &[]);
+    c.wait_converged(WAIT).unwrap();
+    let me = IpAddr::V4(c.pods[amb].ip);
+    // Two pods on one bridge: the legacy pod's reply would be switched straight to the
+    // ambient pod, around ztunnel, so ztunnel keeps the node's (bridge) address there until
+    // the bridge steers such replies through the host (documented limitation).
+    let bridge_ip: IpAddr = c.nodes[0]
+        .node
+        .pod_cidr()
+        .split('/')
+        .next()
+        .and_then(|net| net.parse::<std::net::Ipv4Addr>().ok())
+        .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n) + 1)))
+        .unwrap();
+    let same_node_expected = if attach == Attach::Bridge {
+        bridge_ip
+    } else {
+        me
+    };
+    for (server, what, expected) in [
+        (remote, "legacy pod on the other node", me),
+        (local, "legacy pod on the same node", same_node_expected),
+    ] {
+        let before = c.pods[server].accepted().len();
+        let r = c.connect(amb, c.pods[server].echo_addr(), "out-of-mesh");
+        let seen: Vec<IpAddr> = c.pods[server].accepted()[before..]
+            .iter()
+            .map(|r| r.peer.ip())
+            .collect();
+        assert!(
+            r.is_ok() && seen == vec![expected],
+            "{what}: saw {seen:?}, expected {expected} (the ambient pod is {me}) ({r:?})"
+        );
+    }
+    // Still through ztunnel (counted as outbound, no mTLS), not around it.
+    let outbound = count(
+        &c,
+        0,
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "source"), ("source_workload", "amb")],
+    );
+    assert!(outbound >= 2.0, "not proxied: {outbound}");
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+#[test]
+fn out_of_mesh_keeps_the_pods_address_bridge() {
+    out_of_mesh_keeps_the_pods_address("apomb", 163, Attach::Bridge);
+}
+
+#[test]
+fn out_of_mesh_keeps_the_pods_address_ptp() {
+    out_of_mesh_keeps_the_pods_address("apomp", 164, Attach::Ptp);
+}

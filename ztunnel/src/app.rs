@@ -252,6 +252,9 @@ impl App {
             hbone_conns: Default::default(),
             node_addrs: node_addrs.clone(),
         });
+        if let Err(e) = node_addrs.clone().follow_changes() {
+            tracing::warn!(error = %e, "no address change notifications; the node's addresses are polled only");
+        }
         control.spawn(node_addrs.keep_fresh(NODE_ADDRS_REFRESH));
 
         // Control plane: certificates follow the local workloads. A pushed pod's certificate

@@ -106,26 +106,76 @@ pub fn classify_endpoint(ip: IpAddr) -> Option<NodeLocal> {
 #[derive(Debug, Default)]
 pub struct NodeAddrs {
     addrs: RwLock<HashSet<IpAddr>>,
+    /// On-link prefixes of the node's interfaces shorter than a host route (a bridge's
+    /// 10.244.1.1/24): pods inside one share a link with each other.
+    links: RwLock<Vec<(IpAddr, u8)>>,
     logged: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+fn prefix_len(mask: IpAddr) -> u8 {
+    match mask {
+        IpAddr::V4(m) => u32::from(m).leading_ones() as u8,
+        IpAddr::V6(m) => u128::from(m).leading_ones() as u8,
+    }
+}
+
+fn in_prefix(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let m = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+            u32::from(n) & m == u32::from(a) & m
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let m = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
+            u128::from(n) & m == u128::from(a) & m
+        }
+        _ => false,
+    }
+}
+
+/// Whether `a` and `b` are both inside one of `links` (the same on-link prefix of one
+/// interface): then a reply from one to the other is switched between them directly.
+pub fn share_a_link(links: &[(IpAddr, u8)], a: IpAddr, b: IpAddr) -> bool {
+    let (a, b) = (canonical(a), canonical(b));
+    links
+        .iter()
+        .any(|&(net, len)| in_prefix(net, len, a) && in_prefix(net, len, b))
 }
 
 impl NodeAddrs {
     /// Reads the interface addresses now (and keeps them); returns how many.
     pub fn refresh(&self) -> std::io::Result<usize> {
-        let addrs: HashSet<IpAddr> = nix::ifaddrs::getifaddrs()
-            .map_err(std::io::Error::from)?
-            .filter_map(|i| {
-                let a = i.address?;
-                if let Some(v4) = a.as_sockaddr_in() {
-                    Some(IpAddr::V4(v4.ip()))
-                } else {
-                    a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        let ip = |a: &nix::sys::socket::SockaddrStorage| -> Option<IpAddr> {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        };
+        let mut addrs = HashSet::new();
+        let mut links = Vec::new();
+        for i in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
+            let Some(a) = i.address.as_ref().and_then(ip) else {
+                continue;
+            };
+            addrs.insert(a);
+            let len = i.netmask.as_ref().and_then(ip).map(prefix_len);
+            let host = if a.is_ipv4() { 32 } else { 128 };
+            if let Some(len) = len.filter(|l| *l < host && *l > 0) {
+                if classify(a, &HashSet::new()).is_none() {
+                    links.push((a, len));
                 }
-            })
-            .collect();
+            }
+        }
         let n = addrs.len();
         *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+        *self.links.write().unwrap_or_else(|e| e.into_inner()) = links;
         Ok(n)
+    }
+
+    /// Whether `a` and `b` share one of the node's links (see [`share_a_link`]).
+    pub fn share_a_link(&self, a: IpAddr, b: IpAddr) -> bool {
+        share_a_link(&self.links.read().unwrap_or_else(|e| e.into_inner()), a, b)
     }
 
     /// Replaces the list (tests).
@@ -154,6 +204,51 @@ impl NodeAddrs {
                 true
             }
         }
+    }
+
+    /// Re-reads the addresses as soon as the kernel announces an address change (netlink
+    /// `RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR`), on a small thread of its own; the
+    /// periodic [`NodeAddrs::keep_fresh`] stays as the fallback.
+    pub fn follow_changes(self: std::sync::Arc<Self>) -> std::io::Result<()> {
+        use nix::sys::socket::{
+            bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+            SockType,
+        };
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        let groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
+        std::thread::Builder::new()
+            .name("ztunnel-addrs".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                        // A burst of changes (a pod's veth) is read as one: drain, then read.
+                        Ok(_) => {
+                            while recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok() {}
+                            if let Err(e) = self.refresh() {
+                                tracing::warn!(error = %e, "cannot read the node's addresses");
+                            }
+                        }
+                        Err(nix::errno::Errno::EINTR) => {}
+                        // ENOBUFS: changes were lost; re-read anyway.
+                        Err(nix::errno::Errno::ENOBUFS) => {
+                            let _ = self.refresh();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "address change notifications ended; polling only");
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(())
     }
 
     /// Keeps the list current every `every` (on the control runtime). Never returns.
@@ -218,6 +313,24 @@ mod tests {
             classify_endpoint("127.0.0.1".parse().unwrap()),
             Some(Loopback)
         );
+    }
+
+    #[test]
+    fn shared_links() {
+        let links = vec![
+            ("10.163.1.1".parse().unwrap(), 24),
+            ("fd00:1::1".parse().unwrap(), 64),
+        ];
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // Two pods on one bridge.
+        assert!(share_a_link(&links, ip("10.163.1.2"), ip("10.163.1.3")));
+        assert!(share_a_link(&links, ip("fd00:1::2"), ip("fd00:1::3")));
+        // A pod and one of another node; routed (ptp) pods have no such prefix at all.
+        assert!(!share_a_link(&links, ip("10.163.1.2"), ip("10.163.2.3")));
+        assert!(!share_a_link(&[], ip("10.163.1.2"), ip("10.163.1.3")));
+        assert!(!share_a_link(&links, ip("10.163.1.2"), ip("fd00:1::3")));
+        assert_eq!(prefix_len(ip("255.255.255.0")), 24);
+        assert_eq!(prefix_len(ip("ffff:ffff:ffff:ffff::")), 64);
     }
 
     #[test]

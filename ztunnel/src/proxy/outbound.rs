@@ -130,7 +130,22 @@ pub(super) async fn outbound(
                 g.set_flag(ResponseFlag::Deny);
                 return Err(ProxyError::OutsideMeshDenied(target));
             }
-            let up = match p.sockets.connect(target).await {
+            // From the pod's own address, as without the mesh (the destination's policies,
+            // firewalls and logs see the pod, not the node); replies come back to this
+            // socket through the same mark and policy routing as the inbound side's. Not
+            // when both pods share one of the node's links (two pods on one bridge): the
+            // reply would be switched straight to the pod, around ztunnel; that case keeps
+            // the node's address until the bridge steers such replies through the host.
+            let same_family = peer.ip().is_ipv4() == target.ip().is_ipv4();
+            let transparent = p.cfg.transparent
+                && same_family
+                && !p.node_addrs.share_a_link(peer.ip(), target.ip());
+            let up = if transparent {
+                p.sockets.connect_transparent(peer.ip(), target).await
+            } else {
+                p.sockets.connect(target).await
+            };
+            let up = match up {
                 Ok(s) => s,
                 Err(e) => {
                     g.set_flag(ResponseFlag::Connect);
