@@ -473,3 +473,100 @@ fn out_of_mesh_keeps_the_pods_address_bridge() {
 fn out_of_mesh_keeps_the_pods_address_ptp() {
     out_of_mesh_keeps_the_pods_address("apomp", 164, Attach::Ptp);
 }
+
+/// Whether the peer closed `s` (EOF or reset), without waiting more than a moment.
+fn closed_by_peer(s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let _ = s.set_read_timeout(Some(Duration::from_millis(5)));
+    let mut b = [0u8; 64];
+    let mut r = s;
+    match r.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// The 15008 handshake bounds (issue 11, "Also"): a non-mesh pod opens 100 TCP connections to
+/// an ambient pod's HBONE port (captured to the node's ztunnel) and sends nothing, or a few
+/// bytes of a ClientHello. ztunnel keeps at most 64 handshakes in flight from that source
+/// (the rest are closed at once and counted), a real HBONE client from another node is served
+/// at once meanwhile, and the idle ones are closed after the 5 s handshake deadline.
+#[test]
+fn half_open_tls_flood_does_not_starve_real_clients() {
+    let mut c = cluster("aphs", 165, Attach::Bridge);
+    let server = pod(&mut c, 0, "ambient-demo", "server", &[]);
+    let client = pod(&mut c, 1, "ambient-demo", "client", &[]);
+    let flooder = pod(&mut c, 1, "legacy", "flooder", &[]);
+    c.wait_converged(WAIT).unwrap();
+    let hbone = SocketAddr::new(IpAddr::V4(c.pods[server].ip), 15008);
+    let flood = 100;
+    let started = std::time::Instant::now();
+    let conns: Vec<std::net::TcpStream> =
+        ambient_tests::inns::in_ns(&c.pods[flooder].ns().path(), || {
+            (0..flood)
+                .filter_map(|i| {
+                    use std::io::Write;
+                    let mut s =
+                        std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(2))
+                            .ok()?;
+                    if i % 10 == 0 {
+                        // A ClientHello's first bytes, never finished.
+                        let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+                    }
+                    Some(s)
+                })
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(
+        conns.len(),
+        flood,
+        "the flood's TCP connects themselves failed"
+    );
+    // Beyond 64 from one source: closed at once, counted.
+    let refused = |reason: &str| {
+        count(
+            &c,
+            0,
+            "ztunnel_hbone_handshakes_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    eventually(Duration::from_secs(3), || {
+        let n = refused("per_source_limit");
+        if n == (flood - 64) as f64 {
+            Ok(())
+        } else {
+            Err(format!("per-source refusals: {n}"))
+        }
+    })
+    .unwrap();
+    let closed_early = conns.iter().filter(|s| closed_by_peer(s)).count();
+    assert_eq!(closed_early, flood - 64, "connections closed at once");
+    // A real client (HBONE from the other node's ztunnel) is not starved.
+    let t = std::time::Instant::now();
+    c.connect(client, c.pods[server].echo_addr(), "real")
+        .unwrap();
+    let real = t.elapsed();
+    eprintln!("real client served in {real:?} during the flood");
+    assert!(real < Duration::from_secs(1), "real client took {real:?}");
+    // The idle ones are closed after the handshake deadline.
+    eventually(Duration::from_secs(10), || {
+        let open = conns.iter().filter(|s| !closed_by_peer(s)).count();
+        if open == 0 {
+            Ok(())
+        } else {
+            Err(format!("{open} idle handshakes still open"))
+        }
+    })
+    .unwrap();
+    let held = started.elapsed();
+    eprintln!("idle handshakes closed {held:?} after the flood started");
+    assert!(held < Duration::from_secs(8), "held for {held:?}");
+    assert_eq!(refused("timeout"), 64.0);
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}

@@ -251,6 +251,10 @@ impl App {
             tracker: tracker.clone(),
             hbone_conns: Default::default(),
             node_addrs: node_addrs.clone(),
+            handshakes: crate::proxy::limit::HandshakeLimits::new(
+                cfg.hbone_handshakes_per_source,
+                cfg.hbone_handshakes_total,
+            ),
         });
         if let Err(e) = node_addrs.clone().follow_changes() {
             tracing::warn!(error = %e, "no address change notifications; the node's addresses are polled only");

@@ -185,6 +185,17 @@ pub struct RunArgs {
     /// Timeout to connect to a destination (TCP and TLS).
     #[arg(long, default_value = "10s")]
     pub connect_timeout: String,
+    /// An inbound HBONE connection must finish its TLS handshake (client certificate
+    /// verified) within this.
+    #[arg(long, default_value = "5s")]
+    pub hbone_handshake_timeout: String,
+    /// Most inbound HBONE connections still in their TLS handshake from one source IP; more
+    /// are closed at once.
+    #[arg(long, default_value_t = 64)]
+    pub hbone_handshakes_per_source: usize,
+    /// Most inbound HBONE connections still in their TLS handshake in total.
+    #[arg(long, default_value_t = 1024)]
+    pub hbone_handshakes_total: usize,
     /// On SIGTERM, how long existing connections may drain before ztunnel exits.
     #[arg(long, default_value = "30s")]
     pub drain_timeout: String,
@@ -233,6 +244,9 @@ pub struct Config {
     pub poll_interval: Duration,
     pub pool: PoolConfig,
     pub connect_timeout: Duration,
+    pub hbone_handshake_timeout: Duration,
+    pub hbone_handshakes_per_source: usize,
+    pub hbone_handshakes_total: usize,
     pub drain_timeout: Duration,
     pub workers: usize,
     pub log_format: LogFormat,
@@ -329,6 +343,7 @@ impl Config {
         let ping_interval = dur("ping-interval", &a.ping_interval);
         let ping_timeout = dur("ping-timeout", &a.ping_timeout);
         let connect_timeout = dur("connect-timeout", &a.connect_timeout);
+        let hbone_handshake_timeout = dur("hbone-handshake-timeout", &a.hbone_handshake_timeout);
         let drain_timeout = dur("drain-timeout", &a.drain_timeout);
         let discovery_wait = dur("discovery-wait", &a.discovery_wait);
         let agent_confirm_wait = dur("agent-confirm-wait", &a.agent_confirm_wait);
@@ -369,6 +384,12 @@ impl Config {
         }
         if a.pool_max_streams == 0 {
             errs.push("--pool-max-streams: must be at least 1".into());
+        }
+        if hbone_handshake_timeout.is_zero()
+            || a.hbone_handshakes_per_source == 0
+            || a.hbone_handshakes_total == 0
+        {
+            errs.push("--hbone-handshake-timeout/--hbone-handshakes-per-source/--hbone-handshakes-total: must be positive".into());
         }
         if a.workers == 0 {
             errs.push("--workers: must be at least 1".into());
@@ -426,6 +447,9 @@ impl Config {
                 ping_timeout,
             },
             connect_timeout,
+            hbone_handshake_timeout,
+            hbone_handshakes_per_source: a.hbone_handshakes_per_source,
+            hbone_handshakes_total: a.hbone_handshakes_total,
             drain_timeout,
             workers: a.workers,
             log_format: a.log_format,
@@ -470,6 +494,11 @@ mod tests {
         assert!(c.transparent);
         assert_eq!(c.agent_socket, PathBuf::from(constants::ZTUNNEL_SOCKET));
         assert_eq!(c.agent_peer_uid, 0);
+        assert_eq!(c.hbone_handshake_timeout, Duration::from_secs(5));
+        assert_eq!(
+            (c.hbone_handshakes_per_source, c.hbone_handshakes_total),
+            (64, 1024)
+        );
         assert_eq!(c.agent_confirm_wait, Duration::from_secs(1));
     }
 

@@ -35,6 +35,27 @@ async fn inbound_connection(
     peer: SocketAddr,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ProxyError> {
+    // Until the client has proven who it is, it holds one of a bounded number of places
+    // (per source IP and in total) for a bounded time.
+    let refused = |reason: &'static str, why: &dyn std::fmt::Display| {
+        p.store
+            .refusals()
+            .handshakes
+            .get_or_create(&crate::metrics::ReasonLabels { reason })
+            .inc();
+        if p.handshakes.log.should_log(peer.ip()) {
+            tracing::warn!(%peer, reason, "{why} (logged once per source per minute; ztunnel_hbone_handshakes_refused_total counts each)");
+        }
+    };
+    let slot = match p.handshakes.try_acquire(peer.ip()) {
+        Ok(s) => s,
+        Err(r) => {
+            let e = ProxyError::HandshakeLimit(r);
+            refused(r.as_str(), &e);
+            return Err(e);
+        }
+    };
+    let deadline = tokio::time::Instant::now() + p.cfg.hbone_handshake_timeout;
     let orig = original_dst(&tcp).map_err(ProxyError::OriginalDst)?;
     let state = p.store.snapshot();
     let w = state
@@ -47,21 +68,24 @@ async fn inbound_connection(
         .fetch(&w.identity(p.td()))
         .await
         .map_err(ProxyError::Certificate)?;
-    let tls = tokio::time::timeout(
-        p.cfg.connect_timeout,
+    let tls = match tokio::time::timeout_at(
+        deadline,
         tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(
             crate::hbone::LazyBufReader::new(tcp, crate::hbone::READ_BUFFER),
         ),
     )
     .await
-    .map_err(|_| {
-        ProxyError::Tls(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "TLS handshake timed out",
-        ))
-    })?
-    .map_err(ProxyError::Tls)?;
+    {
+        Ok(r) => r.map_err(ProxyError::Tls)?,
+        Err(_) => {
+            let e = ProxyError::HandshakeTimeout(p.cfg.hbone_handshake_timeout);
+            refused("timeout", &e);
+            return Err(e);
+        }
+    };
     let client_id = Arc::new(peer_identity(tls.get_ref().1).map_err(ProxyError::PeerIdentity)?);
+    // Authenticated: the place goes to the next client.
+    drop(slot);
     let _open = ConnCount::new(&p);
     let mut conn = tokio::time::timeout(
         p.cfg.connect_timeout,

@@ -109,7 +109,32 @@ pub struct NodeAddrs {
     /// On-link prefixes of the node's interfaces shorter than a host route (a bridge's
     /// 10.244.1.1/24): pods inside one share a link with each other.
     links: RwLock<Vec<(IpAddr, u8)>>,
-    logged: Mutex<HashMap<IpAddr, Instant>>,
+    logged: LogLimiter,
+}
+
+/// Says whether a refusal for a source should be logged now: once per [`LOG_EVERY`] per
+/// source, remembering at most [`LOG_SOURCES`] sources (a flood must not flood the log).
+#[derive(Debug, Default)]
+pub struct LogLimiter(Mutex<HashMap<IpAddr, Instant>>);
+
+impl LogLimiter {
+    pub fn should_log(&self, src: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut logged = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.len() >= LOG_SOURCES {
+            logged.retain(|_, t| now.duration_since(*t) < LOG_EVERY);
+            if logged.len() >= LOG_SOURCES {
+                logged.clear();
+            }
+        }
+        match logged.get(&src) {
+            Some(t) if now.duration_since(*t) < LOG_EVERY => false,
+            _ => {
+                logged.insert(src, now);
+                true
+            }
+        }
+    }
 }
 
 fn prefix_len(mask: IpAddr) -> u8 {
@@ -189,21 +214,7 @@ impl NodeAddrs {
 
     /// Whether a refusal for `src` should be logged now (once per [`LOG_EVERY`]).
     pub fn should_log(&self, src: IpAddr) -> bool {
-        let now = Instant::now();
-        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-        if logged.len() >= LOG_SOURCES {
-            logged.retain(|_, t| now.duration_since(*t) < LOG_EVERY);
-            if logged.len() >= LOG_SOURCES {
-                logged.clear();
-            }
-        }
-        match logged.get(&src) {
-            Some(t) if now.duration_since(*t) < LOG_EVERY => false,
-            _ => {
-                logged.insert(src, now);
-                true
-            }
-        }
+        self.logged.should_log(src)
     }
 
     /// Re-reads the addresses as soon as the kernel announces an address change (netlink
@@ -354,6 +365,6 @@ mod tests {
         for i in 0..(LOG_SOURCES as u32 + 10) {
             a.should_log(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i)));
         }
-        assert!(a.logged.lock().unwrap().len() <= LOG_SOURCES);
+        assert!(a.logged.0.lock().unwrap().len() <= LOG_SOURCES);
     }
 }

@@ -7,6 +7,7 @@
 //!   by the namespace's mTLS mode and authorization policy.
 
 mod inbound;
+pub mod limit;
 pub mod local;
 mod outbound;
 mod socket;
@@ -59,6 +60,10 @@ pub enum ProxyError {
     Certificate(#[source] SecretError),
     #[error("TLS handshake with the client failed")]
     Tls(#[source] std::io::Error),
+    #[error("too many TLS handshakes in flight ({}); connection closed", .0.as_str())]
+    HandshakeLimit(limit::Refused),
+    #[error("no TLS handshake within {0:?}; connection closed")]
+    HandshakeTimeout(std::time::Duration),
     #[error("client identity unusable")]
     PeerIdentity(#[source] TlsError),
     #[error("HTTP/2 error on the HBONE connection")]
@@ -79,6 +84,8 @@ pub struct Proxy {
     pub hbone_conns: std::sync::atomic::AtomicUsize,
     /// The node's own addresses (never a destination on a pod's behalf).
     pub node_addrs: Arc<local::NodeAddrs>,
+    /// Inbound HBONE handshakes in flight.
+    pub handshakes: Arc<limit::HandshakeLimits>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -315,7 +322,10 @@ impl<S> ConnTask<S> {
                 drop(guards);
                 match res {
                     // Logged (rate-limited per source) where it was refused.
-                    Err(ProxyError::NodeLocal { .. }) | Ok(()) => {}
+                    Err(ProxyError::NodeLocal { .. })
+                    | Err(ProxyError::HandshakeLimit(_))
+                    | Err(ProxyError::HandshakeTimeout(_))
+                    | Ok(()) => {}
                     Err(e) => {
                         tracing::info!(error = %crate::error_chain(&e), "connection refused or failed")
                     }
