@@ -149,9 +149,11 @@ pub async fn handle_request(
             let ws: Vec<_> = ws.iter().map(|w| local(w, store.node())).collect();
             // The ones the source contradicts are left out (refusing the whole snapshot would
             // only make the agent reconnect and send it again).
+            // One hold for the whole snapshot, not one per workload.
+            let deadline = tokio::time::Instant::now() + policy.confirm_wait;
             let mut kept = Vec::with_capacity(ws.len());
             for w in ws {
-                match checked(store, &w, policy.confirm_wait).await {
+                match checked(store, &w, deadline).await {
                     Ok(()) => kept.push(w),
                     Err(message) => {
                         tracing::warn!(%message, "workload left out of the agent's snapshot")
@@ -169,7 +171,8 @@ pub async fn handle_request(
                 return ZtunnelReply::Error { message: e };
             }
             let w = &local(w, store.node());
-            if let Err(message) = checked(store, w, policy.confirm_wait).await {
+            let deadline = tokio::time::Instant::now() + policy.confirm_wait;
+            if let Err(message) = checked(store, w, deadline).await {
                 return ZtunnelReply::Error { message };
             }
             store.agent_add(w);
@@ -195,10 +198,13 @@ pub async fn handle_request(
     }
 }
 
-/// Checks a push against the cluster source, holding it up to `wait` while the
+/// Checks a push against the cluster source, holding it until `deadline` while the
 /// contradiction is one the source may settle; the refusal is logged and counted.
-async fn checked(store: &Store, w: &LocalWorkload, wait: Duration) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + wait;
+async fn checked(
+    store: &Store,
+    w: &LocalWorkload,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
     let mut changes = store.subscribe();
     loop {
         match store.check_push(w) {

@@ -692,11 +692,13 @@ impl Store {
     }
 
     /// Identities of ambient workloads on this node (those we may hold certificates for).
+    /// Pods the source lists without an IP yet are left out: they route nothing, and the
+    /// agent's push at their ADD issues their certificate.
     pub fn local_identities(&self) -> HashSet<Identity> {
         let state = self.snapshot();
         state
             .workloads()
-            .filter(|w| w.ambient && w.node == self.node)
+            .filter(|w| w.ambient && w.node == self.node && !w.ips.is_empty())
             .map(|w| w.identity(&self.trust_domain))
             .collect()
     }
