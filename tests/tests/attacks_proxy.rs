@@ -209,11 +209,20 @@ fn records(path: &Path) -> Vec<ConnRecord> {
 /// them too, proven by the table test `proxy::local::tests::node_local_table`.)
 #[test]
 fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf() {
-    let mut c = cluster("apimd", 161, Attach::Bridge);
+    refuses_link_local_metadata("apimd", 161, Attach::Bridge);
+}
+
+#[test]
+fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf_ptp() {
+    refuses_link_local_metadata("apimp", 166, Attach::Ptp);
+}
+
+fn refuses_link_local_metadata(tag: &str, octet: u8, attach: Attach) {
+    let mut c = cluster(tag, octet, attach);
     let amb = pod(&mut c, 0, "ambient-demo", "amb", &[]);
     c.wait_converged(WAIT).unwrap();
     // "Cloud metadata": 169.254.169.254 in its own namespace behind node-1.
-    let imds = NetNs::new("apimds").unwrap();
+    let imds = NetNs::new(&format!("{tag}s")).unwrap();
     let node = c.nodes[0].ns();
     NetNs::veth_pair(
         node,

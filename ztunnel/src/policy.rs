@@ -6,7 +6,10 @@
 //! workload, at least one of its rules must match; otherwise allow. A policy with no rules
 //! matches nothing. Rules using L7 attributes (methods, paths, hosts, requestPrincipals,
 //! `when`) cannot be evaluated here: an ALLOW rule with them never matches, a DENY rule is
-//! applied on its L4 part alone (both fail safe).
+//! applied on its L4 part alone (both fail safe). A policy that cannot be enforced as written
+//! (AUDIT, CUSTOM, an unknown action, a field that does not parse) becomes its fail-closed
+//! stand-in ([`Fallback`], [`AuthorizationPolicy::from_object_or_fallback`]) instead of failing
+//! the whole update.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
