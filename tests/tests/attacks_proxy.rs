@@ -307,12 +307,11 @@ fn dump_workload(c: &Cluster, node: usize, ip: std::net::Ipv4Addr) -> Value {
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|w| {
+        .rfind(|w| {
             w["ips"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&ip.to_string())))
         })
-        .last()
         .cloned()
         .unwrap_or(Value::Null)
 }
