@@ -276,6 +276,9 @@ struct Inner {
     unconfirmed: HashMap<String, std::time::Instant>,
     /// Whether pushes are checked against a cluster source (there is one).
     cross_check: bool,
+    /// Whether the cluster source has delivered a state yet (the API may take a while):
+    /// unconfirmed pushes do not age before it has.
+    source_seen: bool,
 }
 
 struct Overlaid {
@@ -466,6 +469,7 @@ impl Store {
                 state: Arc::new(State::default()),
                 unconfirmed: HashMap::new(),
                 cross_check: false,
+                source_seen: false,
             }),
             changed: tokio::sync::watch::channel(0).0,
             refusals: Refusals::default(),
@@ -529,6 +533,12 @@ impl Store {
             self.report_rejected(&i.manifest.rejected, &m.rejected);
             i.base = Arc::new(Base::new(&m));
             i.manifest = m;
+            if !i.source_seen {
+                // Pushes made before the source's first state start ageing now.
+                i.source_seen = true;
+                let now = std::time::Instant::now();
+                i.unconfirmed.values_mut().for_each(|t| *t = now);
+            }
             if i.cross_check {
                 self.recheck_agent(i);
             }
@@ -588,12 +598,16 @@ impl Store {
             .inc();
     }
 
-    /// Drops the agent's workloads the cluster source has not confirmed within `ttl`
-    /// (a pod it never lists is not trusted for longer than that); returns how many.
+    /// Drops the agent's workloads the cluster source has not confirmed within `ttl` of its
+    /// first state (a pod it never lists is not trusted for longer than that); returns how
+    /// many.
     pub fn expire_unconfirmed(&self, ttl: std::time::Duration) -> usize {
         let now = std::time::Instant::now();
         let expired: Vec<String> = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            if !inner.source_seen {
+                return 0;
+            }
             inner
                 .unconfirmed
                 .iter()
@@ -1112,6 +1126,13 @@ mod tests {
             };
             assert_eq!(as_want, case.want, "{}: {got:?}", case.name);
         }
+        // Unconfirmed pushes do not age before the source's first state.
+        let fresh = Store::new("n1", "cluster.local");
+        fresh.enable_cross_check();
+        fresh.agent_add(&push("x", "10.1.0.7", "web"));
+        assert_eq!(fresh.expire_unconfirmed(std::time::Duration::ZERO), 0);
+        fresh.set_manifest(ManifestState::default());
+        assert_eq!(fresh.expire_unconfirmed(std::time::Duration::ZERO), 1);
         // Without a cluster source there is nothing to check against.
         let plain = Store::new("n1", "cluster.local");
         assert_eq!(
