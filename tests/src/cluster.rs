@@ -36,6 +36,8 @@ use crate::topo::{Node, NodeSpec, Pod, PodMeta, TopoError};
 
 /// The echo port every pod serves.
 pub const ECHO_PORT: u16 = 8080;
+/// The uid:gid ztunnel runs as in the lab, as in `install/manifests/ztunnel-daemonset.yaml`.
+pub const ZTUNNEL_RUN_AS: &str = "1337:1337";
 /// The bridge joining the nodes, inside the underlay namespace.
 pub const UNDERLAY_BRIDGE: &str = "ul0";
 /// Each node's underlay interface.
@@ -159,6 +161,8 @@ pub struct ClusterSpec {
     pub ztunnel_args: Vec<String>,
     /// Extra keys for the `ambient-cni` conflist entry.
     pub cni_extra: serde_json::Map<String, Value>,
+    /// `ztunnel run --run-as` (as the DaemonSet runs it); `None` leaves ztunnel root.
+    pub ztunnel_run_as: Option<String>,
 }
 
 impl ClusterSpec {
@@ -181,6 +185,7 @@ impl ClusterSpec {
             ],
             ztunnel_args: vec!["--poll-interval".into(), "200ms".into()],
             cni_extra,
+            ztunnel_run_as: Some(ZTUNNEL_RUN_AS.into()),
         }
     }
 }
@@ -403,6 +408,13 @@ impl Cluster {
                     })?,
             ),
         };
+        // ztunnel reads the manifest directory as its own uid (`--run-as`): the cluster's
+        // directory must be traversable by it (a temporary directory is 0700).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err(root.path()))?;
+        }
         let manifests = ManifestDir::new(&root.path().join("manifests"))?;
         let underlay = NetNs::new(&format!("{}-ul", spec.tag))?;
         underlay.ip(&["link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
@@ -556,6 +568,12 @@ impl Cluster {
         .arg("--agent-socket")
         .arg(n.ztunnel_socket())
         .args(["--cluster-cidrs", &self.cluster_cidrs()])
+        .args(
+            self.spec
+                .ztunnel_run_as
+                .iter()
+                .flat_map(|id| ["--run-as", id.as_str()]),
+        )
         .args(&self.spec.ztunnel_args)
         .stdout(out)
         .stderr(err);

@@ -868,3 +868,86 @@ fn control_socket_refuses_other_uids_and_an_empty_gc() {
     );
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
+
+/// Attack 6: ztunnel ran as uid 0 with SO_REUSEPORT on every listener, so any uid-0 process
+/// of the node, even with every capability dropped (a root hostNetwork container), could join
+/// the capture listeners' reuseport group and receive captured connections. ztunnel now runs
+/// as its own uid: the kernel refuses another uid's socket in the group.
+#[test]
+fn a_capless_root_process_cannot_join_the_capture_listeners() {
+    let mut c = cluster("atrp", 179, Attach::Bridge);
+    let client = pod(&mut c, 0, "ambient-demo", "client");
+    let server = pod(&mut c, 1, "ambient-demo", "server");
+    c.wait_converged(WAIT).unwrap();
+    let node = c.nodes[0].ns();
+    // ztunnel runs as its own uid with CAP_NET_ADMIN alone.
+    let zt = c.nodes[0].ztunnel_pid.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{zt}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), "1337 1337 1337 1337", "{status}");
+    assert_eq!(field("Gid:"), "1337 1337 1337 1337", "{status}");
+    assert_eq!(field("CapEff:"), "0000000000001000", "only CAP_NET_ADMIN");
+    assert_eq!(field("CapPrm:"), "0000000000001000", "only CAP_NET_ADMIN");
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("thief.jsonl");
+    let ready = dir.path().join("thief.ready");
+    let mut cmd = node.command("setpriv");
+    cmd.args([
+        "--reuid=0",
+        "--regid=0",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ])
+    .arg(bins::binary(bins::NETPROBE))
+    .args([
+        "listen-reuseport",
+        "--addr",
+        "0.0.0.0",
+        "--port",
+        "15001",
+        "--out",
+    ])
+    .arg(&records)
+    .arg("--ready-file")
+    .arg(&ready);
+    let pid = node.spawn(&mut cmd).unwrap();
+    // Either the bind is refused (the process exits) or it listens.
+    let joined = eventually(Duration::from_secs(5), || {
+        if ready.exists() {
+            Ok(true)
+        } else if node
+            .exec("cat", &[&format!("/proc/{pid}/status")])
+            .map(|s| s.contains("State:\tZ"))
+            .unwrap_or(true)
+        {
+            Ok(false)
+        } else {
+            Err("neither listening nor refused yet")
+        }
+    })
+    .unwrap();
+    // Captured connections all reach ztunnel, whatever the reuseport hash picks.
+    let to = c.pods[server].echo_addr();
+    for i in 0..16 {
+        let m = format!("conn-{i}");
+        assert_eq!(c.connect(client, to, &m).unwrap(), m);
+    }
+    let stolen = ambient_tests::probe::read_records(&records).unwrap_or_default();
+    assert!(
+        !joined && stolen.is_empty(),
+        "a capability-less root process joined ztunnel's 15001 group (listening: {joined}) and \
+         accepted {} captured connections",
+        stolen.len()
+    );
+    node.stop(pid);
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}

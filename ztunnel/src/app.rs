@@ -36,6 +36,8 @@ pub enum AppError {
     Ca(#[source] CaError),
     #[error("binding a listener failed")]
     Listen(#[source] SocketError),
+    #[error("dropping privileges (--run-as) failed")]
+    Privileges(#[source] crate::sys::PrivilegeError),
     #[error("binding the agent socket failed")]
     Agent(#[source] AgentError),
     #[error("building the runtime failed")]
@@ -107,6 +109,18 @@ impl App {
         data: &Handle,
         control: &Handle,
     ) -> Result<Self, AppError> {
+        Self::build_parts(cfg, provider, None, data, control)
+    }
+
+    /// [`App::build_with`], with the agent socket already bound (as root, before
+    /// `--run-as`).
+    fn build_parts(
+        cfg: Config,
+        provider: Arc<dyn CertificateProvider>,
+        agent_socket: Option<std::os::unix::net::UnixListener>,
+        data: &Handle,
+        control: &Handle,
+    ) -> Result<Self, AppError> {
         tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
         let store = Store::new(&cfg.node_name, &cfg.trust_domain);
         if cfg.source != Source::None {
@@ -154,7 +168,18 @@ impl App {
                 sockets
                     .listen(cfg.readiness_addr)
                     .map_err(AppError::Listen)?,
-                store::bind_agent_socket(&cfg.agent_socket).map_err(AppError::Agent)?,
+                match agent_socket {
+                    Some(l) => l
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::UnixListener::from_std(l))
+                        .map_err(|source| {
+                            AppError::Agent(store::AgentError::Bind {
+                                path: cfg.agent_socket.clone(),
+                                source,
+                            })
+                        })?,
+                    None => store::bind_agent_socket(&cfg.agent_socket).map_err(AppError::Agent)?,
+                },
             )
         };
         let addr = |l: &TcpListener| {
@@ -459,8 +484,24 @@ impl App {
     }
 }
 
-/// Runs ztunnel with its two runtimes until SIGTERM or SIGINT.
-pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
+/// Runs ztunnel with its two runtimes until SIGTERM or SIGINT. With `--run-as`, the steps
+/// that need root come first, then the process (still single-threaded) becomes that uid with
+/// CAP_NET_ADMIN alone, and only then are the runtimes and the TCP listeners created.
+pub fn run_blocking(mut cfg: Config) -> Result<(), AppError> {
+    let ca =
+        FileCa::load(&CaFiles::in_dir(&cfg.ca_dir), &cfg.trust_domain).map_err(AppError::Ca)?;
+    let mut agent_socket = None;
+    if let Some((uid, gid)) = cfg.run_as {
+        if cfg.tcp_migrate_req {
+            set_migrate_req();
+            cfg.tcp_migrate_req = false;
+        }
+        agent_socket =
+            Some(store::bind_agent_socket_std(&cfg.agent_socket).map_err(AppError::Agent)?);
+        crate::sys::drop_privileges(uid, gid, &[crate::sys::CAP_NET_ADMIN])
+            .map_err(AppError::Privileges)?;
+        tracing::info!(uid, gid, "running as uid {uid} with CAP_NET_ADMIN only");
+    }
     let data = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.workers)
         .thread_name("ztunnel-data")
@@ -481,7 +522,13 @@ pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
         ),
         _ => None,
     };
-    let mut app = App::build(cfg, data.handle(), control.handle())?;
+    let mut app = App::build_parts(
+        cfg,
+        Arc::new(ca),
+        agent_socket,
+        data.handle(),
+        control.handle(),
+    )?;
     if let Some(c) = kube {
         app = app.with_kube_client(c);
     }

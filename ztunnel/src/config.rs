@@ -99,6 +99,12 @@ pub struct RunArgs {
     /// Unix socket on which the node agent pushes local workloads.
     #[arg(long, default_value = constants::ZTUNNEL_SOCKET)]
     pub agent_socket: PathBuf,
+    /// After the steps that need root (reading the CA, binding --agent-socket, setting
+    /// tcp_migrate_req), become UID:GID keeping only CAP_NET_ADMIN, before any thread and any
+    /// TCP listener exists: the capture listeners' reuseport groups then belong to that uid,
+    /// and no other process of the node (root included) can join them.
+    #[arg(long, env = "ZTUNNEL_RUN_AS")]
+    pub run_as: Option<String>,
     /// The only uid allowed to push workloads on --agent-socket (the node agent's),
     /// checked with SO_PEERCRED.
     #[arg(long, default_value_t = 0)]
@@ -221,6 +227,8 @@ pub struct Config {
     pub source: Source,
     pub ca_dir: PathBuf,
     pub agent_socket: PathBuf,
+    /// (uid, gid) to become after the root-only steps (`--run-as`).
+    pub run_as: Option<(u32, u32)>,
     pub agent_peer_uid: u32,
     pub agent_confirm_wait: Duration,
     pub agent_unconfirmed_ttl: Duration,
@@ -303,6 +311,20 @@ pub fn parse_mark(s: &str) -> Result<u32, String> {
     r.map_err(|_| format!("{s:?} is not a mark (decimal or 0x hex)"))
 }
 
+/// `UID:GID` (numeric; a missing `:GID` means the same number), never root.
+fn parse_run_as(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').unwrap_or((s, s));
+    let num = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("{s:?} is not UID:GID (numbers, like 1337:1337)"))
+    };
+    let (uid, gid) = (num(u)?, num(g)?);
+    if uid == 0 {
+        return Err(format!("{s:?}: uid 0 is what --run-as exists to leave"));
+    }
+    Ok((uid, gid))
+}
+
 impl Config {
     /// Validates flags; every problem is reported, not just the first.
     pub fn from_args(a: &RunArgs) -> Result<Self, ConfigError> {
@@ -360,6 +382,11 @@ impl Config {
                 }
             })
             .collect();
+        let run_as = a.run_as.as_deref().and_then(|v| {
+            parse_run_as(v)
+                .map_err(|e| errs.push(format!("--run-as: {e}")))
+                .ok()
+        });
         let mark = parse_mark(&a.mark).unwrap_or_else(|e| {
             errs.push(format!("--mark: {e}"));
             0
@@ -419,6 +446,7 @@ impl Config {
             source,
             ca_dir: a.ca_dir.clone(),
             agent_socket: a.agent_socket.clone(),
+            run_as,
             agent_peer_uid: a.agent_peer_uid,
             agent_confirm_wait,
             agent_unconfirmed_ttl,
@@ -494,6 +522,7 @@ mod tests {
         assert!(c.transparent);
         assert_eq!(c.agent_socket, PathBuf::from(constants::ZTUNNEL_SOCKET));
         assert_eq!(c.agent_peer_uid, 0);
+        assert_eq!(c.run_as, None);
         assert_eq!(c.hbone_handshake_timeout, Duration::from_secs(5));
         assert_eq!(
             (c.hbone_handshakes_per_source, c.hbone_handshakes_total),
@@ -551,6 +580,20 @@ mod tests {
             "etcd",
         ];
         assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn run_as_is_a_non_root_uid_and_gid() {
+        assert_eq!(parse_run_as("1337:1337"), Ok((1337, 1337)));
+        assert_eq!(parse_run_as("1337"), Ok((1337, 1337)));
+        assert_eq!(parse_run_as("1000:2000"), Ok((1000, 2000)));
+        for bad in ["0", "0:1337", "ztunnel", "1337:", ":1337", "-1", "1337:x"] {
+            assert!(parse_run_as(bad).is_err(), "{bad}");
+        }
+        let c = parse(&["--run-as", "1337:1337"]).unwrap();
+        assert_eq!(c.run_as, Some((1337, 1337)));
+        let err = parse(&["--run-as", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--run-as"), "{err}");
     }
 
     #[test]

@@ -74,6 +74,20 @@ pub enum AgentError {
 /// Binds the socket (replacing a stale file; a ztunnel being replaced keeps serving its
 /// already-open connection).
 pub fn bind_agent_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    let l = bind_agent_socket_std(path)?;
+    l.set_nonblocking(true).map_err(|source| AgentError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    UnixListener::from_std(l).map_err(|source| AgentError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// [`bind_agent_socket`] without a runtime: ztunnel binds it as root before it drops its
+/// privileges (`--run-as`), and registers it with the control runtime later.
+pub fn bind_agent_socket_std(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| AgentError::Dir {
             path: path.to_owned(),
@@ -90,7 +104,7 @@ pub fn bind_agent_socket(path: &Path) -> Result<UnixListener, AgentError> {
             })
         }
     }
-    let l = UnixListener::bind(path).map_err(|source| AgentError::Bind {
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(|source| AgentError::Bind {
         path: path.to_owned(),
         source,
     })?;

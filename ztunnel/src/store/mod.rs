@@ -16,7 +16,9 @@ use std::sync::{Arc, RwLock};
 use ambient_common::ztunnel_api::LocalWorkload;
 use serde::Serialize;
 
-pub use agent::{bind_agent_socket, handle_request, serve_agent, AgentError, AgentPolicy};
+pub use agent::{
+    bind_agent_socket, bind_agent_socket_std, handle_request, serve_agent, AgentError, AgentPolicy,
+};
 pub use manifest::{
     load as load_manifests, parse_manifests, poll_manifests, ManifestError, ManifestState,
     RejectEffect, Rejected,
