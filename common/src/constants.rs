@@ -56,3 +56,8 @@ pub const SUPPORTED_CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"
 /// tooling reads it): `enabled` while the pod is ambient, removed when it no longer is. The
 /// only field the agent may change on a pod (`install/manifests/admission.yaml`).
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// The uid:gid ztunnel becomes after its root-only start-up steps (`ztunnel run --run-as`), in
+/// the DaemonSet and in the lab: a uid of its own, so no other process joins its listeners'
+/// reuseport groups.
+pub const ZTUNNEL_RUN_AS: &str = "1337:1337";

@@ -465,10 +465,25 @@ fn ztunnel_daemonset_matches_the_conventions() {
             c::READINESS_PORT
         ))
     );
+    // Root only to start: --run-as leaves it for 1337 with NET_ADMIN alone, which needs
+    // SETUID/SETGID once; the token stays readable through the pod's fsGroup.
+    assert!(args.contains(&format!("--run-as={}", c::ZTUNNEL_RUN_AS)));
     assert_eq!(
         caps(&z),
-        (vec!["NET_ADMIN".to_string()], vec!["ALL".to_string()])
+        (
+            vec!["NET_ADMIN".to_string(), "SETGID".into(), "SETUID".into()],
+            vec!["ALL".to_string()]
+        )
     );
+    let sc = z.security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let gid: i64 = c::ZTUNNEL_RUN_AS
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(pod.security_context.unwrap().fs_group, Some(gid));
     // The configuration both DaemonSets read has the same excluded namespaces default.
     let cm: ConfigMap = find("ConfigMap", "ambient-config");
     let data = cm.data.unwrap();

@@ -37,7 +37,7 @@ use crate::topo::{Node, NodeSpec, Pod, PodMeta, TopoError};
 /// The echo port every pod serves.
 pub const ECHO_PORT: u16 = 8080;
 /// The uid:gid ztunnel runs as in the lab, as in `install/manifests/ztunnel-daemonset.yaml`.
-pub const ZTUNNEL_RUN_AS: &str = "1337:1337";
+pub use ambient_common::constants::ZTUNNEL_RUN_AS;
 /// The bridge joining the nodes, inside the underlay namespace.
 pub const UNDERLAY_BRIDGE: &str = "ul0";
 /// Each node's underlay interface.
