@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::host::{netns_id, Sysfs};
 use crate::metrics::Metrics;
-use crate::nft::{chain_drift_of, pin_elements, pod_elements, Dataplane, Element, Observed};
+use crate::nft::{
+    ambient_mac_elements, chain_drift_of, pin_elements, pod_elements, Dataplane, Element, Observed,
+};
 use crate::source::Snapshot;
 use crate::state::{LinkRecord, Record, StateDir};
 use crate::ztunnel::{WorkloadChange, WorkloadFeed};
@@ -331,6 +333,7 @@ impl Core {
         let mut out = pin_elements(&a, r.mac);
         if st == PodState::Captured {
             out.extend(pod_elements(&a, &r.ips));
+            out.extend(ambient_mac_elements(&a, r.mac));
         }
         out
     }

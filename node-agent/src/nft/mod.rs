@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 
 pub use ruleset::chain_drift as chain_drift_of;
 pub use ruleset::{
-    pin_elements, pod_elements, valid_ifname, Attachment, Element, Mac, Observed, RulesetParams,
+    ambient_mac_elements, pin_elements, pod_elements, valid_ifname, Attachment, Element, Mac,
+    Observed, RulesetParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +296,10 @@ mod tests {
                 &bridge([2, 0, 0, 0, 0, 1]),
                 Some(Mac([0x0a, 0x58, 1, 2, 3, 4])),
             ));
+            bridged.extend(ambient_mac_elements(
+                &bridge([2, 0, 0, 0, 0, 1]),
+                Some(Mac([0x0a, 0x58, 1, 2, 3, 4])),
+            ));
             let all: BTreeSet<Element> = routed.union(&bridged).cloned().collect();
             dp.apply(&BTreeSet::new(), &all).unwrap();
             assert_eq!(dp.observe().unwrap().elements, all);
@@ -316,9 +321,14 @@ mod tests {
                 &bridge([2, 0, 0, 0, 0, 9]),
                 Some(Mac([0x0a, 0x58, 1, 2, 3, 4])),
             ));
+            rebridged.extend(ambient_mac_elements(
+                &bridge([2, 0, 0, 0, 0, 9]),
+                Some(Mac([0x0a, 0x58, 1, 2, 3, 4])),
+            ));
             let old: BTreeSet<Element> = bridged.difference(&rebridged).cloned().collect();
             let new: BTreeSet<Element> = rebridged.difference(&bridged).cloned().collect();
-            assert_eq!(old.len(), 1);
+            // Both maps keyed by something that stays (port, pod MAC) get a new value.
+            assert_eq!(old.len(), 2);
             dp.apply(&old, &new).unwrap();
             let now: BTreeSet<Element> = routed.union(&rebridged).cloned().collect();
             assert_eq!(dp.observe().unwrap().elements, now);

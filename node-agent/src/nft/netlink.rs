@@ -225,7 +225,7 @@ pub fn encode_batch<'a>(
             let key = nest_begin(&mut out, NFTA_SET_ELEM_KEY);
             put(&mut out, NFTA_DATA_VALUE, &key_bytes(e));
             nest_end(&mut out, key);
-            if let Element::BrPortMac(_, mac) = e {
+            if let Element::BrPortMac(_, mac) | Element::BrPodMacBridge(_, mac) = e {
                 if *verb == NFT_MSG_NEWSETELEM {
                     let data = nest_begin(&mut out, NFTA_SET_ELEM_DATA);
                     put(&mut out, NFTA_DATA_VALUE, &mac.0);
@@ -274,6 +274,7 @@ fn key_bytes(e: &Element) -> Vec<u8> {
             out.extend_from_slice(&mac.0);
             pad4(&mut out);
         }
+        Element::BrPodMacBridge(mac, _) => out.extend_from_slice(&mac.0),
         Element::BrNdTarget(a) => out.extend_from_slice(&a.octets()),
         Element::BrNdPortTarget(i, a) => {
             ifname(&mut out, i);

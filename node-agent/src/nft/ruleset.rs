@@ -51,7 +51,7 @@ pub const INET_CHAINS: &[(&str, usize)] = &[
     ("mark_own", 1),
     ("input_guard", 1),
 ];
-pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 14), ("forward_guard", 2)];
+pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 16), ("forward_guard", 2)];
 
 impl RulesetParams {
     /// The fixed part of both tables, as one nft script. Applying it replaces any previous
@@ -134,6 +134,7 @@ table bridge {table} {{
   map port_bridge_mac {{ type ifname : ether_addr; }}
   set pinned {{ type ifname; comment "bridge ports of every pod the agent knows"; }}
   set port_mac {{ type ifname . ether_addr; comment "bridge port . the pod's own MAC"; }}
+  map pod_mac_bridge {{ type ether_addr : ether_addr; comment "bridged ambient pod's MAC : its bridge's MAC"; }}
   set nd_target {{ typeof @th,64,128; comment "bridged ambient IPv6 addresses, as ND targets"; }}
   set nd_port_target {{ typeof iifname . @th,64,128; comment "bridge port . ambient IPv6 address"; }}
   chain guard {{
@@ -152,6 +153,8 @@ table bridge {table} {{
     iifname @ports ether type ip6 ip6 saddr fe80::/10 meta l4proto tcp counter drop comment "TCP from an ambient pod's link-local address (never captured)"
     iifname @ports ether type ip ip protocol tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
     iifname @ports ether type ip6 ip6 nexthdr tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
+    ether type ip ip protocol tcp ether daddr set ether daddr map @pod_mac_bridge meta pkttype set host comment "route TCP to an ambient pod through the host (replies to ztunnel's transparent connections)"
+    ether type ip6 ip6 nexthdr tcp ether daddr set ether daddr map @pod_mac_bridge meta pkttype set host comment "route TCP to an ambient pod through the host (replies to ztunnel's transparent connections)"
   }}
   chain forward_guard {{
     type filter hook forward priority -300; policy accept;
@@ -193,6 +196,8 @@ pub enum Element {
     BrPinned(String),
     /// Port . the pod's own MAC: the only source MAC the port accepts.
     BrPinnedMac(String, Mac),
+    /// A bridged ambient pod's MAC : its bridge's MAC (TCP to the pod is routed by the host).
+    BrPodMacBridge(Mac, Mac),
     /// A bridged ambient IPv6 address, as the target of a neighbour advertisement.
     BrNdTarget(Ipv6Addr),
     /// Port . bridged ambient IPv6 address: the only port that may advertise it.
@@ -215,6 +220,7 @@ impl Element {
             Element::BrPortMac(..) => ("bridge", "port_bridge_mac"),
             Element::BrPinned(_) => ("bridge", "pinned"),
             Element::BrPinnedMac(..) => ("bridge", "port_mac"),
+            Element::BrPodMacBridge(..) => ("bridge", "pod_mac_bridge"),
             Element::BrNdTarget(_) => ("bridge", "nd_target"),
             Element::BrNdPortTarget(..) => ("bridge", "nd_port_target"),
         }
@@ -229,6 +235,7 @@ impl Element {
             Element::RoutedPort(i) | Element::BrPort(i) | Element::BrPinned(i) => quote(i),
             Element::BrPortMac(i, m) => format!("{} : {m}", quote(i)),
             Element::BrPinnedMac(i, m) => format!("{} . {m}", quote(i)),
+            Element::BrPodMacBridge(p, b) => format!("{p} : {b}"),
             Element::BrNdTarget(a) => raw128(a),
             Element::BrNdPortTarget(i, a) => format!("{} . {}", quote(i), raw128(a)),
         }
@@ -328,6 +335,18 @@ pub fn pin_elements(attachment: &Attachment, mac: Option<Mac>) -> BTreeSet<Eleme
             Element::BrPinned(veth.clone()),
             Element::BrPinnedMac(veth.clone(), mac),
         ]),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// The element that routes TCP addressed to a bridged ambient pod's MAC through the host,
+/// from any port: a neighbour's reply to ztunnel's transparent connection (made with the pod's
+/// address) must reach ztunnel, not be switched straight to the pod.
+pub fn ambient_mac_elements(attachment: &Attachment, mac: Option<Mac>) -> BTreeSet<Element> {
+    match (attachment, mac) {
+        (Attachment::Bridged { bridge_mac, .. }, Some(mac)) => {
+            BTreeSet::from([Element::BrPodMacBridge(mac, *bridge_mac)])
+        }
         _ => BTreeSet::new(),
     }
 }
@@ -476,6 +495,10 @@ fn parse_element(
         ("bridge", "port_mac") => {
             let (i, m) = pair(elem)?;
             Element::BrPinnedMac(i, m.parse().map_err(|_| bad())?)
+        }
+        ("bridge", "pod_mac_bridge") => {
+            let (p, b) = pair(elem)?;
+            Element::BrPodMacBridge(p.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?)
         }
         ("bridge", "nd_target") => Element::BrNdTarget(raw(&s(elem)?)?),
         ("bridge", "nd_port_target") => {

@@ -106,9 +106,6 @@ pub fn classify_endpoint(ip: IpAddr) -> Option<NodeLocal> {
 #[derive(Debug, Default)]
 pub struct NodeAddrs {
     addrs: RwLock<HashSet<IpAddr>>,
-    /// On-link prefixes of the node's interfaces shorter than a host route (a bridge's
-    /// 10.244.1.1/24): pods inside one share a link with each other.
-    links: RwLock<Vec<(IpAddr, u8)>>,
     logged: LogLimiter,
 }
 
@@ -137,36 +134,6 @@ impl LogLimiter {
     }
 }
 
-fn prefix_len(mask: IpAddr) -> u8 {
-    match mask {
-        IpAddr::V4(m) => u32::from(m).leading_ones() as u8,
-        IpAddr::V6(m) => u128::from(m).leading_ones() as u8,
-    }
-}
-
-fn in_prefix(net: IpAddr, len: u8, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let m = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
-            u32::from(n) & m == u32::from(a) & m
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let m = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
-            u128::from(n) & m == u128::from(a) & m
-        }
-        _ => false,
-    }
-}
-
-/// Whether `a` and `b` are both inside one of `links` (the same on-link prefix of one
-/// interface): then a reply from one to the other is switched between them directly.
-pub fn share_a_link(links: &[(IpAddr, u8)], a: IpAddr, b: IpAddr) -> bool {
-    let (a, b) = (canonical(a), canonical(b));
-    links
-        .iter()
-        .any(|&(net, len)| in_prefix(net, len, a) && in_prefix(net, len, b))
-}
-
 impl NodeAddrs {
     /// Reads the interface addresses now (and keeps them); returns how many.
     pub fn refresh(&self) -> std::io::Result<usize> {
@@ -178,29 +145,14 @@ impl NodeAddrs {
             }
         };
         let mut addrs = HashSet::new();
-        let mut links = Vec::new();
         for i in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
-            let Some(a) = i.address.as_ref().and_then(ip) else {
-                continue;
-            };
-            addrs.insert(a);
-            let len = i.netmask.as_ref().and_then(ip).map(prefix_len);
-            let host = if a.is_ipv4() { 32 } else { 128 };
-            if let Some(len) = len.filter(|l| *l < host && *l > 0) {
-                if classify(a, &HashSet::new()).is_none() {
-                    links.push((a, len));
-                }
+            if let Some(a) = i.address.as_ref().and_then(ip) {
+                addrs.insert(a);
             }
         }
         let n = addrs.len();
         *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
-        *self.links.write().unwrap_or_else(|e| e.into_inner()) = links;
         Ok(n)
-    }
-
-    /// Whether `a` and `b` share one of the node's links (see [`share_a_link`]).
-    pub fn share_a_link(&self, a: IpAddr, b: IpAddr) -> bool {
-        share_a_link(&self.links.read().unwrap_or_else(|e| e.into_inner()), a, b)
     }
 
     /// Replaces the list (tests).
@@ -324,24 +276,6 @@ mod tests {
             classify_endpoint("127.0.0.1".parse().unwrap()),
             Some(Loopback)
         );
-    }
-
-    #[test]
-    fn shared_links() {
-        let links = vec![
-            ("10.163.1.1".parse().unwrap(), 24),
-            ("fd00:1::1".parse().unwrap(), 64),
-        ];
-        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        // Two pods on one bridge.
-        assert!(share_a_link(&links, ip("10.163.1.2"), ip("10.163.1.3")));
-        assert!(share_a_link(&links, ip("fd00:1::2"), ip("fd00:1::3")));
-        // A pod and one of another node; routed (ptp) pods have no such prefix at all.
-        assert!(!share_a_link(&links, ip("10.163.1.2"), ip("10.163.2.3")));
-        assert!(!share_a_link(&[], ip("10.163.1.2"), ip("10.163.1.3")));
-        assert!(!share_a_link(&links, ip("10.163.1.2"), ip("fd00:1::3")));
-        assert_eq!(prefix_len(ip("255.255.255.0")), 24);
-        assert_eq!(prefix_len(ip("ffff:ffff:ffff:ffff::")), 64);
     }
 
     #[test]

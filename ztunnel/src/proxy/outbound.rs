@@ -132,14 +132,11 @@ pub(super) async fn outbound(
             }
             // From the pod's own address, as without the mesh (the destination's policies,
             // firewalls and logs see the pod, not the node); replies come back to this
-            // socket through the same mark and policy routing as the inbound side's. Not
-            // when both pods share one of the node's links (two pods on one bridge): the
-            // reply would be switched straight to the pod, around ztunnel; that case keeps
-            // the node's address until the bridge steers such replies through the host.
+            // socket through the same mark and policy routing as the inbound side's (on a
+            // bridge, the node agent's rules route TCP addressed to an ambient pod's MAC
+            // through the host, so a neighbour's reply is not switched around ztunnel).
             let same_family = peer.ip().is_ipv4() == target.ip().is_ipv4();
-            let transparent = p.cfg.transparent
-                && same_family
-                && !p.node_addrs.share_a_link(peer.ip(), target.ip());
+            let transparent = p.cfg.transparent && same_family;
             let up = if transparent {
                 p.sockets.connect_transparent(peer.ip(), target).await
             } else {
