@@ -6,7 +6,7 @@
 //! socket); where the kernel's stack can send them (a VLAN device, a static neighbour), the
 //! test configures the attacker's namespace, which changes nothing on the wire.
 //!
-//! Each test owns a cluster in 10.<octet>.0.0/16, octets 170-179. Run as root after
+//! Each test owns a cluster in 10.<octet>.0.0/16, octets 170-180. Run as root after
 //! `cargo build --workspace`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -949,5 +949,42 @@ fn a_capless_root_process_cannot_join_the_capture_listeners() {
         stolen.len()
     );
     node.stop(pid);
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+/// Attack 3 on a routed node (ptp): an ambient pod's link-local TCP (to the node's end of its
+/// veth, the only link-local neighbour it has) is dropped like on a bridge, never carried
+/// uncaptured.
+#[test]
+fn link_local_tcp_does_not_leave_a_routed_ambient_pod() {
+    let mut c = cluster("atlr", 180, Attach::Ptp);
+    let amb = pod(&mut c, 0, "ambient-demo", "amb");
+    let legacy = pod(&mut c, 0, "legacy", "legacy");
+    c.wait_converged(WAIT).unwrap();
+    let port = 7777u16;
+    let node = c.nodes[0].ns();
+    let mut cmd = node.command(bins::binary(bins::NETPROBE));
+    cmd.args(["listen-echo", "--addr", "::", "--port", &port.to_string()]);
+    node.spawn(&mut cmd).unwrap();
+    let to_node = |p: usize| {
+        let veth = host_veth(&c, p);
+        let ll = link_local(node, &veth);
+        SocketAddr::V6(std::net::SocketAddrV6::new(
+            ll,
+            port,
+            0,
+            ifindex(c.pods[p].ns(), "eth0"),
+        ))
+    };
+    // The probe is sound: a plain pod reaches the node over link-local.
+    let plain = eventually(WAIT, || {
+        connect_from(c.pods[legacy].ns(), to_node(legacy), "ll")
+    });
+    assert!(plain.is_ok(), "link-local TCP from a plain pod: {plain:?}");
+    let ambient = connect_from(c.pods[amb].ns(), to_node(amb), "ll-amb");
+    assert!(
+        ambient.is_err(),
+        "the routed ambient pod's link-local TCP left uncaptured: {ambient:?}"
+    );
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
