@@ -218,6 +218,30 @@ fn host_veth(c: &Cluster, pod: usize) -> String {
         .unwrap_or_else(|| panic!("the agent does not list {}", p.name()))
 }
 
+/// Stops an underlay capture and asserts that no plaintext TCP of an ambient pod, and none
+/// of `markers`, crossed it.
+fn assert_underlay_clean(c: &Cluster, cap: Capture, markers: &[&str]) {
+    let packets =
+        ambient_tests::cluster::finish_quiet(cap, &c.underlay, Duration::from_millis(700), WAIT)
+            .unwrap();
+    let leaks = ambient_tests::cluster::ambient_plaintext(
+        &packets,
+        &c.ambient_ips(),
+        ambient_common::constants::HBONE_PORT,
+    );
+    assert!(
+        leaks.is_empty(),
+        "plaintext of ambient pods on the underlay: {:?}",
+        leaks.iter().take(3).collect::<Vec<_>>()
+    );
+    for m in markers {
+        assert!(
+            !ambient_tests::capture::payload_contains(&packets, m.as_bytes()),
+            "{m} crossed the underlay in plaintext"
+        );
+    }
+}
+
 /// Gives `ns` an interface `v0` whose frames leave `eth0` behind an 802.1Q tag with VLAN id
 /// 0 (this kernel has no VLAN devices: `v0` is a veth whose peer `netprobe vlan-relay` reads
 /// and re-sends tagged). Replies come back untagged to `eth0`, whose MAC `v0` borrows.
@@ -295,6 +319,7 @@ fn vlan_tagged_frames_take_no_identity_and_skip_no_capture() {
     let to = c.pods[server].echo_addr();
     c.connect(victim, to, "legit").unwrap();
 
+    let cap = c.capture_underlay("vlan").unwrap();
     // (a) Identity theft from an ambient pod.
     let a = c.pods[attacker].ns();
     let attacker_mac = mac_of(a, "eth0");
@@ -403,6 +428,7 @@ fn vlan_tagged_frames_take_no_identity_and_skip_no_capture() {
         .connect(legacy, c.pods[victim].echo_addr(), "plain")
         .is_err());
     c.connect(victim, to, "legit-after").unwrap();
+    assert_underlay_clean(&c, cap, &["stolen-", "tagged-bypass", "legit"]);
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
 
@@ -448,7 +474,9 @@ fn source_mac_spoofing_steals_no_node_to_pod_hop() {
     );
     let moved = fdb_port(node, victim_mac);
     let marker = format!("MAC-THEFT-{}", std::process::id());
+    let underlay = c.capture_underlay("mac").unwrap();
     let reply = c.connect(client, to, &marker);
+    assert_underlay_clean(&c, underlay, &[&marker]);
     let packets = cap.finish(t).unwrap();
     let stolen: Vec<_> = packets
         .iter()
