@@ -105,7 +105,12 @@ pub async fn serve_cni(listener: UnixListener, shared: Shared) {
             tracing::warn!(%refusal, "CNI socket caller refused");
             shared.metrics.fail("peer_refused");
             let reply = AgentReply::Error(AgentError::new(ErrorKind::InvalidRequest, refusal));
-            tokio::spawn(async move { write_reply(&mut stream, &reply).await });
+            // Read (and ignore) the request first, so the caller's write completes and it
+            // reads the refusal instead of a broken pipe.
+            tokio::spawn(async move {
+                let _ = read_request::<serde_json::Value>(&mut stream).await;
+                write_reply(&mut stream, &reply).await
+            });
             continue;
         }
         let shared = shared.clone();

@@ -884,8 +884,9 @@ fn control_socket_refuses_other_uids_and_an_empty_gc() {
         let out = gc(who);
         assert!(
             !out.status.success(),
-            "GC with no valid attachment as {who:?} was accepted: {}",
-            String::from_utf8_lossy(&out.stdout)
+            "GC with no valid attachment as {who:?} was accepted: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
         assert!(captured(&c), "the GC as {who:?} released the ambient pod");
     }

@@ -51,7 +51,7 @@ pub const INET_CHAINS: &[(&str, usize)] = &[
     ("mark_own", 1),
     ("input_guard", 1),
 ];
-pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 16), ("forward_guard", 2)];
+pub const BRIDGE_CHAINS: &[(&str, usize)] = &[("guard", 16)];
 
 impl RulesetParams {
     /// The fixed part of both tables, as one nft script. Applying it replaces any previous
@@ -151,15 +151,10 @@ table bridge {table} {{
     ether type arp arp saddr ip @pod_v4 iifname . arp saddr ip != @port_v4 counter drop comment "ARP claiming an ambient address"
     ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 @nd_target iifname . @th,64,128 != @nd_port_target counter drop comment "neighbour advertisement claiming an ambient address"
     iifname @ports ether type ip6 ip6 saddr fe80::/10 meta l4proto tcp counter drop comment "TCP from an ambient pod's link-local address (never captured)"
-    iifname @ports ether type ip ip protocol tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
-    iifname @ports ether type ip6 ip6 nexthdr tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
-    ether type ip ip protocol tcp ether daddr set ether daddr map @pod_mac_bridge meta pkttype set host comment "route TCP to an ambient pod through the host (replies to ztunnel's transparent connections)"
-    ether type ip6 ip6 nexthdr tcp ether daddr set ether daddr map @pod_mac_bridge meta pkttype set host comment "route TCP to an ambient pod through the host (replies to ztunnel's transparent connections)"
-  }}
-  chain forward_guard {{
-    type filter hook forward priority -300; policy accept;
-    oifname @ports ether type != {{ ip, ip6, arp }} counter drop comment "ambient pods receive IPv4, IPv6 and ARP only (no VLAN tags)"
-    oifname @ports ether type ip6 ip6 daddr fe80::/10 meta l4proto tcp counter drop comment "TCP to an ambient pod's link-local address (never captured)"
+    iifname @ports ether type ip meta l4proto tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
+    iifname @ports ether type ip6 meta l4proto tcp ether daddr set iifname map @port_bridge_mac meta pkttype set host comment "route ambient TCP through the host"
+    ether type ip meta l4proto tcp ether daddr set ether daddr map @pod_mac_bridge meta pkttype set host comment "route TCP to an ambient pod through the host (replies to ztunnel's transparent connections; link-local is not forwarded)"
+    ether type ip6 meta l4proto tcp ether daddr set ether daddr map @pod_mac_bridge meta pkttype set host comment "route TCP to an ambient pod through the host (replies to ztunnel's transparent connections; link-local is not forwarded)"
   }}
 }}
 "#
