@@ -76,9 +76,38 @@ fn truncated(e: std::io::Error) -> FrameError {
     }
 }
 
+/// The rule both control sockets apply to their caller, whose uid and pid the server reads
+/// from the socket (SO_PEERCRED) rather than believing anything the caller says: only uid
+/// `allowed` may `act`; `role` names who that is and the flag that sets it.
+pub fn peer_uid_allowed(
+    uid: u32,
+    pid: Option<i32>,
+    allowed: u32,
+    act: &str,
+    role: &str,
+) -> Result<(), String> {
+    if uid == allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {uid} (pid {pid:?}) may not {act}; only uid {allowed} ({role}) may"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_configured_uid_passes() {
+        assert_eq!(peer_uid_allowed(0, Some(7), 0, "x", "y"), Ok(()));
+        let e = peer_uid_allowed(1000, Some(7), 0, "push workloads", "the node agent").unwrap_err();
+        assert_eq!(
+            e,
+            "uid 1000 (pid Some(7)) may not push workloads; only uid 0 (the node agent) may"
+        );
+    }
 
     #[test]
     fn round_trip() {

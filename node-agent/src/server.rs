@@ -134,15 +134,13 @@ fn peer_allowed(stream: &UnixStream, allowed: u32) -> Result<(), String> {
     let cred = stream
         .peer_cred()
         .map_err(|e| format!("cannot read the caller's credentials: {e}"))?;
-    if cred.uid() == allowed {
-        Ok(())
-    } else {
-        Err(format!(
-            "uid {} (pid {:?}) may not use the CNI socket; only uid {allowed} (the container runtime, --cni-peer-uid) may",
-            cred.uid(),
-            cred.pid()
-        ))
-    }
+    ambient_common::frame::peer_uid_allowed(
+        cred.uid(),
+        cred.pid(),
+        allowed,
+        "use the CNI socket",
+        "the container runtime, --cni-peer-uid",
+    )
 }
 
 fn op_name(op: &AgentOp) -> &'static str {

@@ -190,6 +190,30 @@ impl ClusterSpec {
     }
 }
 
+/// For tests: a two-node cluster in 10.<octet>.0.0/16 with the test defaults; panics with
+/// the reason (each test file owns a range of octets).
+pub fn test_cluster(tag: &str, octet: u8, attach: Attach) -> Cluster {
+    Cluster::new(ClusterSpec::new(tag, 2, attach, Addressing::test(octet)))
+        .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
+}
+
+/// For tests: [`Cluster::add_pod`] without labels, panicking with the reason; the pod's index.
+pub fn test_pod(c: &mut Cluster, node: usize, ns: &str, name: &str) -> usize {
+    test_pod_labelled(c, node, ns, name, &[])
+}
+
+/// For tests: [`Cluster::add_pod`], panicking with the reason; the pod's index.
+pub fn test_pod_labelled(
+    c: &mut Cluster,
+    node: usize,
+    ns: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> usize {
+    c.add_pod(node, ns, name, labels)
+        .unwrap_or_else(|e| panic!("pod {ns}/{name}: {e}"))
+}
+
 /// One node of the cluster with its processes.
 #[derive(Debug)]
 pub struct ClusterNode {

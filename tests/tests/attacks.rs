@@ -14,22 +14,13 @@ use std::time::Duration;
 
 use ambient_tests::bins;
 use ambient_tests::capture::Capture;
-use ambient_tests::cluster::{Addressing, Cluster, ClusterSpec};
+use ambient_tests::cluster::Cluster;
+use ambient_tests::cluster::{test_cluster as cluster, test_pod as pod};
 use ambient_tests::cni::Attach;
 use ambient_tests::topo::{gateway_of, Node, NodeSpec, PodMeta};
 use ambient_tests::{eventually, NetNs};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn cluster(tag: &str, octet: u8, attach: Attach) -> Cluster {
-    Cluster::new(ClusterSpec::new(tag, 2, attach, Addressing::test(octet)))
-        .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
-}
-
-fn pod(c: &mut Cluster, node: usize, ns: &str, name: &str) -> usize {
-    c.add_pod(node, ns, name, &[])
-        .unwrap_or_else(|e| panic!("pod {ns}/{name}: {e}"))
-}
 
 fn sh(ns: &NetNs, program: &str, args: &[&str]) -> String {
     ns.exec(program, args)

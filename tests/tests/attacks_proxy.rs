@@ -12,23 +12,14 @@ use std::time::Duration;
 use ambient_common::frame;
 use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
 use ambient_tests::bins;
-use ambient_tests::cluster::{metric_samples, Addressing, Cluster, ClusterSpec};
+use ambient_tests::cluster::{metric_samples, Cluster};
+use ambient_tests::cluster::{test_cluster as cluster, test_pod_labelled as pod};
 use ambient_tests::cni::Attach;
 use ambient_tests::probe::ConnRecord;
 use ambient_tests::{eventually, NetNs};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn cluster(tag: &str, octet: u8, attach: Attach) -> Cluster {
-    Cluster::new(ClusterSpec::new(tag, 2, attach, Addressing::test(octet)))
-        .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
-}
-
-fn pod(c: &mut Cluster, node: usize, ns: &str, name: &str, labels: &[(&str, &str)]) -> usize {
-    c.add_pod(node, ns, name, labels)
-        .unwrap_or_else(|e| panic!("pod {ns}/{name}: {e}"))
-}
 
 /// The sum of `metric`'s samples of one node matching all `labels`.
 fn count(c: &Cluster, node: usize, metric: &str, labels: &[(&str, &str)]) -> f64 {

@@ -10,24 +10,14 @@ use std::time::Duration;
 
 use ambient_tests::capture::{payload_contains, Packet};
 use ambient_tests::cluster::{
-    ambient_plaintext, finish_quiet, metric_samples, Addressing, Cluster, ClusterSpec,
-    UnderlaySummary,
+    ambient_plaintext, finish_quiet, metric_samples, Cluster, UnderlaySummary,
 };
+use ambient_tests::cluster::{test_cluster as cluster, test_pod as pod};
 use ambient_tests::cni::Attach;
 use ambient_tests::eventually;
 
 const HBONE: u16 = ambient_common::constants::HBONE_PORT;
 const WAIT: Duration = Duration::from_secs(15);
-
-fn cluster(tag: &str, octet: u8, attach: Attach) -> Cluster {
-    Cluster::new(ClusterSpec::new(tag, 2, attach, Addressing::test(octet)))
-        .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
-}
-
-fn pod(c: &mut Cluster, node: usize, ns: &str, name: &str) -> usize {
-    c.add_pod(node, ns, name, &[])
-        .unwrap_or_else(|e| panic!("pod {ns}/{name}: {e}"))
-}
 
 fn marker(tag: &str) -> String {
     format!("PLAINTEXT-MARKER-{tag}-{}", std::process::id())

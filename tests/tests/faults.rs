@@ -15,9 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambient_tests::capture::{payload_contains, Capture, Packet};
-use ambient_tests::cluster::{
-    ambient_plaintext, finish_quiet, rss_kb, Addressing, Cluster, ClusterSpec, UnderlaySummary,
-};
+use ambient_tests::cluster::{ambient_plaintext, finish_quiet, rss_kb, Cluster, UnderlaySummary};
+use ambient_tests::cluster::{test_cluster as cluster_with, test_pod as pod};
 use ambient_tests::cni::Attach;
 use ambient_tests::eventually;
 use ambient_tests::inns::in_ns;
@@ -29,16 +28,6 @@ const WAIT: Duration = Duration::from_secs(15);
 
 fn cluster(tag: &str, octet: u8) -> Cluster {
     cluster_with(tag, octet, Attach::Bridge)
-}
-
-fn cluster_with(tag: &str, octet: u8, attach: Attach) -> Cluster {
-    Cluster::new(ClusterSpec::new(tag, 2, attach, Addressing::test(octet)))
-        .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
-}
-
-fn pod(c: &mut Cluster, node: usize, ns: &str, name: &str) -> usize {
-    c.add_pod(node, ns, name, &[])
-        .unwrap_or_else(|e| panic!("pod {ns}/{name}: {e}"))
 }
 
 fn marker(tag: &str) -> String {

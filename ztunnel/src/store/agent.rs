@@ -297,15 +297,13 @@ fn peer_allowed(conn: &UnixStream, allowed: u32) -> Result<(), String> {
     let cred = conn
         .peer_cred()
         .map_err(|e| format!("cannot read the caller's credentials: {e}"))?;
-    if cred.uid() == allowed {
-        Ok(())
-    } else {
-        Err(format!(
-            "uid {} (pid {:?}) may not push workloads; only uid {allowed} (the node agent, --agent-peer-uid) may",
-            cred.uid(),
-            cred.pid()
-        ))
-    }
+    ambient_common::frame::peer_uid_allowed(
+        cred.uid(),
+        cred.pid(),
+        allowed,
+        "push workloads",
+        "the node agent, --agent-peer-uid",
+    )
 }
 
 /// Serves the agent until the listener fails.
