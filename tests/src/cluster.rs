@@ -870,6 +870,35 @@ impl Cluster {
         .map_err(|e| e.to_string())
     }
 
+    /// The sum of `metric`'s samples in node `node`'s ztunnel metrics whose labels include
+    /// all of `labels` (0 when there are none).
+    pub fn metric_sum(&self, node: usize, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.nodes[node].metrics().unwrap_or_default();
+        metric_samples(&text, metric)
+            .into_iter()
+            .filter(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Waits until node `node`'s ztunnel has loaded the policy named `name`.
+    pub fn wait_policy(&self, node: usize, name: &str, deadline: Duration) -> Result<(), String> {
+        eventually(deadline, || {
+            let dump = self.nodes[node].config_dump()?;
+            if dump["policies"].to_string().contains(name) {
+                Ok(())
+            } else {
+                Err(format!("policy {name} not loaded: {}", dump["policies"]))
+            }
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
+    }
+
     /// Whether the manifests make this pod ambient (namespace label, pod opt-out).
     pub fn is_ambient(&self, p: &ClusterPod) -> bool {
         use ambient_common::constants::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};

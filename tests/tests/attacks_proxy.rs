@@ -12,7 +12,7 @@ use std::time::Duration;
 use ambient_common::frame;
 use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
 use ambient_tests::bins;
-use ambient_tests::cluster::{metric_samples, Cluster};
+use ambient_tests::cluster::Cluster;
 use ambient_tests::cluster::{test_cluster as cluster, test_pod_labelled as pod};
 use ambient_tests::cni::Attach;
 use ambient_tests::probe::ConnRecord;
@@ -23,16 +23,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// The sum of `metric`'s samples of one node matching all `labels`.
 fn count(c: &Cluster, node: usize, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = c.nodes[node].metrics().unwrap_or_default();
-    metric_samples(&text, metric)
-        .into_iter()
-        .filter(|(l, _)| {
-            labels
-                .iter()
-                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, v)| v)
-        .sum()
+    c.metric_sum(node, metric, labels)
 }
 
 fn policy(name: &str, namespace: &str, spec: Value) -> Value {
@@ -45,15 +36,7 @@ fn policy(name: &str, namespace: &str, spec: Value) -> Value {
 }
 
 fn wait_policy(c: &Cluster, node: usize, name: &str) {
-    eventually(WAIT, || {
-        let dump = c.nodes[node].config_dump()?;
-        if dump["policies"].to_string().contains(name) {
-            Ok(())
-        } else {
-            Err(format!("policy {name} not loaded: {}", dump["policies"]))
-        }
-    })
-    .unwrap();
+    c.wait_policy(node, name, WAIT).unwrap();
 }
 
 /// Attack 8: an AUDIT and a CUSTOM AuthorizationPolicy (both valid in Istio's CRD) used to

@@ -30,16 +30,7 @@ fn opened(c: &Cluster, node: usize, labels: &[(&str, &str)]) -> f64 {
 
 /// The sum of `metric`'s samples of one node matching all `labels`.
 fn count(c: &Cluster, node: usize, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = c.nodes[node].metrics().unwrap_or_default();
-    metric_samples(&text, metric)
-        .into_iter()
-        .filter(|(l, _)| {
-            labels
-                .iter()
-                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, v)| v)
-        .sum()
+    c.metric_sum(node, metric, labels)
 }
 
 fn wait_opened(c: &Cluster, node: usize, labels: &[(&str, &str)]) {
@@ -240,15 +231,7 @@ fn same_node(tag: &str, octet: u8, attach: Attach) {
 }
 
 fn wait_policy(c: &Cluster, node: usize, name: &str) {
-    eventually(WAIT, || {
-        let dump = c.nodes[node].config_dump()?;
-        if dump["policies"].to_string().contains(name) {
-            Ok(())
-        } else {
-            Err(format!("policy {name} not loaded: {}", dump["policies"]))
-        }
-    })
-    .unwrap();
+    c.wait_policy(node, name, WAIT).unwrap();
 }
 
 /// Ambient -> legacy, legacy -> ambient (inbound plaintext on 15006), legacy -> legacy
