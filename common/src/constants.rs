@@ -61,3 +61,16 @@ pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 /// the DaemonSet and in the lab: a uid of its own, so no other process joins its listeners'
 /// reuseport groups.
 pub const ZTUNNEL_RUN_AS: &str = "1337:1337";
+
+/// The certificate issuer's gRPC port (Istio's `IstioCertificateService`, TLS), as istiod uses.
+pub const ISSUER_GRPC_PORT: u16 = 15012;
+/// The certificate issuer's Prometheus and readiness endpoint (`/metrics`, `/ready`).
+pub const ISSUER_METRICS_PORT: u16 = 15016;
+/// The service account ztunnel runs as; the only one the issuer lets ask on another
+/// workload's behalf (`<namespace>/<name>`).
+pub const ZTUNNEL_SERVICE_ACCOUNT: &str = "istio-system/ztunnel";
+/// Where the DaemonSet mounts ztunnel's projected service-account token (audience
+/// `istio-ca`), as Istio's ztunnel reads it.
+pub const ZTUNNEL_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+/// Longest lifetime the issuer gives a workload certificate, and its default.
+pub const MAX_WORKLOAD_CERT_TTL_SECS: u64 = 24 * 3600;

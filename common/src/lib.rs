@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_api;
+#[cfg(feature = "ca-api")]
+pub mod ca_api;
 pub mod constants;
 pub mod frame;
 #[cfg(feature = "manifests")]
