@@ -11,10 +11,12 @@ pub mod agent_api;
 #[cfg(feature = "ca-api")]
 pub mod ca_api;
 pub mod constants;
+pub mod duration;
 pub mod frame;
 #[cfg(feature = "manifests")]
 pub mod manifest;
 pub mod net;
+pub mod spiffe;
 pub mod ztunnel_api;
 
 pub use net::{IpPrefix, ParseIpPrefixError};
