@@ -15,9 +15,11 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::runtime::Handle;
 
 use crate::admin::{json, not_found, serve_http, Reply};
-use crate::config::{Config, Source};
+use crate::config::{CaSource, Config, Source};
 use crate::hbone::{Pool, TlsDialer};
-use crate::identity::{CaError, CaFiles, CertificateProvider, FileCa, SecretManager};
+use crate::identity::{
+    CaError, CaFiles, CertificateProvider, FileCa, IssuerClient, SecretManager, REQUEST_TIMEOUT,
+};
 use crate::metrics::{Direction, Metrics, Tracker};
 use crate::proxy::{serve, Proxy, SocketError, SocketFactory};
 use crate::store::{self, AgentError, Store};
@@ -32,7 +34,7 @@ const NODE_ADDRS_REFRESH: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("loading the CA failed")]
+    #[error("setting up the certificate provider failed")]
     Ca(#[source] CaError),
     #[error("binding a listener failed")]
     Listen(#[source] SocketError),
@@ -94,12 +96,33 @@ fn set_migrate_req() {
     }
 }
 
+/// The configured certificate provider: the file CA (`--ca-dir`) or the issuer client
+/// (`--ca-address`, which connects on its first request).
+pub fn provider(cfg: &Config) -> Result<Arc<dyn CertificateProvider>, AppError> {
+    Ok(match &cfg.ca {
+        CaSource::File { dir } => {
+            Arc::new(FileCa::load(&CaFiles::in_dir(dir), &cfg.trust_domain).map_err(AppError::Ca)?)
+        }
+        CaSource::Issuer(settings) => Arc::new(
+            IssuerClient::new(
+                settings.clone(),
+                &cfg.trust_domain,
+                SocketFactory {
+                    mark: cfg.mark,
+                    connect_timeout: cfg.connect_timeout,
+                },
+                REQUEST_TIMEOUT,
+            )
+            .map_err(AppError::Ca)?,
+        ),
+    })
+}
+
 impl App {
-    /// Loads the CA from the configured directory and builds.
+    /// Sets up the configured certificate provider and builds.
     pub fn build(cfg: Config, data: &Handle, control: &Handle) -> Result<Self, AppError> {
-        let ca =
-            FileCa::load(&CaFiles::in_dir(&cfg.ca_dir), &cfg.trust_domain).map_err(AppError::Ca)?;
-        Self::build_with(cfg, Arc::new(ca), data, control)
+        let provider = provider(&cfg)?;
+        Self::build_with(cfg, provider, data, control)
     }
 
     /// Builds with any certificate provider.
@@ -138,6 +161,7 @@ impl App {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         store.refusals().register(&mut registry);
+        certs.register_metrics(&mut registry);
         let tracker = Tracker::new(metrics, cfg.access_log);
         if cfg.tcp_migrate_req {
             set_migrate_req();
@@ -408,6 +432,11 @@ impl App {
                             "workloads": st.workloads().collect::<Vec<_>>(),
                             "services": st.services(),
                             "policies": st.policies(),
+                            "ca": {
+                                "source": &cfg.ca,
+                                "trust_bundle": certs.trust_bundle_info(),
+                                "issuer_error": certs.issuer_error(),
+                            },
                             "certificates": certs.dump(),
                             "pool": pool.stats(),
                         }))
@@ -433,19 +462,13 @@ impl App {
             ));
         }
         {
-            let ready = ready.clone();
+            let (ready, certs) = (ready.clone(), certs.clone());
             control.spawn(serve_http(
                 readiness,
                 Arc::new(move |path: &str| match path {
-                    "/healthz/ready"
-                        if ready.load(Ordering::Acquire) && synced.load(Ordering::Acquire) =>
-                    {
-                        (StatusCode::OK, "text/plain", "ready\n".into())
-                    }
-                    "/healthz/ready" => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready\n".into(),
+                    "/healthz/ready" => readiness_reply(
+                        ready.load(Ordering::Acquire) && synced.load(Ordering::Acquire),
+                        certs.issuer_error(),
                     ),
                     _ => not_found(),
                 }),
@@ -484,12 +507,30 @@ impl App {
     }
 }
 
+/// `/healthz/ready`: 200 once serving (and synced), 503 before, and 503 naming the issuer's
+/// error while the latest certificate request failed (a ztunnel that has not asked yet is
+/// ready).
+fn readiness_reply(serving: bool, issuer_error: Option<String>) -> Reply {
+    match (serving, issuer_error) {
+        (true, None) => (StatusCode::OK, "text/plain", "ready\n".into()),
+        (true, Some(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: certificate issuer: {e}\n"),
+        ),
+        (false, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+    }
+}
+
 /// Runs ztunnel with its two runtimes until SIGTERM or SIGINT. With `--run-as`, the steps
 /// that need root come first, then the process (still single-threaded) becomes that uid with
 /// CAP_NET_ADMIN alone, and only then are the runtimes and the TCP listeners created.
 pub fn run_blocking(mut cfg: Config) -> Result<(), AppError> {
-    let ca =
-        FileCa::load(&CaFiles::in_dir(&cfg.ca_dir), &cfg.trust_domain).map_err(AppError::Ca)?;
+    let ca = provider(&cfg)?;
     let mut agent_socket = None;
     if let Some((uid, gid)) = cfg.run_as {
         if cfg.tcp_migrate_req {
@@ -522,13 +563,7 @@ pub fn run_blocking(mut cfg: Config) -> Result<(), AppError> {
         ),
         _ => None,
     };
-    let mut app = App::build_parts(
-        cfg,
-        Arc::new(ca),
-        agent_socket,
-        data.handle(),
-        control.handle(),
-    )?;
+    let mut app = App::build_parts(cfg, ca, agent_socket, data.handle(), control.handle())?;
     if let Some(c) = kube {
         app = app.with_kube_client(c);
     }
@@ -553,4 +588,24 @@ pub fn run_blocking(mut cfg: Config) -> Result<(), AppError> {
     });
     data.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_the_issuer_error() {
+        assert_eq!(readiness_reply(true, None).0, StatusCode::OK);
+        assert_eq!(
+            readiness_reply(false, None).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let (status, _, body) = readiness_reply(true, Some("the issuer refused: denied".into()));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("certificate issuer: the issuer refused: denied"),
+            "{body}"
+        );
+    }
 }

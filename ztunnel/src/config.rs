@@ -10,6 +10,11 @@ use ambient_common::constants;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use crate::identity::IssuerSettings;
+
+/// Istio's default cluster id (`--cluster-id`), sent to the issuer as `clusterid`.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 /// Default most streams per pooled HBONE connection (`--pool-max-streams`): as many as the
 /// inbound side accepts ([`crate::hbone::SERVER_MAX_STREAMS`]). Istio's ztunnel defaults to
 /// 100; with 10,000 open connections between two nodes, 100 means 100 HBONE connections
@@ -93,9 +98,30 @@ pub struct RunArgs {
     /// Kubeconfig for --source=kube (default: the in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Directory holding ca-cert.pem, ca-key.pem and root-cert.pem (see `ztunnel ca init`).
+    /// Development mode: this node holds a CA key. Directory holding ca-cert.pem,
+    /// ca-key.pem and root-cert.pem (see `ztunnel ca init`). Exactly one of --ca-dir and
+    /// --ca-address.
     #[arg(long)]
-    pub ca_dir: PathBuf,
+    pub ca_dir: Option<PathBuf>,
+    /// The certificate issuer (Istio's certificate API over TLS, e.g.
+    /// https://ambient-issuer.istio-system.svc:15012 or istiod). Exactly one of --ca-dir and
+    /// --ca-address.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM roots for the issuer's serving certificate, and the first trust bundle (required
+    /// with --ca-address).
+    #[arg(long)]
+    pub ca_root: Option<PathBuf>,
+    /// ztunnel's service-account token (audience istio-ca), read for every request.
+    #[arg(long, default_value = constants::ZTUNNEL_TOKEN_PATH)]
+    pub ca_token: PathBuf,
+    /// Name the issuer's serving certificate must carry (default: the host of --ca-address;
+    /// an IP address is matched against the certificate's IP SANs).
+    #[arg(long)]
+    pub ca_server_name: Option<String>,
+    /// Cluster id sent to the issuer (`clusterid` header).
+    #[arg(long, default_value = DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
     /// Unix socket on which the node agent pushes local workloads.
     #[arg(long, default_value = constants::ZTUNNEL_SOCKET)]
     pub agent_socket: PathBuf,
@@ -225,7 +251,7 @@ pub struct RunArgs {
 pub struct Config {
     pub node_name: String,
     pub source: Source,
-    pub ca_dir: PathBuf,
+    pub ca: CaSource,
     pub agent_socket: PathBuf,
     /// (uid, gid) to become after the root-only steps (`--run-as`).
     pub run_as: Option<(u32, u32)>,
@@ -260,6 +286,41 @@ pub struct Config {
     pub log_format: LogFormat,
     pub access_log: bool,
     pub tcp_migrate_req: bool,
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum CaSource {
+    /// Development: the node holds a CA key (`--ca-dir`).
+    File { dir: PathBuf },
+    /// A remote issuer (`--ca-address`).
+    Issuer(IssuerSettings),
+}
+
+/// Host and port of `--ca-address` (`https://host[:port]`, port 15012 by default; an IPv6
+/// host without its brackets).
+pub fn parse_ca_address(s: &str) -> Result<(String, u16), String> {
+    let uri: http::Uri = s.parse().map_err(|_| {
+        format!("{s:?} is not a URL like https://ambient-issuer.istio-system.svc:15012")
+    })?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!(
+            "{s:?}: the issuer is reached over TLS (want https://)"
+        ));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("{s:?}: want no path"));
+    }
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{s:?} has no host"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok((host, uri.port_u16().unwrap_or(constants::ISSUER_GRPC_PORT)))
 }
 
 /// HBONE client pool settings.
@@ -323,6 +384,70 @@ fn parse_run_as(s: &str) -> Result<(u32, u32), String> {
         return Err(format!("{s:?}: uid 0 is what --run-as exists to leave"));
     }
     Ok((uid, gid))
+}
+
+/// `--ca-dir` or `--ca-address` and its companions.
+fn ca_source(a: &RunArgs, errs: &mut Vec<String>) -> CaSource {
+    let placeholder = CaSource::File {
+        dir: PathBuf::new(),
+    };
+    match (&a.ca_dir, &a.ca_address) {
+        (Some(_), Some(_)) => {
+            errs.push("--ca-dir and --ca-address: give one (--ca-dir: this node holds a CA key, for development; --ca-address: ask the issuer)".into());
+            placeholder
+        }
+        (None, None) => {
+            errs.push("--ca-address (the certificate issuer) or --ca-dir (development: a CA key on this node): one is required".into());
+            placeholder
+        }
+        (Some(dir), None) => {
+            for (flag, given) in [
+                ("--ca-root", a.ca_root.is_some()),
+                ("--ca-server-name", a.ca_server_name.is_some()),
+            ] {
+                if given {
+                    errs.push(format!("{flag}: only used with --ca-address"));
+                }
+            }
+            CaSource::File { dir: dir.clone() }
+        }
+        (None, Some(address)) => {
+            let (host, port) = parse_ca_address(address).unwrap_or_else(|e| {
+                errs.push(format!("--ca-address: {e}"));
+                (String::new(), 0)
+            });
+            let root = a.ca_root.clone().unwrap_or_else(|| {
+                errs.push(
+                    "--ca-root: required with --ca-address (PEM roots for the issuer's serving certificate)"
+                        .into(),
+                );
+                PathBuf::new()
+            });
+            let server_name = a.ca_server_name.clone().unwrap_or_else(|| host.clone());
+            if a.ca_server_name.is_some() || !host.is_empty() {
+                if let Err(e) = rustls::pki_types::ServerName::try_from(server_name.as_str()) {
+                    errs.push(format!(
+                        "--ca-server-name: {server_name:?} is not a DNS name or IP address ({e})"
+                    ));
+                }
+            }
+            if a.ca_token.as_os_str().is_empty() {
+                errs.push("--ca-token: must not be empty".into());
+            }
+            if a.cluster_id.trim().is_empty() {
+                errs.push("--cluster-id: must not be empty".into());
+            }
+            CaSource::Issuer(IssuerSettings {
+                address: address.clone(),
+                host,
+                port,
+                server_name,
+                root,
+                token: a.ca_token.clone(),
+                cluster_id: a.cluster_id.clone(),
+            })
+        }
+    }
 }
 
 impl Config {
@@ -403,6 +528,13 @@ impl Config {
         if cert_ttl < Duration::from_secs(60) && !cert_ttl.is_zero() {
             errs.push("--cert-ttl: must be at least 60s".into());
         }
+        if cert_ttl > Duration::from_secs(constants::MAX_WORKLOAD_CERT_TTL_SECS) {
+            errs.push(format!(
+                "--cert-ttl: must be at most {}h (the issuer's limit)",
+                constants::MAX_WORKLOAD_CERT_TTL_SECS / 3600
+            ));
+        }
+        let ca = ca_source(a, &mut errs);
         if poll_interval.is_zero() {
             errs.push("--poll-interval: must be positive".into());
         }
@@ -444,7 +576,7 @@ impl Config {
         Ok(Self {
             node_name: a.node_name.clone(),
             source,
-            ca_dir: a.ca_dir.clone(),
+            ca,
             agent_socket: a.agent_socket.clone(),
             run_as,
             agent_peer_uid: a.agent_peer_uid,
@@ -594,6 +726,142 @@ mod tests {
         assert_eq!(c.run_as, Some((1337, 1337)));
         let err = parse(&["--run-as", "0"]).unwrap_err();
         assert!(err.to_string().contains("--run-as"), "{err}");
+    }
+
+    fn parse_argv(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["ztunnel", "--node-name", "n1"];
+        argv.extend_from_slice(args);
+        Config::from_args(&Cli::try_parse_from(argv).unwrap().run)
+    }
+
+    #[test]
+    fn ca_flags() {
+        let issuer = |address: &str, server_name: Option<&str>| {
+            let mut argv = vec!["--ca-address", address, "--ca-root", "/r.pem"];
+            if let Some(n) = server_name {
+                argv.extend(["--ca-server-name", n]);
+            }
+            parse_argv(&argv).map(|c| c.ca)
+        };
+        let want = |host: &str, port: u16, name: &str, address: &str| {
+            CaSource::Issuer(IssuerSettings {
+                address: address.into(),
+                host: host.into(),
+                port,
+                server_name: name.into(),
+                root: "/r.pem".into(),
+                token: constants::ZTUNNEL_TOKEN_PATH.into(),
+                cluster_id: "Kubernetes".into(),
+            })
+        };
+        // (address, --ca-server-name, host, port, server name)
+        for (address, name, host, port, server_name) in [
+            (
+                "https://10.0.0.1:15012",
+                None,
+                "10.0.0.1",
+                15012,
+                "10.0.0.1",
+            ),
+            (
+                "https://ambient-issuer.istio-system.svc:15012",
+                None,
+                "ambient-issuer.istio-system.svc",
+                15012,
+                "ambient-issuer.istio-system.svc",
+            ),
+            (
+                "https://istiod.istio-system.svc",
+                None,
+                "istiod.istio-system.svc",
+                constants::ISSUER_GRPC_PORT,
+                "istiod.istio-system.svc",
+            ),
+            ("https://[fd00::1]:9000/", None, "fd00::1", 9000, "fd00::1"),
+            (
+                "https://10.0.0.1:15012",
+                Some("istiod.istio-system.svc"),
+                "10.0.0.1",
+                15012,
+                "istiod.istio-system.svc",
+            ),
+        ] {
+            assert_eq!(
+                issuer(address, name).unwrap(),
+                want(host, port, server_name, address),
+                "{address}"
+            );
+        }
+        // (flags, text every error must carry)
+        let bad: &[(&[&str], &[&str])] = &[
+            (&[], &["--ca-address", "--ca-dir", "one is required"]),
+            (
+                &[
+                    "--ca-dir",
+                    "/ca",
+                    "--ca-address",
+                    "https://a:1",
+                    "--ca-root",
+                    "/r",
+                ],
+                &["--ca-dir and --ca-address: give one"],
+            ),
+            (&["--ca-address", "https://a:1"], &["--ca-root: required"]),
+            (
+                &["--ca-address", "http://a:1", "--ca-root", "/r"],
+                &["--ca-address", "https://"],
+            ),
+            (
+                &["--ca-address", "https://a:1/x", "--ca-root", "/r"],
+                &["--ca-address", "no path"],
+            ),
+            (
+                &["--ca-address", "a b", "--ca-root", "/r"],
+                &["--ca-address", "not a URL"],
+            ),
+            (
+                &["--ca-dir", "/ca", "--ca-root", "/r"],
+                &["--ca-root: only used with --ca-address"],
+            ),
+            (
+                &[
+                    "--ca-address",
+                    "https://a:1",
+                    "--ca-root",
+                    "/r",
+                    "--ca-server-name",
+                    "bad name!",
+                ],
+                &["--ca-server-name"],
+            ),
+            (
+                &[
+                    "--ca-address",
+                    "https://a:1",
+                    "--ca-root",
+                    "/r",
+                    "--cluster-id",
+                    " ",
+                ],
+                &["--cluster-id"],
+            ),
+            (
+                &["--ca-dir", "/ca", "--cert-ttl", "25h"],
+                &["--cert-ttl: must be at most 24h"],
+            ),
+        ];
+        for (argv, texts) in bad {
+            let err = parse_argv(argv).unwrap_err().to_string();
+            for t in *texts {
+                assert!(err.contains(t), "{argv:?}: {err}");
+            }
+        }
+        let two = parse_argv(&["--ca-address", "http://a", "--cert-ttl", "48h"]).unwrap_err();
+        assert_eq!(two.0.len(), 3, "every bad field at once: {two}");
+        assert_eq!(
+            parse_argv(&["--ca-dir", "/ca"]).unwrap().ca,
+            CaSource::File { dir: "/ca".into() }
+        );
     }
 
     #[test]

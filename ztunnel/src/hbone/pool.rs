@@ -93,7 +93,7 @@ impl Dialer for TlsDialer {
                 .await
                 .map_err(PoolError::Certificate)?;
             let cfg = held
-                .client_for(&key.expected, self.certs.trust_bundle())
+                .client_for(&key.expected)
                 .map_err(PoolError::Certificate)?;
             let tcp = self
                 .sockets

@@ -1,5 +1,7 @@
-//! The certificate provider trait and its first implementation: a CA certificate and key and a
-//! trust bundle read from files, issuing short-lived ECDSA P-256 leaves locally.
+//! The certificate provider trait and its development implementation: a CA certificate and
+//! key and a trust bundle read from files, issuing short-lived ECDSA P-256 leaves locally (the
+//! node holds a CA key: `--ca-dir`). Production nodes ask a remote issuer instead
+//! (`super::issuer`).
 //!
 //! Files in the CA directory (written by [`ca_init`]):
 //! - `ca-cert.pem`: the signing CA certificate;
@@ -9,8 +11,10 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::registry::Registry;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -18,7 +22,11 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use super::issuer::IssuerError;
 use super::Identity;
+
+/// A trust bundle as of one moment: shared, never mutated (a new bundle is a new `Arc`).
+pub type Roots = Arc<Vec<CertificateDer<'static>>>;
 
 /// Errors of the CA files and of issuance.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +80,10 @@ pub enum CaError {
     },
     #[error("certificate lifetime {0:?} is out of range")]
     Ttl(Duration),
+    #[error("the certificate issuer failed")]
+    Issuer(#[source] IssuerError),
+    #[error("cannot build the TLS client for the issuer: {0}")]
+    IssuerTls(String),
 }
 
 /// A private key and certificate chain for one identity.
@@ -115,10 +127,17 @@ pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<WorkloadCert, CaEr
 pub trait CertificateProvider: Send + Sync + 'static {
     /// Issues a fresh certificate for `identity`, valid for `ttl`.
     fn issue(&self, identity: &Identity, ttl: Duration) -> IssueFuture<'_>;
-    /// The roots peers must chain to.
-    fn trust_bundle(&self) -> &[CertificateDer<'static>];
+    /// The roots peers must chain to, now. A remote issuer replaces them with the bundle it
+    /// publishes in each response (old and new roots during a root rotation).
+    fn trust_bundle(&self) -> Roots;
     /// The trust domain this provider issues for.
     fn trust_domain(&self) -> &str;
+    /// Why the latest request to a remote issuer failed, while none has succeeded since.
+    fn last_error(&self) -> Option<String> {
+        None
+    }
+    /// Registers the provider's own metrics (the issuer's request counters and health).
+    fn register_metrics(&self, _registry: &mut Registry) {}
 }
 
 /// Paths of the three CA files in a directory.
@@ -221,7 +240,7 @@ pub struct FileCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate when it is not itself one of the roots (sent as an intermediate).
     intermediate: Option<CertificateDer<'static>>,
-    roots: Vec<CertificateDer<'static>>,
+    roots: Roots,
     trust_domain: String,
 }
 
@@ -255,7 +274,7 @@ impl FileCa {
         Ok(Self {
             issuer,
             intermediate,
-            roots,
+            roots: Arc::new(roots),
             trust_domain: trust_domain.to_owned(),
         })
     }
@@ -315,8 +334,8 @@ impl CertificateProvider for FileCa {
         Box::pin(async move { self.issue_now(&identity, ttl) })
     }
 
-    fn trust_bundle(&self) -> &[CertificateDer<'static>] {
-        &self.roots
+    fn trust_bundle(&self) -> Roots {
+        self.roots.clone()
     }
 
     fn trust_domain(&self) -> &str {

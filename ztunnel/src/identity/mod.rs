@@ -2,10 +2,13 @@
 //! certificate cache with rotation, and the rustls configurations that verify SPIFFE URI SANs
 //! both ways.
 //!
-//! Layout: [`Identity`] here; `ca` holds the file-backed CA ([`FileCa`], [`ca_init`]);
-//! `manager` the cache ([`SecretManager`]); `tls` the rustls glue.
+//! Layout: [`Identity`] here; `ca` holds the provider trait and the file-backed development
+//! CA ([`FileCa`], [`ca_init`]); `issuer` the client of a remote issuer speaking Istio's
+//! certificate API ([`IssuerClient`]); `manager` the cache ([`SecretManager`]); `tls` the
+//! rustls glue.
 
 mod ca;
+mod issuer;
 mod manager;
 mod tls;
 
@@ -14,8 +17,14 @@ use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
 
-pub use ca::{ca_init, CaError, CaFiles, CertificateProvider, FileCa, IssueFuture, WorkloadCert};
-pub use manager::{CertInfo, HeldCert, SecretError, SecretManager};
+pub use ca::{
+    ca_init, CaError, CaFiles, CertificateProvider, FileCa, IssueFuture, Roots, WorkloadCert,
+};
+pub use issuer::{
+    split_chain, validate, IssuedChain, IssuerClient, IssuerError, IssuerSettings, TrustBundle,
+    REQUEST_TIMEOUT,
+};
+pub use manager::{CertInfo, HeldCert, RootInfo, SecretError, SecretManager};
 pub use tls::{
     client_config, crypto_provider, identities_in_cert, peer_identity, server_config, TlsError,
 };

@@ -213,7 +213,7 @@ struct SpiffeServerVerifier {
     algs: WebPkiSupportedAlgorithms,
 }
 
-fn webpki_error(e: webpki::Error) -> rustls::Error {
+pub(super) fn webpki_error(e: webpki::Error) -> rustls::Error {
     use webpki::Error as E;
     let ce = match e {
         E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
