@@ -28,6 +28,10 @@ use crate::store::{self, AgentError, Store};
 /// walk of the local workloads.
 const CERT_PASS_DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// Backoff of the certificate pass after a failure.
+const CERT_RETRY_MIN: Duration = Duration::from_secs(1);
+const CERT_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// How often the node's interface addresses are re-read (they are never a destination a
 /// pod may reach through ztunnel).
 const NODE_ADDRS_REFRESH: Duration = Duration::from_secs(2);
@@ -319,6 +323,9 @@ impl App {
         {
             let (store, certs) = (store.clone(), certs.clone());
             control.spawn(async move {
+                // After a failure (the issuer down or refusing) the pass runs again with
+                // backoff, not only at the next change.
+                let mut backoff = CERT_RETRY_MIN;
                 loop {
                     let local = store.local_identities();
                     certs.retain(&local);
@@ -326,14 +333,35 @@ impl App {
                         .into_iter()
                         .filter(|id| certs.get(id).is_none())
                         .collect();
-                    if let Err(e) = certs.ensure(&missing).await {
-                        tracing::warn!(error = %crate::error_chain(&e), "pre-issuing certificates failed");
+                    let failed = match certs.ensure(&missing).await {
+                        Ok(()) => false,
+                        Err(e) => {
+                            tracing::warn!(error = %crate::error_chain(&e), retry_in = ?backoff, "pre-issuing certificates failed");
+                            true
+                        }
+                    };
+                    let retry = async {
+                        if failed {
+                            tokio::time::sleep(backoff).await
+                        } else {
+                            std::future::pending().await
+                        }
+                    };
+                    tokio::select! {
+                        r = changes.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(CERT_PASS_DEBOUNCE).await;
+                            changes.borrow_and_update();
+                        }
+                        () = retry => {}
                     }
-                    if changes.changed().await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(CERT_PASS_DEBOUNCE).await;
-                    changes.borrow_and_update();
+                    backoff = if failed {
+                        (backoff * 2).min(CERT_RETRY_MAX)
+                    } else {
+                        CERT_RETRY_MIN
+                    };
                 }
             });
         }

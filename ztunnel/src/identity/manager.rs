@@ -209,12 +209,16 @@ impl SecretManager {
         Ok(held)
     }
 
-    /// Makes sure a certificate is held for each identity.
+    /// Makes sure a certificate is held for each identity; tries every one, returns the
+    /// first failure.
     pub async fn ensure(&self, ids: &[Identity]) -> Result<(), SecretError> {
+        let mut first = None;
         for id in ids {
-            self.fetch(id).await?;
+            if let Err(e) = self.fetch(id).await {
+                first.get_or_insert(e);
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Forgets certificates of identities no local workload uses any more.
