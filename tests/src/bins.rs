@@ -1,5 +1,5 @@
 //! Where the binaries under test are: the workspace's own (`ambient-cni`, `node-agent`,
-//! `ztunnel`, `netprobe`) in the cargo target directory of the running test executable
+//! `ztunnel`, `ambient-issuer`, `netprobe`) in the cargo target directory of the running test executable
 //! (`target/<profile>/`), and Debian's CNI plugins in [`DEBIAN_CNI_DIR`].
 
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ pub const AMBIENT_CNI: &str = "ambient-cni";
 pub const NODE_AGENT: &str = "node-agent";
 pub const ZTUNNEL: &str = "ztunnel";
 pub const NETPROBE: &str = "netprobe";
+pub const ISSUER: &str = "ambient-issuer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BinError {

@@ -163,6 +163,19 @@ pub struct ClusterSpec {
     pub cni_extra: serde_json::Map<String, Value>,
     /// `ztunnel run --run-as` (as the DaemonSet runs it); `None` leaves ztunnel root.
     pub ztunnel_run_as: Option<String>,
+    /// Where ztunnel's certificates come from.
+    pub ca: CaMode,
+}
+
+/// Where the cluster's ztunnels get their certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaMode {
+    /// From `ambient-issuer`, the only process holding the CA key, in the underlay namespace
+    /// (the control plane's place); each node authenticates with its own credential.
+    Issuer,
+    /// Each ztunnel reads the CA key itself (`--ca-dir`, the development mode); the issuer
+    /// still runs, unused by the ztunnels.
+    NodeKey,
 }
 
 impl ClusterSpec {
@@ -186,6 +199,7 @@ impl ClusterSpec {
             ztunnel_args: vec!["--poll-interval".into(), "200ms".into()],
             cni_extra,
             ztunnel_run_as: Some(ZTUNNEL_RUN_AS.into()),
+            ca: CaMode::Issuer,
         }
     }
 }
@@ -378,11 +392,18 @@ pub struct Cluster {
     namespaces: BTreeMap<String, Vec<(String, String)>>,
     bins: BinDir,
     root: Root,
+    pub issuer_pid: Option<u32>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            if self.issuer_pid.is_some() {
+                eprintln!(
+                    "==== ambient-issuer log (tail) ====\n{}",
+                    tail(&self.issuer_log(), 40)
+                );
+            }
             for n in &self.nodes {
                 for (what, path) in [("node-agent", n.agent_log()), ("ztunnel", n.ztunnel_log())] {
                     eprintln!(
@@ -414,6 +435,7 @@ impl Cluster {
             bins::ZTUNNEL,
             bins::AMBIENT_CNI,
             bins::NETPROBE,
+            bins::ISSUER,
         ] {
             bins.find(b)?;
         }
@@ -453,23 +475,22 @@ impl Cluster {
             namespaces: BTreeMap::new(),
             bins,
             root,
+            issuer_pid: None,
         };
         let ca_dir = cluster.ca_dir();
-        run(std::process::Command::new(cluster.bin(bins::ZTUNNEL))
-            .args([
-                "ca",
-                "init",
-                "--trust-domain",
-                &spec.trust_domain,
-                "--force",
-                "--dir",
-            ])
+        run(std::process::Command::new(cluster.bin(bins::ISSUER))
+            .args(["ca", "init", "--trust-domain", &spec.trust_domain, "--dir"])
             .arg(&ca_dir))?;
         cluster.set_namespace("ambient-demo", true)?;
         cluster.set_namespace("legacy", false)?;
         for i in 1..=spec.nodes {
             cluster.add_node(i)?;
         }
+        let addr = format!("{}/24", cluster.issuer_ip());
+        cluster
+            .underlay
+            .ip(&["addr", "add", &addr, "dev", UNDERLAY_BRIDGE])?;
+        cluster.start_issuer()?;
         // Routes between nodes: each node's pod range via its underlay address.
         for a in 0..cluster.nodes.len() {
             for b in 0..cluster.nodes.len() {
@@ -525,6 +546,7 @@ impl Cluster {
         )?;
         self.underlay
             .ip(&["link", "set", &port, "master", UNDERLAY_BRIDGE])?;
+        self.add_credential(&["--node", &name], &dir.join(CA_TOKEN_FILE))?;
         self.nodes.push(ClusterNode {
             name,
             index: i,
@@ -553,6 +575,144 @@ impl Cluster {
 
     pub fn ca_dir(&self) -> PathBuf {
         self.root.path().join("ca")
+    }
+
+    /// The issuer's directory: its credentials file and log.
+    pub fn issuer_dir(&self) -> PathBuf {
+        self.root.path().join("issuer")
+    }
+
+    pub fn issuer_log(&self) -> PathBuf {
+        self.issuer_dir().join("ambient-issuer.log")
+    }
+
+    pub fn issuer_credentials(&self) -> PathBuf {
+        self.issuer_dir().join("credentials.yaml")
+    }
+
+    /// The issuer's address on the underlay (the bridge's own address in the underlay
+    /// namespace), reachable from every node.
+    pub fn issuer_ip(&self) -> Ipv4Addr {
+        self.spec.addressing.underlay_ip(ISSUER_HOST as usize)
+    }
+
+    pub fn issuer_url(&self) -> String {
+        format!(
+            "https://{}:{}",
+            self.issuer_ip(),
+            ambient_common::constants::ISSUER_GRPC_PORT
+        )
+    }
+
+    /// Mints a credential for the issuer (`ambient-issuer credential add` with `args`) and
+    /// writes its token to `token_out`, readable by ztunnel's uid.
+    pub fn add_credential(&self, args: &[&str], token_out: &Path) -> Result<(), ClusterError> {
+        let dir = self.issuer_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        run(std::process::Command::new(self.bin(bins::ISSUER))
+            .args(["credential", "add", "--file"])
+            .arg(self.issuer_credentials())
+            .arg("--token-out")
+            .arg(token_out)
+            .args(args))?;
+        if let Some((uid, gid)) = self
+            .spec
+            .ztunnel_run_as
+            .as_deref()
+            .and_then(|s| s.split_once(':'))
+        {
+            let (uid, gid) = (uid.parse().ok(), gid.parse().ok());
+            std::os::unix::fs::chown(token_out, uid, gid).map_err(io_err(token_out))?;
+        }
+        Ok(())
+    }
+
+    /// GET `path` from the issuer's metrics port, from the underlay namespace.
+    pub fn issuer_http(&self, path: &str) -> Result<(u16, String), String> {
+        let addr = SocketAddr::from((
+            self.issuer_ip(),
+            ambient_common::constants::ISSUER_METRICS_PORT,
+        ));
+        in_ns(&self.underlay.path(), || {
+            inns::http_get(addr, path, Duration::from_secs(3))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// The sum of an issuer metric's samples whose labels include `labels`.
+    pub fn issuer_metric(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        match self.issuer_http("/metrics") {
+            Ok((200, body)) => sum_samples(&body, metric, labels),
+            _ => 0.0,
+        }
+    }
+
+    /// Starts the issuer in the underlay namespace and waits for `/ready`.
+    pub fn start_issuer(&mut self) -> Result<u32, ClusterError> {
+        let dir = self.issuer_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let (out, err) = Self::log_file(&self.issuer_log())?;
+        let mut cmd = self.underlay.command(self.bin(bins::ISSUER));
+        cmd.args(["run", "--trust-domain", &self.spec.trust_domain])
+            .arg("--ca-dir")
+            .arg(self.ca_dir())
+            .args(["--source", "manifests", "--manifest-dir"])
+            .arg(self.manifests.path())
+            .arg("--credentials")
+            .arg(self.issuer_credentials())
+            .args(["--serving-ip", &self.issuer_ip().to_string()])
+            .args(["--reload-interval", "200ms", "--pod-wait", "3s"])
+            .stdout(out)
+            .stderr(err);
+        let pid = self.underlay.spawn(&mut cmd)?;
+        self.issuer_pid = Some(pid);
+        wait_ready(
+            pid,
+            "ambient-issuer",
+            "underlay",
+            "not ready",
+            || matches!(self.issuer_http("/ready"), Ok((200, _))),
+            &self.issuer_log(),
+        )?;
+        Ok(pid)
+    }
+
+    /// Sends one certificate request to the issuer, from the underlay namespace, verifying
+    /// it against the cluster's root.
+    pub fn ask_issuer(&self, ask: &crate::issuer::Ask<'_>) -> crate::issuer::Answer {
+        let addr = SocketAddr::from((
+            self.issuer_ip(),
+            ambient_common::constants::ISSUER_GRPC_PORT,
+        ));
+        let root = self.ca_dir().join("root-cert.pem");
+        let name = self.issuer_ip().to_string();
+        in_ns(&self.underlay.path(), || {
+            crate::issuer::ask_once(addr, &root, &name, ask)
+        })
+        .unwrap_or_else(|e| crate::issuer::Answer::Failed(e.to_string()))
+    }
+
+    /// Stops the issuer (an outage).
+    pub fn stop_issuer(&mut self) {
+        if let Some(pid) = self.issuer_pid.take() {
+            self.underlay.stop(pid);
+        }
+    }
+
+    /// The `ztunnel run` flags that say where certificates come from.
+    fn ztunnel_ca_args(&self, node: &ClusterNode) -> Vec<std::ffi::OsString> {
+        match self.spec.ca {
+            CaMode::Issuer => vec![
+                "--ca-address".into(),
+                self.issuer_url().into(),
+                "--ca-root".into(),
+                self.ca_dir().join("root-cert.pem").into(),
+                "--ca-token".into(),
+                node.dir.join(CA_TOKEN_FILE).into(),
+            ],
+            CaMode::NodeKey => vec!["--ca-dir".into(), self.ca_dir().into()],
+        }
     }
 
     pub fn bin(&self, name: &str) -> PathBuf {
@@ -587,8 +747,7 @@ impl Cluster {
         ])
         .arg("--manifest-dir")
         .arg(self.manifests.path())
-        .arg("--ca-dir")
-        .arg(self.ca_dir())
+        .args(self.ztunnel_ca_args(n))
         .arg("--agent-socket")
         .arg(n.ztunnel_socket())
         .args(["--cluster-cidrs", &self.cluster_cidrs()])
@@ -874,15 +1033,7 @@ impl Cluster {
     /// all of `labels` (0 when there are none).
     pub fn metric_sum(&self, node: usize, metric: &str, labels: &[(&str, &str)]) -> f64 {
         let text = self.nodes[node].metrics().unwrap_or_default();
-        metric_samples(&text, metric)
-            .into_iter()
-            .filter(|(l, _)| {
-                labels
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, v)| v)
-            .sum()
+        sum_samples(&text, metric, labels)
     }
 
     /// Waits until node `node`'s ztunnel has loaded the policy named `name`.
@@ -1114,6 +1265,7 @@ impl Cluster {
             addressing: self.spec.addressing.clone(),
             trust_domain: self.spec.trust_domain.clone(),
             underlay_ns: self.underlay.name().to_owned(),
+            issuer_pid: self.issuer_pid,
             nodes: self
                 .nodes
                 .iter()
@@ -1226,6 +1378,9 @@ pub struct LabState {
     pub addressing: Addressing,
     pub trust_domain: String,
     pub underlay_ns: String,
+    /// `None`: the cluster's ztunnels hold the CA key themselves.
+    #[serde(default)]
+    pub issuer_pid: Option<u32>,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
     pub services: Vec<ServiceDef>,
@@ -1265,6 +1420,25 @@ pub struct PodState {
 /// The state file inside a lab's state directory.
 pub const STATE_FILE: &str = "lab.json";
 
+/// The host part of the issuer's underlay address (`<underlay>.254`).
+pub const ISSUER_HOST: u8 = 254;
+
+/// Each node's issuer token, in the node's directory.
+pub const CA_TOKEN_FILE: &str = "ca-token";
+
+/// The sum of `metric`'s samples in a Prometheus text whose labels include all of `labels`.
+pub fn sum_samples(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_samples(text, metric)
+        .into_iter()
+        .filter(|(l, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
 impl LabState {
     pub fn save(&self, dir: &Path) -> Result<PathBuf, ClusterError> {
         let path = dir.join(STATE_FILE);
@@ -1291,6 +1465,7 @@ impl LabState {
     /// (a PID reused by an unrelated process since is never signalled).
     pub fn processes(&self) -> Vec<(u32, &'static str)> {
         let mut v = Vec::new();
+        v.extend(self.issuer_pid.map(|pid| (pid, bins::ISSUER)));
         for p in &self.pods {
             v.extend(p.echo_pid.map(|pid| (pid, bins::NETPROBE)));
         }

@@ -60,6 +60,7 @@ pub mod cni;
 pub mod containerd;
 pub mod fake_agent;
 pub mod inns;
+pub mod issuer;
 pub mod manifests;
 pub mod netns;
 pub mod oci;
