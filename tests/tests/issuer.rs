@@ -7,12 +7,16 @@
 //! Each test owns a cluster in 10.<octet>.0.0/16, octets 191-199. Run as root after
 //! `cargo build --workspace`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ambient_tests::cluster::{test_cluster, test_pod, Cluster, CA_TOKEN_FILE};
+use ambient_tests::cluster::{
+    test_cluster, test_pod, Addressing, Cluster, ClusterSpec, CA_TOKEN_FILE,
+};
 use ambient_tests::cni::Attach;
 use ambient_tests::issuer::{uri_sans, Answer, Ask};
 use ambient_tests::manifests;
+use ambient_tests::netns::eventually;
 use ambient_tests::topo::PodMeta;
 
 fn node_token(c: &Cluster, node: usize) -> String {
@@ -273,4 +277,184 @@ fn a_pod_that_moves_is_signable_only_on_its_new_node() {
         tonic::Code::PermissionDenied,
         "moved: node-1 may not any more",
     );
+}
+
+/// Every certificate every ztunnel holds, as `/config_dump` shows it.
+fn held(c: &Cluster) -> Vec<serde_json::Value> {
+    c.nodes
+        .iter()
+        .flat_map(|n| {
+            n.config_dump()
+                .map(|d| d["certificates"].as_array().cloned().unwrap_or_default())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Waits until every held certificate was issued after `since` and satisfies `ok`.
+fn wait_all_reissued(c: &Cluster, since: u64, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    eventually(Duration::from_secs(40), || {
+        let certs = held(c);
+        match certs
+            .iter()
+            .find(|h| h["issued_unix"].as_u64().unwrap_or(0) <= since || !ok(h))
+        {
+            None if !certs.is_empty() => Ok(()),
+            None => Err("no certificates held".to_string()),
+            Some(h) => Err(format!("{what}: not yet: {h}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// Replaces a file in one step, as a Secret update does.
+fn replace(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The root rotation procedure of docs/operations.md, walked with traffic flowing both ways
+/// between two nodes the whole time, each probe a new connection (and, with the short pool
+/// idle timeout, mostly a new TLS handshake): not one may fail.
+#[test]
+fn roots_rotate_without_a_failed_connection() {
+    let mut spec = ClusterSpec::new("is-rot", 2, Attach::Bridge, Addressing::test(194));
+    spec.ztunnel_args
+        .extend(["--cert-ttl", "10s", "--pool-idle-timeout", "200ms"].map(String::from));
+    let mut c = Cluster::new(spec).unwrap();
+    let a = test_pod(&mut c, 0, "ambient-demo", "a");
+    let b = test_pod(&mut c, 1, "ambient-demo", "b");
+    let ca = c.ca_dir();
+    let old_root = std::fs::read_to_string(ca.join("root-cert.pem")).unwrap();
+    // The new root, made out of band (here by the same tool).
+    let new_dir = c.root().join("ca-new");
+    let out = std::process::Command::new(c.bin("ambient-issuer"))
+        .args(["ca", "init", "--name", "ambient mesh root CA 2", "--dir"])
+        .arg(&new_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_cert = std::fs::read_to_string(new_dir.join("ca-cert.pem")).unwrap();
+    let new_key = std::fs::read_to_string(new_dir.join("ca-key.pem")).unwrap();
+
+    let stop = AtomicBool::new(false);
+    let (probes, failures) = std::thread::scope(|s| {
+        let prober = s.spawn(|| {
+            let (mut n, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                for (from, to) in [(a, b), (b, a)] {
+                    n += 1;
+                    if let Err(e) = c.connect(from, c.pods[to].echo_addr(), &format!("rot-{n}")) {
+                        failed.push(format!("probe {n} {from}->{to}: {e}"));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            (n, failed)
+        });
+        // Step 1: publish old + new roots; the old CA still signs. Every ztunnel takes the
+        // bundle with its next certificate (at half-life).
+        let t1 = now_unix();
+        replace(
+            &ca.join("root-cert.pem"),
+            &format!("{}\n{new_cert}", old_root.trim_end()),
+        );
+        wait_all_reissued(&c, t1, "step 1: both roots trusted", |h| {
+            h["trust_roots"] == 2
+        });
+        // Step 2: sign with the new root (key first: the issuer keeps the old CA until the
+        // pair matches).
+        let t2 = now_unix();
+        replace(&ca.join("ca-key.pem"), &new_key);
+        replace(&ca.join("ca-cert.pem"), &new_cert);
+        wait_all_reissued(&c, t2, "step 2: leaves signed by the new root", |h| {
+            h["issuer"]
+                .as_str()
+                .unwrap_or("")
+                .contains("ambient mesh root CA 2")
+        });
+        // Every leaf of the old root has expired one lifetime later.
+        std::thread::sleep(Duration::from_secs(11));
+        // Step 3: retire the old root.
+        let t3 = now_unix();
+        replace(&ca.join("root-cert.pem"), &new_cert);
+        wait_all_reissued(&c, t3, "step 3: only the new root trusted", |h| {
+            h["trust_roots"] == 1
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        prober.join().unwrap()
+    });
+    assert!(probes > 40, "only {probes} probes ran");
+    assert!(
+        failures.is_empty(),
+        "{} of {probes} connections failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(c.issuer_metric("issuer_trust_roots", &[]), 1.0);
+    assert!(c.issuer_metric("issuer_ca_reloads_total", &[("result", "ok")]) >= 3.0);
+}
+
+/// An issuer outage: identities already held keep working. A pod of a new identity still
+/// starts (no pod-creation stall, as when ztunnel is down at ADD), but its traffic is refused
+/// until its certificate can be issued; ztunnel reports the outage on readiness and metrics,
+/// and recovers by itself when the issuer is back.
+#[test]
+fn an_issuer_outage_keeps_held_identities_working_and_is_reported() {
+    let mut c = test_cluster("is-out", 195, Attach::Ptp);
+    let a = test_pod(&mut c, 0, "ambient-demo", "a");
+    let b = test_pod(&mut c, 1, "ambient-demo", "b");
+    c.connect(a, c.pods[b].echo_addr(), "before").unwrap();
+    assert!(c.nodes[0].ztunnel_ready());
+
+    c.stop_issuer();
+    for i in 0..5 {
+        c.connect(a, c.pods[b].echo_addr(), &format!("during-{i}"))
+            .unwrap_or_else(|e| panic!("a held identity stopped working in the outage: {e}"));
+    }
+    let fresh = test_pod(&mut c, 0, "ambient-demo", "fresh");
+    let err = c
+        .connect(fresh, c.pods[b].echo_addr(), "no-cert")
+        .expect_err("a pod without a certificate got through");
+    assert!(!err.contains("no-cert"), "{err}");
+    let body = eventually(Duration::from_secs(10), || {
+        match c.nodes[0].ztunnel_http(15021, "/healthz/ready") {
+            Ok((503, body)) if body.contains("issuer") => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    assert!(body.contains("15012"), "readiness names the issuer: {body}");
+    assert_eq!(c.metric_sum(0, "ztunnel_ca_healthy", &[]), 0.0);
+    assert!(c.metric_sum(0, "ztunnel_ca_requests_total", &[("result", "error")]) >= 1.0);
+    c.connect(a, c.pods[b].echo_addr(), "still").unwrap();
+
+    // The issuer is back: the new pod's certificate is issued without anyone asking again.
+    c.start_issuer().unwrap();
+    eventually(Duration::from_secs(40), || {
+        c.connect(fresh, c.pods[b].echo_addr(), "after")
+    })
+    .unwrap();
+    eventually(Duration::from_secs(10), || {
+        if c.nodes[0].ztunnel_ready() {
+            Ok(())
+        } else {
+            Err("not ready")
+        }
+    })
+    .unwrap();
+    assert_eq!(c.metric_sum(0, "ztunnel_ca_healthy", &[]), 1.0);
 }

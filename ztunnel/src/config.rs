@@ -525,8 +525,8 @@ impl Config {
                 a.trust_domain
             ));
         }
-        if cert_ttl < Duration::from_secs(60) && !cert_ttl.is_zero() {
-            errs.push("--cert-ttl: must be at least 60s".into());
+        if cert_ttl < Duration::from_secs(10) && !cert_ttl.is_zero() {
+            errs.push("--cert-ttl: must be at least 10s".into());
         }
         if cert_ttl > Duration::from_secs(constants::MAX_WORKLOAD_CERT_TTL_SECS) {
             errs.push(format!(

@@ -48,6 +48,21 @@ use crate::proxy::{SocketError, SocketFactory};
 /// How long one certificate request may take, connection included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A failed call as an [`IssuerError`]: the issuer's answer, or the transport error that kept
+/// the request from reaching it.
+fn status_error(status: tonic::Status) -> IssuerError {
+    let transport = std::error::Error::source(&status)
+        .and_then(|s| s.downcast_ref::<IssuerError>())
+        .map(|e| crate::error_chain(e));
+    match transport {
+        Some(chain) => IssuerError::Transport(chain),
+        None => IssuerError::Refused {
+            code: status.code(),
+            message: status.message().to_owned(),
+        },
+    }
+}
+
 /// Errors talking to the issuer and checking what it returned.
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
@@ -108,8 +123,12 @@ pub enum IssuerError {
     },
     #[error("the issuer did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("the issuer refused: {}: {}", .0.code(), .0.message())]
-    Refused(#[source] tonic::Status),
+    #[error("the issuer refused: {code:?}: {message}")]
+    Refused { code: tonic::Code, message: String },
+    /// The request never reached the issuer (connection, TLS, HTTP/2): the transport's own
+    /// error, unwrapped from the gRPC status tonic puts around it.
+    #[error("{0}")]
+    Transport(String),
     #[error("the issuer returned {0} certificate chain elements (want the leaf and the roots, at least 2)")]
     ShortChain(usize),
     #[error("element {element} of the returned chain is not valid PEM")]
@@ -643,7 +662,7 @@ impl IssuerClient {
         let resp = tokio::time::timeout(self.request_timeout, client.create_certificate(req))
             .await
             .map_err(|_| IssuerError::Timeout(self.request_timeout))?
-            .map_err(IssuerError::Refused)?
+            .map_err(status_error)?
             .into_inner();
         let chain = split_chain(&resp.cert_chain)?;
         let (not_before, not_after) =

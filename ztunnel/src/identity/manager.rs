@@ -71,6 +71,12 @@ pub struct CertInfo {
     pub not_before_unix: u64,
     pub not_after_unix: u64,
     pub expires_in_seconds: i64,
+    /// When this ztunnel received it.
+    pub issued_unix: u64,
+    /// The leaf's issuer (which CA signed it).
+    pub issuer: String,
+    /// The roots its TLS configurations trust (the bundle when it was issued).
+    pub trust_roots: usize,
 }
 
 /// What `/config_dump` shows about a root of the trust bundle.
@@ -312,6 +318,15 @@ impl SecretManager {
                 not_before_unix: unix(h.cert.not_before),
                 not_after_unix: unix(h.cert.not_after),
                 expires_in_seconds: unix(h.cert.not_after) as i64 - now,
+                issued_unix: unix(h.cert.issued_at),
+                issuer: h
+                    .cert
+                    .chain
+                    .first()
+                    .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
+                    .map(|(_, c)| c.issuer().to_string())
+                    .unwrap_or_default(),
+                trust_roots: h.roots.len(),
             })
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
