@@ -66,9 +66,11 @@ pub const ZTUNNEL_RUN_AS: &str = "1337:1337";
 pub const ISSUER_GRPC_PORT: u16 = 15012;
 /// The certificate issuer's Prometheus and readiness endpoint (`/metrics`, `/ready`).
 pub const ISSUER_METRICS_PORT: u16 = 15016;
-/// The service account ztunnel runs as; the only one the issuer lets ask on another
-/// workload's behalf (`<namespace>/<name>`).
-pub const ZTUNNEL_SERVICE_ACCOUNT: &str = "istio-system/ztunnel";
+/// The service account ztunnel runs as (`install/manifests`); by default the only one the
+/// issuer lets ask on another workload's behalf (`<namespace>/<name>`).
+pub const ZTUNNEL_SERVICE_ACCOUNT: &str = "ambient-system/ztunnel";
+/// The issuer's Service name, in its serving certificate by default.
+pub const ISSUER_SERVICE_DNS: &str = "ambient-issuer.ambient-system.svc";
 /// Where the DaemonSet mounts ztunnel's projected service-account token (audience
 /// `istio-ca`), as Istio's ztunnel reads it.
 pub const ZTUNNEL_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";

@@ -89,8 +89,8 @@ pub trait PodView {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub trust_domain: String,
-    /// The only service account that may ask on another workload's behalf.
-    pub node_proxy: ServiceAccount,
+    /// The service accounts that may ask on another workload's behalf.
+    pub node_proxies: Vec<ServiceAccount>,
 }
 
 /// Why a request is refused.
@@ -102,12 +102,11 @@ pub enum Refusal {
         trust_domain: String,
     },
     #[error(
-        "{caller} may not ask for another workload's identity ({requested}); only {node_proxy} may"
+        "{caller} may not ask for another workload's identity ({requested}); only a node proxy may"
     )]
     NotNodeProxy {
         caller: ServiceAccount,
         requested: String,
-        node_proxy: ServiceAccount,
     },
     #[error("the caller's token is bound to pod {namespace}/{name}, which does not exist (or was replaced)")]
     BoundPodGone { namespace: String, name: String },
@@ -218,11 +217,10 @@ pub fn decide(
     let wanted = ServiceAccount::new(&requested.namespace, &requested.service_account);
     let own = wanted == caller.service_account;
     if impersonated && !own {
-        if caller.service_account != policy.node_proxy {
+        if !policy.node_proxies.contains(&caller.service_account) {
             return Err(Refusal::NotNodeProxy {
                 caller: caller.service_account.clone(),
                 requested: requested.to_string(),
-                node_proxy: policy.node_proxy.clone(),
             });
         }
         let node = caller_node(caller, pods)?.ok_or(Refusal::NoNode)?;
@@ -313,7 +311,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             trust_domain: "cluster.local".into(),
-            node_proxy: ServiceAccount::new("istio-system", "ztunnel"),
+            node_proxies: vec![ServiceAccount::new("istio-system", "ztunnel")],
         }
     }
 

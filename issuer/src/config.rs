@@ -45,7 +45,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], constants::ISSUER_METRICS_PORT)))]
     pub metrics_listen: SocketAddr,
     /// DNS names of the serving certificate (repeatable).
-    #[arg(long = "serving-dns", default_values_t = [String::from("ambient-issuer.istio-system.svc")])]
+    #[arg(long = "serving-dns", default_values_t = [String::from(constants::ISSUER_SERVICE_DNS)])]
     pub serving_dns: Vec<String>,
     /// IP addresses of the serving certificate (repeatable).
     #[arg(long = "serving-ip")]
@@ -53,9 +53,10 @@ pub struct RunArgs {
     /// Longest (and default) workload certificate lifetime.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_cert_ttl: Duration,
-    /// The service account allowed to ask on behalf of workloads of its node.
-    #[arg(long, default_value = constants::ZTUNNEL_SERVICE_ACCOUNT)]
-    pub node_proxy_service_account: String,
+    /// A service account allowed to ask on behalf of workloads of its node (repeatable: add
+    /// `istio-system/ztunnel` for Istio's ztunnel).
+    #[arg(long = "node-proxy-service-account", default_values_t = [String::from(constants::ZTUNNEL_SERVICE_ACCOUNT)])]
+    pub node_proxy_service_accounts: Vec<String>,
     /// The audience callers' tokens must carry.
     #[arg(long, default_value = ambient_common::ca_api::TOKEN_AUDIENCE)]
     pub token_audience: String,
@@ -96,7 +97,7 @@ pub struct Config {
     pub serving_dns: Vec<String>,
     pub serving_ip: Vec<IpAddr>,
     pub max_cert_ttl: Duration,
-    pub node_proxy: ServiceAccount,
+    pub node_proxies: Vec<ServiceAccount>,
     pub token_audience: String,
     pub source: Source,
     pub pod_wait: Duration,
@@ -106,12 +107,14 @@ pub struct Config {
 impl Config {
     pub fn from_args(a: &RunArgs) -> Result<Self, ConfigError> {
         let mut errs = Vec::new();
-        let node_proxy = ServiceAccount::parse(&a.node_proxy_service_account);
-        if node_proxy.is_none() {
-            errs.push(format!(
-                "--node-proxy-service-account {:?}: want namespace/name",
-                a.node_proxy_service_account
-            ));
+        let mut node_proxies = Vec::new();
+        for s in &a.node_proxy_service_accounts {
+            match ServiceAccount::parse(s) {
+                Some(sa) => node_proxies.push(sa),
+                None => errs.push(format!(
+                    "--node-proxy-service-account {s:?}: want namespace/name"
+                )),
+            }
         }
         let max = Duration::from_secs(constants::MAX_WORKLOAD_CERT_TTL_SECS);
         if a.max_cert_ttl < Duration::from_secs(60) || a.max_cert_ttl > max {
@@ -156,8 +159,8 @@ impl Config {
                 })
             }
         };
-        match (node_proxy, source) {
-            (Some(node_proxy), Some(source)) if errs.is_empty() => Ok(Self {
+        match source {
+            Some(source) if errs.is_empty() => Ok(Self {
                 ca_dir: a.ca_dir.clone(),
                 trust_domain: a.trust_domain.clone(),
                 listen: a.listen,
@@ -165,7 +168,7 @@ impl Config {
                 serving_dns: a.serving_dns.clone(),
                 serving_ip: a.serving_ip.clone(),
                 max_cert_ttl: a.max_cert_ttl,
-                node_proxy,
+                node_proxies,
                 token_audience: a.token_audience.clone(),
                 source,
                 pod_wait: a.pod_wait,
@@ -199,7 +202,10 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.listen.port(), constants::ISSUER_GRPC_PORT);
         assert_eq!(c.max_cert_ttl, Duration::from_secs(86400));
-        assert_eq!(c.node_proxy, ServiceAccount::new("istio-system", "ztunnel"));
+        assert_eq!(
+            c.node_proxies,
+            vec![ServiceAccount::new("ambient-system", "ztunnel")]
+        );
         assert_eq!(c.source, Source::Kube { kubeconfig: None });
         let e = parse(&[
             "--source",

@@ -72,7 +72,7 @@ impl Issuer {
         let issuer = Arc::new(Self {
             policy: Policy {
                 trust_domain: cfg.trust_domain.clone(),
-                node_proxy: cfg.node_proxy.clone(),
+                node_proxies: cfg.node_proxies.clone(),
             },
             signer: RwLock::new(Arc::new(signer)),
             auth,

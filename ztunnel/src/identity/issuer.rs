@@ -178,7 +178,7 @@ impl TrustBundle {
 /// Where the issuer is and how to authenticate to it (from `--ca-*` flags).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IssuerSettings {
-    /// As given, e.g. `https://ambient-issuer.istio-system.svc:15012`.
+    /// As given, e.g. `https://ambient-issuer.ambient-system.svc:15012`.
     pub address: String,
     /// The address's host (an IPv6 address without brackets).
     pub host: String,
