@@ -166,6 +166,14 @@ fn up(a: &UpArgs) -> anyhow::Result<Cluster> {
 }
 
 fn print_inventory(s: &LabState) {
+    if let Some(pid) = s.issuer_pid {
+        println!(
+            "\ncertificate issuer (the only holder of the CA key): ambient-issuer pid {pid} in netns {} at https://{}:{}",
+            s.underlay_ns,
+            s.addressing.underlay_ip(cluster::ISSUER_HOST as usize),
+            ambient_common::constants::ISSUER_GRPC_PORT
+        );
+    }
     println!("\nnodes:");
     for n in &s.nodes {
         println!(
@@ -552,6 +560,7 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
                     .find(|n| IpAddr::V4(n.underlay_ip) == *ip)
                     .map(|n| n.name.clone())
             })
+            .or_else(|| (IpAddr::V4(c.issuer_ip()) == *ip).then(|| "ambient-issuer".to_owned()))
             .unwrap_or_else(|| ip.to_string())
     };
     println!(
@@ -561,6 +570,8 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
     for ((src, dst, port), (n, bytes, tls)) in &flows_seen {
         let kind = if *port == HBONE {
             "HBONE (mTLS)"
+        } else if *port == ambient_common::constants::ISSUER_GRPC_PORT {
+            "certificate request (TLS)"
         } else if *bytes > 0 {
             "PLAINTEXT"
         } else {
@@ -625,7 +636,9 @@ fn report(c: &Cluster, flows: &[Flow], packets: &[Packet]) -> bool {
         );
     }
 
-    println!("\n=== 4. node-agent pods ===");
+    ok &= report_key_holders(c);
+
+    println!("\n=== 5. node-agent pods ===");
     for (i, n) in c.nodes.iter().enumerate() {
         println!(
             "-- {} ($ node-agent pods --run-dir {}) --",
@@ -714,4 +727,92 @@ mod tests {
         prepare_state_dir(&lab).unwrap();
         assert!(!lab.join("leftover").exists() && lab.join(MARKER).exists());
     }
+}
+
+/// The command line of a process, as its arguments.
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The value of `--flag VALUE` or `--flag=VALUE` in a command line.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix(&format!("{name}="))
+            .map(str::to_owned)
+            .or_else(|| (a == name).then(|| args.get(i + 1).cloned()).flatten())
+    })
+}
+
+/// Which process holds the CA key: the issuer only. Fails if a ztunnel was given one.
+fn report_key_holders(c: &Cluster) -> bool {
+    let mut ok = true;
+    println!("\n=== 4. certificates: who holds the CA key ===");
+    match c.issuer_pid {
+        Some(pid) => {
+            let args = cmdline(pid);
+            let dir = flag(&args, "--ca-dir").unwrap_or_default();
+            let key = PathBuf::from(&dir).join("ca-key.pem");
+            println!(
+                "  ambient-issuer   pid {pid:<7} netns {:<14} HOLDS THE CA KEY ({}{})",
+                c.underlay.name(),
+                key.display(),
+                if key.exists() { "" } else { ": missing!" }
+            );
+            match c.issuer_http("/ready") {
+                Ok((_, body)) => {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    println!(
+                        "                   signing certificate sha256 {}..., {} root(s) published, {} pods watched",
+                        v["signing_certificate_sha256"].as_str().unwrap_or("?").get(..16).unwrap_or("?"),
+                        v["trust_roots"],
+                        v["pods"]
+                    );
+                }
+                Err(e) => println!("                   /ready unreachable: {e}"),
+            }
+            println!(
+                "                   issued {} certificates to node proxies, refused {} requests",
+                c.issuer_metric("issuer_certificates_issued_total", &[]) as u64,
+                c.issuer_metric("issuer_requests_refused_total", &[]) as u64
+            );
+        }
+        None => {
+            ok = false;
+            println!("  FAIL: no issuer is running");
+        }
+    }
+    for n in &c.nodes {
+        let Some(pid) = n.ztunnel_pid else { continue };
+        let args = cmdline(pid);
+        match (flag(&args, "--ca-address"), flag(&args, "--ca-dir")) {
+            (_, Some(dir)) => {
+                ok = false;
+                println!("  FAIL: ztunnel on {} (pid {pid}) holds the CA key ({dir})", n.name);
+            }
+            (Some(addr), None) => println!(
+                "  ztunnel          pid {pid:<7} netns {:<14} no CA key: asks {addr} with {}'s own credential",
+                n.ns().name(),
+                n.name
+            ),
+            (None, None) => println!("  ztunnel on {}: no CA configured?", n.name),
+        }
+        if let Ok(dump) = n.config_dump() {
+            for cert in dump["certificates"].as_array().into_iter().flatten() {
+                println!(
+                    "      holds {} (signed by {}, expires in {}s)",
+                    cert["identity"].as_str().unwrap_or("?"),
+                    cert["issuer"].as_str().unwrap_or("?"),
+                    cert["expires_in_seconds"]
+                );
+            }
+        }
+    }
+    ok
 }
