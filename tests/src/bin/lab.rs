@@ -684,51 +684,6 @@ fn or_dash(s: String) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn access_log_fields_are_read_from_a_coloured_line() {
-        let line = "\u{1b}[2m2026\u{1b}[0m INFO \u{1b}[2maccess\u{1b}[0m: connection complete \u{1b}[3mconn\u{1b}[0m\u{1b}[2m=\u{1b}[0m1 \u{1b}[3mdirection\u{1b}[0m\u{1b}[2m=\u{1b}[0mOutbound \u{1b}[3mmtls\u{1b}[0m\u{1b}[2m=\u{1b}[0mtrue \u{1b}[3mresponse_flags\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"-\" \u{1b}[3merror\u{1b}[0m\u{1b}[2m=\u{1b}[0m";
-        let l = strip_ansi(line);
-        assert_eq!(field(&l, "direction").as_deref(), Some("Outbound"));
-        assert_eq!(field(&l, "mtls").as_deref(), Some("true"));
-        assert_eq!(field(&l, "response_flags").as_deref(), Some("\"-\""));
-        assert_eq!(field(&l, "error").as_deref(), Some(""));
-        assert_eq!(field(&l, "absent"), None);
-    }
-
-    #[test]
-    fn tls_records_are_recognised() {
-        let p = |payload: &[u8]| Packet {
-            src: "10.0.0.1".parse().unwrap(),
-            dst: "10.0.0.2".parse().unwrap(),
-            protocol: TCP,
-            sport: 1,
-            dport: 15008,
-            payload: payload.to_vec(),
-        };
-        assert!(is_tls(&p(&[0x16, 3, 1, 0, 5])));
-        assert!(is_tls(&p(&[0x17, 3, 3, 0, 5])));
-        assert!(!is_tls(&p(b"GET / HTTP/1.1")));
-        assert!(!is_tls(&p(&[])));
-    }
-
-    #[test]
-    fn a_foreign_non_empty_directory_is_never_used() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("precious"), "x").unwrap();
-        assert!(prepare_state_dir(d.path()).is_err());
-        assert!(d.path().join("precious").exists());
-        let lab = d.path().join("lab");
-        prepare_state_dir(&lab).unwrap();
-        std::fs::write(lab.join("leftover"), "x").unwrap();
-        prepare_state_dir(&lab).unwrap();
-        assert!(!lab.join("leftover").exists() && lab.join(MARKER).exists());
-    }
-}
-
 /// The command line of a process, as its arguments.
 fn cmdline(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -815,4 +770,49 @@ fn report_key_holders(c: &Cluster) -> bool {
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_fields_are_read_from_a_coloured_line() {
+        let line = "\u{1b}[2m2026\u{1b}[0m INFO \u{1b}[2maccess\u{1b}[0m: connection complete \u{1b}[3mconn\u{1b}[0m\u{1b}[2m=\u{1b}[0m1 \u{1b}[3mdirection\u{1b}[0m\u{1b}[2m=\u{1b}[0mOutbound \u{1b}[3mmtls\u{1b}[0m\u{1b}[2m=\u{1b}[0mtrue \u{1b}[3mresponse_flags\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"-\" \u{1b}[3merror\u{1b}[0m\u{1b}[2m=\u{1b}[0m";
+        let l = strip_ansi(line);
+        assert_eq!(field(&l, "direction").as_deref(), Some("Outbound"));
+        assert_eq!(field(&l, "mtls").as_deref(), Some("true"));
+        assert_eq!(field(&l, "response_flags").as_deref(), Some("\"-\""));
+        assert_eq!(field(&l, "error").as_deref(), Some(""));
+        assert_eq!(field(&l, "absent"), None);
+    }
+
+    #[test]
+    fn tls_records_are_recognised() {
+        let p = |payload: &[u8]| Packet {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            protocol: TCP,
+            sport: 1,
+            dport: 15008,
+            payload: payload.to_vec(),
+        };
+        assert!(is_tls(&p(&[0x16, 3, 1, 0, 5])));
+        assert!(is_tls(&p(&[0x17, 3, 3, 0, 5])));
+        assert!(!is_tls(&p(b"GET / HTTP/1.1")));
+        assert!(!is_tls(&p(&[])));
+    }
+
+    #[test]
+    fn a_foreign_non_empty_directory_is_never_used() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("precious"), "x").unwrap();
+        assert!(prepare_state_dir(d.path()).is_err());
+        assert!(d.path().join("precious").exists());
+        let lab = d.path().join("lab");
+        prepare_state_dir(&lab).unwrap();
+        std::fs::write(lab.join("leftover"), "x").unwrap();
+        prepare_state_dir(&lab).unwrap();
+        assert!(!lab.join("leftover").exists() && lab.join(MARKER).exists());
+    }
 }
