@@ -7,14 +7,15 @@
 //!
 //! 1. Plugin ADD end to end: exec of `ambient-cni` until it exits, which is after the agent
 //!    committed the pod's redirection, with 1, 100 and 500 pods already enrolled; ztunnel
-//!    absent or connected; each measured pod's namespace deleted right after its sample (the
+//!    absent, connected with its own CA key, or connected to `ambient-issuer` on the same
+//!    machine (`add-issuer`); each measured pod's namespace deleted right after its sample (the
 //!    kernel's asynchronous namespace teardown then runs during the next ADD, on one of the
 //!    two cores) or after the level.
 //! 2. Enrolling one more pod (one nftables transaction through libnftables) at 10, 100 and
 //!    1,000 enrolled pods, with the rule count alongside.
 //! 3. Agent cold start (load state, read the kernel, reconcile) with 1,000 enrolled pods.
 //!
-//! Knobs: `BENCH_ONLY=enrol,cold,add,add-ztunnel` runs a subset; `BENCH_ADD_SAMPLES=N`
+//! Knobs: `BENCH_ONLY=enrol,cold,add,add-ztunnel,add-issuer` runs a subset; `BENCH_ADD_SAMPLES=N`
 //! measured ADDs per level (default 300); `BENCH_ADD_LEVELS=1,100,500` the levels; `BENCH_AGENT_LOG=debug` adds the agent's and
 //! ztunnel's per-ADD timings (`attachment updated`, `ADD handled`) to their logs, and
 //! `BENCH_AGENT_LOG_DIR=<dir>` keeps the logs; `BENCH_ADD_TRACE=<file>` appends every ADD
@@ -80,7 +81,7 @@ fn inner() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    // `BENCH_ONLY=enrol,cold,add,add-ztunnel` runs a subset.
+    // `BENCH_ONLY=enrol,cold,add,add-ztunnel,add-issuer` runs a subset.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     if run("enrol") {
@@ -90,12 +91,16 @@ fn inner() {
         cold_start();
     }
     if run("add") {
-        plugin_add(false, Teardown::Each);
-        plugin_add(false, Teardown::AfterLevel);
+        plugin_add(None, Teardown::Each);
+        plugin_add(None, Teardown::AfterLevel);
     }
     if run("add-ztunnel") {
-        plugin_add(true, Teardown::Each);
-        plugin_add(true, Teardown::AfterLevel);
+        plugin_add(Some(Certs::NodeKey), Teardown::Each);
+        plugin_add(Some(Certs::NodeKey), Teardown::AfterLevel);
+    }
+    if run("add-issuer") {
+        plugin_add(Some(Certs::Issuer), Teardown::Each);
+        plugin_add(Some(Certs::Issuer), Teardown::AfterLevel);
     }
 }
 
@@ -395,12 +400,24 @@ enum Teardown {
     AfterLevel,
 }
 
-fn plugin_add(ztunnel: bool, teardown: Teardown) {
+/// Where the connected ztunnel's certificates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Certs {
+    /// It signs them itself (`--ca-dir`, the development mode).
+    NodeKey,
+    /// From `ambient-issuer` on the same machine (`--ca-address`), as in a cluster.
+    Issuer,
+}
+
+fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
+    let ztunnel = certs.is_some();
     let when = match teardown {
         Teardown::Each => "namespace deleted after each sample",
         Teardown::AfterLevel => "namespaces deleted after the level",
     };
-    if ztunnel {
+    if certs == Some(Certs::Issuer) {
+        println!("\n## plugin ADD end to end, ztunnel connected, certificates from ambient-issuer on this machine (each pod a new identity: ADD waits for the issuer); {when}\n");
+    } else if ztunnel {
         println!("\n## plugin ADD end to end, ztunnel connected (each pod a new identity: ADD waits for its certificate); {when}\n");
     } else {
         println!("\n## plugin ADD end to end, ztunnel absent (exec of ambient-cni until redirection is active); {when}\n");
@@ -442,11 +459,13 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
         ));
     }
     std::fs::write(manifests.join("pods.yaml"), text).unwrap();
-    let case = match (ztunnel, teardown) {
-        (false, Teardown::Each) => "alone-each",
-        (false, Teardown::AfterLevel) => "alone-level",
-        (true, Teardown::Each) => "ztunnel-each",
-        (true, Teardown::AfterLevel) => "ztunnel-level",
+    let case = match (certs, teardown) {
+        (None, Teardown::Each) => "alone-each",
+        (None, Teardown::AfterLevel) => "alone-level",
+        (Some(Certs::NodeKey), Teardown::Each) => "ztunnel-each",
+        (Some(Certs::NodeKey), Teardown::AfterLevel) => "ztunnel-level",
+        (Some(Certs::Issuer), Teardown::Each) => "issuer-each",
+        (Some(Certs::Issuer), Teardown::AfterLevel) => "issuer-level",
     };
     let agent_log = agent_log_path(dir.path(), case);
     let mut agent = Command::new(bins::binary(bins::NODE_AGENT))
@@ -465,22 +484,70 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
         .spawn()
         .unwrap();
     let mut zt = None;
+    let mut issuer = None;
     if ztunnel {
         let ca = dir.path().join("ca");
-        let st = Command::new(bins::binary(bins::ZTUNNEL))
-            .args(["ca", "init", "--dir"])
-            .arg(&ca)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+        let quiet = |cmd: &mut Command| {
+            let st = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "{cmd:?}");
+        };
+        quiet(
+            Command::new(bins::binary(bins::ISSUER))
+                .args(["ca", "init", "--dir"])
+                .arg(&ca),
+        );
+        let mut ca_args: Vec<std::ffi::OsString> = vec!["--ca-dir".into(), ca.clone().into()];
+        if certs == Some(Certs::Issuer) {
+            let token = dir.path().join("token");
+            let creds = dir.path().join("credentials.yaml");
+            quiet(
+                Command::new(bins::binary(bins::ISSUER))
+                    .args(["credential", "add", "--node", "bench", "--file"])
+                    .arg(&creds)
+                    .arg("--token-out")
+                    .arg(&token),
+            );
+            quiet(Command::new("ip").args(["link", "set", "lo", "up"]));
+            issuer = Some(
+                Command::new(bins::binary(bins::ISSUER))
+                    .args(["run", "--source", "manifests", "--manifest-dir"])
+                    .arg(&manifests)
+                    .arg("--credentials")
+                    .arg(&creds)
+                    .arg("--ca-dir")
+                    .arg(&ca)
+                    .args(["--serving-ip", "127.0.0.1", "--listen", "127.0.0.1:15012"])
+                    .args(["--metrics-listen", "127.0.0.1:15016"])
+                    .env("RUST_LOG", agent_log_level())
+                    .stderr(log_sink(&agent_log_path(
+                        dir.path(),
+                        &format!("{case}-issuer-process"),
+                    )))
+                    .spawn()
+                    .unwrap(),
+            );
+            eventually(Duration::from_secs(20), || {
+                std::net::TcpStream::connect("127.0.0.1:15012").map(drop)
+            })
             .unwrap();
-        assert!(st.success());
+            ca_args = vec![
+                "--ca-address".into(),
+                "https://127.0.0.1:15012".into(),
+                "--ca-root".into(),
+                ca.join("root-cert.pem").into(),
+                "--ca-token".into(),
+                token.into(),
+            ];
+        }
         zt = Some(
             Command::new(bins::binary(bins::ZTUNNEL))
                 .args(["run", "--node-name", "bench", "--manifest-dir"])
                 .arg(&manifests)
-                .arg("--ca-dir")
-                .arg(&ca)
+                .args(&ca_args)
                 .arg("--agent-socket")
                 .arg(run.join("ztunnel.sock"))
                 .args(["--access-log", "false"])
@@ -606,7 +673,11 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
                 let _ = writeln!(
                     f,
                     "{} {level} {} {} {}",
-                    if ztunnel { "connected" } else { "absent" },
+                    match certs {
+                        None => "absent",
+                        Some(Certs::NodeKey) => "connected",
+                        Some(Certs::Issuer) => "issuer",
+                    },
                     epoch_now(),
                     rt.args.pod_name,
                     took.as_micros()
@@ -679,9 +750,9 @@ fn plugin_add(ztunnel: bool, teardown: Teardown) {
     }
     let _ = agent.kill();
     let _ = agent.wait();
-    if let Some(mut z) = zt {
-        let _ = z.kill();
-        let _ = z.wait();
+    for mut child in zt.into_iter().chain(issuer) {
+        let _ = child.kill();
+        let _ = child.wait();
     }
     NftDataplane::new(node_agent::nft::RulesetParams::default())
         .unwrap()

@@ -49,6 +49,9 @@ pub struct Ask<'a> {
     /// Set `ImpersonatedIdentity` to `identity` (a node proxy asking for a workload).
     pub impersonate: bool,
     pub ttl_secs: i64,
+    /// A CSR made beforehand (benchmarks time the issuer, not the key generation); `None`:
+    /// one is made for `identity`.
+    pub csr: Option<&'a str>,
 }
 
 /// A CSR (PEM) for `identity` with a fresh P-256 key.
@@ -162,7 +165,7 @@ impl Client {
     /// Sends one request.
     pub async fn ask(&mut self, a: &Ask<'_>) -> Answer {
         let mut req = tonic::Request::new(IstioCertificateRequest {
-            csr: csr(a.identity),
+            csr: a.csr.map_or_else(|| csr(a.identity), str::to_owned),
             validity_duration: a.ttl_secs,
             metadata: a.impersonate.then(|| ca_api::impersonating(a.identity)),
         });

@@ -40,6 +40,7 @@ fn ask<'a>(token: &'a str, identity: &'a str) -> Ask<'a> {
         identity,
         impersonate: true,
         ttl_secs: 3600,
+        csr: None,
     }
 }
 
