@@ -30,14 +30,14 @@ while (($#)); do
   shift
 done
 
-bins=(install-cni ambient-cni node-agent ztunnel)
+bins=(install-cni ambient-cni node-agent ztunnel ambient-issuer)
 packages=nftables,libnftables1,iptables,iproute2,ca-certificates
 
 # 1. Binaries.
 if [[ -z "${BIN_DIR:-}" ]]; then
   flag=(--release); dir=release
   [[ "$profile" == debug ]] && { flag=(); dir=debug; }
-  (cd "$repo" && cargo build "${flag[@]}" -p install -p ambient-cni -p node-agent -p ztunnel)
+  (cd "$repo" && cargo build "${flag[@]}" -p install -p ambient-cni -p node-agent -p ztunnel -p ambient-issuer)
   BIN_DIR="$repo/target/$dir"
 fi
 for b in "${bins[@]}"; do
@@ -72,7 +72,7 @@ check="$work/check"
 rm -rf "$check"; mkdir -p "$check"
 tar -C "$check" -xf "$cache"
 mkdir -p "$check/opt/ambient/bin"; cp "$ctx/bin/"* "$check/opt/ambient/bin/"
-for b in install-cni node-agent ztunnel; do
+for b in install-cni node-agent ztunnel ambient-issuer; do
   chroot "$check" "/opt/ambient/bin/$b" --version >/dev/null
 done
 CNI_COMMAND=VERSION chroot "$check" /opt/ambient/bin/ambient-cni </dev/null | grep -q supportedVersions

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the image's installer against a temporary "host" directory, as the DaemonSet does:
-# install (binary copied, plugin appended to the primary conflist), run + SIGTERM with
-# --on-exit uninstall (the chain comes back as the primary CNI wrote it), and the one-shot
-# uninstall. Build the image first: install/image/build.sh. Needs podman and python3.
+# Checks that every binary the manifests run starts in the image, then runs the image's
+# installer against a temporary "host" directory, as the DaemonSet does: install (binary
+# copied, plugin appended to the primary conflist), run + SIGTERM with --on-exit uninstall
+# (the chain comes back as the primary CNI wrote it), and the one-shot uninstall. Build the
+# image first: install/image/build.sh. Needs podman and python3.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 image="${IMAGE:-localhost/ambient:0.1.0}"
@@ -25,6 +26,13 @@ pm() { podman "${pg[@]}" "$@"; }
 last_type() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["plugins"][-1]["type"])' "$1"; }
 same_json() { python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1])) != json.load(open(sys.argv[2])))' "$1" "$2"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# 0. Every binary the manifests run is in the image, where they expect it, and starts there.
+for b in install-cni node-agent ztunnel ambient-issuer; do
+  pm run --rm "${pr[@]}" "$image" "/opt/ambient/bin/$b" --version >/dev/null \
+    || fail "/opt/ambient/bin/$b does not run in the image"
+done
+echo "ok: binaries"
 
 # 1. One install pass.
 pm run --rm "${pr[@]}" "${mounts[@]}" "$image" /opt/ambient/bin/install-cni install
@@ -52,4 +60,4 @@ same_json "$conf" "$fixture" || fail "SIGTERM + --on-exit uninstall did not rest
 [[ ! -e "$host/opt/cni/bin/ambient-cni" ]] || fail "binary left behind after SIGTERM"
 pm logs "$name" 2>&1 | grep -q "stopping and uninstalling" || fail "no uninstall log line"
 echo "ok: run + SIGTERM"
-echo "3 passed, 0 failed"
+echo "4 passed, 0 failed"

@@ -1,7 +1,9 @@
 //! The Kubernetes manifests in install/manifests: every document parses into its k8s-openapi
 //! type without losing a field, `kubectl kustomize` renders them, RBAC covers the calls the
-//! installer makes, and the DaemonSets mount the paths and expose the ports the binaries use
-//! (read from `ambient_common::constants`).
+//! installer makes, the DaemonSets and the issuer's Deployment mount the paths and expose the
+//! ports the binaries use (read from `ambient_common::constants`), only the issuer holds the CA
+//! key, and every flag a container passes is accepted by the real binary's parser (the debug
+//! binaries in the target directory: `cargo build` the workspace first, or the test skips).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,9 +13,13 @@ use clap::Parser;
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, ServiceAccount};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -67,6 +73,9 @@ fn check_kind(v: &Value) {
         "RoleBinding" => drop(roundtrip::<RoleBinding>(v)),
         "ConfigMap" => drop(roundtrip::<ConfigMap>(v)),
         "DaemonSet" => drop(roundtrip::<DaemonSet>(v)),
+        "Deployment" => drop(roundtrip::<Deployment>(v)),
+        "Service" => drop(roundtrip::<Service>(v)),
+        "PodDisruptionBudget" => drop(roundtrip::<PodDisruptionBudget>(v)),
         "ValidatingAdmissionPolicy" => drop(roundtrip::<ValidatingAdmissionPolicy>(v)),
         "ValidatingAdmissionPolicyBinding" => {
             drop(roundtrip::<ValidatingAdmissionPolicyBinding>(v))
@@ -229,14 +238,20 @@ fn rbac_covers_the_installers_calls_and_nothing_is_a_wildcard() {
                     o["metadata"]["name"]
                 );
             }
+            // The one create allowed: a TokenReview (the issuer asking who a caller is),
+            // which the API server answers without storing anything.
+            let token_review = rule["apiGroups"] == serde_json::json!(["authentication.k8s.io"])
+                && rule["resources"] == serde_json::json!(["tokenreviews"])
+                && rule["verbs"] == serde_json::json!(["create"]);
             assert!(
-                !rule["verbs"].as_array().unwrap().iter().any(|v| [
-                    "create",
-                    "update",
-                    "delete",
-                    "deletecollection"
-                ]
-                .contains(&v.as_str().unwrap())),
+                token_review
+                    || !rule["verbs"].as_array().unwrap().iter().any(|v| [
+                        "create",
+                        "update",
+                        "delete",
+                        "deletecollection"
+                    ]
+                    .contains(&v.as_str().unwrap())),
                 "{} may write more than it needs",
                 o["metadata"]["name"]
             );
@@ -244,15 +259,16 @@ fn rbac_covers_the_installers_calls_and_nothing_is_a_wildcard() {
     }
 }
 
+fn pod_spec(ds: &DaemonSet) -> PodSpec {
+    ds.spec.as_ref().unwrap().template.spec.clone().unwrap()
+}
+
 fn container(ds: &DaemonSet, name: &str) -> Container {
-    ds.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers
+    pod_container(&pod_spec(ds), name)
+}
+
+fn pod_container(pod: &PodSpec, name: &str) -> Container {
+    pod.containers
         .iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no container {name}"))
@@ -269,33 +285,33 @@ fn env(c: &Container, name: &str) -> Option<String> {
 
 /// (mount path -> host path, propagation) for a container.
 fn mounts(ds: &DaemonSet, c: &Container) -> Vec<(String, String, Option<String>)> {
-    let vols = ds
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .volumes
-        .clone()
-        .unwrap();
+    pod_mounts(&pod_spec(ds), c)
+}
+
+/// (mount path -> source, propagation) for a container of `pod`: the host path, or
+/// `secret:NAME`, `configMap:NAME`, `projected`.
+fn pod_mounts(pod: &PodSpec, c: &Container) -> Vec<(String, String, Option<String>)> {
+    let vols = pod.volumes.clone().unwrap_or_default();
     c.volume_mounts
         .iter()
         .flatten()
         .map(|m| {
-            let v = vols.iter().find(|v| v.name == m.name).unwrap();
-            let host = v
-                .host_path
-                .as_ref()
-                .map(|h| h.path.clone())
-                .unwrap_or_else(|| {
-                    format!(
-                        "secret:{}",
-                        v.secret.as_ref().unwrap().secret_name.clone().unwrap()
-                    )
-                });
-            (m.mount_path.clone(), host, m.mount_propagation.clone())
+            let v = vols
+                .iter()
+                .find(|v| v.name == m.name)
+                .unwrap_or_else(|| panic!("{}: no volume {}", c.name, m.name));
+            let source = if let Some(h) = &v.host_path {
+                h.path.clone()
+            } else if let Some(s) = &v.secret {
+                format!("secret:{}", s.secret_name.clone().unwrap())
+            } else if let Some(cm) = &v.config_map {
+                format!("configMap:{}", cm.name)
+            } else if v.projected.is_some() {
+                "projected".to_string()
+            } else {
+                panic!("{}: volume {} of an unexpected type", c.name, v.name)
+            };
+            (m.mount_path.clone(), source, m.mount_propagation.clone())
         })
         .collect()
 }
@@ -439,14 +455,18 @@ fn ztunnel_daemonset_matches_the_conventions() {
         m.iter().any(|(p, h, _)| p == c::RUN_DIR && h == c::RUN_DIR),
         "{m:?}"
     );
+    // No CA key on the node: certificates come from the issuer (see
+    // ztunnel_gets_certificates_from_the_issuer_with_a_projected_token).
     assert!(
-        m.iter()
-            .any(|(p, h, _)| p == "/etc/ambient/ca" && h == "secret:ambient-ca"),
-        "{m:?}"
+        !m.iter().any(|(_, h, _)| h == "secret:ambient-ca"),
+        "ztunnel must not mount the CA Secret: {m:?}"
     );
     let args = z.args.clone().unwrap();
     assert!(args.contains(&format!("--agent-socket={}", c::ZTUNNEL_SOCKET)));
-    assert!(args.contains(&"--ca-dir=/etc/ambient/ca".to_string()));
+    assert!(
+        !args.iter().any(|a| a.starts_with("--ca-dir")),
+        "--ca-dir is development mode: {args:?}"
+    );
     let ports: Vec<(String, i32)> = z
         .ports
         .clone()
@@ -544,4 +564,629 @@ fn pod_status_writes_are_scoped_to_the_agents_node_and_annotation() {
     // The agent's service account is the one the policy names.
     let sa: ServiceAccount = find("ServiceAccount", "ambient-node");
     assert_eq!(sa.metadata.name.as_deref(), Some("ambient-node"));
+}
+
+/// Every pod template of the install and of the cleanup DaemonSet, named `Kind/name`.
+fn pod_templates() -> Vec<(String, PodSpec)> {
+    let cleanup = documents(&Path::new(DIR).join("cleanup/cleanup-daemonset.yaml"));
+    all_objects()
+        .into_iter()
+        .chain(cleanup)
+        .filter(|o| o["spec"]["template"]["spec"].is_object())
+        .map(|o| {
+            let owner = format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            );
+            let pod = serde_json::from_value(o["spec"]["template"]["spec"].clone()).unwrap();
+            (owner, pod)
+        })
+        .collect()
+}
+
+fn all_containers(pod: &PodSpec) -> impl Iterator<Item = &Container> {
+    pod.containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+}
+
+/// The value of `--name=value` in `args`.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let prefix = format!("--{name}=");
+    args.iter().find_map(|a| a.strip_prefix(prefix.as_str()))
+}
+
+fn issuer() -> (Deployment, PodSpec, Container) {
+    let d: Deployment = find("Deployment", "ambient-issuer");
+    let pod = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let c = pod_container(&pod, "issuer");
+    (d, pod, c)
+}
+
+#[test]
+fn only_the_issuer_mounts_the_ca_secret() {
+    let mut holders = Vec::new();
+    for (owner, pod) in pod_templates() {
+        for v in pod.volumes.iter().flatten() {
+            let projected = v
+                .projected
+                .iter()
+                .flat_map(|p| p.sources.iter().flatten())
+                .any(|s| s.secret.as_ref().is_some_and(|s| s.name == "ambient-ca"));
+            assert!(!projected, "{owner} projects the CA Secret");
+        }
+        for c in all_containers(&pod) {
+            for (path, source, _) in pod_mounts(&pod, c) {
+                if source == "secret:ambient-ca" {
+                    holders.push(format!("{owner}/{}:{path}", c.name));
+                }
+            }
+            // Nor through the environment.
+            assert!(
+                !c.env_from.iter().flatten().any(|e| e
+                    .secret_ref
+                    .as_ref()
+                    .is_some_and(|s| s.name == "ambient-ca")),
+                "{owner}/{}",
+                c.name
+            );
+            assert!(
+                !c.env.iter().flatten().any(|e| e
+                    .value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref())
+                    .is_some_and(|s| s.name == "ambient-ca")),
+                "{owner}/{}",
+                c.name
+            );
+        }
+    }
+    assert_eq!(
+        holders,
+        ["Deployment/ambient-issuer/issuer:/etc/ambient/ca"]
+    );
+
+    // The issuer reads it where --ca-dir says, owner-readable only, as a fixed non-root uid
+    // whose fsGroup gives it the files, with no way to gain more.
+    let (_, pod, c) = issuer();
+    let args = c.args.clone().unwrap();
+    assert_eq!(flag(&args, "ca-dir"), Some("/etc/ambient/ca"));
+    assert_eq!(flag(&args, "source"), Some("kube"));
+    assert_eq!(flag(&args, "trust-domain"), Some("$(TRUST_DOMAIN)"));
+    let vol = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.secret.is_some())
+        .unwrap();
+    assert_eq!(vol.secret.as_ref().unwrap().default_mode, Some(0o400));
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == vol.name)
+        .unwrap();
+    assert_eq!(mount.read_only, Some(true));
+    assert!(
+        mount.sub_path.is_none(),
+        "a subPath mount never sees updates"
+    );
+    let psc = pod.security_context.clone().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    let uid = psc.run_as_user.expect("a fixed uid");
+    assert!(uid > 0);
+    assert!(psc.fs_group.is_some());
+    assert_eq!(psc.fs_group, psc.run_as_group);
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_ne!(sc.run_as_user, Some(0));
+    assert_eq!(caps(&c), (vec![], vec!["ALL".to_string()]));
+}
+
+#[test]
+fn issuer_runs_two_replicas_behind_a_service_and_a_disruption_budget() {
+    let (d, pod, c) = issuer();
+    let spec = d.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let selects = |sel: &std::collections::BTreeMap<String, String>| {
+        !sel.is_empty() && sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+    assert!(selects(spec.selector.match_labels.as_ref().unwrap()));
+    assert_eq!(pod.service_account_name.as_deref(), Some("ambient-issuer"));
+
+    // Spread across nodes, as a preference (a one-node cluster still runs both).
+    let anti = pod.affinity.clone().unwrap().pod_anti_affinity.unwrap();
+    assert!(anti
+        .required_during_scheduling_ignored_during_execution
+        .is_none());
+    let term = &anti
+        .preferred_during_scheduling_ignored_during_execution
+        .unwrap()[0]
+        .pod_affinity_term;
+    assert_eq!(term.topology_key, "kubernetes.io/hostname");
+    assert!(selects(
+        term.label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()
+    ));
+
+    let pdb: PodDisruptionBudget = find("PodDisruptionBudget", "ambient-issuer");
+    let pdb = pdb.spec.unwrap();
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+    assert!(selects(
+        pdb.selector.unwrap().match_labels.as_ref().unwrap()
+    ));
+
+    // Ports, probes, scrape annotations.
+    let ports: Vec<(String, i32)> = c
+        .ports
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.name.unwrap(), p.container_port))
+        .collect();
+    assert!(ports.contains(&("grpc-issuer".into(), i32::from(c::ISSUER_GRPC_PORT))));
+    assert!(ports.contains(&("metrics".into(), i32::from(c::ISSUER_METRICS_PORT))));
+    let ready = c.readiness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/ready"));
+    assert_eq!(
+        ready.port,
+        IntOrString::Int(i32::from(c::ISSUER_METRICS_PORT))
+    );
+    let live = c.liveness_probe.clone().expect("a liveness probe");
+    assert!(
+        live.http_get
+            .is_none_or(|h| h.path.as_deref() != Some("/ready")),
+        "an unsynced pod view (API server trouble) must not restart the issuer"
+    );
+    let res = c.resources.clone().unwrap();
+    assert!(res.requests.is_some_and(|r| r.contains_key("memory")));
+    assert!(res.limits.is_some_and(|r| r.contains_key("memory")));
+    let ann = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone()
+        .unwrap();
+    assert_eq!(ann["prometheus.io/scrape"], "true");
+    assert_eq!(
+        ann["prometheus.io/port"],
+        c::ISSUER_METRICS_PORT.to_string()
+    );
+    assert_eq!(ann["prometheus.io/path"], "/metrics");
+
+    let svc: Service = find("Service", "ambient-issuer");
+    let s = svc.spec.unwrap();
+    assert!(selects(s.selector.as_ref().unwrap()));
+    let svc_ports: Vec<(String, i32, IntOrString)> = s
+        .ports
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.name.unwrap(), p.port, p.target_port.unwrap()))
+        .collect();
+    for (name, port) in [
+        ("grpc-issuer", c::ISSUER_GRPC_PORT),
+        ("metrics", c::ISSUER_METRICS_PORT),
+    ] {
+        let (_, _, target) = svc_ports
+            .iter()
+            .find(|(n, p, _)| n == name && *p == i32::from(port))
+            .unwrap_or_else(|| panic!("Service port {name} {port}: {svc_ports:?}"));
+        // The target is the container port of the same name.
+        assert!(ports.iter().any(|(n, p)| match target {
+            IntOrString::String(t) => n == t && *p == i32::from(port),
+            IntOrString::Int(t) => p == t,
+        }));
+    }
+    // The Service's name is the one in the serving certificate ztunnel checks.
+    assert_eq!(
+        format!(
+            "{}.{}.svc",
+            svc.metadata.name.unwrap(),
+            svc.metadata.namespace.unwrap()
+        ),
+        c::ISSUER_SERVICE_DNS
+    );
+}
+
+#[test]
+fn issuer_rbac_is_exactly_tokenreviews_create_and_pods_list_watch() {
+    let role: ClusterRole = find("ClusterRole", "ambient-issuer");
+    let mut granted = BTreeSet::new();
+    for r in role.rules.unwrap() {
+        assert!(r.resource_names.is_none() && r.non_resource_urls.is_none());
+        for g in r.api_groups.unwrap() {
+            for res in r.resources.clone().unwrap() {
+                for v in &r.verbs {
+                    granted.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    let want: BTreeSet<(String, String, String)> = [
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+    ]
+    .iter()
+    .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(granted, want);
+    let binding: ClusterRoleBinding = find("ClusterRoleBinding", "ambient-issuer");
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(binding.role_ref.name, "ambient-issuer");
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(subjects[0].name, "ambient-issuer");
+    assert_eq!(subjects[0].namespace.as_deref(), Some("ambient-system"));
+    let _: ServiceAccount = find("ServiceAccount", "ambient-issuer");
+    // No Role or other binding gives the issuer's account more.
+    for o in all_objects() {
+        if matches!(
+            o["kind"].as_str(),
+            Some("RoleBinding" | "ClusterRoleBinding")
+        ) && o["metadata"]["name"] != "ambient-issuer"
+        {
+            assert!(
+                !o["subjects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["name"] == "ambient-issuer"),
+                "{}",
+                o["metadata"]["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn ztunnel_gets_certificates_from_the_issuer_with_a_projected_token() {
+    let ds: DaemonSet = find("DaemonSet", "ztunnel");
+    let pod = pod_spec(&ds);
+    let z = container(&ds, "ztunnel");
+    let args = z.args.clone().unwrap();
+    // The issuer's Service on its gRPC port, resolvable from the host network.
+    assert_eq!(
+        flag(&args, "ca-address"),
+        Some(format!("https://{}:{}", c::ISSUER_SERVICE_DNS, c::ISSUER_GRPC_PORT).as_str())
+    );
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+
+    let m = pod_mounts(&pod, &z);
+    let file_from = |file: &str| {
+        m.iter()
+            .filter(|(dir, _, _)| Path::new(file).parent() == Some(Path::new(dir)))
+            .map(|(_, source, _)| source.clone())
+            .next()
+    };
+    let vol = |source_mount: &str| {
+        let mount = z
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == source_mount)
+            .unwrap();
+        assert_eq!(mount.read_only, Some(true));
+        assert!(
+            mount.sub_path.is_none(),
+            "a subPath mount never sees updates"
+        );
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap()
+            .clone()
+    };
+
+    // The root bundle, from the ConfigMap: no key.
+    let root = flag(&args, "ca-root").expect("--ca-root");
+    assert_eq!(
+        file_from(root).as_deref(),
+        Some("configMap:ambient-ca-root"),
+        "{m:?}"
+    );
+    let cm = vol(Path::new(root).parent().unwrap().to_str().unwrap())
+        .config_map
+        .unwrap();
+    let items = cm.items.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].key, "root-cert.pem");
+    assert_eq!(
+        Path::new(root).file_name().unwrap().to_str(),
+        Some(items[0].path.as_str())
+    );
+
+    // The token: where ztunnel reads it by default (and where the manifest says), audience
+    // istio-ca, short-lived (kubelet rotates it at 80% of its life).
+    let token = flag(&args, "ca-token").unwrap_or(c::ZTUNNEL_TOKEN_PATH);
+    assert_eq!(token, c::ZTUNNEL_TOKEN_PATH);
+    assert_eq!(file_from(token).as_deref(), Some("projected"), "{m:?}");
+    let projected = vol(Path::new(token).parent().unwrap().to_str().unwrap())
+        .projected
+        .unwrap();
+    let sources = projected.sources.unwrap();
+    assert_eq!(sources.len(), 1);
+    let sat = sources[0].service_account_token.clone().unwrap();
+    assert_eq!(sat.audience.as_deref(), Some("istio-ca"));
+    assert_eq!(sat.expiration_seconds, Some(3600));
+    assert_eq!(
+        Path::new(token).file_name().unwrap().to_str(),
+        Some(sat.path.as_str())
+    );
+    // ztunnel reads it after --run-as: group 1337 through the pod's fsGroup.
+    assert!(args.contains(&format!("--run-as={}", c::ZTUNNEL_RUN_AS)));
+    assert_eq!(
+        pod.security_context
+            .unwrap()
+            .fs_group
+            .map(|g| g.to_string()),
+        c::ZTUNNEL_RUN_AS.split(':').nth(1).map(str::to_string)
+    );
+    // The issuer lets this service account ask for the node's workloads (its default
+    // --node-proxy-service-account, unless the manifest names others).
+    let (_, _, issuer) = issuer();
+    let issuer_args = issuer.args.unwrap();
+    assert!(flag(&issuer_args, "node-proxy-service-account").is_none());
+    assert_eq!(
+        format!(
+            "{}/{}",
+            ds.metadata.namespace.as_deref().unwrap(),
+            pod.service_account_name.as_deref().unwrap()
+        ),
+        c::ZTUNNEL_SERVICE_ACCOUNT
+    );
+}
+
+/// Where the workspace's debug binaries are: the target directory this test was built in.
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("debug")
+}
+
+/// A container's environment as kubelet builds it (envFrom ConfigMaps from the manifests, then
+/// env), with sample values for the downward API.
+fn container_env(c: &Container) -> std::collections::BTreeMap<String, String> {
+    let mut env = std::collections::BTreeMap::new();
+    let config_map = |name: &str| {
+        find::<ConfigMap>("ConfigMap", name)
+            .data
+            .unwrap_or_default()
+    };
+    for from in c.env_from.iter().flatten() {
+        if let Some(r) = &from.config_map_ref {
+            env.extend(config_map(&r.name));
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let value = if let Some(v) = &e.value {
+            v.clone()
+        } else {
+            let from = e.value_from.as_ref().unwrap();
+            if let Some(k) = &from.config_map_key_ref {
+                config_map(&k.name)
+                    .get(&k.key)
+                    .unwrap_or_else(|| panic!("{}: no key {} in {}", c.name, k.key, k.name))
+                    .clone()
+            } else if let Some(f) = &from.field_ref {
+                match f.field_path.as_str() {
+                    "spec.nodeName" => "node-1".into(),
+                    "status.hostIP" => "10.0.0.1".into(),
+                    "metadata.namespace" => "ambient-system".into(),
+                    other => panic!("{}: no sample for {other}", c.name),
+                }
+            } else {
+                panic!("{}: {} comes from an unexpected source", c.name, e.name)
+            }
+        };
+        env.insert(e.name.clone(), expand(&value, &env, &c.name));
+    }
+    env
+}
+
+/// `$(NAME)` replaced as kubelet does; a reference to an unset variable is a manifest bug
+/// (kubelet would pass it on literally).
+fn expand(s: &str, env: &std::collections::BTreeMap<String, String>, who: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("$(") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find(')').unwrap() + i;
+        let name = &rest[i + 2..end];
+        out.push_str(
+            env.get(name)
+                .unwrap_or_else(|| panic!("{who}: $({name}) is not set")),
+        );
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether the binary's parser accepts `argv` (subcommand and flags): clap acts on `--help`
+/// as it reaches it, after every flag before it has been matched and its value parsed, and
+/// before checking required flags; so the exit status says whether each flag is known and
+/// each value valid, without starting anything.
+fn parser_accepts(bin: &Path, argv: &[String]) -> Result<(), String> {
+    let out = std::process::Command::new(bin)
+        .args(argv)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn every_flag_the_manifests_pass_is_accepted_by_the_binaries() {
+    const PREFIX: &str = "/opt/ambient/bin/";
+    // (where, binary, argv): each container's command + args, and each exec probe.
+    let mut calls: Vec<(String, String, Vec<String>)> = Vec::new();
+    for (owner, pod) in pod_templates() {
+        for c in all_containers(&pod) {
+            let env = container_env(c);
+            let who = format!("{owner}/{}", c.name);
+            let mut push = |what: &str, argv: &[String]| {
+                let Some(bin) = argv.first().and_then(|a| a.strip_prefix(PREFIX)) else {
+                    return;
+                };
+                let rest = argv[1..].iter().map(|a| expand(a, &env, &who)).collect();
+                calls.push((format!("{who} {what}"), bin.to_string(), rest));
+            };
+            let mut argv = c.command.clone().unwrap_or_default();
+            argv.extend(c.args.clone().unwrap_or_default());
+            push("command", &argv);
+            for (what, probe) in [
+                ("readiness", &c.readiness_probe),
+                ("liveness", &c.liveness_probe),
+            ] {
+                if let Some(cmd) = probe.as_ref().and_then(|p| p.exec.as_ref()) {
+                    push(what, cmd.command.as_deref().unwrap_or_default());
+                }
+            }
+        }
+    }
+    let run_of = |bin: &str| {
+        calls
+            .iter()
+            .any(|(_, b, argv)| b == bin && argv.first().map(String::as_str) == Some("run"))
+    };
+    assert!(run_of("ztunnel") && run_of("ambient-issuer"), "{calls:?}");
+
+    let dir = bin_dir();
+    let mut failures = Vec::new();
+    let mut checked = BTreeSet::new();
+    for (who, bin, argv) in &calls {
+        let path = dir.join(bin);
+        if !path.exists() {
+            eprintln!(
+                "SKIPPED {who}: no {} (cargo build the workspace first)",
+                path.display()
+            );
+            continue;
+        }
+        // The check itself: an unknown flag must be refused.
+        if checked.insert((bin.clone(), argv[0].clone())) {
+            let bogus = [argv[0].clone(), "--no-such-flag-anywhere".into()];
+            assert!(
+                parser_accepts(&path, &bogus).is_err(),
+                "{bin} {} accepts an unknown flag: this check proves nothing",
+                argv[0]
+            );
+        }
+        if let Err(e) = parser_accepts(&path, argv) {
+            failures.push(format!("{who}: {bin} {}\n{e}", argv.join(" ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The `[default: ...]` of `--flag` in `bin sub --help`.
+fn help_default(bin: &Path, sub: &str, flag: &str) -> Option<String> {
+    let out = std::process::Command::new(bin)
+        .args([sub, "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let is_flag_line = |l: &str| {
+        let t = l.trim_start();
+        l.len() - t.len() <= 6 && t.starts_with('-')
+    };
+    let name = format!("--{flag}");
+    let mut lines = text.lines().skip_while(|l| {
+        !(is_flag_line(l)
+            && l.split([' ', ','])
+                .any(|w| w == name || w.starts_with(&format!("{name}=")))) // "--x <X>"
+    });
+    lines.next()?;
+    let block: Vec<&str> = lines.take_while(|l| !is_flag_line(l)).collect();
+    let block = block.join("\n");
+    let start = block.find("[default: ")? + "[default: ".len();
+    Some(block[start..start + block[start..].find(']')?].to_string())
+}
+
+/// What the manifests leave to the binaries' defaults agrees with the manifests: the issuer's
+/// token audience is the projected token's, its node proxy is ztunnel's service account, its
+/// serving name is the host ztunnel dials, and ztunnel's default token path is the mount.
+#[test]
+fn defaults_the_manifests_rely_on_are_the_binaries() {
+    let dir = bin_dir();
+    let (issuer_bin, ztunnel_bin) = (dir.join("ambient-issuer"), dir.join("ztunnel"));
+    if !issuer_bin.exists() || !ztunnel_bin.exists() {
+        eprintln!(
+            "SKIPPED: no {} or {} (cargo build the workspace first)",
+            issuer_bin.display(),
+            ztunnel_bin.display()
+        );
+        return;
+    }
+    let (_, _, issuer) = issuer();
+    let issuer_args = issuer.args.unwrap();
+    let default = |bin: &Path, flag: &str| {
+        help_default(bin, "run", flag)
+            .unwrap_or_else(|| panic!("no default for --{flag} in {} run --help", bin.display()))
+    };
+    let given = |args: &[String], name: &str, bin: &Path| {
+        flag(args, name)
+            .map(str::to_string)
+            .unwrap_or_else(|| default(bin, name))
+    };
+
+    let ds: DaemonSet = find("DaemonSet", "ztunnel");
+    let pod = pod_spec(&ds);
+    let z_args = container(&ds, "ztunnel").args.unwrap();
+    let audience = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .find_map(|s| s.service_account_token.as_ref())
+        .and_then(|t| t.audience.clone())
+        .unwrap();
+    assert_eq!(given(&issuer_args, "token-audience", &issuer_bin), audience);
+    assert_eq!(
+        given(&issuer_args, "node-proxy-service-account", &issuer_bin),
+        format!(
+            "ambient-system/{}",
+            pod.service_account_name.as_deref().unwrap()
+        )
+    );
+    let address = flag(&z_args, "ca-address").unwrap();
+    let host = address
+        .strip_prefix("https://")
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(h, _)| h)
+        .unwrap();
+    let server_name = flag(&z_args, "ca-server-name").unwrap_or(host);
+    assert_eq!(given(&issuer_args, "serving-dns", &issuer_bin), server_name);
+    assert_eq!(
+        default(&ztunnel_bin, "ca-token"),
+        c::ZTUNNEL_TOKEN_PATH,
+        "the path Istio's ztunnel reads too"
+    );
 }
