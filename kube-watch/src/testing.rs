@@ -47,6 +47,8 @@ struct State {
     fail_next: VecDeque<u16>,
     /// Resources answered with 404 (their CRD is not installed).
     absent: BTreeSet<&'static str>,
+    /// Bearer tokens TokenReview knows: token -> (user info, the token's audiences).
+    tokens: BTreeMap<String, (Value, Vec<String>)>,
 }
 
 /// One resource the fake serves.
@@ -211,6 +213,55 @@ impl FakeApi {
             }
         });
         api
+    }
+
+    /// Makes TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) accept `token`
+    /// for `audiences`, as `user` (`{"username": ..., "uid": ..., "extra": {...}}`). As the real
+    /// API server: a review asking for audiences the token lacks is not authenticated; the
+    /// status carries the audiences that matched.
+    pub fn add_token(&self, token: &str, user: Value, audiences: &[&str]) {
+        self.state.lock().unwrap().tokens.insert(
+            token.to_owned(),
+            (user, audiences.iter().map(|a| (*a).to_owned()).collect()),
+        );
+    }
+
+    fn review_token(&self, review: &Value) -> Value {
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let wanted: Vec<String> = review["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let st = self.state.lock().unwrap();
+        let status = match st.tokens.get(token) {
+            None => json!({ "authenticated": false, "error": "invalid bearer token" }),
+            Some((user, auds)) => {
+                let matched: Vec<&String> = if wanted.is_empty() {
+                    auds.iter().collect()
+                } else {
+                    wanted.iter().filter(|w| auds.contains(w)).collect()
+                };
+                if matched.is_empty() {
+                    json!({
+                        "authenticated": false,
+                        "error": "token audiences are invalid for the target audiences",
+                    })
+                } else {
+                    json!({ "authenticated": true, "user": user, "audiences": matched })
+                }
+            }
+        };
+        json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "metadata": {},
+            "spec": review["spec"],
+            "status": status,
+        })
     }
 
     pub fn client(&self) -> kube::Client {
@@ -420,6 +471,11 @@ impl FakeApi {
             return self.list_or_watch(&mut conn, k.resource, &query).await;
         }
         match (method.as_str(), segs.as_slice()) {
+            ("POST", ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+                let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let answer = self.review_token(&review);
+                respond(&mut conn, 201, &answer).await
+            }
             ("PATCH", ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
                 let patch: Value = serde_json::from_slice(&body).unwrap();
                 let Some(mut pod) = self.get("pods", ns, name) else {

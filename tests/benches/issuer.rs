@@ -4,14 +4,23 @@
 //! p99 / max of the request round trip, one at a time and with several node proxies at once,
 //! and the issuer's own histogram (`issuer_request_duration_seconds`) beside it.
 //!
+//! Then, in a two-node lab cluster whose ztunnels get their certificates from the issuer: the
+//! first connection of a new pod (a new identity) to a pod on the other node, right after its
+//! ADD returned, against a second connection of the same pod. The certificate was issued
+//! during the ADD (the agent's push waits for ztunnel's Ack), so the first connection pays the
+//! TLS handshake of a new HBONE connection, never the issuer.
+//!
 //! `cargo bench -p ambient-tests --bench issuer` as root, after `cargo build --release
-//! --workspace` (or the profile the bench runs in). `BENCH_ISSUER_REQUESTS=N` per phase.
+//! --workspace` (or the profile the bench runs in). `BENCH_ISSUER_REQUESTS=N` per phase,
+//! `BENCH_FIRST_CONNECTIONS=N` new pods.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambient_tests::bins::BinDir;
+use ambient_tests::cluster::{Addressing, Cluster, ClusterSpec};
+use ambient_tests::cni::Attach;
 use ambient_tests::inns::{http_get, in_ns};
 use ambient_tests::issuer::{csr, Answer, Ask, Client};
 use ambient_tests::netns::{eventually, NetNs};
@@ -186,5 +195,51 @@ fn main() {
         {
             println!("    {l}");
         }
+    }
+    drop(ns);
+    first_connections();
+}
+
+/// A new pod's first connection after its ADD returned, in a lab cluster using the issuer.
+fn first_connections() {
+    let n: usize = std::env::var("BENCH_FIRST_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let spec = ClusterSpec::new("bfc", 2, Attach::Bridge, Addressing::test(198));
+    let mut c = Cluster::new(spec).expect("lab cluster");
+    let server = c.add_pod(1, "ambient-demo", "server", &[]).unwrap();
+    let to = c.pods[server].echo_addr();
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        // add_pod returns once the CNI ADD did (and the IP is published).
+        let p = c
+            .add_pod(0, "ambient-demo", &format!("new-{i}"), &[])
+            .unwrap();
+        let t = Instant::now();
+        c.connect(p, to, "first").expect("first connection");
+        first.push(t.elapsed());
+        let t = Instant::now();
+        c.connect(p, to, "second").expect("second connection");
+        second.push(t.elapsed());
+    }
+    first.sort();
+    second.sort();
+    let issued = c.issuer_metric("issuer_certificates_issued_total", &[]);
+    println!(
+        "\n# a new pod's connection to a pod on the other node, right after its ADD ({n} pods, each a new identity; {issued} certificates issued)\n"
+    );
+    println!("| connection | p50 ms | p99 ms | max ms |");
+    println!("|---|---:|---:|---:|");
+    for (what, v) in [
+        ("first (new HBONE connection, new identity)", &first),
+        ("second (pooled)", &second),
+    ] {
+        println!(
+            "| {what} | {} | {} | {} |",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99)),
+            ms(*v.last().unwrap())
+        );
     }
 }

@@ -138,6 +138,8 @@ impl Client {
                 .await
                 .map_err(|_| format!("connecting to {addr} timed out"))?
                 .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        // As ztunnel's: a request's HEADERS and DATA frames must not wait for an ACK.
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await

@@ -459,3 +459,169 @@ fn an_issuer_outage_keeps_held_identities_working_and_is_reported() {
     .unwrap();
     assert_eq!(c.metric_sum(0, "ztunnel_ca_healthy", &[]), 1.0);
 }
+
+/// A free loopback port (bound, then released for the issuer to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Kubernetes source: callers by TokenReview (audience `istio-ca`), pods from the issuer's
+/// own watch, against the in-process fake API server speaking the real protocol.
+#[test]
+fn in_a_cluster_tokens_are_reviewed_and_pods_watched() {
+    use ambient_kube_watch::testing::FakeApi;
+    use ambient_tests::issuer::ask_once;
+    use serde_json::json;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = rt.block_on(FakeApi::start());
+    let pod = |ns: &str, name: &str, sa: &str, node: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{name}") },
+            "spec": { "nodeName": node, "serviceAccountName": sa },
+            "status": { "phase": "Running" },
+        })
+    };
+    api.put(pod("ambient-system", "zt-a", "ztunnel", "node-a"));
+    api.put(pod("ambient-system", "zt-b", "ztunnel", "node-b"));
+    api.put(pod("shop", "web-1", "web", "node-a"));
+    let bound = |pod: &str| {
+        json!({
+            "username": "system:serviceaccount:ambient-system:ztunnel",
+            "extra": {
+                "authentication.kubernetes.io/pod-name": [pod],
+                "authentication.kubernetes.io/pod-uid": [format!("uid-{pod}")],
+            },
+        })
+    };
+    api.add_token("tok-a", bound("zt-a"), &["istio-ca"]);
+    api.add_token("tok-b", bound("zt-b"), &["istio-ca"]);
+    api.add_token(
+        "tok-api",
+        bound("zt-a"),
+        &["https://kubernetes.default.svc"],
+    );
+    // A token of a pod that was deleted: its uid no longer matches.
+    api.add_token(
+        "tok-stale",
+        json!({
+            "username": "system:serviceaccount:ambient-system:ztunnel",
+            "extra": {
+                "authentication.kubernetes.io/pod-name": ["zt-a"],
+                "authentication.kubernetes.io/pod-uid": ["uid-of-an-older-zt-a"],
+            },
+        }),
+        &["istio-ca"],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kc);
+    let bin = ambient_tests::bins::binary("ambient-issuer");
+    let ca = dir.path().join("ca");
+    let st = std::process::Command::new(&bin)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (grpc, http) = (free_port(), free_port());
+    let log = dir.path().join("issuer.log");
+    let mut child = std::process::Command::new(&bin)
+        .args(["run", "--source", "kube", "--kubeconfig"])
+        .arg(&kc)
+        .arg("--ca-dir")
+        .arg(&ca)
+        .args(["--serving-ip", "127.0.0.1", "--pod-wait", "2s"])
+        .args(["--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{http}")])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut child);
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], http));
+    eventually(
+        Duration::from_secs(20),
+        || match ambient_tests::inns::http_get(metrics, "/ready", Duration::from_secs(2)) {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "issuer not ready: {e}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], grpc));
+    let root = ca.join("root-cert.pem");
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let go = |token: &str| ask_once(addr, &root, "127.0.0.1", &ask(token, web));
+    assert!(
+        go("tok-a").is_signed(),
+        "node-a's ztunnel, web on node-a: {:?}",
+        go("tok-a")
+    );
+    refused_with(
+        &go("tok-b"),
+        tonic::Code::PermissionDenied,
+        "node-b's ztunnel, web on node-a",
+    );
+    refused_with(
+        &go("tok-api"),
+        tonic::Code::Unauthenticated,
+        "a token for the API server's audience",
+    );
+    refused_with(
+        &go("tok-unknown"),
+        tonic::Code::Unauthenticated,
+        "a token the API server does not know",
+    );
+    refused_with(
+        &go("tok-stale"),
+        tonic::Code::PermissionDenied,
+        "a token of a deleted ztunnel pod",
+    );
+
+    // web-1 is deleted and recreated on node-b; the issuer's watch sees it.
+    api.delete("pods", "shop", "web-1");
+    api.put(pod("shop", "web-1", "web", "node-b"));
+    eventually(Duration::from_secs(10), || {
+        if go("tok-b").is_signed() {
+            Ok(())
+        } else {
+            Err("node-b not allowed yet")
+        }
+    })
+    .unwrap();
+    refused_with(
+        &go("tok-a"),
+        tonic::Code::PermissionDenied,
+        "node-a after web moved away",
+    );
+
+    // Every review asked for the issuer's audience.
+    let reviews: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/tokenreviews"))
+        .collect();
+    assert!(reviews.len() >= 7, "{} token reviews", reviews.len());
+}

@@ -343,25 +343,9 @@ impl Default for PoolConfig {
     }
 }
 
-/// Parses `500ms`, `30s`, `5m`, `24h` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 24h"))?;
-    let mult = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
-    };
-    n.checked_mul(mult)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
+/// Parses `500ms`, `30s`, `5m`, `24h` (a bare number is seconds): the one syntax of every
+/// binary's duration flags.
+pub use ambient_common::duration::parse_duration;
 
 /// Parses a mark: decimal or `0x` hexadecimal.
 pub fn parse_mark(s: &str) -> Result<u32, String> {

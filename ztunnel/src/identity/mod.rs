@@ -12,11 +12,6 @@ mod issuer;
 mod manager;
 mod tls;
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Serialize, Serializer};
-
 pub use ca::{
     ca_init, CaError, CaFiles, CertificateProvider, FileCa, IssueFuture, Roots, WorkloadCert,
 };
@@ -29,72 +24,9 @@ pub use tls::{
     client_config, crypto_provider, identities_in_cert, peer_identity, server_config, TlsError,
 };
 
-/// Errors parsing a SPIFFE identity.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdentityError {
-    #[error("{0:?} is not a SPIFFE URI (want spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)")]
-    Shape(String),
-    #[error("{0:?} has an empty trust domain, namespace or service account")]
-    Empty(String),
-}
-
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
-}
-
-impl Identity {
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
-        Self {
-            trust_domain: trust_domain.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
-        }
-    }
-
-    /// The principal as Istio's AuthorizationPolicy writes it: the URI without `spiffe://`.
-    pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
-    }
-}
-
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}", self.principal())
-    }
-}
-
-impl FromStr for Identity {
-    type Err = IdentityError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| IdentityError::Shape(s.to_owned()))?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] => {
-                if td.is_empty() || ns.is_empty() || sa.is_empty() {
-                    return Err(IdentityError::Empty(s.to_owned()));
-                }
-                Ok(Self::new(td, ns, sa))
-            }
-            _ => Err(IdentityError::Shape(s.to_owned())),
-        }
-    }
-}
-
-impl Serialize for Identity {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`: the one SPIFFE type of the
+/// mesh, shared with the issuer.
+pub use ambient_common::spiffe::{SpiffeError as IdentityError, SpiffeId as Identity};
 
 #[cfg(test)]
 mod tests {
