@@ -309,6 +309,10 @@ impl Core {
 
     /// The state a record should be in now.
     fn state_of(&self, key: &AttachmentKey, r: &Record) -> PodState {
+        if self.cfg.is_excluded(&r.pod.namespace) {
+            // Whatever the source knows: a pod that ran the CNI chain is not hostNetwork.
+            return PodState::Excluded;
+        }
         let st = match Self::pod_of(&self.snapshot, r) {
             Some(pod) => self
                 .snapshot
@@ -605,13 +609,20 @@ impl Core {
     ) -> Result<(AddOutcome, Option<LocalWorkload>), AgentError> {
         let started = Instant::now();
         let snapshot = self.snapshot.clone();
-        let Some(pod) = snapshot.pod(&att.pod.namespace, &att.pod.name) else {
+        let excluded = self.cfg.is_excluded(&att.pod.namespace);
+        let pod = snapshot.pod(&att.pod.namespace, &att.pod.name);
+        if pod.is_none() && !excluded {
             return Err(unknown_pod(&att));
-        };
+        }
         if att.host_interface.is_empty() {
             // The plugin found no host-side veth (a primary CNI without veths). Only an
             // ambient pod needs one; any other pod is left alone, unrecorded.
-            return match self.snapshot.decide(pod, &self.cfg.excluded_namespaces) {
+            let decided = match pod {
+                _ if excluded => Some(Enrolment::Excluded),
+                Some(pod) => self.snapshot.decide(pod, &self.cfg.excluded_namespaces),
+                None => None,
+            };
+            return match decided {
                 Some(Enrolment::Ambient) | None => Err(AgentError::new(
                     ErrorKind::InvalidRequest,
                     "the plugin found no host-side interface for this ambient pod; \
@@ -635,7 +646,11 @@ impl Core {
         let record = Record {
             key: att.key.clone(),
             pod: ambient_common::agent_api::PodRef {
-                uid: att.pod.uid.clone().or_else(|| pod.metadata.uid.clone()),
+                uid: att
+                    .pod
+                    .uid
+                    .clone()
+                    .or_else(|| pod.and_then(|p| p.metadata.uid.clone())),
                 ..att.pod.clone()
             },
             netns_id: netns_id(std::path::Path::new(&att.netns)),
@@ -1163,6 +1178,25 @@ mod tests {
         let (outcome, workload) = rx.try_recv().unwrap().unwrap();
         assert_eq!(outcome, AddOutcome::Captured);
         assert!(workload.is_some());
+    }
+
+    /// An excluded namespace decides alone: a pod the source does not know, before the
+    /// source has synced, is recorded as excluded (its bridge port pinned, nothing captured).
+    #[test]
+    fn excluded_pods_need_no_source() {
+        let mut f = fixture(Arc::new(Snapshot::default()));
+        f.veth("v1", 11);
+        let att = f.att("c1", "kube-system", "coredns", "v1", "10.0.0.1");
+        assert_eq!(f.add(att.clone()).unwrap(), AddOutcome::Excluded);
+        assert_eq!(f.core.states.get(&att.key), Some(&PodState::Excluded));
+        assert!(f.core.records.contains_key(&att.key));
+        assert!(f.changes().is_empty(), "nothing published to ztunnel");
+        // Without a host interface too.
+        let bare = f.att("c2", "kube-system", "dns2", "", "10.0.0.2");
+        assert_eq!(f.add(bare).unwrap(), AddOutcome::Excluded);
+        // Other pods the source does not know still wait for it.
+        let err = f.add(f.att("c3", "a", "p1", "v1", "10.0.0.3")).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TryAgainLater);
     }
 
     #[test]

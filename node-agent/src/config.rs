@@ -156,6 +156,12 @@ impl ConfigFile {
 }
 
 impl Config {
+    /// Pods of this namespace are never captured; the agent answers their ADD from the
+    /// namespace alone, without waiting for its source.
+    pub fn is_excluded(&self, namespace: &str) -> bool {
+        self.excluded_namespaces.iter().any(|n| n == namespace)
+    }
+
     /// Applies defaults and validates; reports every bad field at once.
     pub fn build(src: ConfigFile) -> Result<Config, Vec<ConfigError>> {
         let mut errors = Vec::new();

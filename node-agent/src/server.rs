@@ -262,6 +262,11 @@ async fn wait_for_pod(
     att: &ambient_common::agent_api::Attachment,
 ) -> Result<Arc<Snapshot>, AgentError> {
     let mut rx = shared.snapshots.clone();
+    if shared.cfg.is_excluded(&att.pod.namespace) {
+        // Decided by the namespace alone: a node whose API connection is down (or not yet
+        // synced) still starts its system pods.
+        return Ok(Arc::clone(&rx.borrow_and_update()));
+    }
     let deadline = tokio::time::Instant::now() + shared.cfg.pod_wait;
     loop {
         {

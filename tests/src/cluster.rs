@@ -891,6 +891,27 @@ impl Cluster {
         self.add_pod_with(node, meta, labels)
     }
 
+    /// The first step of [`Cluster::add_pod`]: the Pod object appears, scheduled on node
+    /// `node` with service account `sa-<name>`, no IP, no sandbox yet. Returns the service
+    /// account and the labels as the manifest has them.
+    pub fn schedule_pod(
+        &self,
+        node: usize,
+        meta: &PodMeta,
+        labels: &[(&str, &str)],
+    ) -> Result<(String, Vec<(String, String)>), ClusterError> {
+        let sa = format!("sa-{}", meta.name);
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.manifests.write(
+            &Self::pod_stem(meta),
+            &[self.pod_manifest(meta, node, &sa, &labels, None)],
+        )?;
+        Ok((sa, labels))
+    }
+
     /// [`Cluster::add_pod`] with a given identity (same uid for a replaced sandbox).
     pub fn add_pod_with(
         &mut self,
@@ -898,14 +919,8 @@ impl Cluster {
         meta: PodMeta,
         labels: &[(&str, &str)],
     ) -> Result<usize, ClusterError> {
-        let sa = format!("sa-{}", meta.name);
-        let labels: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let (sa, labels) = self.schedule_pod(node, &meta, labels)?;
         let stem = Self::pod_stem(&meta);
-        self.manifests
-            .write(&stem, &[self.pod_manifest(&meta, node, &sa, &labels, None)])?;
         let pod = self.nodes[node]
             .node
             .add_pod(&meta)

@@ -460,6 +460,48 @@ fn an_issuer_outage_keeps_held_identities_working_and_is_reported() {
     assert_eq!(c.metric_sum(0, "ztunnel_ca_healthy", &[]), 1.0);
 }
 
+/// A pod's certificate is requested when ztunnel's source first sees the pod scheduled on
+/// its node, before the kubelet runs the CNI chain: the ADD then does no certificate work
+/// (the issuer signs nothing more for it) and the pod's first connection works.
+#[test]
+fn a_scheduled_pod_is_certified_before_its_add() {
+    let mut c = test_cluster("is-pre", 196, Attach::Bridge);
+    let b = test_pod(&mut c, 1, "ambient-demo", "b");
+    let meta = PodMeta::new("ambient-demo", "early");
+    let id = format!("spiffe://{}/ns/ambient-demo/sa/sa-early", c.trust_domain());
+    let issued = |c: &Cluster| {
+        c.issuer_metric(
+            "issuer_certificates_issued_total",
+            &[("kind", "impersonated")],
+        )
+    };
+    let before = issued(&c);
+    c.schedule_pod(0, &meta, &[]).unwrap();
+    eventually(Duration::from_secs(10), || {
+        let dump = c.nodes[0].config_dump()?;
+        let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
+        if certs.iter().any(|h| h["identity"] == id.as_str()) {
+            Ok(())
+        } else {
+            Err(format!("{id} not held yet: {certs:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("no certificate for a scheduled pod before its ADD: {e}"));
+    assert_eq!(
+        issued(&c),
+        before + 1.0,
+        "one certificate, for the scheduled pod"
+    );
+
+    let early = c.add_pod_with(0, meta, &[]).unwrap();
+    c.connect(early, c.pods[b].echo_addr(), "first").unwrap();
+    assert_eq!(
+        issued(&c),
+        before + 1.0,
+        "the ADD asked the issuer for nothing more"
+    );
+}
+
 /// A free loopback port (bound, then released for the issuer to take).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

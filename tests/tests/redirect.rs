@@ -56,11 +56,37 @@ impl Lab {
         lab
     }
 
+    /// A lab whose agent reads the Kubernetes API at an address where nothing answers (an
+    /// API server that is down): its source never syncs.
+    fn without_api(tag: &str, cidr: &str, attach: Attach) -> Lab {
+        let mut lab = Lab::new(tag, cidr, attach);
+        lab.stop_agent();
+        let kubeconfig = lab.dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: down\n  cluster:\n    server: https://127.0.0.1:9\n    insecure-skip-tls-verify: true\n\
+             contexts:\n- name: down\n  context:\n    cluster: down\n    user: none\ncurrent-context: down\nusers:\n- name: none\n  user:\n    token: x\n",
+        )
+        .unwrap();
+        let args: Vec<std::ffi::OsString> = vec![
+            "--source".into(),
+            "kube".into(),
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+        ];
+        lab.start_agent_with(&args);
+        lab
+    }
+
     fn run_dir(&self) -> PathBuf {
         self.dir.path().join("run")
     }
 
     fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    fn start_agent_with(&mut self, extra: &[std::ffi::OsString]) {
         let _ = std::fs::remove_file(self.run_dir().join("cni.sock"));
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
         let mut cmd = self.node.ns().command(bins::binary(bins::NODE_AGENT));
@@ -70,6 +96,7 @@ impl Lab {
             .arg(self.run_dir())
             .args(["--metrics-addr", "127.0.0.1:15014", "--pod-wait-ms", "1500"])
             .args(["--reconcile-interval-ms", "500", "--log-level", "debug"])
+            .args(extra)
             .stderr(log);
         self.agent_pid = Some(self.node.ns().spawn(&mut cmd).unwrap());
         let sock = self.run_dir().join("cni.sock");
@@ -576,6 +603,41 @@ fn unknown_pod_is_refused_with_try_again_later() {
     let lab = Lab::new("unknown", "10.188.1.0/24", Attach::Bridge);
     let meta = PodMeta::new("amb", "ghost");
     let err = lab.node.add_pod(&meta).unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("11") || text.contains("try again"), "{text}");
+}
+
+/// A pod of an excluded namespace is answered from its namespace alone, at once, whether
+/// or not the source knows it or has synced: with the API server down, kube-system pods
+/// start (recorded as excluded, never captured) while ambient pods wait and get code 11.
+#[test]
+fn excluded_namespaces_never_wait_for_the_source() {
+    let mut lab = Lab::without_api("excl", "10.213.1.0/24", Attach::Bridge);
+    let meta = PodMeta::new("kube-system", "coredns");
+    let started = std::time::Instant::now();
+    let pod = lab.node.add_pod(&meta).unwrap_or_else(|e| {
+        panic!(
+            "a kube-system pod waited for a source that cannot answer: {e:?}\nagent log:\n{}",
+            lab.agent_log()
+        )
+    });
+    let took = started.elapsed();
+    // The agent waits 1.5 s for a pod it does not know; this ADD did not wait for that.
+    assert!(took < Duration::from_millis(1500), "ADD took {took:?}");
+    let ip = pod.ip().unwrap();
+    lab.pods.push(pod);
+    assert_eq!(lab.state_of("coredns"), "excluded");
+    assert!(
+        !lab.nft_set("inet", "pod_v4").contains(&ip),
+        "an excluded pod is never captured"
+    );
+    let (_, status) = lab.cli(&["status", "-o", "json"]);
+    assert!(status.contains("\"source_synced\": false"), "{status}");
+
+    let err = lab
+        .node
+        .add_pod(&PodMeta::new("amb", "web"))
+        .expect_err("an ambient pod enrolled without its source");
     let text = format!("{err:?}");
     assert!(text.contains("11") || text.contains("try again"), "{text}");
 }

@@ -707,14 +707,16 @@ impl Store {
         });
     }
 
-    /// Identities of ambient workloads on this node (those we may hold certificates for).
-    /// Pods the source lists without an IP yet are left out: they route nothing, and the
-    /// agent's push at their ADD issues their certificate.
+    /// Identities of ambient workloads on this node (those we may hold certificates for),
+    /// including pods scheduled here that have no IP yet: the source sees a pod when it is
+    /// scheduled, before the kubelet runs its CNI ADD, so its certificate is usually held
+    /// before the agent's push asks for it and the ADD does no certificate work. Terminal
+    /// pods are not in the source's view.
     pub fn local_identities(&self) -> HashSet<Identity> {
         let state = self.snapshot();
         state
             .workloads()
-            .filter(|w| w.ambient && w.node == self.node && !w.ips.is_empty())
+            .filter(|w| w.ambient && w.node == self.node)
             .map(|w| w.identity(&self.trust_domain))
             .collect()
     }
@@ -964,6 +966,46 @@ mod tests {
         let st = s.snapshot();
         assert!(st.workload("10.1.0.3".parse().unwrap()).is_none());
         assert!(st.workload("10.1.0.9".parse().unwrap()).is_some());
+    }
+
+    /// The identities pre-issued on a node: ambient pods scheduled on it, with or without
+    /// an IP yet; not other nodes' pods, not pods outside the mesh.
+    #[test]
+    fn local_identities_include_pods_scheduled_here_before_their_add() {
+        let w = |uid: &str, sa: &str, node: &str, ips: &[&str], ambient: bool| Workload {
+            uid: uid.into(),
+            name: format!("pod-{uid}"),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+            node: node.into(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            labels: BTreeMap::new(),
+            ambient,
+            source: WorkloadSource::Manifest,
+        };
+        let s = Store::new("n1", "cluster.local");
+        s.set_manifest(ManifestState {
+            workloads: vec![
+                w("running", "web", "n1", &["10.1.0.2"], true),
+                w("scheduled", "api", "n1", &[], true),
+                w("elsewhere", "db", "n2", &[], true),
+                w("plain", "legacy", "n1", &["10.1.0.3"], false),
+            ],
+            ..Default::default()
+        });
+        let mut got: Vec<String> = s
+            .local_identities()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "spiffe://cluster.local/ns/shop/sa/api",
+                "spiffe://cluster.local/ns/shop/sa/web"
+            ]
+        );
     }
 
     /// Agent entries replace the manifest's for the same pod (by uid, else by IP), take its
