@@ -11,6 +11,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The network tests exec the workspace binaries from the target directory.
 cargo build --workspace --bins --locked
+# The plugin as shipped (static), for the empty-chroot and installer tests.
+./scripts/static-plugin.sh >/dev/null
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

@@ -206,6 +206,25 @@ fn collect(
     Ok(())
 }
 
+/// Name, size and modification time of every file in a manifest directory, sorted: equal
+/// fingerprints mean nothing to re-read (the directory sources poll with it).
+pub type DirFingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+/// The directory's [`DirFingerprint`] now (empty when it cannot be read).
+pub fn dir_fingerprint(dir: &Path) -> DirFingerprint {
+    let mut out: DirFingerprint = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.path(), m.len(), m.modified().ok()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Reads every manifest file of `dir` (not recursive), in file-name order.
 pub fn load_dir(dir: &Path) -> Result<Vec<Object>, ManifestError> {
     let entries = std::fs::read_dir(dir).map_err(|source| ManifestError::ReadDir {

@@ -5,6 +5,8 @@
 #      binaries call or link: nft + libnftables1, iptables, iproute2 (cached between runs),
 #   3. `podman build` of install/image/Containerfile (FROM scratch + that rootfs + binaries).
 #
+# The plugin is the static build (scripts/static-plugin.sh): it runs on any host's libc.
+#
 # Usage: install/image/build.sh [--rootfs-only] [--tag TAG] [--save FILE]
 # Env:   PROFILE=release|debug  SUITE=bookworm  MIRROR=http://deb.debian.org/debian
 #        WORK=<dir> (default target/image)  BIN_DIR=<dir with prebuilt binaries>
@@ -37,8 +39,16 @@ packages=nftables,libnftables1,iptables,iproute2,ca-certificates
 if [[ -z "${BIN_DIR:-}" ]]; then
   flag=(--release); dir=release
   [[ "$profile" == debug ]] && { flag=(); dir=debug; }
-  (cd "$repo" && cargo build "${flag[@]}" -p install -p ambient-cni -p node-agent -p ztunnel -p ambient-issuer)
-  BIN_DIR="$repo/target/$dir"
+  (cd "$repo" && cargo build "${flag[@]}" -p install -p node-agent -p ztunnel -p ambient-issuer)
+  built="${CARGO_TARGET_DIR:-$repo/target}/$dir"
+  # The plugin runs on the host, not in this image: the static build, which needs no libc.
+  static_args=(); [[ "$profile" == release ]] && static_args=(--release)
+  static="$(cd "$repo" && scripts/static-plugin.sh "${static_args[@]}")"
+  [[ "$static" == /* ]] || static="$repo/$static"
+  BIN_DIR="$work/bin"
+  rm -rf "$BIN_DIR"; mkdir -p "$BIN_DIR"
+  for b in install-cni node-agent ztunnel ambient-issuer; do cp "$built/$b" "$BIN_DIR/"; done
+  cp "$static" "$BIN_DIR/ambient-cni"
 fi
 for b in "${bins[@]}"; do
   [[ -x "$BIN_DIR/$b" ]] || { echo "missing binary $BIN_DIR/$b" >&2; exit 1; }
@@ -64,6 +74,11 @@ ctx="$work/context"
 rm -rf "$ctx"; mkdir -p "$ctx/bin"
 cp "$cache" "$ctx/rootfs.tar"
 for b in "${bins[@]}"; do install -m 0755 "$BIN_DIR/$b" "$ctx/bin/$b"; done
+# install-cni refuses a plugin that needs a program interpreter: check it here too.
+if readelf -l "$ctx/bin/ambient-cni" 2>/dev/null | grep -q 'program interpreter'; then
+  echo "$ctx/bin/ambient-cni is dynamically linked; build it with scripts/static-plugin.sh" >&2
+  exit 1
+fi
 cp "$here/Containerfile" "$ctx/Containerfile"
 
 # Sanity check without podman: the binaries run inside the rootfs (their shared libraries,

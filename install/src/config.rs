@@ -74,6 +74,9 @@ pub struct Config {
     pub cni_conf_dir: PathBuf,
     /// The plugin binary shipped in the image.
     pub plugin_source: PathBuf,
+    /// Install a plugin that needs a program interpreter (a libc's loader, a shell) the
+    /// host may not have; by default only static executables are installed.
+    pub allow_dynamic_plugin: bool,
     pub mode: Mode,
     /// Our file's name in own-file mode.
     pub own_file_name: String,
@@ -119,6 +122,10 @@ pub struct ConfigArgs {
         default_value = "/opt/ambient/bin/ambient-cni"
     )]
     pub plugin_source: PathBuf,
+    /// Also install a plugin that is not a static executable (a dynamically linked build,
+    /// a script), for hosts known to have what it needs.
+    #[arg(long, env = "AMBIENT_ALLOW_DYNAMIC_PLUGIN")]
+    pub allow_dynamic_plugin: bool,
     #[arg(long, env = "AMBIENT_CNI_MODE", value_enum, default_value_t = Mode::Chain)]
     pub mode: Mode,
     #[arg(
@@ -239,6 +246,7 @@ impl ConfigArgs {
             cni_bin_dir: self.cni_bin_dir.clone(),
             cni_conf_dir: self.cni_conf_dir.clone(),
             plugin_source: self.plugin_source.clone(),
+            allow_dynamic_plugin: self.allow_dynamic_plugin,
             mode: self.mode,
             own_file_name: self.own_file_name.clone(),
             plugin: PluginSettings {

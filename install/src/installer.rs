@@ -12,6 +12,10 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, Mode};
 use crate::conflist::{self, ConflistError, CONVERTED_FROM_KEY};
+use crate::plugin_check::{self, NotRunnable};
+
+/// How long the plugin may take to answer VERSION before it is refused.
+const VERSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -49,10 +53,27 @@ pub enum InstallError {
     NotChained { path: PathBuf },
     #[error("plugin binary {path} is missing or differs from the image's")]
     BinaryMissing { path: PathBuf },
+    #[error("plugin binary {path} would not run on this host; not installed")]
+    PluginNotRunnable {
+        path: PathBuf,
+        #[source]
+        source: NotRunnable,
+    },
 }
 
 /// Writes `bytes` to `path` through a hidden temporary file in the same directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+    write_checked(path, bytes, mode, |_| Ok(()))
+}
+
+/// [`write_atomic`], with `check` run on the complete temporary file before it replaces
+/// `path`; a refusal leaves `path` as it was.
+fn write_checked(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    check: impl FnOnce(&Path) -> Result<(), InstallError>,
+) -> Result<(), InstallError> {
     let wrap = |source| InstallError::Write {
         path: path.to_owned(),
         source,
@@ -63,17 +84,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallE
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.ambient-tmp.{}", std::process::id()));
-    let result = (|| {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        f.sync_all()
     })();
+    let result = written
+        .map_err(wrap)
+        .and_then(|()| check(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(wrap));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(wrap)
+    result
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, InstallError> {
@@ -174,9 +198,26 @@ impl Installer {
                 path: self.cfg.plugin_source.clone(),
                 source,
             })?;
+        // Refused before anything on the host changes: a plugin the runtime cannot exec
+        // fails every pod's ADD on the node, kube-system's included.
+        let refused = |path: &Path, source| InstallError::PluginNotRunnable {
+            path: path.to_owned(),
+            source,
+        };
+        plugin_check::portable(&src, self.cfg.allow_dynamic_plugin)
+            .map_err(|e| refused(&self.cfg.plugin_source, e))?;
+        // Exec'd from the host's directory, as the runtime will (a noexec mount, another
+        // architecture, a broken copy show here).
+        let runs = |path: &Path| {
+            plugin_check::answers_version(path, VERSION_TIMEOUT)
+                .map(drop)
+                .map_err(|e| refused(&dest, e))
+        };
         let same = std::fs::read(&dest).map(|d| d == src).unwrap_or(false);
-        if !same {
-            write_atomic(&dest, &src, 0o755)?;
+        if same {
+            runs(&dest)?;
+        } else {
+            write_checked(&dest, &src, 0o755, runs)?;
         }
         self.binary_seen = std::fs::metadata(&dest).ok().map(|m| file_id(&m));
         Ok(!same)

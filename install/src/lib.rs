@@ -5,7 +5,7 @@
 //!
 //! Layout: [`config`] (flags/environment -> [`Config`]), [`conflist`] (finding the primary
 //! configuration; the pure add/remove transformations), [`installer`] (the file operations:
-//! ensure, check, uninstall), [`run`] (the watch loop), [`lifecycle`] (uninstall or upgrade,
+//! ensure, check, uninstall), [`plugin_check`] (will the plugin run on the host), [`run`] (the watch loop), [`lifecycle`] (uninstall or upgrade,
 //! from the API server), [`ready`] (the agent's `Status`). The Kubernetes manifests live in
 //! `install/manifests/`, the image definition in `install/image/`.
 #![forbid(unsafe_code)]
@@ -14,6 +14,7 @@ pub mod config;
 pub mod conflist;
 pub mod installer;
 pub mod lifecycle;
+pub mod plugin_check;
 pub mod ready;
 pub mod run;
 

@@ -17,6 +17,10 @@ struct T {
     a: ConfigArgs,
 }
 
+/// A stand-in plugin: answers VERSION as a CNI plugin does.
+const FAKE_PLUGIN: &[u8] =
+    b"#!/bin/sh\n# plugin v1\necho '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"1.0.0\"]}'\n";
+
 /// A fake host: `etc/cni/net.d`, `opt/cni/bin`, and the image's plugin binary.
 struct Host {
     _dir: tempfile::TempDir,
@@ -33,7 +37,7 @@ impl Host {
         std::fs::create_dir_all(&conf).unwrap();
         std::fs::create_dir_all(&bin).unwrap();
         let source = dir.path().join("image-ambient-cni");
-        std::fs::write(&source, b"#!/bin/sh\necho plugin v1\n").unwrap();
+        std::fs::write(&source, FAKE_PLUGIN).unwrap();
         Host {
             _dir: dir,
             conf,
@@ -59,6 +63,8 @@ impl Host {
             "20".into(),
             "--on-exit".into(),
             "keep".into(),
+            // The fake plugin is a script (the static-only rule has its own tests below).
+            "--allow-dynamic-plugin".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         T::try_parse_from(args).unwrap().a.build().unwrap()
@@ -414,4 +420,119 @@ fn readiness_asks_the_agent_for_status() {
         .to_string();
     assert!(err.contains("not ready"), "{err}");
     server.join().unwrap();
+}
+
+/// The static build of the plugin beside this test's binaries (`scripts/static-plugin.sh`).
+fn static_plugin() -> PathBuf {
+    let installer = Path::new(env!("CARGO_BIN_EXE_install-cni"));
+    let profile_dir = installer.parent().unwrap();
+    let path = profile_dir
+        .parent()
+        .unwrap()
+        .join("x86_64-unknown-linux-gnu")
+        .join(profile_dir.file_name().unwrap())
+        .join("ambient-cni");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with scripts/static-plugin.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A complete static x86-64 executable that exits with status 1: an ELF header, one
+/// loadable segment (the whole file at 0x400000), and `mov edi,1; mov eax,60; syscall`.
+fn static_elf_exiting_1() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    let code: &[u8] = &[
+        0xbf, 0x01, 0x00, 0x00, 0x00, // mov edi, 1
+        0xb8, 0x3c, 0x00, 0x00, 0x00, // mov eax, 60 (exit)
+        0x0f, 0x05, // syscall
+    ];
+    let size = (64 + 56 + code.len()) as u64;
+    let mut b = Vec::new();
+    b.extend(b"\x7fELF\x02\x01\x01\x00");
+    b.extend([0u8; 8]);
+    b.extend(2u16.to_le_bytes()); // ET_EXEC
+    b.extend(0x3eu16.to_le_bytes()); // x86-64
+    b.extend(1u32.to_le_bytes());
+    b.extend((BASE + 120).to_le_bytes()); // entry: the code
+    b.extend(64u64.to_le_bytes()); // program headers
+    b.extend(0u64.to_le_bytes()); // no section headers
+    b.extend(0u32.to_le_bytes());
+    b.extend(64u16.to_le_bytes());
+    b.extend(56u16.to_le_bytes());
+    b.extend(1u16.to_le_bytes());
+    b.extend([0u8; 6]);
+    b.extend(1u32.to_le_bytes()); // PT_LOAD
+    b.extend(5u32.to_le_bytes()); // R+X
+    b.extend(0u64.to_le_bytes());
+    b.extend(BASE.to_le_bytes());
+    b.extend(BASE.to_le_bytes());
+    b.extend(size.to_le_bytes());
+    b.extend(size.to_le_bytes());
+    b.extend(0x1000u64.to_le_bytes());
+    b.extend(code);
+    b
+}
+
+/// By default only a plugin that runs on any host goes in: a dynamically linked build (it
+/// needs the image's libc on the host) and a static executable that fails VERSION are
+/// refused, with the reason, before the host's binary directory or configuration changes;
+/// the static build of ambient-cni is installed.
+#[test]
+fn only_a_plugin_that_runs_on_the_host_is_installed() {
+    let host = Host::new();
+    let conflist = host.put_fixture("10-ptp.conflist");
+    let original = std::fs::read(&conflist).unwrap();
+    let strict = |source: &Path| {
+        let mut cfg = host.config(&[]);
+        cfg.allow_dynamic_plugin = false;
+        cfg.plugin_source = source.to_owned();
+        Installer::new(cfg)
+    };
+    let untouched = |what: &str| {
+        assert_eq!(std::fs::read(&conflist).unwrap(), original, "{what}");
+        let left: Vec<_> = std::fs::read_dir(&host.bin).unwrap().collect();
+        assert!(left.is_empty(), "{what}: {left:?} in the host's bin dir");
+    };
+
+    // A dynamically linked executable (this crate's own binary).
+    let err = strict(Path::new(env!("CARGO_BIN_EXE_install-cni")))
+        .ensure()
+        .unwrap_err();
+    let text = install::error_chain(&err);
+    assert!(
+        text.contains("dynamically linked") && text.contains("ld-linux"),
+        "{text}"
+    );
+    untouched("dynamic");
+
+    // A script, without the operator's say-so.
+    let err = strict(&host.source).ensure().unwrap_err();
+    assert!(install::error_chain(&err).contains("/bin/sh"), "{err:?}");
+    untouched("script");
+
+    // Static, but it does not answer VERSION.
+    let broken = host.bin.parent().unwrap().join("broken-plugin");
+    std::fs::write(&broken, static_elf_exiting_1()).unwrap();
+    let err = strict(&broken).ensure().unwrap_err();
+    let text = install::error_chain(&err);
+    assert!(
+        text.contains("VERSION failed") && text.contains("exit status: 1"),
+        "{text}"
+    );
+    untouched("failing VERSION");
+
+    // The static build goes in, and the chain with it.
+    let plugin = static_plugin();
+    let mut inst = strict(&plugin);
+    let pass = inst.ensure().unwrap();
+    assert!(pass.binary_written);
+    assert_eq!(pass.chain, ChainState::Written(conflist.clone()));
+    assert_eq!(
+        std::fs::read(host.bin.join("ambient-cni")).unwrap(),
+        std::fs::read(&plugin).unwrap()
+    );
+    assert_eq!(last_plugin(&json(&conflist))["type"], "ambient-cni");
 }

@@ -128,7 +128,12 @@ async fn run_and_stop(code: u16, body: serde_json::Value) -> (bool, bool, String
     std::fs::create_dir_all(&conf).unwrap();
     std::fs::create_dir_all(&bin).unwrap();
     let src = host.path().join("ambient-cni");
-    std::fs::write(&src, b"plugin").unwrap();
+    std::fs::write(
+        &src,
+        b"#!/bin/sh\necho '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"1.0.0\"]}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/cni/10-ptp.conflist"
@@ -152,6 +157,7 @@ async fn run_and_stop(code: u16, body: serde_json::Value) -> (bool, bool, String
         .arg(&bin)
         .arg("--plugin-source")
         .arg(&src)
+        .arg("--allow-dynamic-plugin")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

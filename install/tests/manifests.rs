@@ -1190,3 +1190,76 @@ fn defaults_the_manifests_rely_on_are_the_binaries() {
         "the path Istio's ztunnel reads too"
     );
 }
+
+/// Every key of the ConfigMap `ambient-config` is read by some binary that receives it: a
+/// container that gets the ConfigMap (`envFrom`) either reads the key as the environment
+/// variable of one of its flags (`[env: KEY=...]` in its `--help`) or passes it on as
+/// `$(KEY)` in its arguments (checked by the test above). A key nothing reads is a setting
+/// that silently does nothing.
+#[test]
+fn every_configmap_key_is_read_by_some_binary() {
+    const PREFIX: &str = "/opt/ambient/bin/";
+    let keys: BTreeSet<String> = find::<ConfigMap>("ConfigMap", "ambient-config")
+        .data
+        .unwrap_or_default()
+        .into_keys()
+        .collect();
+    let dir = bin_dir();
+    let mut read = BTreeSet::new();
+    let mut helps = 0;
+    for (owner, pod) in pod_templates() {
+        for c in all_containers(&pod) {
+            let gets_it = c.env_from.iter().flatten().any(|f| {
+                f.config_map_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == "ambient-config")
+            });
+            if !gets_it {
+                continue;
+            }
+            let mut argv = c.command.clone().unwrap_or_default();
+            argv.extend(c.args.clone().unwrap_or_default());
+            let Some(bin) = argv.first().and_then(|a| a.strip_prefix(PREFIX)) else {
+                panic!(
+                    "{owner}/{}: not one of the image's binaries: {argv:?}",
+                    c.name
+                )
+            };
+            let path = dir.join(bin);
+            assert!(
+                path.exists(),
+                "{}: build the workspace first (cargo build --workspace)",
+                path.display()
+            );
+            let mut help_argv: Vec<&str> = argv[1..]
+                .iter()
+                .take_while(|a| !a.starts_with('-'))
+                .map(String::as_str)
+                .collect();
+            help_argv.push("--help");
+            let out = std::process::Command::new(&path)
+                .args(&help_argv)
+                .env_clear()
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{bin} {help_argv:?}");
+            helps += 1;
+            let help = String::from_utf8_lossy(&out.stdout);
+            for k in &keys {
+                let passed_on = argv.iter().any(|a| a.contains(&format!("$({k})")));
+                if passed_on || help.contains(&format!("[env: {k}=")) {
+                    read.insert(k.clone());
+                }
+            }
+        }
+    }
+    assert!(
+        helps >= 3,
+        "the node DaemonSet's and ztunnel's containers were checked"
+    );
+    let unread: Vec<&String> = keys.difference(&read).collect();
+    assert!(
+        unread.is_empty(),
+        "ConfigMap keys no binary reads: {unread:?}"
+    );
+}

@@ -121,7 +121,15 @@ impl Pods {
     /// directory that cannot be read keeps the last good view.
     pub async fn run_manifests(self, dir: PathBuf, every: Duration) {
         let mut last: Option<Vec<(Key, PodFacts)>> = None;
+        let mut seen: Option<manifest::DirFingerprint> = None;
         loop {
+            // Parsed again only when a file changed (a poll of an unchanged directory of
+            // thousands of pods costs one stat per file).
+            let fp = manifest::dir_fingerprint(&dir);
+            if seen.as_ref() == Some(&fp) {
+                tokio::time::sleep(every).await;
+                continue;
+            }
             let d = dir.clone();
             let read = tokio::task::spawn_blocking(move || manifest::load_dir(&d)).await;
             match read {
@@ -134,6 +142,7 @@ impl Pods {
                         })
                         .collect();
                     pods.sort_by(|a, b| a.0.cmp(&b.0));
+                    seen = Some(fp);
                     if last.as_ref() != Some(&pods) {
                         tracing::debug!(pods = pods.len(), "manifest directory read");
                         self.replace(pods.clone());

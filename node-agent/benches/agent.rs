@@ -503,6 +503,7 @@ fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
         .spawn()
         .unwrap();
     let mut zt = None;
+    let mut zt_started = None;
     let mut issuer = None;
     if ztunnel {
         let ca = dir.path().join("ca");
@@ -562,6 +563,7 @@ fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
                 token.into(),
             ];
         }
+        zt_started = Some(Instant::now());
         zt = Some(
             Command::new(bins::binary(bins::ZTUNNEL))
                 .args(["run", "--node-name", "bench", "--manifest-dir"])
@@ -608,7 +610,7 @@ fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
         // Every pod is scheduled before the bench starts, so ztunnel certifies all of them
         // at start, before their ADDs (as on a node, where the watch sees a pod scheduled
         // before the kubelet runs its CNI chain); measure that, then the ADDs after it.
-        let t = Instant::now();
+        let t = zt_started.unwrap_or_else(Instant::now);
         eventually(Duration::from_secs(120), || {
             let held = held_certificates();
             if held >= total {
@@ -619,7 +621,7 @@ fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
         })
         .unwrap();
         println!(
-            "ztunnel certified the {total} scheduled pods (one identity each) in {:.2} s after it connected\n",
+            "ztunnel certified the {total} scheduled pods (one identity each) within {:.2} s of its start\n",
             t.elapsed().as_secs_f64()
         );
     }

@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Comma-separated namespaces never enrolled (default kube-system).
     #[arg(long, env = "AMBIENT_EXCLUDED_NAMESPACES", value_delimiter = ',')]
     pub excluded_namespaces: Option<Vec<String>>,
+    /// Redirection backend: `nftables` (the only one implemented).
+    #[arg(long, env = "AMBIENT_BACKEND")]
+    pub backend: Option<String>,
     #[arg(long)]
     pub table: Option<String>,
     #[arg(long)]
@@ -141,6 +144,7 @@ impl RunArgs {
             ztunnel_socket: self.ztunnel_socket.clone(),
             metrics_addr: self.metrics_addr.clone(),
             excluded_namespaces: self.excluded_namespaces.clone(),
+            backend: self.backend.clone(),
             table: self.table.clone(),
             outbound_port: self.outbound_port,
             inbound_plaintext_port: self.inbound_plaintext_port,

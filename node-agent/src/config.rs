@@ -78,6 +78,7 @@ pub struct ConfigFile {
     pub ztunnel_socket: Option<PathBuf>,
     pub metrics_addr: Option<String>,
     pub excluded_namespaces: Option<Vec<String>>,
+    pub backend: Option<String>,
     pub table: Option<String>,
     pub outbound_port: Option<u16>,
     pub inbound_plaintext_port: Option<u16>,
@@ -138,6 +139,7 @@ impl ConfigFile {
             ztunnel_socket,
             metrics_addr,
             excluded_namespaces,
+            backend,
             table,
             outbound_port,
             inbound_plaintext_port,
@@ -180,6 +182,13 @@ impl Config {
                 SourceKind::Manifests
             }
         };
+        match src.backend.as_deref() {
+            None | Some("nftables") => {}
+            Some(other) => errors.push(field(
+                "backend",
+                format!("{other:?}: only nftables is implemented"),
+            )),
+        }
         let manifest_dir = src.manifest_dir.unwrap_or_default();
         if source == SourceKind::Manifests && manifest_dir.as_os_str().is_empty() {
             errors.push(field(
@@ -332,6 +341,7 @@ mod tests {
             mark: Some(0x1000),
             metrics_addr: Some("nope".into()),
             hbone_port: Some(0),
+            backend: Some("iptables".into()),
             ..Default::default()
         })
         .unwrap_err();
@@ -342,6 +352,7 @@ mod tests {
             "mark",
             "metricsAddr",
             "hbonePort",
+            "backend",
         ] {
             assert!(
                 text.iter().any(|t| t.starts_with(want)),

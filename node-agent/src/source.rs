@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ambient_common::manifest::{self, Enrolment, Namespace, Object, Pod};
 use tokio::sync::watch;
@@ -59,23 +59,7 @@ pub struct ManifestDirSource {
     pub poll: Duration,
 }
 
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
-
 impl ManifestDirSource {
-    fn fingerprint(&self) -> Fingerprint {
-        let mut out: Fingerprint = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let m = e.metadata().ok()?;
-                Some((e.path(), m.len(), m.modified().ok()))
-            })
-            .collect();
-        out.sort();
-        out
-    }
-
     /// Reads the directory once into a snapshot (only this node's pods).
     pub fn load(&self) -> Result<Snapshot, SourceError> {
         let mut snap = Snapshot {
@@ -108,10 +92,10 @@ impl ManifestDirSource {
 impl Source for ManifestDirSource {
     fn run(self: Box<Self>, tx: watch::Sender<Arc<Snapshot>>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut last: Option<Fingerprint> = None;
+            let mut last: Option<manifest::DirFingerprint> = None;
             let mut generation = tx.borrow().generation;
             loop {
-                let fp = self.fingerprint();
+                let fp = manifest::dir_fingerprint(&self.dir);
                 if last.as_ref() != Some(&fp) {
                     match self.load() {
                         Ok(mut snap) => {

@@ -237,6 +237,10 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log level or `tracing` filter (`info`, `debug`, `info,ztunnel::proxy=debug`);
+    /// `RUST_LOG`, when set, takes precedence (for debugging).
+    #[arg(long, env = "AMBIENT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
     /// Log one access-log line per connection (target `access`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
@@ -284,6 +288,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub workers: usize,
     pub log_format: LogFormat,
+    /// A valid `tracing` filter directive.
+    pub log_level: String,
     pub access_log: bool,
     pub tcp_migrate_req: bool,
 }
@@ -491,6 +497,12 @@ impl Config {
                 }
             })
             .collect();
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&a.log_level) {
+            errs.push(format!(
+                "--log-level: {:?} is not a log level or filter: {e}",
+                a.log_level
+            ));
+        }
         let run_as = a.run_as.as_deref().and_then(|v| {
             parse_run_as(v)
                 .map_err(|e| errs.push(format!("--run-as: {e}")))
@@ -597,6 +609,7 @@ impl Config {
             drain_timeout,
             workers: a.workers,
             log_format: a.log_format,
+            log_level: a.log_level.clone(),
             access_log: a.access_log,
             tcp_migrate_req: a.tcp_migrate_req,
         })
@@ -658,9 +671,18 @@ mod tests {
             "0xzz",
             "--workers",
             "0",
+            "--log-level",
+            "ztunnel=loud",
         ])
         .unwrap_err();
-        assert_eq!(err.0.len(), 4, "{err}");
+        assert_eq!(err.0.len(), 5, "{err}");
+        assert!(err.to_string().contains("--log-level"), "{err}");
+        assert_eq!(
+            parse(&["--log-level", "info,ztunnel::proxy=debug"])
+                .unwrap()
+                .log_level,
+            "info,ztunnel::proxy=debug"
+        );
         let c = parse(&["--transparent", "false", "--outbound-addr", "127.0.0.1:0"]).unwrap();
         assert!(!c.transparent);
     }

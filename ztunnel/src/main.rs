@@ -42,9 +42,10 @@ enum CaCmd {
     },
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, level: &str) {
+    // RUST_LOG wins when set; else --log-level (AMBIENT_LOG_LEVEL), checked by the config.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -85,7 +86,7 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(2);
                 }
             };
-            init_logging(cfg.log_format);
+            init_logging(cfg.log_format, &cfg.log_level);
             if !ztunnel::sys::tune_allocator() {
                 tracing::debug!("allocator thresholds left at their defaults");
             }

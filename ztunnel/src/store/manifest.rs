@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ambient_common::manifest::{self, Enrolment, Namespace, Object, Pod};
 use serde::Deserialize;
@@ -458,21 +458,6 @@ pub fn parse_manifests(
     Ok(out)
 }
 
-/// Modification times of the manifest files, to notice changes cheaply.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            Some((e.path(), m.modified().ok()?, m.len()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// Loads and parses the directory once.
 pub fn load(dir: &Path, excluded: &[String]) -> Result<ManifestState, ManifestError> {
     let objs = manifest::load_dir(dir).map_err(ManifestError::Load)?;
@@ -490,7 +475,7 @@ pub async fn poll_manifests(
 ) {
     let mut last = None;
     loop {
-        let fp = fingerprint(&dir);
+        let fp = manifest::dir_fingerprint(&dir);
         if last.as_ref() != Some(&fp) {
             match load(&dir, &excluded) {
                 Ok(state) => {
