@@ -54,7 +54,33 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Kind and name of the objects that own this one (a pod's ReplicaSet, Job...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
 }
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<bool>,
+}
+
+/// The labels Istio derives a workload's canonical service and revision from, in order.
+pub const CANONICAL_NAME_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-name",
+    "app.kubernetes.io/name",
+    "app",
+];
+pub const CANONICAL_REVISION_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+];
 
 impl ObjectMeta {
     pub fn label(&self, key: &str) -> Option<&str> {
@@ -105,6 +131,64 @@ impl Pod {
             );
         }
         out
+    }
+
+    /// The workload the pod belongs to, as Istio names it in telemetry: its controller's
+    /// name, with a Deployment's ReplicaSet hash (`pod-template-hash`) taken off and a
+    /// CronJob's Job timestamp taken off; the pod's own name when nothing controls it.
+    pub fn workload_name(&self) -> String {
+        let m = &self.metadata;
+        let owner = m
+            .owner_references
+            .iter()
+            .find(|o| o.controller == Some(true))
+            .or_else(|| m.owner_references.first());
+        let Some(o) = owner else {
+            return m.name.clone();
+        };
+        match o.kind.as_str() {
+            "ReplicaSet" => match m.label("pod-template-hash") {
+                Some(h) => o
+                    .name
+                    .strip_suffix(h)
+                    .and_then(|n| n.strip_suffix('-'))
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or(&o.name)
+                    .to_owned(),
+                None => o.name.clone(),
+            },
+            // A CronJob names its Jobs `<cronjob>-<scheduled minute>` (8 to 10 digits).
+            "Job" => match o.name.rsplit_once('-') {
+                Some((base, ts))
+                    if !base.is_empty()
+                        && (8..=10).contains(&ts.len())
+                        && ts.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    base.to_owned()
+                }
+                _ => o.name.clone(),
+            },
+            _ => o.name.clone(),
+        }
+    }
+
+    /// Istio's canonical service: the first of [`CANONICAL_NAME_LABELS`] set, else the
+    /// workload name.
+    pub fn canonical_service(&self) -> String {
+        CANONICAL_NAME_LABELS
+            .iter()
+            .find_map(|l| self.metadata.label(l).filter(|v| !v.is_empty()))
+            .map_or_else(|| self.workload_name(), str::to_owned)
+    }
+
+    /// Istio's canonical revision: the first of [`CANONICAL_REVISION_LABELS`] set, else
+    /// `latest`.
+    pub fn canonical_revision(&self) -> String {
+        CANONICAL_REVISION_LABELS
+            .iter()
+            .find_map(|l| self.metadata.label(l).filter(|v| !v.is_empty()))
+            .unwrap_or("latest")
+            .to_owned()
     }
 
     /// Terminal pods (Succeeded/Failed) hold no network.
@@ -435,6 +519,122 @@ mod decision_tests {
                 Enrolment::decide(p, n.as_ref(), &excluded),
                 *want,
                 "case {i}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod telemetry_name_tests {
+    use super::*;
+
+    fn pod(name: &str, owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = name.into();
+        p.metadata.labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        if let Some((kind, n)) = owner {
+            p.metadata.owner_references.push(OwnerReference {
+                kind: kind.into(),
+                name: n.into(),
+                controller: Some(true),
+            });
+        }
+        p
+    }
+
+    #[test]
+    fn workload_names_follow_the_controller() {
+        let cases = [
+            ("bare pod", pod("web-0", None, &[]), "web-0"),
+            (
+                "deployment",
+                pod(
+                    "web-7f4669bdd9-dg7vn",
+                    Some(("ReplicaSet", "web-7f4669bdd9")),
+                    &[("pod-template-hash", "7f4669bdd9")],
+                ),
+                "web",
+            ),
+            (
+                "replicaset without the hash label",
+                pod("rs-abcde", Some(("ReplicaSet", "rs")), &[]),
+                "rs",
+            ),
+            (
+                "statefulset",
+                pod("db-0", Some(("StatefulSet", "db")), &[]),
+                "db",
+            ),
+            (
+                "daemonset",
+                pod("agent-x2x", Some(("DaemonSet", "agent")), &[]),
+                "agent",
+            ),
+            (
+                "cronjob's job",
+                pod(
+                    "backup-28391040-abcde",
+                    Some(("Job", "backup-28391040")),
+                    &[],
+                ),
+                "backup",
+            ),
+            (
+                "plain job",
+                pod("migrate-abcde", Some(("Job", "migrate")), &[]),
+                "migrate",
+            ),
+            (
+                "job with a short number",
+                pod("j-1-x", Some(("Job", "j-1")), &[]),
+                "j-1",
+            ),
+        ];
+        for (what, p, want) in cases {
+            assert_eq!(p.workload_name(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn canonical_names_follow_istios_label_order() {
+        let deploy = |labels: &[(&str, &str)]| {
+            let mut l = labels.to_vec();
+            l.push(("pod-template-hash", "abc12"));
+            pod("web-abc12-xyz", Some(("ReplicaSet", "web-abc12")), &l)
+        };
+        let cases = [
+            (deploy(&[]), "web", "latest"),
+            (deploy(&[("app", "shop"), ("version", "v2")]), "shop", "v2"),
+            (
+                deploy(&[
+                    ("app", "shop"),
+                    ("app.kubernetes.io/name", "shop-k8s"),
+                    ("app.kubernetes.io/version", "1.4"),
+                    ("version", "v2"),
+                ]),
+                "shop-k8s",
+                "1.4",
+            ),
+            (
+                deploy(&[
+                    ("app", "shop"),
+                    ("service.istio.io/canonical-name", "store"),
+                    ("service.istio.io/canonical-revision", "canary"),
+                ]),
+                "store",
+                "canary",
+            ),
+            (deploy(&[("app", "")]), "web", "latest"),
+        ];
+        for (p, service, revision) in cases {
+            assert_eq!(
+                (p.canonical_service(), p.canonical_revision()),
+                (service.to_string(), revision.to_string()),
+                "{:?}",
+                p.metadata.labels
             );
         }
     }

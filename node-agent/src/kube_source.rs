@@ -121,6 +121,7 @@ fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
         uid: m.uid.clone(),
         labels: m.labels.clone().unwrap_or_default(),
         annotations,
+        ..Default::default()
     }
 }
 

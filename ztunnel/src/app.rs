@@ -164,9 +164,11 @@ impl App {
         let certs = Arc::new(SecretManager::new(provider, cfg.cert_ttl));
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
+        crate::metrics::register_build(&mut registry);
+        registry.register_collector(Box::new(crate::metrics::ProcessCollector));
         store.refusals().register(&mut registry);
         certs.register_metrics(&mut registry);
-        let tracker = Tracker::new(metrics, cfg.access_log);
+        let tracker = Tracker::new(metrics, cfg.access_log, &cfg.cluster_id);
         if cfg.tcp_migrate_req {
             set_migrate_req();
         }

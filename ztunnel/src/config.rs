@@ -119,7 +119,8 @@ pub struct RunArgs {
     /// an IP address is matched against the certificate's IP SANs).
     #[arg(long)]
     pub ca_server_name: Option<String>,
-    /// Cluster id sent to the issuer (`clusterid` header).
+    /// The cluster's id: sent to the issuer (`clusterid` header) and reported as
+    /// `source_cluster`/`destination_cluster` in the metrics, as Istio does.
     #[arg(long, default_value = DEFAULT_CLUSTER_ID)]
     pub cluster_id: String,
     /// Unix socket on which the node agent pushes local workloads.
@@ -290,6 +291,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// A valid `tracing` filter directive.
     pub log_level: String,
+    /// The cluster's id, for telemetry (`--cluster-id`).
+    pub cluster_id: String,
     pub access_log: bool,
     pub tcp_migrate_req: bool,
 }
@@ -610,6 +613,7 @@ impl Config {
             workers: a.workers,
             log_format: a.log_format,
             log_level: a.log_level.clone(),
+            cluster_id: a.cluster_id.clone(),
             access_log: a.access_log,
             tcp_migrate_req: a.tcp_migrate_req,
         })

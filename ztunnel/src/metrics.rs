@@ -53,21 +53,33 @@ impl ResponseFlag {
     }
 }
 
+/// The labels of Istio's TCP metrics, named and filled as Istio's ztunnel does, so that
+/// Istio's dashboards and Kiali work unchanged (`install/manifests/monitoring/`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ConnLabels {
     pub reporter: Reporter,
     pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
     pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
-    pub destination_service: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
     pub request_protocol: String,
-    pub connection_security_policy: String,
     pub response_flags: String,
+    pub connection_security_policy: String,
 }
 
 /// The four Istio TCP counters.
@@ -112,10 +124,14 @@ impl Metrics {
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
+    /// The workload (a Deployment's name, not its pod's).
     pub workload: Option<String>,
     pub namespace: Option<String>,
     pub identity: Option<Identity>,
+    /// Canonical service (Istio's `app` in telemetry).
     pub app: Option<String>,
+    /// Canonical revision (Istio's `version`).
+    pub version: Option<String>,
 }
 
 /// One side of a live connection, as logged and shown: its address and its workload's names,
@@ -134,6 +150,7 @@ pub struct PeerNames {
     pub namespace: Option<String>,
     pub identity: Option<Identity>,
     pub app: Option<String>,
+    pub version: Option<String>,
 }
 
 /// A live connection.
@@ -162,6 +179,9 @@ pub struct Tracker {
     live: Mutex<Live>,
     next: AtomicU64,
     access_log: bool,
+    /// The cluster's id (`--cluster-id`): `source_cluster`/`destination_cluster` of known
+    /// workloads.
+    cluster_id: String,
 }
 
 /// The live connections and the names they share. 10,000 connections of a few workloads
@@ -210,12 +230,13 @@ impl<T: ?Sized + Eq + std::hash::Hash> Interned<T> {
 }
 
 impl Tracker {
-    pub fn new(metrics: Arc<Metrics>, access_log: bool) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, access_log: bool, cluster_id: &str) -> Arc<Self> {
         Arc::new(Self {
             metrics,
             live: Mutex::new(Live::default()),
             next: AtomicU64::new(1),
             access_log,
+            cluster_id: cluster_id.to_owned(),
         })
     }
 
@@ -242,6 +263,7 @@ impl Tracker {
                     namespace: p.namespace,
                     identity: p.identity,
                     app: p.app,
+                    version: p.version,
                 },
             )
         };
@@ -327,35 +349,57 @@ impl ConnGuard {
 
     fn labels(&self) -> ConnLabels {
         let i = &self.info;
+        let principal = |n: &PeerNames| {
+            n.identity
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let cluster = |n: &PeerNames| {
+            if n.workload.is_some() {
+                self.tracker.cluster_id.clone()
+            } else {
+                "unknown".into()
+            }
+        };
+        let (src, dst) = (&*i.src.names, &*i.dst.names);
+        // A service host is `<name>.<namespace>.svc.<cluster domain>`.
+        let (service, service_name, service_namespace) = match i.service.as_deref() {
+            Some(host) => {
+                let mut parts = host.split('.');
+                let name = parts.next().unwrap_or("unknown").to_owned();
+                let ns = parts.next().unwrap_or("unknown").to_owned();
+                (host.to_owned(), name, ns)
+            }
+            None => ("unknown".into(), "unknown".into(), "unknown".into()),
+        };
         ConnLabels {
             reporter: match i.direction {
                 Direction::Outbound => Reporter::source,
                 _ => Reporter::destination,
             },
-            source_workload: or_unknown(&i.src.names.workload),
-            source_workload_namespace: or_unknown(&i.src.names.namespace),
-            source_principal: i
-                .src
-                .names
-                .identity
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_else(|| "unknown".into()),
-            source_app: or_unknown(&i.src.names.app),
-            destination_workload: or_unknown(&i.dst.names.workload),
-            destination_workload_namespace: or_unknown(&i.dst.names.namespace),
-            destination_principal: i
-                .dst
-                .names
-                .identity
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_else(|| "unknown".into()),
-            destination_app: or_unknown(&i.dst.names.app),
-            destination_service: i.service.as_deref().unwrap_or("unknown").to_owned(),
+            source_workload: or_unknown(&src.workload),
+            source_canonical_service: or_unknown(&src.app),
+            source_canonical_revision: or_unknown(&src.version),
+            source_workload_namespace: or_unknown(&src.namespace),
+            source_principal: principal(src),
+            source_app: or_unknown(&src.app),
+            source_version: or_unknown(&src.version),
+            source_cluster: cluster(src),
+            destination_service: service,
+            destination_service_namespace: service_namespace,
+            destination_service_name: service_name,
+            destination_workload: or_unknown(&dst.workload),
+            destination_canonical_service: or_unknown(&dst.app),
+            destination_canonical_revision: or_unknown(&dst.version),
+            destination_workload_namespace: or_unknown(&dst.namespace),
+            destination_principal: principal(dst),
+            destination_app: or_unknown(&dst.app),
+            destination_version: or_unknown(&dst.version),
+            destination_cluster: cluster(dst),
             request_protocol: "tcp".into(),
-            connection_security_policy: if i.mtls { "mutual_tls" } else { "unknown" }.into(),
             response_flags: self.flag.as_str().into(),
+            connection_security_policy: if i.mtls { "mutual_tls" } else { "unknown" }.into(),
         }
     }
 }
@@ -465,6 +509,145 @@ impl Refusals {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    component: String,
+    tag: String,
+}
+
+/// `istio_build{component="ztunnel",tag=<version>} 1`, as Istio's components export it
+/// (dashboards list the versions running with it).
+pub fn register_build(registry: &mut Registry) {
+    let build = Family::<BuildLabels, prometheus_client::metrics::gauge::Gauge>::default();
+    build
+        .get_or_create(&BuildLabels {
+            component: "ztunnel".into(),
+            tag: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
+    registry
+        .sub_registry_with_prefix("istio")
+        .register("build", "Build of this component", build);
+}
+
+/// What `/proc/self/stat` says about the process (the fields the `process_*` metrics use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// User and system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+    pub threads: u64,
+    /// Start, in clock ticks after boot.
+    pub start_ticks: u64,
+    pub virtual_bytes: u64,
+    pub resident_pages: u64,
+}
+
+/// Parses `/proc/<pid>/stat`. The command name is in parentheses and may hold spaces and
+/// parentheses itself: the fields start after the last `)`.
+pub fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (state): field n is f[n - 3].
+    let num = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+    Some(ProcStat {
+        cpu_ticks: num(14)? + num(15)?,
+        threads: num(20)?,
+        start_ticks: num(22)?,
+        virtual_bytes: num(23)?,
+        resident_pages: num(24)?,
+    })
+}
+
+/// Linux's USER_HZ, the unit of `/proc` CPU times: 100 on every architecture it runs on.
+const USER_HZ: f64 = 100.0;
+const PAGE_SIZE: u64 = 4096;
+
+/// The standard `process_*` metrics of Prometheus clients (CPU, memory, file descriptors,
+/// threads, start time), read from `/proc/self` at each scrape.
+#[derive(Debug)]
+pub struct ProcessCollector;
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let Some(st) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .as_deref()
+            .and_then(parse_proc_stat)
+        else {
+            return Ok(());
+        };
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).ok();
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3))
+                    .and_then(|v| v.parse::<u64>().ok())
+            });
+        let cpu = ConstCounter::new(st.cpu_ticks as f64 / USER_HZ);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let mut gauge = |name: &str, help: &str, v: f64| -> Result<(), std::fmt::Error> {
+            let g = ConstGauge::new(v);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+        };
+        gauge(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            (st.resident_pages * PAGE_SIZE) as f64,
+        )?;
+        gauge(
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            st.virtual_bytes as f64,
+        )?;
+        gauge(
+            "process_threads",
+            "Number of OS threads.",
+            st.threads as f64,
+        )?;
+        if let Some(b) = boot {
+            gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                b as f64 + st.start_ticks as f64 / USER_HZ,
+            )?;
+        }
+        if let Some(n) = fds {
+            // Less the one read_dir itself held open.
+            gauge(
+                "process_open_fds",
+                "Number of open file descriptors.",
+                n.saturating_sub(1) as f64,
+            )?;
+        }
+        if let Some(n) = max_fds {
+            gauge(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                n as f64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Renders the registry in the Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
     let mut s = String::new();
@@ -480,7 +663,7 @@ mod tests {
     fn guard_counts_open_close_and_bytes_with_istio_names() {
         let mut reg = Registry::default();
         let m = Metrics::register(&mut reg);
-        let t = Tracker::new(m, false);
+        let t = Tracker::new(m, false, "Kubernetes");
         let src = Peer {
             workload: Some("client".into()),
             namespace: Some("a".into()),
@@ -510,6 +693,110 @@ mod tests {
         assert!(text.contains("} 100"), "{text}");
     }
 
+    /// The label set of Istio's ztunnel, each filled as Istio fills it: canonical names as
+    /// app/version, the cluster for known workloads, the service split into name and
+    /// namespace, `unknown` for what is not known.
+    #[test]
+    fn labels_are_istios_set_with_istios_values() {
+        let mut reg = Registry::default();
+        let m = Metrics::register(&mut reg);
+        let t = Tracker::new(m, false, "cluster-7");
+        let src = Peer {
+            workload: Some("web".into()),
+            namespace: Some("shop".into()),
+            identity: Some(Identity::new("cluster.local", "shop", "web")),
+            app: Some("storefront".into()),
+            version: Some("v2".into()),
+            ..Default::default()
+        };
+        let g = t.open(
+            Direction::Outbound,
+            src,
+            Peer::default(),
+            Some("db.data.svc.cluster.local".into()),
+            true,
+        );
+        drop(g);
+        let text = encode(&reg);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap();
+        let got: Vec<(&str, &str)> = line[line.find('{').unwrap() + 1..line.rfind('}').unwrap()]
+            .split("\",")
+            .map(|kv| {
+                let (k, v) = kv.split_once("=\"").unwrap();
+                (k, v.trim_end_matches('"'))
+            })
+            .collect();
+        let want = [
+            ("reporter", "source"),
+            ("source_workload", "web"),
+            ("source_canonical_service", "storefront"),
+            ("source_canonical_revision", "v2"),
+            ("source_workload_namespace", "shop"),
+            ("source_principal", "spiffe://cluster.local/ns/shop/sa/web"),
+            ("source_app", "storefront"),
+            ("source_version", "v2"),
+            ("source_cluster", "cluster-7"),
+            ("destination_service", "db.data.svc.cluster.local"),
+            ("destination_service_namespace", "data"),
+            ("destination_service_name", "db"),
+            ("destination_workload", "unknown"),
+            ("destination_canonical_service", "unknown"),
+            ("destination_canonical_revision", "unknown"),
+            ("destination_workload_namespace", "unknown"),
+            ("destination_principal", "unknown"),
+            ("destination_app", "unknown"),
+            ("destination_version", "unknown"),
+            ("destination_cluster", "unknown"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "-"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        assert_eq!(got, want, "{line}");
+    }
+
+    #[test]
+    fn proc_stat_is_read_after_the_command_name() {
+        let line = "4242 (zt (a) b) S 1 4242 4242 0 -1 4194560 1770 0 0 0 150 25 0 0 20 0 \
+                    7 0 123456 98304000 2048 18446744073709551615";
+        assert_eq!(
+            parse_proc_stat(line),
+            Some(ProcStat {
+                cpu_ticks: 175,
+                threads: 7,
+                start_ticks: 123456,
+                virtual_bytes: 98304000,
+                resident_pages: 2048,
+            })
+        );
+        assert_eq!(parse_proc_stat("4242 (zt) S 1 2"), None);
+        assert_eq!(parse_proc_stat("garbage"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_proc_stat(&own).unwrap().threads >= 1);
+    }
+
+    #[test]
+    fn process_and_build_metrics_are_exported() {
+        let mut reg = Registry::default();
+        register_build(&mut reg);
+        reg.register_collector(Box::new(ProcessCollector));
+        let text = encode(&reg);
+        for needle in [
+            "istio_build{component=\"ztunnel\",tag=\"",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_start_time_seconds ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_threads ",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+    }
+
     fn workload_peer(name: &str) -> Peer {
         Peer {
             addr: Some("10.0.0.1:5000".parse().unwrap()),
@@ -517,12 +804,13 @@ mod tests {
             namespace: Some("a".into()),
             identity: Some(Identity::new("cluster.local", "a", name)),
             app: Some("web".into()),
+            version: Some("v1".into()),
         }
     }
 
     #[test]
     fn connections_of_a_workload_share_its_names_and_show_them_in_full() {
-        let t = Tracker::new(Arc::new(Metrics::default()), false);
+        let t = Tracker::new(Arc::new(Metrics::default()), false, "Kubernetes");
         let svc = || Some("db.a.svc.cluster.local".to_owned());
         let g1 = t.open(
             Direction::Outbound,
@@ -552,12 +840,14 @@ mod tests {
                 "namespace": "a",
                 "identity": "spiffe://cluster.local/ns/a/sa/client",
                 "app": "web",
+                "version": "v1",
             })
         );
         assert_eq!(
             v["dst"],
             serde_json::json!({
                 "addr": null, "workload": null, "namespace": null, "identity": null, "app": null,
+                "version": null,
             })
         );
         assert_eq!(v["service"], "db.a.svc.cluster.local");
@@ -565,7 +855,7 @@ mod tests {
 
     #[test]
     fn names_of_closed_connections_are_swept() {
-        let t = Tracker::new(Arc::new(Metrics::default()), false);
+        let t = Tracker::new(Arc::new(Metrics::default()), false, "Kubernetes");
         for i in 0..10 * MIN_SWEEP {
             let g = t.open(
                 Direction::Inbound,

@@ -97,10 +97,11 @@ impl std::fmt::Debug for Proxy {
 pub(crate) fn peer_of(w: Option<&Workload>, addr: Option<SocketAddr>, td: &str) -> Peer {
     Peer {
         addr,
-        workload: w.map(|w| w.name.clone()),
+        workload: w.map(|w| w.workload_name().to_owned()),
         namespace: w.map(|w| w.namespace.clone()),
         identity: w.filter(|w| w.ambient).map(|w| w.identity(td)),
-        app: w.and_then(|w| w.labels.get("app").cloned()),
+        app: w.map(|w| w.canonical_service().to_owned()),
+        version: w.map(|w| w.canonical_revision().to_owned()),
     }
 }
 

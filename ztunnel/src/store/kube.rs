@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_common::manifest::{Namespace, Object, ObjectMeta, Pod};
+use ambient_common::manifest::{Namespace, Object, ObjectMeta, OwnerReference, Pod};
 use ambient_kube_watch::{Backoff, Change, Reflector};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Map, Value};
@@ -162,6 +162,19 @@ fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
         uid: m.uid.clone(),
         labels: m.labels.clone().unwrap_or_default(),
         annotations: BTreeMap::new(),
+        // The controller only: what telemetry names the workload after.
+        owner_references: m
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o| o.controller == Some(true))
+            .map(|o| OwnerReference {
+                kind: o.kind.clone(),
+                name: o.name.clone(),
+                controller: Some(true),
+            })
+            .take(1)
+            .collect(),
     }
 }
 

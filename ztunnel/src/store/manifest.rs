@@ -15,7 +15,8 @@ use ambient_common::manifest::{self, Enrolment, Namespace, Object, Pod};
 use serde::Deserialize;
 
 use super::{
-    Endpoint, PeerAuthentication, Service, ServicePort, Store, TargetPort, Workload, WorkloadSource,
+    Endpoint, PeerAuthentication, Service, ServicePort, Store, TargetPort, TelemetryNames,
+    Workload, WorkloadSource,
 };
 use crate::config::MtlsMode;
 use crate::policy::{AuthorizationPolicy, PolicyError};
@@ -270,6 +271,7 @@ pub fn parse_manifests(
             labels: p.metadata.labels.clone(),
             ambient: enrolment.is_ambient(),
             source: WorkloadSource::Manifest,
+            telemetry: TelemetryNames::of(p),
         });
     }
     let mut slices: BTreeMap<(String, String), Vec<RawSlice>> = BTreeMap::new();

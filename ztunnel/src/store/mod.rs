@@ -49,9 +49,46 @@ pub struct Workload {
     /// In the mesh: reached through HBONE.
     pub ambient: bool,
     pub source: WorkloadSource,
+    /// How telemetry names it.
+    pub telemetry: TelemetryNames,
+}
+
+/// How Istio's telemetry names a workload: its controller (a Deployment, not the pod) and
+/// its canonical service and revision (from the pod's labels). Empty fields fall back to the
+/// pod's name and `latest`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TelemetryNames {
+    pub workload: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl TelemetryNames {
+    pub fn of(pod: &ambient_common::manifest::Pod) -> Self {
+        Self {
+            workload: pod.workload_name(),
+            canonical_service: pod.canonical_service(),
+            canonical_revision: pod.canonical_revision(),
+        }
+    }
 }
 
 impl Workload {
+    /// The workload name for telemetry (the controller's; the pod's when unknown).
+    pub fn workload_name(&self) -> &str {
+        non_empty(&self.telemetry.workload).unwrap_or(&self.name)
+    }
+
+    /// Istio's canonical service (the workload name when no label says).
+    pub fn canonical_service(&self) -> &str {
+        non_empty(&self.telemetry.canonical_service).unwrap_or_else(|| self.workload_name())
+    }
+
+    /// Istio's canonical revision (`latest` when no label says).
+    pub fn canonical_revision(&self) -> &str {
+        non_empty(&self.telemetry.canonical_revision).unwrap_or("latest")
+    }
+
     pub fn identity(&self, trust_domain: &str) -> Identity {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
@@ -71,8 +108,13 @@ impl Workload {
             labels: BTreeMap::new(),
             ambient: true,
             source: WorkloadSource::Agent,
+            telemetry: TelemetryNames::default(),
         }
     }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 /// A service port and where it leads on an endpoint.
@@ -300,6 +342,7 @@ impl Overlaid {
         });
         if let Some(i) = hides {
             w.labels = base.workloads[i].labels.clone();
+            w.telemetry = base.workloads[i].telemetry.clone();
         }
         Self {
             workload: Arc::new(w),
@@ -823,6 +866,7 @@ mod tests {
                 labels: BTreeMap::from([("from".to_string(), format!("m{uid}"))]),
                 ambient: true,
                 source: WorkloadSource::Manifest,
+                telemetry: TelemetryNames::default(),
             }
         }
 
@@ -982,6 +1026,7 @@ mod tests {
             labels: BTreeMap::new(),
             ambient,
             source: WorkloadSource::Manifest,
+            telemetry: TelemetryNames::default(),
         };
         let s = Store::new("n1", "cluster.local");
         s.set_manifest(ManifestState {
@@ -1022,6 +1067,7 @@ mod tests {
             labels: BTreeMap::from([("app".to_string(), app.to_string())]),
             ambient: true,
             source: WorkloadSource::Manifest,
+            telemetry: TelemetryNames::default(),
         };
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let s = Store::new("n1", "cluster.local");
@@ -1086,6 +1132,7 @@ mod tests {
             labels: BTreeMap::new(),
             ambient: true,
             source: WorkloadSource::Manifest,
+            telemetry: TelemetryNames::default(),
         };
         let s = Store::new("n1", "cluster.local");
         s.enable_cross_check();
