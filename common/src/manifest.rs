@@ -191,6 +191,16 @@ impl Pod {
             .to_owned()
     }
 
+    /// Region and zone from Istio's `istio-locality` label (`region.zone[.subzone]`), the
+    /// override Istio reads before the node's topology labels.
+    pub fn locality(&self) -> (Option<String>, Option<String>) {
+        let Some(v) = self.metadata.label("istio-locality") else {
+            return (None, None);
+        };
+        let mut parts = v.split('.').map(str::to_owned).filter(|p| !p.is_empty());
+        (parts.next(), parts.next())
+    }
+
     /// Terminal pods (Succeeded/Failed) hold no network.
     pub fn is_terminal(&self) -> bool {
         matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"))
@@ -629,6 +639,13 @@ mod telemetry_name_tests {
             ),
             (deploy(&[("app", "")]), "web", "latest"),
         ];
+        let located = |v: &str| pod("p", None, &[("istio-locality", v)]).locality();
+        assert_eq!(
+            located("us-east1.us-east1-b.rack4"),
+            (Some("us-east1".into()), Some("us-east1-b".into()))
+        );
+        assert_eq!(located("eu"), (Some("eu".into()), None));
+        assert_eq!(pod("p", None, &[]).locality(), (None, None));
         for (p, service, revision) in cases {
             assert_eq!(
                 (p.canonical_service(), p.canonical_revision()),

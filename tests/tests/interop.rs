@@ -24,6 +24,7 @@
 //! `ISTIO_ZTUNNEL`, else `/work/shared/peers/istio-ztunnel/ztunnel`, and passes with a note when
 //! there is none. Run as root after `cargo build --workspace --bins`.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -607,6 +608,51 @@ fn istio_ztunnel_and_ours_talk_hbone_both_ways_with_certificates_from_the_issuer
             "issuer_certificates_issued_total",
             &[("kind", "impersonated")]
         ) >= 1.0
+    );
+
+    // Istio's dashboards and Kiali read the same labels from either proxy: every label
+    // Istio's ztunnel puts on its TCP metrics, ours puts too.
+    let label_names = |ns: &NetNs, metric: &str| -> BTreeSet<String> {
+        let text = get_ok(ns, METRICS_PORT, "/metrics").unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .flat_map(|l| {
+                let inner = &l[l.find('{').unwrap() + 1..l.rfind('}').unwrap()];
+                inner
+                    .split("\",")
+                    .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for metric in [
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+        "istio_tcp_sent_bytes_total",
+        "istio_tcp_received_bytes_total",
+    ] {
+        let (theirs, ours) = (label_names(&lab.a, metric), label_names(&lab.b, metric));
+        assert!(!theirs.is_empty(), "Istio's ztunnel exports no {metric}");
+        let missing: Vec<&String> = theirs.difference(&ours).collect();
+        assert!(
+            missing.is_empty(),
+            "{metric}: labels of Istio's ztunnel that ours lacks: {missing:?}\nIstio's: {theirs:?}\nours: {ours:?}"
+        );
+    }
+    let families = |ns: &NetNs| -> BTreeSet<String> {
+        get_ok(ns, METRICS_PORT, "/metrics")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .filter(|n| n.starts_with("istio_") || n.starts_with("process_"))
+            .collect()
+    };
+    let (theirs, ours) = (families(&lab.a), families(&lab.b));
+    let missing: Vec<&String> = theirs.difference(&ours).collect();
+    assert!(
+        missing.is_empty(),
+        "metric families of Istio's ztunnel that ours lacks: {missing:?} (ours: {ours:?})"
     );
 
     // 3. Neither proxy holds a CA key, and both trust exactly the issuer's root: ours by

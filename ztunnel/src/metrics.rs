@@ -80,15 +80,26 @@ pub struct ConnLabels {
     pub request_protocol: String,
     pub response_flags: String,
     pub connection_security_policy: String,
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
 }
 
-/// The four Istio TCP counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReporterLabels {
+    pub reporter: Reporter,
+}
+
+/// The four Istio TCP counters and the open-socket gauge.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub opened: Family<ConnLabels, Counter>,
     pub closed: Family<ConnLabels, Counter>,
     pub sent: Family<ConnLabels, Counter>,
     pub received: Family<ConnLabels, Counter>,
+    /// Proxied connections open now, by reporter (as Istio's ztunnel reports them).
+    pub sockets_open: Family<ReporterLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Metrics {
@@ -116,6 +127,11 @@ impl Metrics {
             "Bytes received from the client (request direction)",
             m.received.clone(),
         );
+        sub.register(
+            "tcp_sockets_open",
+            "The current number of open TCP sockets",
+            m.sockets_open.clone(),
+        );
         m
     }
 }
@@ -132,6 +148,9 @@ pub struct Peer {
     pub app: Option<String>,
     /// Canonical revision (Istio's `version`).
     pub version: Option<String>,
+    /// Locality (`unknown` in metrics when not known).
+    pub region: Option<String>,
+    pub zone: Option<String>,
 }
 
 /// One side of a live connection, as logged and shown: its address and its workload's names,
@@ -151,6 +170,9 @@ pub struct PeerNames {
     pub identity: Option<Identity>,
     pub app: Option<String>,
     pub version: Option<String>,
+    /// Locality (`unknown` in metrics when not known).
+    pub region: Option<String>,
+    pub zone: Option<String>,
 }
 
 /// A live connection.
@@ -264,6 +286,8 @@ impl Tracker {
                     identity: p.identity,
                     app: p.app,
                     version: p.version,
+                    region: p.region,
+                    zone: p.zone,
                 },
             )
         };
@@ -301,7 +325,14 @@ impl Tracker {
             flag: ResponseFlag::None,
             error: None,
         };
-        self.metrics.opened.get_or_create(&g.labels()).inc();
+        let labels = g.labels();
+        self.metrics.opened.get_or_create(&labels).inc();
+        self.metrics
+            .sockets_open
+            .get_or_create(&ReporterLabels {
+                reporter: labels.reporter,
+            })
+            .inc();
         g
     }
 
@@ -400,6 +431,10 @@ impl ConnGuard {
             request_protocol: "tcp".into(),
             response_flags: self.flag.as_str().into(),
             connection_security_policy: if i.mtls { "mutual_tls" } else { "unknown" }.into(),
+            source_region: or_unknown(&src.region),
+            source_zone: or_unknown(&src.zone),
+            destination_region: or_unknown(&dst.region),
+            destination_zone: or_unknown(&dst.zone),
         }
     }
 }
@@ -411,6 +446,11 @@ impl Drop for ConnGuard {
         let sent = self.info.sent.load(Ordering::Relaxed);
         let received = self.info.received.load(Ordering::Relaxed);
         m.closed.get_or_create(&labels).inc();
+        m.sockets_open
+            .get_or_create(&ReporterLabels {
+                reporter: labels.reporter,
+            })
+            .dec();
         m.sent.get_or_create(&labels).inc_by(sent);
         m.received.get_or_create(&labels).inc_by(received);
         self.tracker
@@ -525,9 +565,11 @@ pub fn register_build(registry: &mut Registry) {
             tag: env!("CARGO_PKG_VERSION").into(),
         })
         .set(1);
-    registry
-        .sub_registry_with_prefix("istio")
-        .register("build", "Build of this component", build);
+    registry.sub_registry_with_prefix("istio").register(
+        "build",
+        "Istio component build info",
+        build,
+    );
 }
 
 /// What `/proc/self/stat` says about the process (the fields the `process_*` metrics use).
@@ -672,6 +714,11 @@ mod tests {
         };
         let mut g = t.open(Direction::Inbound, src, Peer::default(), None, true);
         assert_eq!(t.live_count(), 1);
+        assert!(
+            encode(&reg).contains("istio_tcp_sockets_open{reporter=\"destination\"} 1"),
+            "{}",
+            encode(&reg)
+        );
         g.info.received.fetch_add(100, Ordering::Relaxed);
         g.info.sent.fetch_add(7, Ordering::Relaxed);
         g.set_flag(ResponseFlag::Deny);
@@ -691,6 +738,10 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
         assert!(text.contains("} 100"), "{text}");
+        assert!(
+            text.contains("istio_tcp_sockets_open{reporter=\"destination\"} 0"),
+            "{text}"
+        );
     }
 
     /// The label set of Istio's ztunnel, each filled as Istio fills it: canonical names as
@@ -707,6 +758,7 @@ mod tests {
             identity: Some(Identity::new("cluster.local", "shop", "web")),
             app: Some("storefront".into()),
             version: Some("v2".into()),
+            region: Some("us-east1".into()),
             ..Default::default()
         };
         let g = t.open(
@@ -753,6 +805,10 @@ mod tests {
             ("request_protocol", "tcp"),
             ("response_flags", "-"),
             ("connection_security_policy", "mutual_tls"),
+            ("source_region", "us-east1"),
+            ("source_zone", "unknown"),
+            ("destination_region", "unknown"),
+            ("destination_zone", "unknown"),
         ];
         assert_eq!(got, want, "{line}");
     }
@@ -805,6 +861,8 @@ mod tests {
             identity: Some(Identity::new("cluster.local", "a", name)),
             app: Some("web".into()),
             version: Some("v1".into()),
+            region: None,
+            zone: None,
         }
     }
 
@@ -841,13 +899,15 @@ mod tests {
                 "identity": "spiffe://cluster.local/ns/a/sa/client",
                 "app": "web",
                 "version": "v1",
+                "region": null,
+                "zone": null,
             })
         );
         assert_eq!(
             v["dst"],
             serde_json::json!({
                 "addr": null, "workload": null, "namespace": null, "identity": null, "app": null,
-                "version": null,
+                "version": null, "region": null, "zone": null,
             })
         );
         assert_eq!(v["service"], "db.a.svc.cluster.local");

@@ -102,6 +102,12 @@ pub(crate) fn peer_of(w: Option<&Workload>, addr: Option<SocketAddr>, td: &str) 
         identity: w.filter(|w| w.ambient).map(|w| w.identity(td)),
         app: w.map(|w| w.canonical_service().to_owned()),
         version: w.map(|w| w.canonical_revision().to_owned()),
+        region: w
+            .map(|w| w.telemetry.region.clone())
+            .filter(|r| !r.is_empty()),
+        zone: w
+            .map(|w| w.telemetry.zone.clone())
+            .filter(|z| !z.is_empty()),
     }
 }
 

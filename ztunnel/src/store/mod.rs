@@ -61,14 +61,20 @@ pub struct TelemetryNames {
     pub workload: String,
     pub canonical_service: String,
     pub canonical_revision: String,
+    /// Locality (Istio's `istio-locality` pod label; empty when not given).
+    pub region: String,
+    pub zone: String,
 }
 
 impl TelemetryNames {
     pub fn of(pod: &ambient_common::manifest::Pod) -> Self {
+        let (region, zone) = pod.locality();
         Self {
             workload: pod.workload_name(),
             canonical_service: pod.canonical_service(),
             canonical_revision: pod.canonical_revision(),
+            region: region.unwrap_or_default(),
+            zone: zone.unwrap_or_default(),
         }
     }
 }
