@@ -1263,3 +1263,84 @@ fn every_configmap_key_is_read_by_some_binary() {
         "ConfigMap keys no binary reads: {unread:?}"
     );
 }
+
+/// The monitoring kustomization renders (the dashboard as a ConfigMap Grafana's sidecar
+/// picks up), and each PodMonitor/ServiceMonitor scrapes a port its pods or Service declare
+/// under that name, with a selector that matches them.
+#[test]
+fn monitors_scrape_ports_the_pods_declare() {
+    let dir = Path::new(DIR).join("monitoring");
+    let monitors = documents(&dir.join("monitors.yaml"));
+    assert_eq!(monitors.len(), 3);
+    for m in &monitors {
+        let name = m["metadata"]["name"].as_str().unwrap();
+        assert_eq!(m["metadata"]["namespace"], "ambient-system", "{name}");
+        let want = &m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"];
+        match m["kind"].as_str().unwrap() {
+            "PodMonitor" => {
+                let (_, pod) = pod_templates()
+                    .into_iter()
+                    .find(|(owner, _)| owner.ends_with(&format!("/{}", want.as_str().unwrap())))
+                    .unwrap_or_else(|| panic!("{name}: no workload {want}"));
+                for ep in m["spec"]["podMetricsEndpoints"].as_array().unwrap() {
+                    let port = ep["port"].as_str().unwrap();
+                    let declared = all_containers(&pod).any(|c| {
+                        c.ports
+                            .iter()
+                            .flatten()
+                            .any(|p| p.name.as_deref() == Some(port))
+                    });
+                    assert!(declared, "{name}: no container port named {port}");
+                }
+            }
+            "ServiceMonitor" => {
+                let svc: Service = find("Service", want.as_str().unwrap());
+                for ep in m["spec"]["endpoints"].as_array().unwrap() {
+                    let port = ep["port"].as_str().unwrap();
+                    let declared = svc
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.ports.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p.name.as_deref() == Some(port));
+                    assert!(declared, "{name}: the Service has no port named {port}");
+                }
+            }
+            other => panic!("{name}: unexpected kind {other}"),
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ztunnel-dashboard.json")).unwrap())
+            .unwrap();
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| p.len() >= 10));
+    let out = match std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(&dir)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED the render: kubectl not found ({e})");
+            return;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered: Vec<Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let cm = rendered
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let embedded: serde_json::Value =
+        serde_json::from_str(cm["data"]["ztunnel-dashboard.json"].as_str().unwrap()).unwrap();
+    assert_eq!(embedded, dashboard);
+}
