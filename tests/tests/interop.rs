@@ -567,6 +567,19 @@ fn istio_ztunnel_and_ours_talk_hbone_both_ways_with_certificates_from_the_issuer
         lab.metric(&lab.b, "istio_tcp_connections_opened_total", &inbound) >= 1.0,
         "our ztunnel saw no HBONE connection from Istio's (client's identity)"
     );
+    // Istio's `forwarded: for="<ip>:<port>"` names the client pod: our side reports its
+    // workload, not `unknown`.
+    let named = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT_ID),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "default"),
+    ];
+    assert!(
+        lab.metric(&lab.b, "istio_tcp_connections_opened_total", &named) >= 1.0,
+        "our ztunnel did not read the client's address from Istio's Forwarded header: {}",
+        get_ok(&lab.b, METRICS_PORT, "/metrics").unwrap_or_default()
+    );
     assert!(
         lab.metric(
             &lab.a,

@@ -17,7 +17,8 @@ pub use bufread::LazyBufReader;
 pub use pool::{Dialer, HboneStream, Io, Lease, Pool, PoolError, PoolKey, PoolStats, TlsDialer};
 pub use relay::{relay_h2, relay_tcp, H2Relay, TcpRelay};
 
-/// Header carrying the original client address (`for=<ip>`), as Istio's ztunnel sends it.
+/// Header carrying the original client address (`for="<ip>:<port>"`), as Istio's ztunnel
+/// sends it.
 pub const FORWARDED: &str = "forwarded";
 
 /// Initial per-stream flow-control window (bytes).
@@ -96,16 +97,45 @@ pub fn authority(dst: SocketAddr) -> String {
     dst.to_string()
 }
 
-/// Parses `for=<ip>` (optionally quoted, IPv6 in brackets) from a `Forwarded` header value.
+/// The `Forwarded` value naming the original client, as Istio's ztunnel sends it.
+pub fn forwarded_header(client: SocketAddr) -> String {
+    format!("for=\"{client}\"")
+}
+
+/// The client IP of the first `for=` element of a `Forwarded` header value (RFC 7239), in
+/// any of its forms: `for=10.0.0.1`, `for="10.0.0.1:51812"`, `for="[fd00::1]"`,
+/// `for="[fd00::1]:51812"`, the parameter name in any case. Obfuscated identifiers
+/// (`unknown`, `_hidden`) give `None`.
 pub fn parse_forwarded_for(v: &str) -> Option<IpAddr> {
     v.split([';', ',']).find_map(|part| {
-        let val = part.trim().strip_prefix("for=")?;
-        let val = val.trim_matches('"');
+        let (name, val) = part.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let val = val.trim();
         let val = val
-            .strip_prefix('[')
-            .and_then(|x| x.strip_suffix(']'))
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
             .unwrap_or(val);
-        val.parse().ok()
+        if let Some(rest) = val.strip_prefix('[') {
+            // IPv6, optionally followed by `:port`.
+            let (ip, after) = rest.split_once(']')?;
+            let port_ok = after.is_empty()
+                || after
+                    .strip_prefix(':')
+                    .is_some_and(|p| p.parse::<u16>().is_ok());
+            if !port_ok {
+                return None;
+            }
+            return ip.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+        }
+        if let Ok(ip) = val.parse::<IpAddr>() {
+            return Some(ip);
+        }
+        // IPv4 with a port.
+        let (ip, port) = val.rsplit_once(':')?;
+        port.parse::<u16>().ok()?;
+        ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
     })
 }
 

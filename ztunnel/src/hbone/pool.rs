@@ -18,7 +18,7 @@ use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{authority, client_builder, FORWARDED};
+use super::{authority, client_builder, forwarded_header, FORWARDED};
 use crate::config::PoolConfig;
 use crate::identity::{Identity, SecretError, SecretManager};
 use crate::proxy::{SocketError, SocketFactory};
@@ -334,23 +334,20 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `target` through a pooled connection for `key`.
-    /// `forwarded_for` is the original client's address.
+    /// `forwarded_for` is the original client's address, sent as Istio's ztunnel sends it
+    /// (`forwarded: for="10.0.0.1:51812"`, `for="[fd00::1]:51812"`: RFC 7239, quoted).
     pub async fn connect(
         &self,
         key: &PoolKey,
         target: SocketAddr,
-        forwarded_for: Option<std::net::IpAddr>,
+        forwarded_for: Option<SocketAddr>,
     ) -> Result<HboneStream, PoolError> {
         let auth = authority(target);
         let mut b = Request::builder()
             .method(Method::CONNECT)
             .uri(auth.as_str());
-        if let Some(ip) = forwarded_for {
-            let v = match ip {
-                std::net::IpAddr::V4(v4) => format!("for={v4}"),
-                std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-            };
-            b = b.header(FORWARDED, v);
+        if let Some(client) = forwarded_for {
+            b = b.header(FORWARDED, forwarded_header(client));
         }
         let req = b.body(()).map_err(|_| PoolError::Build(auth.clone()))?;
         // A pooled connection may be going away (peer draining: GOAWAY, or closed); a request

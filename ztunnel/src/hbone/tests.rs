@@ -71,6 +71,34 @@ fn forwarded_for() {
     );
     assert_eq!(parse_forwarded_for("for=unknown"), None);
     assert_eq!(parse_forwarded_for(""), None);
+    // Every RFC 7239 form, Istio's among them.
+    let v4 = Some("10.200.0.1".parse().unwrap());
+    let v6 = Some("fd00::1".parse().unwrap());
+    for (header, want) in [
+        ("for=\"10.200.0.1:51812\"", v4),
+        ("For=10.200.0.1", v4),
+        ("for=10.200.0.1:51812", v4),
+        (" for = \"10.200.0.1\" ", v4),
+        ("proto=https; for=\"10.200.0.1:1\"", v4),
+        ("for=\"[fd00::1]:51812\"", v6),
+        ("for=\"[fd00::1]\"", v6),
+        ("for=fd00::1", v6),
+        ("for=10.200.0.1, for=10.9.9.9", v4),
+        ("for=\"_hidden\"", None),
+        ("for=\"[fd00::1]:port\"", None),
+        ("for=\"[10.0.0.1]\"", None),
+        ("for=\"10.200.0.1:99999\"", None),
+        ("by=10.200.0.1", None),
+    ] {
+        assert_eq!(parse_forwarded_for(header), want, "{header}");
+    }
+    // What we send, Istio's way, reads back.
+    for client in ["10.200.0.1:51812", "[fd00::1]:51812"] {
+        let c: std::net::SocketAddr = client.parse().unwrap();
+        let h = forwarded_header(c);
+        assert_eq!(h, format!("for=\"{client}\""));
+        assert_eq!(parse_forwarded_for(&h), Some(c.ip()));
+    }
 }
 
 proptest! {

@@ -184,9 +184,8 @@ async fn open_stream(
     };
     // Believe the forwarded client address only if it belongs to a workload with the very
     // identity the client proved.
-    let src = req
-        .headers()
-        .get(FORWARDED)
+    let forwarded = req.headers().get(FORWARDED);
+    let src = forwarded
         .and_then(|v| v.to_str().ok())
         .and_then(parse_forwarded_for)
         .and_then(|ip| {
@@ -195,6 +194,9 @@ async fn open_stream(
                 .filter(|sw| sw.identity(&td) == *client_id)
                 .map(|sw| (ip, sw.clone()))
         });
+    if src.is_none() {
+        tracing::debug!(?forwarded, client = %client_id, "client address not taken from the forwarded header");
+    }
     let mut src_peer = match &src {
         Some((ip, sw)) => peer_of(Some(sw), Some(SocketAddr::new(*ip, 0)), &td),
         None => Peer {

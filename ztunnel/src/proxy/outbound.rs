@@ -105,7 +105,7 @@ pub(super) async fn outbound(
             let mut g = p
                 .tracker
                 .open(Direction::Outbound, src_peer, dst_peer, service, true);
-            let stream = match p.pool.connect(&key, target, Some(peer.ip())).await {
+            let stream = match p.pool.connect(&key, target, Some(peer)).await {
                 Ok(s) => s,
                 Err(e) => {
                     let flag = match &e {
