@@ -645,3 +645,36 @@ fn strip_ansi(l: &str) -> String {
     }
     out
 }
+
+/// ztunnel listens on both families by default where the node has IPv6: IPv4 and IPv6
+/// capture listeners, and readiness and metrics answering on either (kubelet probes a
+/// host-network pod on the node's address, which is IPv6 in an IPv6 cluster).
+#[test]
+fn ztunnel_listens_on_both_families_by_default() {
+    let c = cluster("e2eds", 135, Attach::Bridge);
+    let node = &c.nodes[0];
+    let dump = node.config_dump().unwrap();
+    for kind in ["outbound", "inbound", "inbound_plaintext"] {
+        let addrs: Vec<SocketAddr> = dump["addresses"][kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().parse().unwrap())
+            .collect();
+        assert!(
+            addrs.iter().any(SocketAddr::is_ipv4) && addrs.iter().any(SocketAddr::is_ipv6),
+            "{kind}: {addrs:?}"
+        );
+    }
+    for ip in ["127.0.0.1", "::1"] {
+        for (port, path) in [(15021u16, "/healthz/ready"), (15020, "/metrics")] {
+            let addr = SocketAddr::new(ip.parse().unwrap(), port);
+            let got = ambient_tests::inns::in_ns(&node.ns().path(), || {
+                ambient_tests::inns::http_get(addr, path, Duration::from_secs(3))
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{addr}{path}: {e}"));
+            assert_eq!(got.0, 200, "{addr}{path}: {}", got.1);
+        }
+    }
+}

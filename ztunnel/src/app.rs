@@ -177,10 +177,7 @@ impl App {
             connect_timeout: cfg.connect_timeout,
         };
         let bind_all = |addrs: &[SocketAddr]| -> Result<Vec<TcpListener>, AppError> {
-            addrs
-                .iter()
-                .map(|a| sockets.listen(*a).map_err(AppError::Listen))
-                .collect()
+            sockets.listen_all(addrs).map_err(AppError::Listen)
         };
         let (outbound, inbound, plaintext) = {
             let _g = data.enter();
@@ -194,9 +191,11 @@ impl App {
             let _g = control.enter();
             (
                 sockets.listen(cfg.admin_addr).map_err(AppError::Listen)?,
-                sockets.listen(cfg.metrics_addr).map_err(AppError::Listen)?,
                 sockets
-                    .listen(cfg.readiness_addr)
+                    .listen_endpoint(cfg.metrics_addr)
+                    .map_err(AppError::Listen)?,
+                sockets
+                    .listen_endpoint(cfg.readiness_addr)
                     .map_err(AppError::Listen)?,
                 match agent_socket {
                     Some(l) => l

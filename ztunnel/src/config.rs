@@ -147,14 +147,18 @@ pub struct RunArgs {
     /// SPIFFE trust domain.
     #[arg(long, default_value = constants::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
-    /// Outbound capture listener(s) (repeat for IPv6, e.g. [::]:15001).
-    #[arg(long = "outbound-addr", default_values_t = [d("0.0.0.0:15001")])]
+    /// Outbound capture listener(s), repeatable. `[::]` is skipped on a node without IPv6.
+    #[arg(long = "outbound-addr", default_values_t = [d("0.0.0.0:15001"), d("[::]:15001")])]
     pub outbound_addrs: Vec<String>,
-    /// Inbound HBONE listener(s).
-    #[arg(long = "inbound-addr", default_values_t = [d("0.0.0.0:15008")])]
+    /// Inbound HBONE listener(s), repeatable. `[::]` is skipped on a node without IPv6.
+    #[arg(long = "inbound-addr", default_values_t = [d("0.0.0.0:15008"), d("[::]:15008")])]
     pub inbound_addrs: Vec<String>,
-    /// Inbound plaintext capture listener(s).
-    #[arg(long = "inbound-plaintext-addr", default_values_t = [d("0.0.0.0:15006")])]
+    /// Inbound plaintext capture listener(s), repeatable. `[::]` is skipped on a node
+    /// without IPv6.
+    #[arg(
+        long = "inbound-plaintext-addr",
+        default_values_t = [d("0.0.0.0:15006"), d("[::]:15006")]
+    )]
     pub inbound_plaintext_addrs: Vec<String>,
     /// Port HBONE tunnels are addressed to on the destination pod's IP.
     #[arg(long, default_value_t = constants::HBONE_PORT)]
@@ -162,10 +166,12 @@ pub struct RunArgs {
     /// Admin endpoint (/config_dump, /connections); keep it on localhost.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: String,
-    /// Prometheus endpoint (/metrics).
+    /// Prometheus endpoint (/metrics). `0.0.0.0` listens on both families where the node
+    /// has IPv6 (one dual-stack socket).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: String,
-    /// Readiness endpoint (/healthz/ready).
+    /// Readiness endpoint (/healthz/ready). `0.0.0.0` listens on both families where the
+    /// node has IPv6.
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: String,
     /// Socket mark on every socket ztunnel opens (decimal or 0x hex).
@@ -641,6 +647,16 @@ mod tests {
     fn defaults_follow_the_brief() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.outbound_addrs[0].port(), constants::OUTBOUND_PORT);
+        // Both families by default (IPv6 left out at bind time where the node has none).
+        for addrs in [
+            &c.outbound_addrs,
+            &c.inbound_addrs,
+            &c.inbound_plaintext_addrs,
+        ] {
+            assert_eq!(addrs.len(), 2, "{addrs:?}");
+            assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6(), "{addrs:?}");
+            assert_eq!(addrs[0].port(), addrs[1].port());
+        }
         assert_eq!(c.inbound_addrs[0].port(), constants::HBONE_PORT);
         assert_eq!(
             c.inbound_plaintext_addrs[0].port(),

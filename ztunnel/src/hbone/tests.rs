@@ -428,7 +428,11 @@ async fn ipv6_destinations_work_end_to_end() {
         Duration::from_secs(60),
     );
     let s = p
-        .connect(&key("b"), upstream, Some("fd00::7".parse().unwrap()))
+        .connect(
+            &key("b"),
+            upstream,
+            Some("[fd00::7]:40000".parse().unwrap()),
+        )
         .await
         .unwrap();
     let payload = vec![42u8; 1 << 20];

@@ -62,6 +62,21 @@ pub struct SocketFactory {
     pub connect_timeout: Duration,
 }
 
+/// Whether `e`, binding `addr`, says the node has no IPv6 (only for `[::]`).
+fn no_ipv6(addr: SocketAddr, e: &SocketError) -> bool {
+    if addr.ip() != std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+        return false;
+    }
+    let io = match e {
+        SocketError::Create { source, .. } | SocketError::Bind { source, .. } => source,
+        _ => return false,
+    };
+    matches!(
+        io.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT)
+    )
+}
+
 fn new_socket(addr: SocketAddr) -> Result<TcpSocket, SocketError> {
     let s = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -85,8 +100,45 @@ impl SocketFactory {
             })
     }
 
-    /// A listener with SO_REUSEADDR, SO_REUSEPORT and the mark.
+    /// A listener with SO_REUSEADDR, SO_REUSEPORT and the mark; an IPv6 one is IPv6 only
+    /// (its IPv4 twin is a listener of its own).
     pub fn listen(&self, addr: SocketAddr) -> Result<TcpListener, SocketError> {
+        self.listen_v6only(addr, true)
+    }
+
+    /// Listeners on `addrs`, where an unspecified IPv6 address (`[::]`) the node cannot bind
+    /// (a kernel without IPv6) is left out, logged: the defaults listen on both families
+    /// wherever the node has IPv6. Any other failure is an error.
+    pub fn listen_all(&self, addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, SocketError> {
+        let mut out = Vec::with_capacity(addrs.len());
+        for &a in addrs {
+            match self.listen(a) {
+                Ok(l) => out.push(l),
+                Err(e) if no_ipv6(a, &e) => {
+                    tracing::info!(addr = %a, "no IPv6 on this node; not listening on it")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One listener for an HTTP endpoint: `0.0.0.0:port` becomes a dual-stack `[::]:port`
+    /// (IPv4 as mapped addresses) where the node has IPv6, so kubelet's probes and scrapes
+    /// reach it on either family; any other address as given.
+    pub fn listen_endpoint(&self, addr: SocketAddr) -> Result<TcpListener, SocketError> {
+        if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+            let dual = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
+            match self.listen_v6only(dual, false) {
+                Ok(l) => return Ok(l),
+                Err(e) if no_ipv6(dual, &e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.listen(addr)
+    }
+
+    fn listen_v6only(&self, addr: SocketAddr, v6only: bool) -> Result<TcpListener, SocketError> {
         let s = new_socket(addr)?;
         let opt = |option: &'static str| {
             move |source| SocketError::Option {
@@ -99,7 +151,7 @@ impl SocketFactory {
         s.set_reuseport(true).map_err(opt("SO_REUSEPORT"))?;
         if addr.is_ipv6() {
             SockRef::from(&s)
-                .set_only_v6(true)
+                .set_only_v6(v6only)
                 .map_err(opt("IPV6_V6ONLY"))?;
         }
         self.mark(&s, addr)?;
