@@ -13,6 +13,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 # The plugin as shipped (static), for the empty-chroot and installer tests.
 ./scripts/static-plugin.sh >/dev/null
+# The previous release's ztunnel, for the rollout test (built once, then cached).
+./scripts/previous-ztunnel.sh >/dev/null
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

@@ -165,6 +165,9 @@ pub struct ClusterSpec {
     pub ztunnel_run_as: Option<String>,
     /// Where ztunnel's certificates come from.
     pub ca: CaMode,
+    /// ztunnel binaries other than the workspace's, per node index (a previous release, for
+    /// rollout tests).
+    pub ztunnel_binaries: BTreeMap<usize, PathBuf>,
 }
 
 /// Where the cluster's ztunnels get their certificates.
@@ -200,6 +203,7 @@ impl ClusterSpec {
             cni_extra,
             ztunnel_run_as: Some(ZTUNNEL_RUN_AS.into()),
             ca: CaMode::Issuer,
+            ztunnel_binaries: BTreeMap::new(),
         }
     }
 }
@@ -735,9 +739,72 @@ impl Cluster {
 
     /// Starts ztunnel on node `i` (0-based) and waits for its readiness endpoint.
     pub fn start_ztunnel(&mut self, i: usize) -> Result<u32, ClusterError> {
+        let binary = match self.spec.ztunnel_binaries.get(&i) {
+            Some(b) => b.clone(),
+            None => self.bin(bins::ZTUNNEL),
+        };
+        let log = self.nodes[i].ztunnel_log();
+        let pid = self.spawn_ztunnel(i, &binary, &log)?;
+        self.nodes[i].ztunnel_pid = Some(pid);
         let n = &self.nodes[i];
-        let (out, err) = Self::log_file(&n.ztunnel_log())?;
-        let mut cmd = n.ns().command(self.bin(bins::ZTUNNEL));
+        wait_ready(
+            pid,
+            "ztunnel",
+            &n.name,
+            "not ready",
+            || n.ztunnel_ready(),
+            &n.ztunnel_log(),
+        )?;
+        Ok(pid)
+    }
+
+    /// A rolling update's surge pod: starts a second ztunnel on node `i` from `binary`
+    /// beside the running one (they share the listeners, SO_REUSEPORT), waits until it says
+    /// it is ready, and makes it node `i`'s ztunnel. Returns the previous one's pid, still
+    /// running (stop it with SIGTERM, as kubelet does, to let it drain).
+    pub fn start_ztunnel_beside(
+        &mut self,
+        i: usize,
+        binary: &Path,
+    ) -> Result<Option<u32>, ClusterError> {
+        let log = self.nodes[i].ztunnel_log().with_extension("surge.log");
+        let pid = self.spawn_ztunnel(i, binary, &log)?;
+        let n = &self.nodes[i];
+        wait_ready(
+            pid,
+            "ztunnel (surge)",
+            &n.name,
+            "not ready",
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("ztunnel ready")
+            },
+            &log,
+        )?;
+        Ok(self.nodes[i].ztunnel_pid.replace(pid))
+    }
+
+    /// SIGTERM to a ztunnel that is no longer node `i`'s (the old pod of a rollout), then
+    /// waits up to `wait` for it to finish draining; whether it exited.
+    pub fn terminate_ztunnel(&self, i: usize, pid: u32, wait: Duration) -> bool {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        let exited = eventually(wait, || {
+            if pid_alive(pid) {
+                Err("draining")
+            } else {
+                Ok(())
+            }
+        })
+        .is_ok();
+        self.nodes[i].ns().stop(pid);
+        exited
+    }
+
+    fn spawn_ztunnel(&self, i: usize, binary: &Path, log: &Path) -> Result<u32, ClusterError> {
+        let n = &self.nodes[i];
+        let (out, err) = Self::log_file(log)?;
+        let mut cmd = n.ns().command(binary);
         cmd.args([
             "run",
             "--node-name",
@@ -760,18 +827,7 @@ impl Cluster {
         .args(&self.spec.ztunnel_args)
         .stdout(out)
         .stderr(err);
-        let pid = n.ns().spawn(&mut cmd)?;
-        self.nodes[i].ztunnel_pid = Some(pid);
-        let n = &self.nodes[i];
-        wait_ready(
-            pid,
-            "ztunnel",
-            &n.name,
-            "not ready",
-            || n.ztunnel_ready(),
-            &n.ztunnel_log(),
-        )?;
-        Ok(pid)
+        Ok(n.ns().spawn(&mut cmd)?)
     }
 
     /// Starts the node agent on node `i` and waits for its CNI socket.

@@ -678,3 +678,120 @@ fn ztunnel_listens_on_both_families_by_default() {
         }
     }
 }
+
+/// The previous release's ztunnel, built by `scripts/previous-ztunnel.sh` (which
+/// `scripts/test.sh` runs) into `<target>/previous-release/`.
+/// `None` (with the reason printed) only where the script found the release's commit missing
+/// from the clone.
+fn previous_ztunnel() -> Option<std::path::PathBuf> {
+    let dir = ambient_tests::bins::BinDir::current()
+        .unwrap()
+        .path()
+        .parent()
+        .unwrap()
+        .join("previous-release");
+    if let Ok(why) = std::fs::read_to_string(dir.join("UNAVAILABLE")) {
+        eprintln!("SKIPPED: {}", why.trim());
+        return None;
+    }
+    let mut found: Vec<_> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ztunnel-"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort();
+    let (_, path) = found.pop().unwrap_or_else(|| {
+        panic!(
+            "no previous ztunnel in {}: run scripts/previous-ztunnel.sh (scripts/test.sh does)",
+            dir.display()
+        )
+    });
+    Some(path)
+}
+
+/// A ztunnel rollout on a node, as the DaemonSet update runs it (maxSurge 1): the previous
+/// release's ztunnel serves the node, the current one starts beside it (the surge pod; they
+/// share the listeners), then the old one gets SIGTERM and drains. A pod of that node opens a
+/// new connection to a pod of the other node every few milliseconds the whole time: not one
+/// fails. Afterwards a pod created on the node is served by the new ztunnel.
+#[test]
+fn a_ztunnel_rollout_from_the_previous_release_fails_no_connection() {
+    use ambient_tests::cluster::{Addressing, CaMode, ClusterSpec};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let Some(previous) = previous_ztunnel() else {
+        return;
+    };
+    let mut spec = ClusterSpec::new("e2eru", 2, Attach::Bridge, Addressing::test(136));
+    // The previous release signs with the node's CA files (it has no issuer client).
+    spec.ca = CaMode::NodeKey;
+    spec.ztunnel_binaries.insert(0, previous.clone());
+    let mut c = Cluster::new(spec).unwrap();
+    let client = pod(&mut c, 0, "ambient-demo", "client");
+    let server = pod(&mut c, 1, "ambient-demo", "server");
+    c.wait_converged(WAIT).unwrap();
+    let to = c.pods[server].echo_addr();
+    c.connect(client, to, "before").unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ns = c.pods[client].ns().path();
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let msg = format!("rollout-{ok}");
+                let r = ambient_tests::inns::in_ns(&ns, || {
+                    ambient_tests::probe::connect(
+                        to,
+                        msg.as_bytes(),
+                        Some(msg.as_bytes()),
+                        Duration::from_secs(3),
+                    )
+                });
+                match r {
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(e)) => failed.push(e.to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let current = ambient_tests::bins::binary(ambient_tests::bins::ZTUNNEL);
+    let old = c
+        .start_ztunnel_beside(0, &current)
+        .unwrap()
+        .expect("the previous release was running");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{old}/exe")).unwrap(),
+        previous,
+        "the old pod ran the previous release"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        c.terminate_ztunnel(0, old, Duration::from_secs(35)),
+        "the old ztunnel did not finish draining"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = traffic.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed during the rollout: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 20, "too few connections exercised the rollout: {ok}");
+
+    // The new ztunnel has the agent's pushes: a pod created now is served.
+    let late = pod(&mut c, 0, "ambient-demo", "late");
+    eventually(WAIT, || c.connect(late, to, "after-rollout")).unwrap();
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
