@@ -46,4 +46,4 @@ flags=(--workspace --bins --locked)
 echo "building the workspace binaries ($PROFILE)..." >&2
 cargo build "${flags[@]}"
 
-exec "target/$PROFILE/lab" demo "$@"
+exec "${CARGO_TARGET_DIR:-target}/$PROFILE/lab" demo "$@"

@@ -371,7 +371,7 @@ fn refusal(command: Command, reply: AgentReply) -> PluginError {
     }
 }
 
-/// The failure policy when no answer can be had from the agent at ADD or CHECK (BRIEF §6):
+/// The failure policy when no answer can be had from the agent at ADD or CHECK:
 /// excluded namespaces pass, `agentUnreachable: allow` passes, anything else fails with
 /// "try again later". An agent that is reached but stays silent past `timeoutMs` counts as
 /// unavailable too, so a stuck agent cannot keep `kube-system` pods from starting.

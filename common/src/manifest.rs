@@ -428,7 +428,7 @@ pub enum Enrolment {
 }
 
 impl Enrolment {
-    /// Applies BRIEF §3: a pod label wins over the namespace label; `none` opts out;
+    /// The ambient rule (namespace or pod label `istio.io/dataplane-mode=ambient`): a pod label wins over the namespace label; `none` opts out;
     /// excluded namespaces and host-network pods are never enrolled.
     pub fn decide(pod: &Pod, namespace: Option<&Namespace>, excluded: &[String]) -> Self {
         use crate::constants::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};

@@ -65,7 +65,8 @@ impl Config {
     }
 }
 
-/// Makes sure bridged pods' packets reach the IP hooks (BRIEF §4); returns a note for status.
+/// Makes sure bridged pods' packets reach the IP hooks (`br_netfilter`,
+/// `bridge-nf-call-iptables`); returns a note for status.
 fn ensure_bridge_netfilter() {
     for fam in ["iptables", "ip6tables"] {
         let name = format!("net/bridge/bridge-nf-call-{fam}");

@@ -1097,7 +1097,8 @@ fn garbage_inside_an_authenticated_hbone_session() {
     assert_no_panics(&c);
 }
 
-/// ztunnel down when a pod is created (BRIEF §6): ADD succeeds without a stall, the pod is
+/// ztunnel down when a pod is created (failure policy: the pod starts captured, its connections
+/// wait for ztunnel): ADD succeeds without a stall, the pod is
 /// enrolled, its connections are refused (never bypassed) until ztunnel is back, then work.
 #[test]
 fn ztunnel_down_at_add() {

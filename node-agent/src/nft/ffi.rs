@@ -1,5 +1,6 @@
 //! In-process libnftables: the library behind `nft`, so a per-pod change costs a netlink
-//! transaction instead of a process spawn. The only unsafe code of the crate lives here.
+//! transaction instead of a process spawn. One of the crate's two modules with unsafe code (the
+//! other is `sched`), each block a C call with its contract stated.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_uint, CStr, CString};

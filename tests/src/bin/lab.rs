@@ -1,4 +1,5 @@
-//! `lab`: the local demo cluster of the ambient data plane (BRIEF §7). `up` builds nodes as
+//! `lab`: the local demo cluster of the ambient data plane (two nodes as network namespaces,
+//! the real binaries, traffic and what it proves). `up` builds nodes as
 //! network namespaces on an underlay, pods through the real CNI chain, and runs one
 //! `node-agent` and one `ztunnel` per node; `status`, `exec` and `down` work from another
 //! invocation through the state directory; `demo` runs the whole story and prints the proof.

@@ -2,7 +2,8 @@
 //! account, ambient or not), services (VIP -> endpoints), authorization policies and mTLS
 //! modes. Two sources feed it behind one interface: the manifest directory (`manifest`, all
 //! pods of the cluster) and the node agent's push of local workloads (`agent`). Readers take
-//! an immutable [`State`] snapshot; each source update rebuilds it.
+//! an immutable [`State`] snapshot: a new cluster view rebuilds it; an agent push changes only
+//! the entries its workload touches (copy-on-write of the shared snapshot).
 
 mod agent;
 pub mod kube;

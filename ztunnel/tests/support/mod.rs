@@ -301,7 +301,7 @@ impl Lab {
         self.pods.iter().find(|p| p.name == name).unwrap()
     }
 
-    /// The node agent's rules (BRIEF §4 and the issue): capture new TCP from local ambient
+    /// The node agent's rules (redirect to ztunnel's ports, marks, policy routing): capture new TCP from local ambient
     /// pods to 15001, HBONE to them to 15008, other TCP to them to 15006; never capture
     /// ztunnel's own marked traffic; route replies of transparent connections to ztunnel.
     fn install_capture(&self, node: usize) {
