@@ -29,6 +29,9 @@ pub const ROUTE_RULE_PRIORITY: u32 = 32_000;
 pub const PLUGIN_NAME: &str = "ambient-cni";
 /// Default run directory: sockets and the agent's state (survives agent restart, not reboot).
 pub const RUN_DIR: &str = "/var/run/ambient";
+/// Where libcni (containerd, CRI-O) caches each attachment's ADD result: the node agent
+/// adopts pods that were running before it from there.
+pub const CNI_CACHE_DIR: &str = "/var/lib/cni/results";
 /// Default plugin -> agent socket.
 pub const CNI_SOCKET: &str = "/var/run/ambient/cni.sock";
 /// Default agent -> ztunnel socket.

@@ -400,6 +400,17 @@ fn node_daemonset_mounts_the_paths_the_binaries_use() {
         .expect("netns mount");
     assert_eq!(netns.1, "/var/run/netns");
     assert_eq!(netns.2.as_deref(), Some("HostToContainer"));
+    // The runtime's CNI result cache, where the agent adopts pods running before it, at the
+    // path the agent reads by default, read-only.
+    assert!(
+        has(&m, Path::new(c::CNI_CACHE_DIR), c::CNI_CACHE_DIR),
+        "{m:?}"
+    );
+    assert!(agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|v| v.mount_path == c::CNI_CACHE_DIR && v.read_only == Some(true)));
     assert_eq!(
         caps(&agent),
         (vec!["NET_ADMIN".to_string()], vec!["ALL".to_string()])

@@ -229,6 +229,7 @@ fn cold_start() {
             ))],
             mac: None,
             since: 0,
+            found_by: node_agent::adopt::Method::Cni,
         });
     }
     let cfg = Arc::new(

@@ -113,6 +113,8 @@ pub struct PodReport {
     pub pinned_mac: Option<String>,
     pub netns: String,
     pub state: PodState,
+    /// `cni` (the runtime's ADD) or `cni_cache` (adopted: running before the agent).
+    pub found_by: crate::adopt::Method,
     pub since: u64,
 }
 
@@ -151,6 +153,9 @@ pub struct Core {
     /// Bumped after every change the core makes to the kernel.
     kernel_generation: Arc<AtomicU64>,
     stale_readings: u32,
+    /// The cache directory's mtime and the source generation of the last adoption pass: the
+    /// next pass reads the directory only when either changed.
+    adopt_pass: Option<(Option<std::time::SystemTime>, u64)>,
     drift: Vec<String>,
     last_error: Option<String>,
 }
@@ -228,6 +233,7 @@ impl Core {
             workloads,
             kernel_generation: Arc::new(AtomicU64::new(0)),
             stale_readings: 0,
+            adopt_pass: None,
             drift: Vec::new(),
             last_error: None,
         };
@@ -284,8 +290,12 @@ impl Core {
                 if let Err(e) = self.reconcile_all() {
                     self.note_error("reconcile", &e);
                 }
+                self.adopt_cached();
             }
-            Command::Tick(reading) => self.tick(reading),
+            Command::Tick(reading) => {
+                self.tick(reading);
+                self.adopt_cached();
+            }
             Command::Report { reply } => {
                 let _ = reply.send(self.report());
             }
@@ -607,6 +617,66 @@ impl Core {
         &mut self,
         att: ApiAttachment,
     ) -> Result<(AddOutcome, Option<LocalWorkload>), AgentError> {
+        self.add_found(att, crate::adopt::Method::Cni)
+    }
+
+    /// Enrols attachments the runtime made while the agent did not see them (pods running
+    /// before it, or created while it was down with `agentUnreachable: allow`), from the
+    /// runtime's cached ADD results: each as its ADD would have been. Only attachments of
+    /// pods the synced source places here now (same uid), whose veth and netns still exist.
+    fn adopt_cached(&mut self) {
+        if !self.snapshot.synced {
+            return;
+        }
+        let dir_mtime = std::fs::metadata(&self.cfg.cni_cache_dir)
+            .and_then(|m| m.modified())
+            .ok();
+        let pass = Some((dir_mtime, self.snapshot.generation));
+        if dir_mtime.is_none() || self.adopt_pass == pass {
+            return;
+        }
+        self.adopt_pass = pass;
+        for (path, text) in crate::adopt::read_cache_dir(&self.cfg.cni_cache_dir) {
+            let att = match crate::adopt::attachment(&text, &self.sysfs.root) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::trace!(file = %path.display(), error = %e, "cache entry not adoptable");
+                    continue;
+                }
+            };
+            if self.records.contains_key(&att.key) {
+                continue;
+            }
+            let Some(pod) = self.snapshot.pod(&att.pod.namespace, &att.pod.name) else {
+                continue;
+            };
+            let same_pod = match (&att.pod.uid, &pod.metadata.uid) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            };
+            let alive = self.sysfs.ifindex(&att.host_interface).is_some()
+                && netns_id(std::path::Path::new(&att.netns)).is_some();
+            if !same_pod || !alive {
+                continue;
+            }
+            let (namespace, name) = (att.pod.namespace.clone(), att.pod.name.clone());
+            match self.add_found(att, crate::adopt::Method::CniCache) {
+                Ok((outcome, _)) => {
+                    tracing::info!(%namespace, pod = %name, ?outcome, "adopted a pod attached before the agent saw it (runtime's cached ADD result)");
+                    self.metrics.adopted.inc();
+                }
+                Err(e) => {
+                    tracing::warn!(%namespace, pod = %name, error = %e.message, "cannot adopt a pod attached before the agent")
+                }
+            }
+        }
+    }
+
+    fn add_found(
+        &mut self,
+        att: ApiAttachment,
+        found_by: crate::adopt::Method,
+    ) -> Result<(AddOutcome, Option<LocalWorkload>), AgentError> {
         let started = Instant::now();
         let snapshot = self.snapshot.clone();
         let excluded = self.cfg.is_excluded(&att.pod.namespace);
@@ -660,6 +730,7 @@ impl Core {
             ips: att.ips.iter().map(|p| p.addr).collect(),
             mac: att.mac,
             since: now(),
+            found_by,
         };
         // Never answer "not ambient" for a pod the source cannot place (another pod with the
         // same name, a namespace not seen): the runtime retries.
@@ -883,6 +954,7 @@ impl Core {
                     .get(&r.key)
                     .copied()
                     .unwrap_or(PodState::Unknown),
+                found_by: r.found_by,
                 since: r.since,
             })
             .collect();

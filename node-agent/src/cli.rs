@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Comma-separated namespaces never enrolled (default kube-system).
     #[arg(long, env = "AMBIENT_EXCLUDED_NAMESPACES", value_delimiter = ',')]
     pub excluded_namespaces: Option<Vec<String>>,
+    /// The runtime's cache of CNI ADD results, for pods running before the agent.
+    #[arg(long, env = "AMBIENT_CNI_CACHE_DIR")]
+    pub cni_cache_dir: Option<PathBuf>,
     /// Redirection backend: `nftables` (the only one implemented).
     #[arg(long, env = "AMBIENT_BACKEND")]
     pub backend: Option<String>,
@@ -145,6 +148,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr.clone(),
             excluded_namespaces: self.excluded_namespaces.clone(),
             backend: self.backend.clone(),
+            cni_cache_dir: self.cni_cache_dir.clone(),
             table: self.table.clone(),
             outbound_port: self.outbound_port,
             inbound_plaintext_port: self.inbound_plaintext_port,
@@ -252,6 +256,7 @@ pub fn render_pods(pods: &[serde_json::Value]) -> String {
                 s("mode"),
                 p["pinned_mac"].as_str().unwrap_or("-").to_owned(),
                 s("state"),
+                p["found_by"].as_str().unwrap_or("cni").to_owned(),
                 ago(p["since"].as_u64().unwrap_or(0)),
             ]
         })
@@ -265,6 +270,7 @@ pub fn render_pods(pods: &[serde_json::Value]) -> String {
             "MODE",
             "PINNED MAC",
             "STATE",
+            "FOUND BY",
             "SINCE",
         ],
         &rows,

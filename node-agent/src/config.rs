@@ -39,6 +39,9 @@ pub struct Config {
     pub ztunnel_socket: PathBuf,
     pub metrics_addr: SocketAddr,
     pub excluded_namespaces: Vec<String>,
+    /// The runtime's cache of CNI ADD results (pods running before the agent are adopted
+    /// from it).
+    pub cni_cache_dir: PathBuf,
     pub table: String,
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
@@ -78,6 +81,7 @@ pub struct ConfigFile {
     pub ztunnel_socket: Option<PathBuf>,
     pub metrics_addr: Option<String>,
     pub excluded_namespaces: Option<Vec<String>>,
+    pub cni_cache_dir: Option<PathBuf>,
     pub backend: Option<String>,
     pub table: Option<String>,
     pub outbound_port: Option<u16>,
@@ -139,6 +143,7 @@ impl ConfigFile {
             ztunnel_socket,
             metrics_addr,
             excluded_namespaces,
+            cni_cache_dir,
             backend,
             table,
             outbound_port,
@@ -275,6 +280,9 @@ impl Config {
             ztunnel_socket,
             metrics_addr,
             excluded_namespaces,
+            cni_cache_dir: src
+                .cni_cache_dir
+                .unwrap_or_else(|| PathBuf::from(c::CNI_CACHE_DIR)),
             table,
             outbound_port: ports[0].1,
             inbound_plaintext_port: ports[1].1,

@@ -9,6 +9,7 @@
 //! `pods`/`rules`/`status` views), [`sched`] (the drift observer's low priority).
 #![deny(unsafe_code)]
 
+pub mod adopt;
 pub mod agent;
 pub mod cli;
 pub mod config;

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub requests: Family<OpLabels, Counter>,
     pub add_duration: Histogram,
     pub ztunnel_connected: Gauge,
+    /// Attachments adopted from the runtime's cached ADD results.
+    pub adopted: Counter,
 }
 
 impl Metrics {
@@ -44,6 +46,7 @@ impl Metrics {
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
             ztunnel_connected: Gauge::default(),
+            adopted: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("ambient_agent");
         r.register(
@@ -90,6 +93,11 @@ impl Metrics {
             "ztunnel_connected",
             "1 while the agent holds a connection to ztunnel",
             m.ztunnel_connected.clone(),
+        );
+        r.register(
+            "adopted",
+            "Attachments adopted from the runtime's cached ADD results (pods running before the agent)",
+            m.adopted.clone(),
         );
         m
     }

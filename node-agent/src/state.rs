@@ -86,6 +86,25 @@ pub struct Record {
     pub mac: Option<ambient_common::net::Mac>,
     /// Unix seconds of the ADD.
     pub since: u64,
+    /// How the attachment was found: the runtime's ADD, or adopted from the node's tables
+    /// (a pod running before the agent; see `adopt`).
+    #[serde(default = "found_by_cni", skip_serializing_if = "is_cni")]
+    pub found_by: crate::adopt::Method,
+}
+
+fn found_by_cni() -> crate::adopt::Method {
+    crate::adopt::Method::Cni
+}
+
+fn is_cni(m: &crate::adopt::Method) -> bool {
+    *m == crate::adopt::Method::Cni
+}
+
+impl Record {
+    /// Adopted attachments have no runtime container id: CNI GC does not list them.
+    pub fn adopted(&self) -> bool {
+        self.found_by != crate::adopt::Method::Cni
+    }
 }
 
 /// One attachment's file: `<run-dir>/attachments/<container-id>_<ifname>.json`.
@@ -266,6 +285,7 @@ mod tests {
             ips: vec!["10.0.0.2".parse().unwrap()],
             mac: None,
             since: 1,
+            found_by: crate::adopt::Method::Cni,
         }
     }
 

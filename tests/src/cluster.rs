@@ -844,6 +844,8 @@ impl Cluster {
             .arg(n.run_dir())
             .arg("--ztunnel-socket")
             .arg(n.ztunnel_socket())
+            .arg("--cni-cache-dir")
+            .arg(n.node.cni_cache_dir())
             .args(&self.spec.agent_args)
             .stdout(out)
             .stderr(err);

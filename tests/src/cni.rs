@@ -246,6 +246,10 @@ pub struct CniRunner {
     pub env: Vec<(String, String)>,
     /// A plugin call still running after this is killed and reported as [`CniError::Timeout`].
     pub timeout: Duration,
+    /// Where to cache each successful ADD's result as libcni does (containerd, CRI-O:
+    /// `/var/lib/cni/results/<network>-<container id>-<ifname>`, `cniCacheV1`), removed at
+    /// DEL; `None` caches nothing.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Default per-plugin-call limit of [`CniRunner`].
@@ -299,6 +303,44 @@ impl CniRunner {
             exec_netns,
             env: Vec::new(),
             timeout: PLUGIN_TIMEOUT,
+            cache_dir: None,
+        }
+    }
+
+    fn cache_path(&self, list: &ConfList, rt: &RuntimeConf) -> Option<PathBuf> {
+        self.cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{}-{}-{}", list.name, rt.container_id, rt.ifname)))
+    }
+
+    /// Caches an ADD result in libcni's format.
+    fn cache(&self, list: &ConfList, rt: &RuntimeConf, result: &Value) {
+        let Some(path) = self.cache_path(list, rt) else {
+            return;
+        };
+        let a = &rt.args;
+        let entry = serde_json::json!({
+            "kind": "cniCacheV1",
+            "containerId": rt.container_id,
+            "config": "",
+            "ifName": rt.ifname,
+            "networkName": list.name,
+            "cniArgs": [
+                ["K8S_POD_NAMESPACE", a.pod_namespace],
+                ["K8S_POD_NAME", a.pod_name],
+                ["K8S_POD_INFRA_CONTAINER_ID", a.infra_container_id],
+                ["K8S_POD_UID", a.pod_uid],
+                ["IgnoreUnknown", "1"],
+            ],
+            "capabilityArgs": {},
+            "result": result,
+        });
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, entry.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
         }
     }
 
@@ -332,7 +374,9 @@ impl CniRunner {
                 })?;
             prev = Some(result);
         }
-        Ok((prev.unwrap_or(Value::Null), timings))
+        let result = prev.unwrap_or(Value::Null);
+        self.cache(list, rt, &result);
+        Ok((result, timings))
     }
 
     /// DEL in reverse order, each plugin given `cached` (the ADD result) when there is one.
@@ -346,6 +390,9 @@ impl CniRunner {
             let stdin = list.plugin_stdin(i, cached, &rt.runtime_config);
             self.exec(list, i, "DEL", rt, &stdin)?;
         }
+        if let Some(p) = self.cache_path(list, rt) {
+            let _ = std::fs::remove_file(p);
+        }
         Ok(())
     }
 
@@ -356,13 +403,17 @@ impl CniRunner {
         rt: &RuntimeConf,
         cached: Option<&Value>,
     ) -> Vec<CniError> {
-        (0..list.plugins.len())
+        let errors = (0..list.plugins.len())
             .rev()
             .filter_map(|i| {
                 let stdin = list.plugin_stdin(i, cached, &rt.runtime_config);
                 self.exec(list, i, "DEL", rt, &stdin).err()
             })
-            .collect()
+            .collect();
+        if let Some(p) = self.cache_path(list, rt) {
+            let _ = std::fs::remove_file(p);
+        }
+        errors
     }
 
     /// CHECK in order, each plugin given the cached ADD result.

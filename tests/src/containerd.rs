@@ -415,6 +415,17 @@ fn remove_cgroup_tree(dir: &Path) {
     }
 }
 
+/// Removes libcni's cached results (`<network>-<container id>-<ifname>`) of these containers.
+fn forget_cni_results<'a>(dir: &Path, ids: impl Iterator<Item = &'a str>) {
+    let ids: Vec<String> = ids.map(|id| format!("-{id}-")).collect();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ids.iter().any(|id| name.contains(id.as_str())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         let tasks = self.tasks();
@@ -456,6 +467,12 @@ impl Drop for Containerd {
             }
         }
         remove_cgroups(&self.cfg.cgroup_parent);
+        // libcni caches each ADD result in the host's /var/lib/cni/results until the DEL that
+        // a killed sandbox never got: remove this containerd's sandboxes' entries.
+        forget_cni_results(
+            Path::new(ambient_common::constants::CNI_CACHE_DIR),
+            tasks.iter().map(|t| t.id.as_str()),
+        );
         if !tasks.is_empty() {
             let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
             eprintln!("cleanup: containerd left tasks behind, killed them: {ids:?}");

@@ -142,7 +142,10 @@ impl Node {
             ambient_extra: spec.ambient_extra.clone(),
         };
         let conflist = ConfList::from_json(&chain.conflist())?;
-        let runner = CniRunner::new(cni_bin, Some(ns.name().to_owned()));
+        let mut runner = CniRunner::new(cni_bin, Some(ns.name().to_owned()));
+        // As containerd and CRI-O (libcni) do: every ADD result cached, for the agent's
+        // adoption of pods attached while it was not there.
+        runner.cache_dir = Some(dir.path().join("cni-cache"));
         Ok(Self {
             core: Arc::new(NodeCore {
                 ns,
@@ -156,6 +159,11 @@ impl Node {
 
     pub fn ns(&self) -> &NetNs {
         &self.core.ns
+    }
+
+    /// Where this node's runtime caches ADD results (libcni's `/var/lib/cni/results`).
+    pub fn cni_cache_dir(&self) -> PathBuf {
+        self.core.dir.path().join("cni-cache")
     }
 
     /// The node's scratch directory (CNI_PATH, IPAM state, logs, sockets).

@@ -30,6 +30,19 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, cidr: &str, attach: Attach) -> Lab {
+        let mut lab = Lab::stopped(tag, cidr, attach, serde_json::Map::new());
+        lab.start_agent();
+        lab
+    }
+
+    /// The node with its chain (`ambient_extra`: more keys for the plugin's entry), the agent
+    /// not started.
+    fn stopped(
+        tag: &str,
+        cidr: &str,
+        attach: Attach,
+        ambient_extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Lab {
         let dir = tempfile::Builder::new()
             .prefix(&format!("redirect-{tag}-"))
             .tempdir()
@@ -43,17 +56,17 @@ impl Lab {
              ---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n",
         )
         .unwrap();
-        let spec = NodeSpec::new(tag, cidr, attach).agent_socket(dir.path().join("run/cni.sock"));
+        let mut spec =
+            NodeSpec::new(tag, cidr, attach).agent_socket(dir.path().join("run/cni.sock"));
+        spec.ambient_extra = ambient_extra;
         let node = Node::new(&spec).unwrap();
-        let mut lab = Lab {
+        Lab {
             pods: Vec::new(),
             node,
             dir,
             agent_pid: None,
             standins: Vec::new(),
-        };
-        lab.start_agent();
-        lab
+        }
     }
 
     /// A lab whose agent reads the Kubernetes API at an address where nothing answers (an
@@ -96,6 +109,8 @@ impl Lab {
             .arg(self.run_dir())
             .args(["--metrics-addr", "127.0.0.1:15014", "--pod-wait-ms", "1500"])
             .args(["--reconcile-interval-ms", "500", "--log-level", "debug"])
+            .arg("--cni-cache-dir")
+            .arg(self.node.cni_cache_dir())
             .args(extra)
             .stderr(log);
         self.agent_pid = Some(self.node.ns().spawn(&mut cmd).unwrap());
@@ -524,6 +539,116 @@ fn label_flips_enrol_and_release_running_pods() {
     })
     .unwrap();
     assert_eq!(lab.state_of("late"), "not_ambient");
+}
+
+/// Pods that were running before the agent (installed into a running cluster, or created
+/// while it was down with `agentUnreachable: allow`) are adopted from the runtime's cached ADD
+/// results: captured without a restart, shown as found in the cache, released by their DEL,
+/// and following label flips like any other pod.
+#[test]
+fn pods_running_before_the_agent_are_adopted() {
+    let mut allow = serde_json::Map::new();
+    allow.insert("agentUnreachable".into(), "allow".into());
+    let mut lab = Lab::stopped("adopt", "10.191.1.0/24", Attach::Bridge, allow);
+    // No agent: every ADD passes through (the plugin logs a warning), nothing is captured.
+    let client = lab.pod("amb", "client", &[]);
+    let server = lab.pod("amb", "server", &[]);
+    let plain = lab.pod("plain", "plain", &[]);
+    let gone = lab.pod("amb", "gone", &[]);
+    let (client_ip, server_ip, plain_ip) = (lab.ip(client), lab.ip(server), lab.ip(plain));
+    let (outbound, _inbound, _hbone) = lab.standin_ztunnel();
+    let server_rec = lab.recorder(Some(server), 8080);
+    lab.connect(Some(client), &format!("{server_ip}:8080"))
+        .unwrap();
+    assert_eq!(records(&server_rec).len(), 1, "no agent, no capture");
+    // One pod is deleted from the cluster while its sandbox lingers: not adopted.
+    std::fs::remove_file(lab.dir.path().join("manifests/pod-amb-gone.yaml")).unwrap();
+    let cached = std::fs::read_dir(lab.node.cni_cache_dir()).unwrap().count();
+    assert_eq!(cached, 4, "the runtime cached every ADD result");
+
+    lab.start_agent();
+    eventually(WAIT, || {
+        let set = lab.nft_set("inet", "pod_v4");
+        if set.contains(&client_ip) && set.contains(&server_ip) {
+            Ok(())
+        } else {
+            Err(format!("not adopted yet: {set}\n{}", lab.agent_log()))
+        }
+    })
+    .unwrap();
+    let pods = lab.agent_pods();
+    let by_name = |name: &str| {
+        pods.as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for name in ["client", "server"] {
+        let p = by_name(name);
+        assert_eq!(p["state"], "captured", "{p}");
+        assert_eq!(p["found_by"], "cni_cache", "{p}");
+        assert!(p["pinned_mac"].is_string(), "bridged port pinned: {p}");
+    }
+    assert_eq!(by_name("plain")["state"], "not_ambient");
+    assert_eq!(by_name("plain")["found_by"], "cni_cache");
+    assert!(
+        by_name("gone").is_null(),
+        "a pod the cluster no longer has is not adopted"
+    );
+    assert!(!lab.nft_set("inet", "pod_v4").contains(&plain_ip));
+    let (_, table) = lab.cli(&["pods"]);
+    assert!(
+        table.contains("FOUND BY") && table.contains("cni_cache"),
+        "{table}"
+    );
+    let metrics = lab.http_get("/metrics");
+    assert!(
+        metrics.contains("ambient_agent_adopted_total 3"),
+        "{metrics}"
+    );
+
+    // Captured now, without a restart: the original destination reaches the proxy.
+    lab.connect(Some(client), &format!("{server_ip}:8080"))
+        .unwrap();
+    let r = only_record(&outbound);
+    assert_eq!(r.peer.ip().to_string(), client_ip);
+    assert_eq!(r.orig_dst.unwrap().to_string(), format!("{server_ip}:8080"));
+    assert_eq!(
+        records(&server_rec).len(),
+        1,
+        "nothing went around the proxy"
+    );
+
+    // The label flip: the plain namespace becomes ambient and its adopted pod is enrolled.
+    let ns_file = lab.dir.path().join("manifests/namespaces.yaml");
+    let original = std::fs::read_to_string(&ns_file).unwrap();
+    std::fs::write(
+        &ns_file,
+        original.replace(
+            "name: plain\n",
+            "name: plain\n  labels:\n    istio.io/dataplane-mode: ambient\n",
+        ),
+    )
+    .unwrap();
+    eventually(WAIT, || {
+        if lab.nft_set("inet", "pod_v4").contains(&plain_ip) {
+            Ok(())
+        } else {
+            Err("not enrolled yet")
+        }
+    })
+    .unwrap();
+    assert_eq!(lab.state_of("plain"), "captured");
+
+    // The runtime's DEL releases an adopted pod as it would any other.
+    let mut pod = lab.pods.remove(client);
+    pod.detach().unwrap();
+    assert!(!lab.nft_set("inet", "pod_v4").contains(&client_ip));
+    drop(pod);
+    assert!(lab.state_of("client").is_empty());
+    let _ = gone;
 }
 
 /// The agent restarts: rules stay while it is down, and on start it reconciles the
