@@ -1150,6 +1150,9 @@ mod tests {
             })
             .collect();
         assert_eq!(told, ["p1", "p2"]);
+        // What the agent reports on the pods (annotation): the captured ones.
+        let captured = f.core.workloads.captured();
+        assert_eq!(captured.borrow().len(), 2);
         f.core
             .del(&AttachmentKey {
                 container_id: "c1".into(),
@@ -1158,6 +1161,8 @@ mod tests {
             .unwrap();
         assert_eq!(f.elements().len(), 3);
         assert!(matches!(&f.changes()[..], [WorkloadChange::Remove(uid)] if uid.contains("p1")));
+        assert!(captured.borrow().iter().all(|uid| !uid.contains("p1")));
+        assert_eq!(captured.borrow().len(), 1);
         // DEL of something unknown succeeds.
         f.core
             .del(&AttachmentKey {

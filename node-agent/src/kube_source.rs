@@ -20,7 +20,7 @@
 //! ambient pod (annotation [`REDIRECTION_ANNOTATION`] through the `pods/status`
 //! subresource, the only write the agent's RBAC allows).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use ambient_common::manifest::{Namespace, ObjectMeta, Pod, PodIp, PodSpec, PodStatus};
@@ -30,6 +30,7 @@ use kube::api::{Patch, PatchParams};
 use tokio::sync::{mpsc, watch};
 
 use crate::source::{Snapshot, Source};
+use crate::ztunnel::Captured;
 
 pub use ambient_common::constants::REDIRECTION_ANNOTATION;
 
@@ -83,10 +84,10 @@ pub struct KubeSource {
     pub watch_timeout: u32,
     /// Page size of the lists.
     pub page_size: u32,
-    /// Record the decision on ambient pods (needs `patch` on `pods/status`).
-    pub annotate: bool,
-    /// Excluded namespaces, for the annotation's decision.
-    pub excluded_namespaces: Vec<String>,
+    /// Report on each pod whether its redirection is installed on this node (the annotation
+    /// `ambient.istio.io/redirection: enabled`, through `pods/status`): other nodes' ztunnels
+    /// send HBONE only to pods that carry it. `None`: no annotations.
+    pub annotate: Option<Captured>,
 }
 
 impl KubeSource {
@@ -97,8 +98,7 @@ impl KubeSource {
             backoff: Backoff::default(),
             watch_timeout: 290,
             page_size: 500,
-            annotate: false,
-            excluded_namespaces: Vec::new(),
+            annotate: None,
         }
     }
 }
@@ -265,12 +265,8 @@ impl Source for KubeSource {
                 tokio::spawn(pods.run(utx.clone())),
                 tokio::spawn(namespaces.run(utx)),
             ];
-            let annotator = self.annotate.then(|| {
-                tokio::spawn(annotate(
-                    self.client.clone(),
-                    tx.subscribe(),
-                    self.excluded_namespaces.clone(),
-                ))
+            let annotator = self.annotate.clone().map(|captured| {
+                tokio::spawn(annotate(self.client.clone(), tx.subscribe(), captured))
             });
             let mut cache = Cache::default();
             let mut generation = tx.borrow().generation;
@@ -308,33 +304,38 @@ impl Source for KubeSource {
 // ---------------------------------------------------------------------------------------
 // Recording the decision on the pod.
 
-/// The annotation value a pod should carry (`None`: no annotation).
-pub fn desired_annotation(snap: &Snapshot, pod: &Pod, excluded: &[String]) -> Option<&'static str> {
-    if pod.ips().is_empty() {
-        return None;
-    }
-    snap.decide(pod, excluded)
-        .filter(|d| d.is_ambient())
+/// The annotation value a pod should carry (`None`: no annotation): `enabled` while its
+/// redirection is installed on this node, whatever its labels say.
+pub fn desired_annotation(pod: &Pod, captured: &HashSet<String>) -> Option<&'static str> {
+    pod.metadata
+        .uid
+        .as_ref()
+        .filter(|uid| captured.contains(*uid))
         .map(|_| "enabled")
 }
 
 async fn annotate(
     client: kube::Client,
     mut rx: watch::Receiver<Arc<Snapshot>>,
-    excluded: Vec<String>,
+    mut captured: Captured,
 ) {
     // What we last asked for, by uid, so a patch is sent once until the watch echoes it.
     let mut asked: HashMap<String, Option<&'static str>> = HashMap::new();
-    while rx.changed().await.is_ok() {
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            r = captured.changed() => if r.is_err() { return },
+        }
         let snap = rx.borrow_and_update().clone();
         if !snap.synced {
             continue;
         }
+        let captured_now = captured.borrow_and_update().clone();
         for pod in snap.pods.values() {
             let Some(uid) = pod.metadata.uid.clone() else {
                 continue;
             };
-            let want = desired_annotation(&snap, pod, &excluded);
+            let want = desired_annotation(pod, &captured_now);
             let have = pod
                 .metadata
                 .annotations

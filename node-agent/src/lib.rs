@@ -94,6 +94,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cfg.policy_routing().install()?;
     }
 
+    let (wl_tx, wl_rx) = ztunnel::WorkloadFeed::new();
     // Load the source once before reconciling, so a restart never releases pods it has
     // simply not read yet.
     // The API source starts unsynced: the core keeps what it had until both lists complete.
@@ -109,8 +110,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         SourceKind::Kube => {
             let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
             let mut source = kube_source::KubeSource::new(client, cfg.node_name.clone());
-            source.annotate = cfg.annotate_pods;
-            source.excluded_namespaces = cfg.excluded_namespaces.clone();
+            source.annotate = cfg.annotate_pods.then(|| wl_tx.captured());
             (Snapshot::default(), Box::new(source))
         }
     };
@@ -119,7 +119,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
-    let (wl_tx, wl_rx) = ztunnel::WorkloadFeed::new();
+
     let dp = nft::NftDataplane::new(cfg.ruleset())?;
     let t0 = Instant::now();
     let core = Core::start(

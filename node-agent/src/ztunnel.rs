@@ -3,8 +3,9 @@
 //! of enrolled workloads as the core reports it. Publishes which workloads ztunnel acknowledged, so
 //! an ADD can return once the pod's certificate is held.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_common::frame;
@@ -63,20 +64,41 @@ pub enum WorkloadChange {
     Remove(String),
 }
 
+/// The uids of the pods whose redirection is installed on this node (the workloads the core
+/// publishes): what the agent reports on each pod (annotation), so that other nodes send
+/// HBONE only to pods that are really captured.
+pub type Captured = watch::Receiver<HashSet<String>>;
+
 /// The core's end of the feed. Unbounded: the core never waits for ztunnel, and the client
 /// drains the feed whether or not ztunnel is connected.
 #[derive(Debug, Clone)]
-pub struct WorkloadFeed(mpsc::UnboundedSender<WorkloadChange>);
+pub struct WorkloadFeed {
+    changes: mpsc::UnboundedSender<WorkloadChange>,
+    captured: Arc<watch::Sender<HashSet<String>>>,
+}
 
 impl WorkloadFeed {
     pub fn new() -> (Self, mpsc::UnboundedReceiver<WorkloadChange>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self(tx), rx)
+        let feed = Self {
+            changes: tx,
+            captured: Arc::new(watch::channel(HashSet::new()).0),
+        };
+        (feed, rx)
     }
 
     pub fn send(&self, change: WorkloadChange) {
+        self.captured.send_if_modified(|set| match &change {
+            WorkloadChange::Upsert(w) => set.insert(w.uid.clone()),
+            WorkloadChange::Remove(uid) => set.remove(uid),
+        });
         // The client is gone only when the agent is shutting down.
-        let _ = self.0.send(change);
+        let _ = self.changes.send(change);
+    }
+
+    /// Follows the set of captured pods (by uid).
+    pub fn captured(&self) -> Captured {
+        self.captured.subscribe()
     }
 }
 

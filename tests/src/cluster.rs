@@ -931,6 +931,36 @@ impl Cluster {
         p
     }
 
+    /// Writes (or removes) on pod `idx` the report its node's agent makes in a cluster, through
+    /// the API, once its redirection is installed (`ambient.istio.io/redirection: enabled`):
+    /// the lab's manifest directory stands in for the API server here.
+    pub fn report_captured(&self, idx: usize, captured: bool) -> Result<(), ClusterError> {
+        let p = &self.pods[idx];
+        let mut m = self.pod_manifest(&p.meta, p.node, &p.service_account, &p.labels, Some(p.ip));
+        if captured {
+            m["metadata"]["annotations"] = json!({
+                ambient_common::constants::REDIRECTION_ANNOTATION: "enabled"
+            });
+        }
+        self.manifests.write(&Self::pod_stem(&p.meta), &[m])?;
+        Ok(())
+    }
+
+    /// Whether node `node`'s ztunnel has `ip` in the mesh (`None`: unknown to it).
+    pub fn ambient_on(&self, node: usize, ip: Ipv4Addr) -> Result<Option<bool>, String> {
+        let dump = self.nodes[node].config_dump()?;
+        Ok(dump["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| {
+                w["ips"]
+                    .as_array()
+                    .is_some_and(|ips| ips.iter().any(|a| a.as_str() == Some(&ip.to_string())))
+            })
+            .and_then(|w| w["ambient"].as_bool()))
+    }
+
     fn pod_stem(meta: &PodMeta) -> String {
         format!("pod-{}-{}", meta.namespace, meta.name)
     }

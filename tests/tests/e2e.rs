@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use ambient_tests::capture::{payload_contains, Packet};
 use ambient_tests::cluster::{
-    ambient_plaintext, finish_quiet, metric_samples, Cluster, UnderlaySummary,
+    ambient_plaintext, finish_quiet, metric_samples, Addressing, Cluster, ClusterSpec,
+    UnderlaySummary,
 };
 use ambient_tests::cluster::{test_cluster as cluster, test_pod as pod};
 use ambient_tests::cni::Attach;
@@ -129,6 +130,64 @@ fn ambient_cross_node(tag: &str, octet: u8, attach: Attach) {
             ],
         );
     }
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+}
+
+/// With `--remote-capture annotation` (the installed default) another node's pod gets HBONE
+/// only once its node reports it captured: before that nothing on its node would be known to
+/// accept HBONE for it, so it is outside the mesh (plaintext, as Istio's ztunnel does for a
+/// workload its control plane has not marked HBONE).
+#[test]
+fn hbone_only_to_pods_their_node_reports_captured() {
+    let mut spec = ClusterSpec::new("e2erc", 2, Attach::Bridge, Addressing::test(215));
+    spec.ztunnel_args
+        .extend(["--remote-capture".into(), "annotation".into()]);
+    let mut c = Cluster::new(spec).unwrap();
+    let client = pod(&mut c, 0, "ambient-demo", "client");
+    let server = pod(&mut c, 1, "ambient-demo", "server");
+    let ip = c.pods[server].ip;
+    let to = c.pods[server].echo_addr();
+    let ambient_on = |c: &Cluster, node: usize, want: bool| {
+        eventually(WAIT, || match c.ambient_on(node, ip)? {
+            Some(a) if a == want => Ok(()),
+            other => Err(format!("node-{}: {ip} ambient {other:?}", node + 1)),
+        })
+        .unwrap();
+    };
+    // Labelled ambient, not reported: in the mesh for its own node only.
+    ambient_on(&c, 1, true);
+    ambient_on(&c, 0, false);
+    let m = marker("e2erc");
+    assert_eq!(c.connect(client, to, &m).unwrap(), m);
+    wait_opened(
+        &c,
+        0,
+        &[
+            ("reporter", "source"),
+            ("connection_security_policy", "unknown"),
+        ],
+    );
+    let tls = [
+        ("reporter", "source"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(opened(&c, 0, &tls), 0.0, "no HBONE to an unreported pod");
+
+    // Its node reports it captured: HBONE from now on.
+    c.report_captured(server, true).unwrap();
+    ambient_on(&c, 0, true);
+    assert_eq!(c.connect(client, to, &m).unwrap(), m);
+    wait_opened(&c, 0, &tls);
+    let dst = c.pods[server].spiffe(c.trust_domain());
+    wait_opened(
+        &c,
+        1,
+        &[("reporter", "destination"), ("destination_principal", &dst)],
+    );
+
+    // The report withdrawn (its node released it): out of the mesh again.
+    c.report_captured(server, false).unwrap();
+    ambient_on(&c, 0, false);
     assert!(c.panics().is_empty(), "{:?}", c.panics());
 }
 

@@ -549,7 +549,7 @@ fn label_flips_enrol_and_release_running_pods() {
 fn pods_running_before_the_agent_are_adopted() {
     let mut allow = serde_json::Map::new();
     allow.insert("agentUnreachable".into(), "allow".into());
-    let mut lab = Lab::stopped("adopt", "10.191.1.0/24", Attach::Bridge, allow);
+    let mut lab = Lab::stopped("adopt", "10.214.1.0/24", Attach::Bridge, allow);
     // No agent: every ADD passes through (the plugin logs a warning), nothing is captured.
     let client = lab.pod("amb", "client", &[]);
     let server = lab.pod("amb", "server", &[]);

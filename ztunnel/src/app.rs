@@ -153,6 +153,9 @@ impl App {
         if cfg.source != Source::None {
             store.enable_cross_check();
         }
+        if cfg.remote_capture == crate::config::RemoteCapture::Annotation {
+            store.require_capture_report();
+        }
         if let Source::Manifests { dir } = &cfg.source {
             match store::load_manifests(dir, &cfg.excluded_namespaces) {
                 Ok(m) => store.set_manifest(m),

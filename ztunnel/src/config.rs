@@ -35,6 +35,18 @@ pub enum OutsideMesh {
     Deny,
 }
 
+/// When another node's pod is reached through HBONE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteCapture {
+    /// When its labels make it ambient (a source without the agents' reports: manifests).
+    Labels,
+    /// When its labels make it ambient and its node's agent reports it captured (the pod
+    /// annotation `ambient.istio.io/redirection: enabled`, as Istio's control plane decides);
+    /// otherwise it is outside the mesh. Needs `AMBIENT_ANNOTATE_PODS=true` on every node.
+    Annotation,
+}
+
 /// Default mutual-TLS mode for plaintext arriving at a local ambient pod, when no
 /// PeerAuthentication says otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -183,6 +195,10 @@ pub struct RunArgs {
     /// Connections to destinations outside the mesh.
     #[arg(long, value_enum, default_value_t = OutsideMesh::Allow)]
     pub outside_mesh: OutsideMesh,
+    /// When another node's pod is reached through HBONE: `labels`, or `annotation` (only
+    /// once its node's agent reports it captured).
+    #[arg(long, value_enum, env = "AMBIENT_REMOTE_CAPTURE", default_value_t = RemoteCapture::Labels)]
+    pub remote_capture: RemoteCapture,
     /// The cluster's pod and service ranges, comma-separated (e.g. 10.244.0.0/16,10.96.0.0/12).
     /// An outbound destination inside them that ztunnel does not know yet (a pod or Service
     /// just created, not yet read) is never treated as outside the mesh: ztunnel waits up to
@@ -280,6 +296,7 @@ pub struct Config {
     pub mark: u32,
     pub transparent: bool,
     pub outside_mesh: OutsideMesh,
+    pub remote_capture: RemoteCapture,
     pub cluster_cidrs: Vec<ambient_common::IpPrefix>,
     pub discovery_wait: Duration,
     pub default_mtls_mode: MtlsMode,
@@ -598,6 +615,7 @@ impl Config {
             mark,
             transparent: a.transparent,
             outside_mesh: a.outside_mesh,
+            remote_capture: a.remote_capture,
             cluster_cidrs,
             discovery_wait,
             default_mtls_mode: a.default_mtls_mode,

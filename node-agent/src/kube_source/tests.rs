@@ -1,5 +1,6 @@
 //! The API source's real client against the in-process API server ([`super::fake_api`]).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -343,39 +344,46 @@ async fn server_errors_back_off_and_recover() {
     assert!(api.requests().len() >= 8);
 }
 
+fn annotation(s: &Snapshot, ns: &str, name: &str) -> Option<String> {
+    s.pod(ns, name)
+        .and_then(|p| p.metadata.annotations.get(REDIRECTION_ANNOTATION).cloned())
+}
+
+/// The annotation reports what this node installed, not what the labels say: a pod of an
+/// ambient namespace whose redirection is not installed (yet) carries none, so other nodes
+/// do not send it HBONE.
 #[tokio::test]
-async fn annotates_ambient_pods_through_the_status_subresource() {
+async fn annotates_captured_pods_through_the_status_subresource() {
     let api = FakeApi::start().await;
     api.put(ns("shop", true));
-    api.put(ns("plain", false));
     api.put(pod("shop", "web", "n1", "Running", Some("10.244.1.5")));
-    api.put(pod("plain", "db", "n1", "Running", Some("10.244.1.6")));
+    api.put(pod("shop", "api", "n1", "Running", Some("10.244.1.6")));
+    let (captured_tx, captured_rx) = watch::channel(HashSet::new());
     let mut src = source(&api, "n1");
-    src.annotate = true;
-    src.excluded_namespaces = vec!["kube-system".into()];
+    src.annotate = Some(captured_rx);
     let mut r = start(src);
+    let s = r.until("synced", |s| s.synced && s.pods.len() == 2).await;
+    let uid = s.pod("shop", "web").unwrap().metadata.uid.clone().unwrap();
+    captured_tx.send_modify(|c| {
+        c.insert(uid.clone());
+    });
     let s = r
         .until("annotation echoed", |s| {
-            s.pod("shop", "web").is_some_and(|p| {
-                p.metadata
-                    .annotations
-                    .get(REDIRECTION_ANNOTATION)
-                    .map(String::as_str)
-                    == Some("enabled")
-            })
+            annotation(s, "shop", "web").as_deref() == Some("enabled")
         })
         .await;
-    assert!(s
-        .pod("plain", "db")
-        .unwrap()
-        .metadata
-        .annotations
-        .is_empty());
-    // The namespace leaves the mesh: the annotation is removed.
-    api.put(ns("shop", false));
+    assert_eq!(
+        annotation(&s, "shop", "api"),
+        None,
+        "ambient by labels, not captured"
+    );
+    // Released on this node (a DEL, an opt-out): the annotation is removed.
+    captured_tx.send_modify(|c| {
+        c.remove(&uid);
+    });
     r.until("annotation removed", |s| {
         s.pod("shop", "web")
-            .is_some_and(|p| p.metadata.annotations.is_empty())
+            .is_some_and(|p| !p.metadata.annotations.contains_key(REDIRECTION_ANNOTATION))
     })
     .await;
     let patches: Vec<_> = api
@@ -384,7 +392,9 @@ async fn annotates_ambient_pods_through_the_status_subresource() {
         .filter(|q| q.method == "PATCH")
         .collect();
     assert_eq!(patches.len(), 2, "{patches:?}");
-    assert_eq!(patches[0].path, "/api/v1/namespaces/shop/pods/web/status");
+    assert!(patches
+        .iter()
+        .all(|q| q.path == "/api/v1/namespaces/shop/pods/web/status"));
 }
 
 /// Maps a request the client sent to the RBAC (group, resource, verb) it needs.
@@ -418,9 +428,15 @@ async fn rbac_grants_every_call_the_client_really_made() {
     let api = FakeApi::start().await;
     api.put(ns("shop", true));
     api.put(pod("shop", "web", "n1", "Running", Some("10.244.1.5")));
+    let (captured_tx, captured_rx) = watch::channel(HashSet::new());
     let mut src = source(&api, "n1");
-    src.annotate = true;
+    src.annotate = Some(captured_rx);
     let mut r = start(src);
+    let s = r.until("synced", |s| s.synced && s.pods.len() == 1).await;
+    let uid = s.pod("shop", "web").unwrap().metadata.uid.clone().unwrap();
+    captured_tx.send_modify(|c| {
+        c.insert(uid);
+    });
     r.until("annotated", |s| {
         s.pod("shop", "web")
             .is_some_and(|p| !p.metadata.annotations.is_empty())

@@ -490,6 +490,7 @@ mod tests {
                 labels: Default::default(),
                 ambient: true,
                 source: super::super::WorkloadSource::Manifest,
+                reported: true,
                 telemetry: Default::default(),
             }],
             ..Default::default()

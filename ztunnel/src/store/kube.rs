@@ -161,7 +161,14 @@ fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
         namespace: m.namespace.clone(),
         uid: m.uid.clone(),
         labels: m.labels.clone().unwrap_or_default(),
-        annotations: BTreeMap::new(),
+        // Only the node agent's report that the pod is captured (HBONE goes only to those).
+        annotations: m
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| *k == ambient_common::constants::REDIRECTION_ANNOTATION)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         // The controller only: what telemetry names the workload after.
         owner_references: m
             .owner_references

@@ -271,6 +271,11 @@ pub fn parse_manifests(
             labels: p.metadata.labels.clone(),
             ambient: enrolment.is_ambient(),
             source: WorkloadSource::Manifest,
+            reported: p
+                .metadata
+                .annotations
+                .get(ambient_common::constants::REDIRECTION_ANNOTATION)
+                .is_some_and(|v| v == "enabled"),
             telemetry: TelemetryNames::of(p),
         });
     }
@@ -518,7 +523,7 @@ metadata: {name: legacy}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: web-1, namespace: shop, uid: u1, labels: {app: web}}
+metadata: {name: web-1, namespace: shop, uid: u1, labels: {app: web}, annotations: {ambient.istio.io/redirection: enabled}}
 spec: {nodeName: n2, serviceAccountName: web}
 status: {podIP: 10.2.0.5}
 ---
@@ -579,10 +584,10 @@ spec: {mtls: {mode: STRICT}}
         let m = parse(DOCS).unwrap();
         assert_eq!(m.workloads.len(), 2, "host-network pod skipped");
         let web = m.workloads.iter().find(|w| w.name == "web-1").unwrap();
-        assert!(web.ambient);
+        assert!(web.ambient && web.reported);
         assert_eq!(web.node, "n2");
         let old = m.workloads.iter().find(|w| w.name == "old-1").unwrap();
-        assert!(!old.ambient);
+        assert!(!old.ambient && !old.reported);
         let svc = m.services.iter().find(|s| s.name == "web").unwrap();
         assert_eq!(svc.ports.len(), 1, "UDP port dropped");
         assert_eq!(svc.pick(80), Some("10.2.0.5:8080".parse().unwrap()));

@@ -49,6 +49,9 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// In the mesh: reached through HBONE.
     pub ambient: bool,
+    /// Its node's agent reports its redirection installed (the pod annotation
+    /// `ambient.istio.io/redirection: enabled`; a push from this node's agent).
+    pub reported: bool,
     pub source: WorkloadSource,
     /// How telemetry names it.
     pub telemetry: TelemetryNames,
@@ -115,6 +118,7 @@ impl Workload {
             labels: BTreeMap::new(),
             ambient: true,
             source: WorkloadSource::Agent,
+            reported: true,
             telemetry: TelemetryNames::default(),
         }
     }
@@ -327,6 +331,8 @@ struct Inner {
     unconfirmed: HashMap<String, std::time::Instant>,
     /// Whether pushes are checked against a cluster source (there is one).
     cross_check: bool,
+    /// Whether another node's pod is in the mesh only once its node reports it captured.
+    require_report: bool,
     /// Whether the cluster source has delivered a state yet (the API may take a while):
     /// unconfirmed pushes do not age before it has.
     source_seen: bool,
@@ -521,6 +527,7 @@ impl Store {
                 state: Arc::new(State::default()),
                 unconfirmed: HashMap::new(),
                 cross_check: false,
+                require_report: false,
                 source_seen: false,
             }),
             changed: tokio::sync::watch::channel(0).0,
@@ -580,8 +587,11 @@ impl Store {
             .clone()
     }
 
-    pub fn set_manifest(&self, m: ManifestState) {
+    pub fn set_manifest(&self, mut m: ManifestState) {
         self.update(|i| {
+            if i.require_report {
+                demote_unreported(&mut m, &self.node);
+            }
             self.report_rejected(&i.manifest.rejected, &m.rejected);
             i.base = Arc::new(Base::new(&m));
             i.manifest = m;
@@ -596,6 +606,17 @@ impl Store {
             }
             i.overlay_all();
         });
+    }
+
+    /// From the next source state on, another node's pod is reached through HBONE only once
+    /// its node's agent reports it captured (the pod annotation), as Istio's control plane
+    /// decides; until then it is outside the mesh (plaintext, or refused with
+    /// `--outside-mesh=deny`), since nothing on its node would accept HBONE for it.
+    pub fn require_capture_report(&self) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .require_report = true;
     }
 
     /// Checks the agent's pushes against a cluster source from now on: each push is
@@ -774,6 +795,17 @@ impl Store {
 
 /// The state: the manifest's workloads, with the agent's entries replacing those of the
 /// same pods (same uid, or same IP), the agent's last. The base is shared, not copied.
+/// Another node's pods that are ambient by their labels but whose node has not reported them
+/// captured are left out of the mesh. This node's own pods are not: the agent's push says
+/// whether they are captured, and their certificates are fetched before their ADD.
+pub fn demote_unreported(m: &mut ManifestState, node: &str) {
+    for w in &mut m.workloads {
+        if w.ambient && !w.reported && w.node != node {
+            w.ambient = false;
+        }
+    }
+}
+
 fn build(base: &Arc<Base>, overlay: &BTreeMap<String, Overlaid>) -> State {
     let mut st = State {
         base: base.clone(),
@@ -854,6 +886,64 @@ impl State {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_reported_remote_pods_stay_in_the_mesh() {
+        // (node, ambient by labels, reported) -> in the mesh as seen from n1.
+        let cases = [
+            ("n2", true, true, true),
+            ("n2", true, false, false),
+            ("n2", false, true, false),
+            ("n2", false, false, false),
+            ("n1", true, false, true),
+            ("n1", false, false, false),
+        ];
+        let mut m = ManifestState::default();
+        for (i, (node, ambient, reported, _)) in cases.iter().enumerate() {
+            m.workloads.push(Workload {
+                uid: format!("u{i}"),
+                name: format!("p{i}"),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+                node: (*node).into(),
+                ips: vec![IpAddr::from([10, 8, 0, i as u8])],
+                labels: BTreeMap::new(),
+                ambient: *ambient,
+                reported: *reported,
+                source: WorkloadSource::Manifest,
+                telemetry: TelemetryNames::default(),
+            });
+        }
+        demote_unreported(&mut m, "n1");
+        for (w, case) in m.workloads.iter().zip(cases) {
+            assert_eq!(w.ambient, case.3, "{case:?}");
+        }
+
+        // Through the store: a remote pod becomes reachable by HBONE with its report.
+        let store = Store::new("n1", "td");
+        store.require_capture_report();
+        let mut m = ManifestState::default();
+        let mut w = Workload {
+            uid: "r".into(),
+            name: "r".into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            node: "n2".into(),
+            ips: vec![IpAddr::from([10, 8, 1, 1])],
+            labels: BTreeMap::new(),
+            ambient: true,
+            reported: false,
+            source: WorkloadSource::Manifest,
+            telemetry: TelemetryNames::default(),
+        };
+        m.workloads.push(w.clone());
+        store.set_manifest(m.clone());
+        assert!(!store.snapshot().workload(w.ips[0]).unwrap().ambient);
+        w.reported = true;
+        m.workloads = vec![w.clone()];
+        store.set_manifest(m);
+        assert!(store.snapshot().workload(w.ips[0]).unwrap().ambient);
+    }
+
     mod incremental {
         use super::super::*;
         use proptest::prelude::*;
@@ -873,6 +963,7 @@ mod tests {
                 labels: BTreeMap::from([("from".to_string(), format!("m{uid}"))]),
                 ambient: true,
                 source: WorkloadSource::Manifest,
+                reported: true,
                 telemetry: TelemetryNames::default(),
             }
         }
@@ -1033,6 +1124,7 @@ mod tests {
             labels: BTreeMap::new(),
             ambient,
             source: WorkloadSource::Manifest,
+            reported: true,
             telemetry: TelemetryNames::default(),
         };
         let s = Store::new("n1", "cluster.local");
@@ -1074,6 +1166,7 @@ mod tests {
             labels: BTreeMap::from([("app".to_string(), app.to_string())]),
             ambient: true,
             source: WorkloadSource::Manifest,
+            reported: true,
             telemetry: TelemetryNames::default(),
         };
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
@@ -1139,6 +1232,7 @@ mod tests {
             labels: BTreeMap::new(),
             ambient: true,
             source: WorkloadSource::Manifest,
+            reported: true,
             telemetry: TelemetryNames::default(),
         };
         let s = Store::new("n1", "cluster.local");

@@ -479,6 +479,23 @@ fn kept_fields_are_only_the_needed_ones() {
     assert_eq!(p.service_account(), "web");
     assert!(p.metadata.annotations.is_empty());
     assert_eq!(p.ips().len(), 1);
+    // Of the annotations, only the node agent's capture report is kept.
+    let mut v = pod("shop", "web", "n1", "10.1.0.5");
+    v["metadata"]["annotations"] = json!({
+        "ambient.istio.io/redirection": "enabled",
+        "kubectl.kubernetes.io/last-applied-configuration": "{}",
+    });
+    let o: DynamicObject = serde_json::from_value(v).unwrap();
+    let Kept::Pod(p) = keep_pod(&o) else {
+        panic!("not a pod")
+    };
+    assert_eq!(
+        p.metadata.annotations.into_iter().collect::<Vec<_>>(),
+        [(
+            "ambient.istio.io/redirection".to_string(),
+            "enabled".to_string()
+        )]
+    );
     let o: DynamicObject =
         serde_json::from_value(slice("shop", "web", "w", &["10.1.0.5"])).unwrap();
     let Kept::Other(kind, v) = keep_slice(&o) else {
