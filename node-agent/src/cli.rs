@@ -75,7 +75,8 @@ pub struct RunArgs {
     /// Kubeconfig for `--source kube` outside a cluster (default: in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// With `--source kube`: annotate ambient pods (pods/status) with the decision.
+    /// With `--source kube`: annotate each pod whose redirection is installed on this node
+    /// (`ambient.istio.io/redirection: enabled`, through pods/status; removed on release).
     #[arg(long, env = "AMBIENT_ANNOTATE_PODS")]
     pub annotate_pods: bool,
     #[arg(long, env = "AMBIENT_RUN_DIR")]

@@ -29,7 +29,8 @@ pub struct Config {
     pub manifest_dir: PathBuf,
     /// Kubeconfig for the API source outside a cluster (in-cluster configuration otherwise).
     pub kubeconfig: Option<PathBuf>,
-    /// API source: record the enrolment decision on ambient pods (pods/status annotation).
+    /// API source: report on each pod whether its redirection is installed here (pods/status
+    /// annotation), which other nodes' ztunnels read.
     pub annotate_pods: bool,
     pub run_dir: PathBuf,
     pub cni_socket: PathBuf,

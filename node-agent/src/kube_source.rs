@@ -16,9 +16,10 @@
 //! Failed) leave the view at once: their IP may be handed to a new pod. A namespace label
 //! flip is just a new namespace in the next snapshot: the agent re-decides every pod of it.
 //!
-//! Optionally ([`KubeSource::annotate`]) the source records its enrolment decision on each
-//! ambient pod (annotation [`REDIRECTION_ANNOTATION`] through the `pods/status`
-//! subresource, the only write the agent's RBAC allows).
+//! Optionally ([`KubeSource::annotate`]) the source reports on each pod whether its
+//! redirection is installed on this node (annotation [`REDIRECTION_ANNOTATION`] through the
+//! `pods/status` subresource, the only write the agent's RBAC allows), from the set of
+//! workloads the core publishes: other nodes' ztunnels send HBONE only to pods carrying it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
