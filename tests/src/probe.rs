@@ -200,6 +200,36 @@ pub struct ConnectReport {
     pub total_us: u64,
 }
 
+/// Connects, sends `send`, reads its echo, then resets the connection (SO_LINGER 0 and
+/// close: an RST instead of a FIN), as an application that aborts its connection does.
+pub fn connect_then_reset(
+    to: SocketAddr,
+    send: &[u8],
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let io = |source| ProbeError::Io { addr: to, source };
+    let mut s = TcpStream::connect_timeout(&to, timeout)
+        .map_err(|source| ProbeError::Connect { addr: to, source })?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.write_all(send).map_err(io)?;
+    let mut got = 0;
+    let mut buf = [0u8; 4096];
+    while got < send.len() {
+        match s.read(&mut buf).map_err(io)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&s.as_fd(), sockopt::Linger, &linger)
+        .map_err(|e| io(std::io::Error::from(e)))?;
+    drop(s);
+    Ok(())
+}
+
 /// Connects to `to`, sends `send`, half-closes, and reads until `expect.len()` bytes arrived
 /// (or EOF); fails unless they equal `expect` (when given).
 pub fn connect(

@@ -407,6 +407,8 @@ impl Lab {
         .arg("--agent-socket")
         .arg(self.path("ztunnel.sock"))
         .args(["--transparent", "false", "--drain-timeout", "1s"])
+        // Short, so that the idle close is part of the test.
+        .args(["--pool-idle-timeout", "2s"])
         .env("RUST_LOG", log_level())
         .stdout(out)
         .stderr(err);
@@ -714,4 +716,61 @@ fn istio_ztunnel_and_ours_talk_hbone_both_ways_with_certificates_from_the_issuer
         istio_roots, want,
         "Istio's ztunnel's roots are the issuer's: {client_cert}"
     );
+
+    // 4. The three ways an application's connection ends, through our ztunnel's client to
+    // Istio's server: a FIN, an RST, and the pooled HBONE connection closing once idle. Ours
+    // ends each as Istio's own client does, and Istio's server logs no error for any.
+    let seen = istio_error_lines(&lab.istio_log()).len();
+    for i in 0..50 {
+        echo_from(&lab.s, client, &format!("fin-{i}"))
+            .unwrap_or_else(|e| panic!("connection {i} (FIN): {e}"));
+        in_ns(&lab.s.path(), || {
+            ambient_tests::probe::connect_then_reset(
+                client,
+                format!("reset-{i}").as_bytes(),
+                IO_TIMEOUT,
+            )
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connection {i} (RST): {e}"));
+    }
+    // Our pool closes its connection to Istio's 15008 once it carried nothing for
+    // --pool-idle-timeout.
+    let hbone_peer = format!("{A_IP}:{HBONE_PORT}");
+    eventually(Duration::from_secs(15), || {
+        let open = lab
+            .b
+            .exec(
+                "ss",
+                &["-Htn", "state", "established", "dst", hbone_peer.as_str()],
+            )
+            .map_err(|e| e.to_string())?;
+        match open.trim() {
+            "" => Ok(()),
+            o => Err(format!("still open: {o}")),
+        }
+    })
+    .expect("our pool closes its idle HBONE connection to Istio's ztunnel");
+    // Istio's ztunnel logs each connection as it closes.
+    std::thread::sleep(Duration::from_secs(1));
+    let new: Vec<String> = istio_error_lines(&lab.istio_log())
+        .into_iter()
+        .skip(seen)
+        .collect();
+    assert!(
+        new.is_empty(),
+        "Istio's ztunnel logged {} errors for 50 FIN, 50 RST and an idle close, e.g. {:?}",
+        new.len(),
+        new.first()
+    );
+}
+
+/// The error-level lines of Istio's ztunnel's log (`<time>\terror\t<target>\t...`).
+fn istio_error_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("error"))
+        .map(str::to_owned)
+        .collect()
 }

@@ -93,6 +93,20 @@ fn poll_write_some(
     Poll::Ready(Ok(n))
 }
 
+/// Whether `e` is a peer ending its connection abruptly (a reset, or a write after it went
+/// away) rather than a fault of the relay. A connection may end that way at any time: it ends
+/// the direction that saw it (a read as end of stream, a write as nothing left to deliver)
+/// and lets the other one finish, so an application's RST reaches the HBONE peer as an end of
+/// stream, as Istio's ztunnel passes it on, and not as a cancelled stream that its server
+/// logs as an error.
+fn ungraceful(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | BrokenPipe | NotConnected | UnexpectedEof
+    )
+}
+
 /// Combines two directions: any error ends both (as `try_join!`), done when both are.
 fn join(a: Poll<std::io::Result<()>>, b: Poll<std::io::Result<()>>) -> Poll<std::io::Result<()>> {
     match (a, b) {
@@ -143,8 +157,12 @@ impl ToH2 {
             match self.phase {
                 Phase::Read => {
                     ready!(tcp.poll_read_ready(cx))?;
-                    let Some(n) = self.rb.try_read(tcp)? else {
-                        continue;
+                    let n = match self.rb.try_read(tcp) {
+                        Ok(Some(n)) => n,
+                        Ok(None) => continue,
+                        // Reset by the application: an end of stream like a FIN.
+                        Err(e) if ungraceful(&e) => 0,
+                        Err(e) => return Poll::Ready(Err(e)),
                     };
                     if n == 0 {
                         self.phase = Phase::Close;
@@ -159,11 +177,11 @@ impl ToH2 {
                         send.reserve_capacity(len);
                         let cap = match ready!(send.poll_capacity(cx)) {
                             Some(r) => r.map_err(h2_io)?,
+                            // The peer no longer reads this stream: nothing more to send.
                             None => {
-                                return Poll::Ready(Err(std::io::Error::new(
-                                    std::io::ErrorKind::BrokenPipe,
-                                    "HBONE stream closed by peer",
-                                )))
+                                self.rb.release();
+                                self.phase = Phase::Done;
+                                return Poll::Ready(Ok(()));
                             }
                         };
                         if cap == 0 {
@@ -227,8 +245,16 @@ impl FromH2 {
                 },
                 Phase::Write => {
                     while !self.data.is_empty() {
-                        let n = ready!(poll_write_some(tcp, cx, &self.data))?;
-                        self.data.advance(n);
+                        match ready!(poll_write_some(tcp, cx, &self.data)) {
+                            Ok(n) => self.data.advance(n),
+                            // The application went away: nobody is left to deliver to.
+                            Err(e) if ungraceful(&e) => {
+                                self.data = Bytes::new();
+                                self.phase = Phase::Done;
+                                return Poll::Ready(Ok(()));
+                            }
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
                     }
                     self.data = Bytes::new();
                     let _ = recv.flow_control().release_capacity(self.n as usize);
@@ -236,7 +262,12 @@ impl FromH2 {
                     self.phase = Phase::Read;
                 }
                 Phase::Close => {
-                    ready!(Pin::new(&mut *tcp).poll_shutdown(cx))?;
+                    match ready!(Pin::new(&mut *tcp).poll_shutdown(cx)) {
+                        Ok(()) => {}
+                        // Already gone: its side is closed anyway.
+                        Err(e) if ungraceful(&e) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
                     self.phase = Phase::Done;
                 }
                 Phase::Done => return Poll::Ready(Ok(())),
@@ -324,8 +355,11 @@ impl CopyHalf {
             match self.phase {
                 Phase::Read => {
                     ready!(rd.poll_read_ready(cx))?;
-                    let Some(n) = self.rb.try_read(rd)? else {
-                        continue;
+                    let n = match self.rb.try_read(rd) {
+                        Ok(Some(n)) => n,
+                        Ok(None) => continue,
+                        Err(e) if ungraceful(&e) => 0,
+                        Err(e) => return Poll::Ready(Err(e)),
                     };
                     if n == 0 {
                         self.rb.release();
@@ -337,8 +371,15 @@ impl CopyHalf {
                 }
                 Phase::Write => {
                     while (self.pos as usize) < self.rb.buf.len() {
-                        let n = ready!(poll_write_some(wr, cx, &self.rb.buf[self.pos as usize..]))?;
-                        self.pos += n as u32;
+                        match ready!(poll_write_some(wr, cx, &self.rb.buf[self.pos as usize..])) {
+                            Ok(n) => self.pos += n as u32,
+                            Err(e) if ungraceful(&e) => {
+                                self.rb.release();
+                                self.phase = Phase::Done;
+                                return Poll::Ready(Ok(()));
+                            }
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
                     }
                     count.fetch_add(self.pos as u64, Ordering::Relaxed);
                     self.rb.buf.clear();
@@ -348,7 +389,11 @@ impl CopyHalf {
                     self.phase = Phase::Read;
                 }
                 Phase::Close => {
-                    ready!(Pin::new(&mut *wr).poll_shutdown(cx))?;
+                    match ready!(Pin::new(&mut *wr).poll_shutdown(cx)) {
+                        Ok(()) => {}
+                        Err(e) if ungraceful(&e) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
                     self.phase = Phase::Done;
                 }
                 Phase::Done => return Poll::Ready(Ok(())),
@@ -442,5 +487,33 @@ mod tests {
         r.unwrap();
         assert_eq!(ab.load(Ordering::Relaxed), 1 << 20);
         assert_eq!(ba.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_the_relay_cleanly_and_reaches_the_other_side_as_end_of_stream() {
+        let (client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
+        let relay = relay_tcp(a, b, &ab, &ba);
+        let peers = async {
+            let mut client = client.into_std().unwrap();
+            std::io::Write::write_all(&mut client, b"abc").unwrap();
+            let mut got = [0u8; 3];
+            server.read_exact(&mut got).await.unwrap();
+            // The client aborts: SO_LINGER 0 and close send an RST.
+            client.set_nonblocking(false).unwrap();
+            let sock = socket2::SockRef::from(&client);
+            sock.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            drop(client);
+            // The server sees an end of stream (its writes towards the client are dropped).
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            server.write_all(b"late").await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let (r, ()) = tokio::join!(relay, peers);
+        r.expect("a reset is an end, not a relay error");
+        assert_eq!(ab.load(Ordering::Relaxed), 3);
     }
 }
