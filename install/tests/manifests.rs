@@ -425,9 +425,17 @@ fn node_daemonset_mounts_the_paths_the_binaries_use() {
     let metrics = env_vars
         .iter()
         .position(|e| e.name == "AMBIENT_METRICS_ADDR");
+    // Captured traffic is DNATed to the node's address (routed CNIs without host addresses).
+    assert_eq!(
+        env(&agent, "AMBIENT_CAPTURE_ADDRESS").as_deref(),
+        Some("$(HOST_IP)")
+    );
+    let capture = env_vars
+        .iter()
+        .position(|e| e.name == "AMBIENT_CAPTURE_ADDRESS");
     assert!(
-        host_ip < metrics,
-        "HOST_IP must come before the variable that expands it"
+        host_ip < metrics && host_ip < capture,
+        "HOST_IP must come before the variables that expand it"
     );
     assert_eq!(
         env_vars[host_ip.unwrap()]

@@ -230,6 +230,7 @@ fn cold_start() {
             mac: None,
             since: 0,
             found_by: node_agent::adopt::Method::Cni,
+            blocker: None,
         });
     }
     let cfg = Arc::new(
@@ -459,6 +460,7 @@ fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
         ipam_data_dir: dir.path().join("ipam"),
         agent_socket: Some(sock.clone()),
         ambient_extra: Default::default(),
+        primary_extra: Default::default(),
     };
     let list = ConfList::from_json(&chain.conflist()).unwrap();
     let runner = CniRunner::new(&cni_bin, None);

@@ -85,6 +85,11 @@ pub enum PodState {
     HostNetwork,
     /// The source does not (or no longer) know the pod.
     Unknown,
+    /// Ambient, but its traffic cannot be captured on this node (an interface without an
+    /// address to redirect to, an eBPF dataplane that may bypass netfilter): nothing is
+    /// installed and the pod is not reported captured, so peers do not treat it as in the
+    /// mesh. The record's `blocker` says why.
+    Uncapturable,
 }
 
 impl From<Enrolment> for PodState {
@@ -116,6 +121,9 @@ pub struct PodReport {
     /// `cni` (the runtime's ADD) or `cni_cache` (adopted: running before the agent).
     pub found_by: crate::adopt::Method,
     pub since: u64,
+    /// Why an `uncapturable` pod cannot be captured here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,6 +132,8 @@ pub struct Report {
     pub backend: String,
     pub pods: Vec<PodReport>,
     pub captured: usize,
+    /// Ambient pods whose traffic cannot be captured on this node.
+    pub uncapturable: usize,
     pub elements: usize,
     pub source_synced: bool,
     pub source_generation: u64,
@@ -145,6 +155,9 @@ pub struct Core {
     refs: BTreeMap<Element, u32>,
     snapshot: Arc<Snapshot>,
     metrics: Metrics,
+    /// What the node's interfaces say about whether a pod can be captured (the kernel; tests
+    /// give their own).
+    facts: Box<dyn crate::bypass::HostFacts + Send>,
     /// The enrolled workloads as last told to the ztunnel client, per attachment.
     published: BTreeMap<AttachmentKey, LocalWorkload>,
     /// How many published attachments carry each workload uid (a pod may have several).
@@ -166,6 +179,7 @@ pub struct Core {
 struct States {
     map: BTreeMap<AttachmentKey, PodState>,
     captured: usize,
+    uncapturable: usize,
 }
 
 impl States {
@@ -173,19 +187,25 @@ impl States {
         self.map.get(key)
     }
 
-    fn insert(&mut self, key: AttachmentKey, st: PodState) {
-        if st == PodState::Captured {
-            self.captured += 1;
-        }
-        if self.map.insert(key, st) == Some(PodState::Captured) {
-            self.captured -= 1;
+    fn count(&mut self, st: Option<PodState>, by: isize) {
+        match st {
+            Some(PodState::Captured) => self.captured = self.captured.wrapping_add_signed(by),
+            Some(PodState::Uncapturable) => {
+                self.uncapturable = self.uncapturable.wrapping_add_signed(by)
+            }
+            _ => {}
         }
     }
 
+    fn insert(&mut self, key: AttachmentKey, st: PodState) {
+        self.count(Some(st), 1);
+        let old = self.map.insert(key, st);
+        self.count(old, -1);
+    }
+
     fn remove(&mut self, key: &AttachmentKey) {
-        if self.map.remove(key) == Some(PodState::Captured) {
-            self.captured -= 1;
-        }
+        let old = self.map.remove(key);
+        self.count(old, -1);
     }
 
     fn captured(&self) -> usize {
@@ -228,6 +248,7 @@ impl Core {
             refs: BTreeMap::new(),
             snapshot,
             metrics,
+            facts: Box::new(crate::bypass::Kernel),
             published: BTreeMap::new(),
             published_uids: HashMap::new(),
             workloads,
@@ -252,6 +273,11 @@ impl Core {
         }
         core.resync().map_err(internal)?;
         Ok(core)
+    }
+
+    /// Replaces where the facts about the node's interfaces come from (tests).
+    pub fn set_host_facts(&mut self, facts: Box<dyn crate::bypass::HostFacts + Send>) {
+        self.facts = facts;
     }
 
     /// Runs commands until every sender is gone. Blocking: call on a dedicated thread.
@@ -331,6 +357,9 @@ impl Core {
                 .unwrap_or(PodState::Unknown),
             None => PodState::Unknown,
         };
+        if st == PodState::Captured && r.blocker.is_some() {
+            return PodState::Uncapturable;
+        }
         // Until the source has synced, an unknown pod keeps whatever it had.
         if st == PodState::Unknown && !self.snapshot.synced {
             return self.states.get(key).copied().unwrap_or(PodState::Unknown);
@@ -485,6 +514,9 @@ impl Core {
         } else if before > after {
             self.metrics.releases.inc_by((before - after) as u64);
         }
+        self.metrics
+            .uncapturable_pods
+            .set(self.states.uncapturable as i64);
     }
 
     fn captured_count(&self) -> usize {
@@ -731,13 +763,35 @@ impl Core {
             mac: att.mac,
             since: now(),
             found_by,
+            blocker: crate::bypass::blocker(
+                &link,
+                ifindex,
+                &att.ips.iter().map(|p| p.addr).collect::<Vec<_>>(),
+                self.cfg.capture_v4,
+                self.cfg.capture_v6,
+                self.facts.as_ref(),
+            ),
         };
         // Never answer "not ambient" for a pod the source cannot place (another pod with the
         // same name, a namespace not seen): the runtime retries.
         if self.state_of(&att.key, &record) == PodState::Unknown {
             return Err(unknown_pod(&att));
         }
+        let blocker = record.blocker.clone();
         let st = self.set_record(&att.key, Some(record))?;
+        if st == PodState::Uncapturable {
+            // Fail closed: an ambient pod does not start uncaptured.
+            self.metrics.fail("uncapturable");
+            return Err(AgentError::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "ambient pod {}/{} cannot be captured on this node: {}",
+                    att.pod.namespace,
+                    att.pod.name,
+                    blocker.unwrap_or_default()
+                ),
+            ));
+        }
         let outcome = match st {
             PodState::Captured => AddOutcome::Captured,
             PodState::Excluded => AddOutcome::Excluded,
@@ -807,8 +861,17 @@ impl Core {
                 att.host_interface
             ));
         }
-        if self.states.get(&att.key) != Some(&PodState::Captured) {
-            return Ok(());
+        match self.states.get(&att.key) {
+            Some(PodState::Captured) => {}
+            Some(PodState::Uncapturable) => {
+                return fail(format!(
+                    "ambient pod {}/{} is not captured: {}",
+                    r.pod.namespace,
+                    r.pod.name,
+                    r.blocker.as_deref().unwrap_or_default()
+                ))
+            }
+            _ => return Ok(()),
         }
         let want = Self::wanted(r, PodState::Captured);
         let observed = self.dp.observe().map_err(internal)?;
@@ -956,6 +1019,10 @@ impl Core {
                     .unwrap_or(PodState::Unknown),
                 found_by: r.found_by,
                 since: r.since,
+                reason: r
+                    .blocker
+                    .clone()
+                    .filter(|_| self.states.get(&r.key) == Some(&PodState::Uncapturable)),
             })
             .collect();
         let rules = self
@@ -967,6 +1034,7 @@ impl Core {
             backend: self.dp.backend().to_owned(),
             pods,
             captured: self.captured_count(),
+            uncapturable: self.states.uncapturable,
             elements: self.refs.len(),
             source_synced: self.snapshot.synced,
             source_generation: self.snapshot.generation,
@@ -1013,6 +1081,28 @@ mod tests {
     use crate::nft::MemoryDataplane;
     use ambient_common::agent_api::PodRef;
     use ambient_common::manifest::Namespace;
+
+    /// Interfaces that all have addresses and carry no eBPF program, unless listed.
+    #[derive(Default, Clone)]
+    struct Facts {
+        bpf: Vec<u32>,
+    }
+
+    impl crate::bypass::HostFacts for Facts {
+        fn has_address(&self, _ifname: &str, _v6: bool) -> bool {
+            true
+        }
+        fn bpf_on_ingress(&self, ifindex: u32) -> Option<&'static str> {
+            self.bpf
+                .contains(&ifindex)
+                .then_some("tc ingress classifier")
+        }
+    }
+
+    fn with_facts(mut core: Core) -> Core {
+        core.set_host_facts(Box::new(Facts::default()));
+        core
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -1069,6 +1159,7 @@ mod tests {
             Metrics::new(&mut reg),
             tx,
         )
+        .map(with_facts)
         .unwrap();
         Fixture {
             _dir: dir,
@@ -1332,6 +1423,53 @@ mod tests {
     }
 
     #[test]
+    fn pods_that_cannot_be_captured_are_refused_and_reported_never_captured() {
+        let mut f = fixture(snapshot(&["a"], &[("a", "p1"), ("b", "q")]));
+        // An eBPF program on both host interfaces (Cilium's shape).
+        f.core.set_host_facts(Box::new(Facts { bpf: vec![11, 13] }));
+        f.veth("v1", 11);
+        f.veth("v3", 13);
+        // An ambient pod's ADD fails (fail closed), naming why.
+        let e = f.add(f.att("c1", "a", "p1", "v1", "10.0.0.1")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert!(e.message.contains("eBPF program"), "{}", e.message);
+        assert!(f.elements().is_empty());
+        assert_eq!(f.core.published().count(), 0);
+        // A pod that is not ambient starts as usual...
+        assert_eq!(
+            f.add(f.att("c3", "b", "q", "v3", "10.0.0.3")).unwrap(),
+            AddOutcome::NotAmbient
+        );
+        // ...and when its namespace turns ambient it is reported, not captured.
+        f.core.handle(Command::Snapshot(snapshot(
+            &["a", "b"],
+            &[("a", "p1"), ("b", "q")],
+        )));
+        assert!(f.elements().is_empty());
+        assert_eq!(f.core.published().count(), 0);
+        let report = f.core.report();
+        assert_eq!((report.captured, report.uncapturable), (0, 2));
+        let q = report.pods.iter().find(|p| p.name == "q").unwrap();
+        assert_eq!(q.state, PodState::Uncapturable);
+        assert!(q.reason.as_deref().unwrap().contains("v3"));
+        // CHECK does not vouch for it either.
+        let e = f
+            .core
+            .check(&f.att("c3", "b", "q", "v3", "10.0.0.3"))
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::CheckFailed);
+        // Back out of the mesh: no reason to report.
+        f.core.handle(Command::Snapshot(snapshot(
+            &["a"],
+            &[("a", "p1"), ("b", "q")],
+        )));
+        let report = f.core.report();
+        assert_eq!(report.uncapturable, 1);
+        let q = report.pods.iter().find(|p| p.name == "q").unwrap();
+        assert_eq!((q.state, q.reason.as_deref()), (PodState::NotAmbient, None));
+    }
+
+    #[test]
     fn drift_readings_taken_elsewhere_count_only_when_current() {
         let mut f = fixture(snapshot(&["a"], &[("a", "p1")]));
         f.veth("v1", 11);
@@ -1402,6 +1540,7 @@ mod tests {
             Metrics::new(&mut reg),
             tx,
         )
+        .map(with_facts)
         .unwrap();
         f.core = core;
         assert_eq!(f.elements().len(), 3, "p1 keeps its redirection");
@@ -1475,6 +1614,7 @@ mod tests {
             Metrics::new(&mut reg),
             tx,
         )
+        .map(with_facts)
         .unwrap();
         f.core = core;
         assert_eq!(f.elements().len(), 3);

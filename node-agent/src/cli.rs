@@ -93,6 +93,12 @@ pub struct RunArgs {
     /// The runtime's cache of CNI ADD results, for pods running before the agent.
     #[arg(long, env = "AMBIENT_CNI_CACHE_DIR")]
     pub cni_cache_dir: Option<PathBuf>,
+    /// Comma-separated node addresses (at most one IPv4 and one IPv6) that captured traffic
+    /// is DNATed to, so that pods whose host interface has no address of that family
+    /// (Calico, AWS VPC CNI) are captured too. The DaemonSet passes the node's `status.hostIP`.
+    /// A family without one is redirected to the address of the interface it arrived on.
+    #[arg(long, env = "AMBIENT_CAPTURE_ADDRESS", value_delimiter = ',')]
+    pub capture_address: Option<Vec<String>>,
     /// Redirection backend: `nftables` (the only one implemented).
     #[arg(long, env = "AMBIENT_BACKEND")]
     pub backend: Option<String>,
@@ -150,6 +156,7 @@ impl RunArgs {
             excluded_namespaces: self.excluded_namespaces.clone(),
             backend: self.backend.clone(),
             cni_cache_dir: self.cni_cache_dir.clone(),
+            capture_addresses: self.capture_address.clone(),
             table: self.table.clone(),
             outbound_port: self.outbound_port,
             inbound_plaintext_port: self.inbound_plaintext_port,
@@ -275,7 +282,21 @@ pub fn render_pods(pods: &[serde_json::Value]) -> String {
             "SINCE",
         ],
         &rows,
-    )
+    ) + &reasons(pods)
+}
+
+/// Why each `uncapturable` pod is, one line each under the table.
+fn reasons(pods: &[serde_json::Value]) -> String {
+    pods.iter()
+        .filter_map(|p| {
+            let reason = p["reason"].as_str()?;
+            Some(format!(
+                "{}/{} is not captured: {reason}\n",
+                p["namespace"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or("")
+            ))
+        })
+        .collect()
 }
 
 fn write_pods(out: &mut impl Write, pods: &[serde_json::Value], json: bool) -> std::io::Result<()> {
@@ -368,6 +389,7 @@ pub fn view(kind: &str, args: &ViewArgs, out: &mut impl Write) -> std::io::Resul
                 "source_synced": rep["source_synced"],
                 "pods_known": rep["pods"].as_array().map(|a| a.len()).unwrap_or(0),
                 "pods_captured": rep["captured"],
+                "pods_uncapturable": rep["uncapturable"],
                 "elements": rep["elements"],
                 "drift": rep["drift"],
                 "ztunnel_connected": r.ztunnel_connected,

@@ -1,7 +1,7 @@
 //! The agent's configuration: defaults, then a file, then flags/environment. Built by a pure
 //! function so tests pass values instead of touching the process environment.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +43,11 @@ pub struct Config {
     /// The runtime's cache of CNI ADD results (pods running before the agent are adopted
     /// from it).
     pub cni_cache_dir: PathBuf,
+    /// Where captured IPv4 traffic is DNATed to (`None`: redirected to the address of the
+    /// interface it arrived on, which an interface without an IPv4 address cannot take).
+    pub capture_v4: Option<Ipv4Addr>,
+    /// The same for IPv6.
+    pub capture_v6: Option<Ipv6Addr>,
     pub table: String,
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
@@ -83,6 +88,8 @@ pub struct ConfigFile {
     pub metrics_addr: Option<String>,
     pub excluded_namespaces: Option<Vec<String>>,
     pub cni_cache_dir: Option<PathBuf>,
+    /// Node addresses captured traffic is DNATed to (one per family at most).
+    pub capture_addresses: Option<Vec<String>>,
     pub backend: Option<String>,
     pub table: Option<String>,
     pub outbound_port: Option<u16>,
@@ -145,6 +152,7 @@ impl ConfigFile {
             metrics_addr,
             excluded_namespaces,
             cni_cache_dir,
+            capture_addresses,
             backend,
             table,
             outbound_port,
@@ -161,6 +169,34 @@ impl ConfigFile {
             log_level
         )
     }
+}
+
+/// At most one IPv4 and one IPv6 unicast address, in any order; empty strings (an unset
+/// `$(HOST_IP)`) are ignored.
+fn capture_addresses(list: &[String]) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ConfigError> {
+    let (mut v4, mut v6) = (None, None);
+    for s in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| field("captureAddresses", format!("{s:?} is not an IP address")))?;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err(field(
+                "captureAddresses",
+                format!("{ip} must be a unicast address of the node, not loopback"),
+            ));
+        }
+        let dup = match ip {
+            IpAddr::V4(a) => v4.replace(a).is_some(),
+            IpAddr::V6(a) => v6.replace(a).is_some(),
+        };
+        if dup {
+            return Err(field(
+                "captureAddresses",
+                "at most one IPv4 and one IPv6 address",
+            ));
+        }
+    }
+    Ok((v4, v6))
 }
 
 impl Config {
@@ -195,6 +231,13 @@ impl Config {
                 format!("{other:?}: only nftables is implemented"),
             )),
         }
+        let (capture_v4, capture_v6) = capture_addresses(
+            src.capture_addresses.as_deref().unwrap_or_default(),
+        )
+        .unwrap_or_else(|e| {
+            errors.push(e);
+            (None, None)
+        });
         let manifest_dir = src.manifest_dir.unwrap_or_default();
         if source == SourceKind::Manifests && manifest_dir.as_os_str().is_empty() {
             errors.push(field(
@@ -284,6 +327,8 @@ impl Config {
             cni_cache_dir: src
                 .cni_cache_dir
                 .unwrap_or_else(|| PathBuf::from(c::CNI_CACHE_DIR)),
+            capture_v4,
+            capture_v6,
             table,
             outbound_port: ports[0].1,
             inbound_plaintext_port: ports[1].1,
@@ -313,6 +358,8 @@ impl Config {
             hbone_port: self.hbone_port,
             mark: self.mark,
             mask: self.mask,
+            capture_v4: self.capture_v4,
+            capture_v6: self.capture_v6,
         }
     }
 
@@ -342,6 +389,44 @@ mod tests {
         assert_eq!(c.mark, 0x539);
         assert_eq!(c.cni_socket, PathBuf::from("/var/run/ambient/cni.sock"));
         assert_eq!(c.excluded_namespaces, vec!["kube-system".to_string()]);
+    }
+
+    #[test]
+    fn capture_addresses_one_per_family() {
+        let build = |list: &[&str]| {
+            Config::build(ConfigFile {
+                capture_addresses: Some(list.iter().map(|s| s.to_string()).collect()),
+                ..minimal()
+            })
+            .map(|c| (c.capture_v4, c.capture_v6))
+            .map_err(|e| e[0].to_string())
+        };
+        let v4: Ipv4Addr = "10.0.0.7".parse().unwrap();
+        let v6: Ipv6Addr = "fd00::7".parse().unwrap();
+        type Want = Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), &'static str>;
+        let table: &[(&[&str], Want)] = &[
+            (&[], Ok((None, None))),
+            // An unset $(HOST_IP) expands to nothing.
+            (&[""], Ok((None, None))),
+            (&["10.0.0.7"], Ok((Some(v4), None))),
+            (&["fd00::7", " 10.0.0.7 "], Ok((Some(v4), Some(v6)))),
+            (&["10.0.0.7", "10.0.0.8"], Err("at most one")),
+            (&["node-1"], Err("not an IP address")),
+            (&["127.0.0.1"], Err("not loopback")),
+            (&["0.0.0.0"], Err("not loopback")),
+        ];
+        for (list, want) in table {
+            match (build(list), want) {
+                (Ok(got), Ok(w)) => assert_eq!(&got, w, "{list:?}"),
+                (Err(e), Err(w)) => {
+                    assert!(
+                        e.starts_with("captureAddresses") && e.contains(w),
+                        "{list:?}: {e}"
+                    )
+                }
+                (got, w) => panic!("{list:?}: got {got:?}, want {w:?}"),
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod adopt;
 pub mod agent;
+pub mod bypass;
 pub mod cli;
 pub mod config;
 pub mod host;

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub reconcile_runs: Counter,
     pub drift_repairs: Counter,
     pub enrolled_pods: Gauge,
+    /// Ambient pods the agent cannot capture on this node (see `bypass`).
+    pub uncapturable_pods: Gauge,
     pub requests: Family<OpLabels, Counter>,
     pub add_duration: Histogram,
     pub ztunnel_connected: Gauge,
@@ -41,6 +43,7 @@ impl Metrics {
             reconcile_runs: Counter::default(),
             drift_repairs: Counter::default(),
             enrolled_pods: Gauge::default(),
+            uncapturable_pods: Gauge::default(),
             requests: Family::default(),
             add_duration: Histogram::new([
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -78,6 +81,11 @@ impl Metrics {
             "enrolled_pods",
             "Pods currently enrolled",
             m.enrolled_pods.clone(),
+        );
+        r.register(
+            "uncapturable_pods",
+            "Ambient pods whose traffic cannot be captured on this node (no address to redirect to, or an eBPF dataplane that may bypass netfilter); see node-agent pods",
+            m.uncapturable_pods.clone(),
         );
         r.register(
             "cni_requests",

@@ -1,5 +1,5 @@
-//! Scheduling of the agent's background work. Besides the libnftables binding, the only
-//! unsafe code of the crate: two syscalls nix does not wrap.
+//! Scheduling of the agent's background work. Besides the libnftables binding and the tcx
+//! query in `bypass`, the only unsafe code of the crate: two syscalls nix does not wrap.
 #![allow(unsafe_code)]
 
 /// Moves the calling thread to the idle scheduling class (`SCHED_IDLE`), for periodic

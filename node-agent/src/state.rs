@@ -90,6 +90,10 @@ pub struct Record {
     /// (a pod running before the agent; see `adopt`).
     #[serde(default = "found_by_cni", skip_serializing_if = "is_cni")]
     pub found_by: crate::adopt::Method,
+    /// Why the pod cannot be captured on this node, found at its ADD (see `bypass`): an
+    /// ambient pod with one is reported `uncapturable`, never captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocker: Option<String>,
 }
 
 fn found_by_cni() -> crate::adopt::Method {
@@ -286,6 +290,7 @@ mod tests {
             mac: None,
             since: 1,
             found_by: crate::adopt::Method::Cni,
+            blocker: None,
         }
     }
 

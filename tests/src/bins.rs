@@ -11,6 +11,8 @@ pub const AMBIENT_CNI: &str = "ambient-cni";
 pub const NODE_AGENT: &str = "node-agent";
 pub const ZTUNNEL: &str = "ztunnel";
 pub const NETPROBE: &str = "netprobe";
+/// The lab's Calico-shaped primary plugin (`src/bin/routed-cni.rs`).
+pub const ROUTED_CNI: &str = "routed-cni";
 pub const ISSUER: &str = "ambient-issuer";
 
 #[derive(Debug, thiserror::Error)]

@@ -846,6 +846,9 @@ impl Cluster {
             .arg(n.ztunnel_socket())
             .arg("--cni-cache-dir")
             .arg(n.node.cni_cache_dir())
+            // As the DaemonSet passes the node's status.hostIP.
+            .arg("--capture-address")
+            .arg(n.underlay_ip.to_string())
             .args(&self.spec.agent_args)
             .stdout(out)
             .stderr(err);
@@ -1364,6 +1367,7 @@ impl Cluster {
             attach: match self.spec.attach {
                 Attach::Bridge => "bridge".into(),
                 Attach::Ptp => "ptp".into(),
+                Attach::Routed => "routed".into(),
             },
             addressing: self.spec.addressing.clone(),
             trust_domain: self.spec.trust_domain.clone(),

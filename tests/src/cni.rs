@@ -553,8 +553,8 @@ fn plugin_type(conf: &Map<String, Value>) -> String {
         .to_owned()
 }
 
-/// Fills `dir` with symlinks to the Debian plugins ([`DEBIAN_PLUGINS`]) and to `ambient_cni`
-/// (as `ambient-cni`), making it a `CNI_PATH`.
+/// Fills `dir` with symlinks to the Debian plugins ([`DEBIAN_PLUGINS`]), the lab's
+/// [`bins::ROUTED_CNI`] and `ambient_cni` (as `ambient-cni`), making it a `CNI_PATH`.
 pub fn assemble_cni_path(dir: &Path, ambient_cni: Option<&Path>) -> Result<(), CniError> {
     let io = |source| CniError::Assemble {
         dir: dir.to_path_buf(),
@@ -564,6 +564,10 @@ pub fn assemble_cni_path(dir: &Path, ambient_cni: Option<&Path>) -> Result<(), C
     for p in DEBIAN_PLUGINS {
         let target = bins::debian_cni_plugin(p)?;
         std::os::unix::fs::symlink(target, dir.join(p)).map_err(io)?;
+    }
+    // Built with the workspace; a checkout that has not built it just lacks the routed mode.
+    if let Ok(routed) = bins::BinDir::current().and_then(|d| d.find(bins::ROUTED_CNI)) {
+        std::os::unix::fs::symlink(routed, dir.join(bins::ROUTED_CNI)).map_err(io)?;
     }
     if let Some(a) = ambient_cni {
         std::os::unix::fs::symlink(a, dir.join(bins::AMBIENT_CNI)).map_err(io)?;
@@ -578,6 +582,9 @@ pub enum Attach {
     Bridge,
     /// `ptp`: each veth an L3 interface with a host route to the pod.
     Ptp,
+    /// Calico's shape (`routed-cni`): each veth an L3 interface *without any address*, the
+    /// pod's gateway 169.254.1.1 answered by proxy ARP, a /32 route per pod.
+    Routed,
 }
 
 /// Parameters of the standard chain `bridge|ptp` + `host-local` + `ambient-cni`.
@@ -597,6 +604,8 @@ pub struct ChainSpec {
     pub agent_socket: Option<PathBuf>,
     /// Extra keys merged into the `ambient-cni` entry (log file, exclusions...).
     pub ambient_extra: Map<String, Value>,
+    /// Extra keys merged into the primary plugin's entry.
+    pub primary_extra: Map<String, Value>,
 }
 
 impl ChainSpec {
@@ -627,7 +636,15 @@ impl ChainSpec {
                 "ipMasq": false,
                 "ipam": ipam,
             }),
+            Attach::Routed => serde_json::json!({
+                "type": bins::ROUTED_CNI,
+                "ipam": ipam,
+            }),
         };
+        let mut primary = primary;
+        if let Value::Object(o) = &mut primary {
+            o.extend(self.primary_extra.clone());
+        }
         let mut plugins = vec![primary];
         if let Some(sock) = &self.agent_socket {
             let mut ambient = Map::new();
@@ -747,6 +764,7 @@ mod tests {
             ipam_data_dir: "/tmp/x".into(),
             agent_socket: Some("/tmp/a.sock".into()),
             ambient_extra: Map::new(),
+            primary_extra: Map::new(),
         };
         let v = spec.conflist();
         assert_eq!(v["plugins"][0]["type"], "bridge");

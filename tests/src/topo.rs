@@ -53,6 +53,8 @@ pub struct NodeSpec {
     pub ambient_cni: Option<PathBuf>,
     /// Extra keys for the `ambient-cni` conflist entry.
     pub ambient_extra: Map<String, Value>,
+    /// Extra keys for the primary plugin's entry.
+    pub primary_extra: Map<String, Value>,
     pub cni_version: String,
     /// Where the node's scratch directory is created (default: the system temp directory).
     pub work_dir_in: Option<PathBuf>,
@@ -68,6 +70,7 @@ impl NodeSpec {
             agent_socket: None,
             ambient_cni: None,
             ambient_extra: Map::new(),
+            primary_extra: Map::new(),
             cni_version: "1.0.0".to_owned(),
             work_dir_in: None,
         }
@@ -93,6 +96,9 @@ struct NodeCore {
     runner: CniRunner,
     conflist: ConfList,
     pod_cidr: String,
+    /// The node's own address on its uplink, where the node has one of its own (routed
+    /// nodes: their veths have none).
+    host_address: Option<std::net::Ipv4Addr>,
 }
 
 /// A node: a network namespace with IP forwarding on and a CNI chain to attach pods.
@@ -116,6 +122,10 @@ impl Node {
         }
         .map_err(TopoError::TempDir)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let host_address = match spec.attach {
+            Attach::Routed => Some(routed_uplink(&ns, &spec.pod_cidr)?),
+            Attach::Bridge | Attach::Ptp => None,
+        };
         if spec.pod_cidr6.is_some() {
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
@@ -140,6 +150,7 @@ impl Node {
             ipam_data_dir: dir.path().join("ipam"),
             agent_socket: spec.agent_socket.clone(),
             ambient_extra: spec.ambient_extra.clone(),
+            primary_extra: spec.primary_extra.clone(),
         };
         let conflist = ConfList::from_json(&chain.conflist())?;
         let mut runner = CniRunner::new(cni_bin, Some(ns.name().to_owned()));
@@ -153,12 +164,19 @@ impl Node {
                 runner,
                 conflist,
                 pod_cidr: spec.pod_cidr.clone(),
+                host_address,
             }),
         })
     }
 
     pub fn ns(&self) -> &NetNs {
         &self.core.ns
+    }
+
+    /// The node's own address (routed nodes), which the agent DNATs captured traffic to
+    /// (`--capture-address`, the DaemonSet's `status.hostIP`).
+    pub fn host_address(&self) -> Option<std::net::Ipv4Addr> {
+        self.core.host_address
     }
 
     /// Where this node's runtime caches ADD results (libcni's `/var/lib/cni/results`).
@@ -376,6 +394,25 @@ impl Drop for Pod {
 }
 
 /// The first host address of an IPv4 CIDR (the bridge's gateway under host-local's defaults).
+/// A routed (Calico-shaped) node's uplink: an interface holding the node's own address
+/// (`10.<a>.254.1/32` for pod range `10.<a>.x.0/24`) and the route to the pods' gateway
+/// 169.254.1.1, which proxy ARP needs (it answers only for addresses routed out of another
+/// interface; a real node routes it by its default route). Nothing is sent there.
+fn routed_uplink(ns: &NetNs, pod_cidr: &str) -> Result<std::net::Ipv4Addr, TopoError> {
+    let gw = gateway_of(pod_cidr).ok_or_else(|| TopoError::BadCidr(pod_cidr.to_owned()))?;
+    let [a, b, ..] = gw.octets();
+    let addr = std::net::Ipv4Addr::new(a, b, 254, 1);
+    // A veth pair inside the node (this kernel may lack the dummy driver).
+    ns.ip(&[
+        "link", "add", "node0", "type", "veth", "peer", "name", "node0p",
+    ])?;
+    ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "node0"])?;
+    ns.ip(&["link", "set", "node0p", "up"])?;
+    ns.ip(&["link", "set", "node0", "up"])?;
+    ns.ip(&["route", "add", "169.254.1.1/32", "dev", "node0"])?;
+    Ok(addr)
+}
+
 pub fn gateway_of(cidr: &str) -> Option<std::net::Ipv4Addr> {
     let (addr, len) = cidr.split_once('/')?;
     let addr: std::net::Ipv4Addr = addr.parse().ok()?;

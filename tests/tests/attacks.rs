@@ -606,8 +606,13 @@ fn node_local_destinations(tag: &str, octet: u8, attach: Attach) {
     );
     // ztunnel's admin port on loopback: a pod's SYN to 127.0.0.1 reaches nothing.
     let a = c.pods[amb].ns();
-    let gw = gateway_of(c.nodes[0].node.pod_cidr());
-    if let Some(gw) = gw.filter(|_| attach == Attach::Bridge) {
+    let gw = match attach {
+        Attach::Bridge => gateway_of(c.nodes[0].node.pod_cidr()).map(|g| g.to_string()),
+        // Calico's gateway, answered by the node's proxy ARP.
+        Attach::Routed => Some("169.254.1.1".to_owned()),
+        Attach::Ptp => None,
+    };
+    if let Some(gw) = gw {
         // Forge 127.0.0.1 onto the wire: route it out of eth0 via the gateway.
         sh(a, "sysctl", &["-qw", "net.ipv4.conf.all.route_localnet=1"]);
         sh(a, "sysctl", &["-qw", "net.ipv4.conf.eth0.route_localnet=1"]);
@@ -655,6 +660,11 @@ fn node_local_destinations_are_not_proxied_bridge() {
 #[test]
 fn node_local_destinations_are_not_proxied_ptp() {
     node_local_destinations("atnp", 174, Attach::Ptp);
+}
+
+#[test]
+fn node_local_destinations_are_not_proxied_calico() {
+    node_local_destinations("atnc", 223, Attach::Routed);
 }
 
 /// Attack 2, IPv6: an unsolicited neighbour advertisement from a plain pod claiming an
@@ -753,6 +763,11 @@ fn enrolment_ends_plaintext_flows_opened_before_it_bridge() {
 #[test]
 fn enrolment_ends_plaintext_flows_opened_before_it_ptp() {
     enrolment_ends_plaintext_flows("atfp", 178, Attach::Ptp);
+}
+
+#[test]
+fn enrolment_ends_plaintext_flows_opened_before_it_calico() {
+    enrolment_ends_plaintext_flows("atfc", 224, Attach::Routed);
 }
 
 fn enrolment_ends_plaintext_flows(tag: &str, octet: u8, attach: Attach) {

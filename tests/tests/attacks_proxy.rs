@@ -191,6 +191,11 @@ fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf_ptp() {
     refuses_link_local_metadata("apimp", 166, Attach::Ptp);
 }
 
+#[test]
+fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf_calico() {
+    refuses_link_local_metadata("apimc", 225, Attach::Routed);
+}
+
 fn refuses_link_local_metadata(tag: &str, octet: u8, attach: Attach) {
     let mut c = cluster(tag, octet, attach);
     let amb = pod(&mut c, 0, "ambient-demo", "amb", &[]);
@@ -438,6 +443,11 @@ fn out_of_mesh_keeps_the_pods_address_bridge() {
 #[test]
 fn out_of_mesh_keeps_the_pods_address_ptp() {
     out_of_mesh_keeps_the_pods_address("apomp", 164, Attach::Ptp);
+}
+
+#[test]
+fn out_of_mesh_keeps_the_pods_address_calico() {
+    out_of_mesh_keeps_the_pods_address("apomc", 226, Attach::Routed);
 }
 
 /// Whether the peer closed `s` (EOF or reset), without waiting more than a moment.

@@ -201,6 +201,12 @@ fn ambient_to_ambient_across_nodes_ptp() {
     ambient_cross_node("e2ecp", 122, Attach::Ptp);
 }
 
+/// Calico's shape: host veths without an address, captured by DNAT to the node's address.
+#[test]
+fn ambient_to_ambient_across_nodes_calico() {
+    ambient_cross_node("e2ecc", 220, Attach::Routed);
+}
+
 /// The peers the pod's echo server saw.
 fn peers(c: &Cluster, pod: usize) -> Vec<IpAddr> {
     c.pods[pod].accepted().iter().map(|r| r.peer.ip()).collect()
@@ -226,6 +232,11 @@ fn ambient_to_ambient_same_node() {
 #[test]
 fn ambient_to_ambient_same_node_ptp() {
     same_node("e2esp", 133, Attach::Ptp);
+}
+
+#[test]
+fn ambient_to_ambient_same_node_calico() {
+    same_node("e2esc", 221, Attach::Routed);
 }
 
 fn same_node(tag: &str, octet: u8, attach: Attach) {
@@ -303,6 +314,11 @@ fn mixed_ambient_and_legacy_pods() {
 #[test]
 fn mixed_ambient_and_legacy_pods_ptp() {
     mixed("e2emp", 134, Attach::Ptp);
+}
+
+#[test]
+fn mixed_ambient_and_legacy_pods_calico() {
+    mixed("e2emc", 222, Attach::Routed);
 }
 
 fn mixed(tag: &str, octet: u8, attach: Attach) {

@@ -238,6 +238,11 @@ fn ztunnel_killed_on_the_client_node_routed() {
     ztunnel_killed_during_traffic("fzr", 153, 0, Attach::Ptp);
 }
 
+#[test]
+fn ztunnel_killed_on_the_client_node_calico() {
+    ztunnel_killed_during_traffic("fzk", 227, 0, Attach::Routed);
+}
+
 /// Opens a connection from a pod and keeps it (the socket stays in the pod's namespace).
 fn open(c: &Cluster, from: usize, to: SocketAddr) -> TcpStream {
     let s = in_ns(&c.pods[from].ns().path(), || {

@@ -43,6 +43,17 @@ impl Lab {
         attach: Attach,
         ambient_extra: serde_json::Map<String, serde_json::Value>,
     ) -> Lab {
+        Lab::stopped_with(tag, cidr, attach, ambient_extra, serde_json::Map::new())
+    }
+
+    /// [`Lab::stopped`], with more keys for the primary plugin's entry too.
+    fn stopped_with(
+        tag: &str,
+        cidr: &str,
+        attach: Attach,
+        ambient_extra: serde_json::Map<String, serde_json::Value>,
+        primary_extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Lab {
         let dir = tempfile::Builder::new()
             .prefix(&format!("redirect-{tag}-"))
             .tempdir()
@@ -59,6 +70,7 @@ impl Lab {
         let mut spec =
             NodeSpec::new(tag, cidr, attach).agent_socket(dir.path().join("run/cni.sock"));
         spec.ambient_extra = ambient_extra;
+        spec.primary_extra = primary_extra;
         let node = Node::new(&spec).unwrap();
         Lab {
             pods: Vec::new(),
@@ -111,6 +123,18 @@ impl Lab {
             .args(["--reconcile-interval-ms", "500", "--log-level", "debug"])
             .arg("--cni-cache-dir")
             .arg(self.node.cni_cache_dir())
+            // A routed node's address, as the DaemonSet passes status.hostIP (unless the
+            // test sets its own).
+            .args(
+                self.node
+                    .host_address()
+                    .filter(|_| {
+                        !extra
+                            .iter()
+                            .any(|a| a.to_string_lossy().starts_with("--capture-address"))
+                    })
+                    .map(|a| format!("--capture-address={a}")),
+            )
             .args(extra)
             .stderr(log);
         self.agent_pid = Some(self.node.ns().spawn(&mut cmd).unwrap());
@@ -390,9 +414,14 @@ fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
         .orig_dst
         .is_none_or(|o| o.to_string() == format!("{server_ip}:8080")));
 
-    // Capture ports refuse traffic that was not redirected to them.
+    // Capture ports refuse traffic that was not redirected to them (the node's own address:
+    // the bridge's or veth's gateway address, or a routed node's uplink address).
+    let node_ip = lab
+        .node
+        .host_address()
+        .map_or_else(|| cidr_gateway(cidr), |a| a.to_string());
     assert!(lab
-        .connect(Some(plain_client), &format!("{}:15001", cidr_gateway(cidr)))
+        .connect(Some(plain_client), &format!("{node_ip}:15001"))
         .is_err());
 
     // CHECK through the chain verifies the redirection.
@@ -435,6 +464,13 @@ fn routed_pods_are_captured_and_others_untouched() {
     capture_matrix("rd-pt", "10.182.1.0/24", Attach::Ptp);
 }
 
+/// Calico's shape: the host side of each veth has no address, so `redirect` (which takes the
+/// incoming interface's address) cannot work; the agent DNATs to the node's address.
+#[test]
+fn calico_shaped_pods_are_captured_and_others_untouched() {
+    capture_matrix("rd-ca", "10.216.1.0/24", Attach::Routed);
+}
+
 /// A pod that uses another pod's address: dropped before it reaches anything.
 fn spoofing(tag: &str, cidr: &str, attach: Attach) {
     let mut lab = Lab::new(tag, cidr, attach);
@@ -445,7 +481,10 @@ fn spoofing(tag: &str, cidr: &str, attach: Attach) {
     let (outbound, _inbound, _hbone) = lab.standin_ztunnel();
     let target_rec = lab.recorder(Some(target), 8080);
     let victim_ip = lab.ip(victim);
-    let gateway = cidr_gateway(cidr);
+    let gateway = match attach {
+        Attach::Routed => "169.254.1.1".to_owned(),
+        Attach::Bridge | Attach::Ptp => cidr_gateway(cidr),
+    };
     let target_ip = lab.ip(target);
     for p in [attacker, plain_attacker] {
         let ns = lab.pods[p].ns();
@@ -503,6 +542,11 @@ fn routed_spoofed_source_is_dropped() {
     spoofing("sp-pt", "10.184.1.0/24", Attach::Ptp);
 }
 
+#[test]
+fn calico_shaped_spoofed_source_is_dropped() {
+    spoofing("sp-ca", "10.219.1.0/24", Attach::Routed);
+}
+
 /// Labels change in the source: running pods are enrolled and released without restarting.
 #[test]
 fn label_flips_enrol_and_release_running_pods() {
@@ -510,6 +554,40 @@ fn label_flips_enrol_and_release_running_pods() {
     let pod = lab.pod("plain", "late", &[]);
     let ip = lab.ip(pod);
     assert!(!lab.nft_set("inet", "pod_v4").contains(&ip));
+    let original = label_plain_ambient(&lab);
+    eventually(WAIT, || {
+        if lab.nft_set("inet", "pod_v4").contains(&ip) {
+            Ok(())
+        } else {
+            Err("not enrolled yet")
+        }
+    })
+    .unwrap();
+    assert_eq!(lab.state_of("late"), "captured");
+    std::fs::write(lab.dir.path().join("manifests/namespaces.yaml"), &original).unwrap();
+    eventually(WAIT, || {
+        if !lab.nft_set("inet", "pod_v4").contains(&ip) {
+            Ok(())
+        } else {
+            Err("not released yet")
+        }
+    })
+    .unwrap();
+    assert_eq!(lab.state_of("late"), "not_ambient");
+}
+
+/// Creates `namespace/name` through the chain and expects its ADD to fail; the error's text.
+fn failed_add(lab: &mut Lab, namespace: &str, name: &str) -> String {
+    let meta = PodMeta::new(namespace, name);
+    lab.write_pod_manifest(&meta, &[]);
+    match lab.node.add_pod(&meta) {
+        Ok(_) => panic!("ADD {namespace}/{name} succeeded"),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+/// Moves namespace `plain` into the mesh; the namespaces file as it was.
+fn label_plain_ambient(lab: &Lab) -> String {
     let ns_file = lab.dir.path().join("manifests/namespaces.yaml");
     let original = std::fs::read_to_string(&ns_file).unwrap();
     std::fs::write(
@@ -520,25 +598,76 @@ fn label_flips_enrol_and_release_running_pods() {
         ),
     )
     .unwrap();
-    eventually(WAIT, || {
-        if lab.nft_set("inet", "pod_v4").contains(&ip) {
-            Ok(())
-        } else {
-            Err("not enrolled yet")
-        }
+    original
+}
+
+/// Cilium and Calico's eBPF dataplane attach programs at the pod's host veth that may route
+/// its packets past netfilter, so no nftables rule is sure to see them: the agent refuses to
+/// claim such a pod captured. Its ADD fails (fail closed) naming why; a running pod moved into
+/// the mesh is reported `uncapturable` (pods, status, metric) and gets no redirection.
+#[test]
+fn pods_behind_an_ebpf_dataplane_are_refused_and_reported() {
+    let mut ebpf = serde_json::Map::new();
+    ebpf.insert("ebpf".into(), true.into());
+    let mut lab = Lab::stopped_with(
+        "ebpf",
+        "10.217.1.0/24",
+        Attach::Routed,
+        serde_json::Map::new(),
+        ebpf,
+    );
+    lab.start_agent();
+    let err = failed_add(&mut lab, "amb", "app");
+    assert!(err.contains("eBPF program"), "{err}");
+    let web = lab.pod("plain", "web", &[]);
+    let ip = lab.ip(web);
+    assert_eq!(lab.state_of("web"), "not_ambient");
+    label_plain_ambient(&lab);
+    eventually(WAIT, || match lab.state_of("web").as_str() {
+        "uncapturable" => Ok(()),
+        other => Err(format!("state {other}")),
     })
     .unwrap();
-    assert_eq!(lab.state_of("late"), "captured");
-    std::fs::write(&ns_file, &original).unwrap();
-    eventually(WAIT, || {
-        if !lab.nft_set("inet", "pod_v4").contains(&ip) {
-            Ok(())
-        } else {
-            Err("not released yet")
-        }
-    })
-    .unwrap();
-    assert_eq!(lab.state_of("late"), "not_ambient");
+    assert!(!lab.nft_set("inet", "pod_v4").contains(&ip));
+    let (_, table) = lab.cli(&["pods"]);
+    assert!(
+        table.contains("plain/web is not captured: host interface cali"),
+        "{table}"
+    );
+    let (code, status) = lab.cli(&["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    // The refused pod's DEL (the runtime's cleanup of a failed ADD) removed it: one left.
+    assert_eq!(
+        (code, &status["pods_uncapturable"]),
+        (0, &1.into()),
+        "{status}"
+    );
+    assert!(lab
+        .http_get("/metrics")
+        .contains("ambient_agent_uncapturable_pods 1"));
+}
+
+/// Calico's shape without a capture address: nothing to redirect to on the pod's veth, so
+/// an ambient pod's ADD fails naming the missing setting, instead of a pod whose packets
+/// are dropped.
+#[test]
+fn calico_shaped_pods_without_a_capture_address_are_refused() {
+    let mut lab = Lab::stopped(
+        "noaddr",
+        "10.218.1.0/24",
+        Attach::Routed,
+        serde_json::Map::new(),
+    );
+    lab.start_agent_with(&["--capture-address=".into()]);
+    let err = failed_add(&mut lab, "amb", "app");
+    assert!(
+        err.contains("no IPv4 address") && err.contains("--capture-address"),
+        "{err}"
+    );
+    let web = lab.pod("plain", "web", &[]);
+    lab.recorder(Some(web), 8080);
+    // Not ambient: untouched, reachable from the node.
+    lab.connect(None, &format!("{}:8080", lab.ip(web))).unwrap();
 }
 
 /// Pods that were running before the agent (installed into a running cluster, or created

@@ -1,6 +1,7 @@
 //! In-process libnftables: the library behind `nft`, so a per-pod change costs a netlink
-//! transaction instead of a process spawn. One of the crate's two modules with unsafe code (the
-//! other is `sched`), each block a C call with its contract stated.
+//! transaction instead of a process spawn. One of the crate's three places with unsafe code (the
+//! others are `sched` and `bypass::tcx_ingress_has_programs`), each block a C call or syscall
+//! with its contract stated.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_uint, CStr, CString};

@@ -23,6 +23,12 @@ pub struct RulesetParams {
     pub hbone_port: u16,
     pub mark: u32,
     pub mask: u32,
+    /// A node address captured IPv4 traffic is DNATed to; `None` redirects it to the address
+    /// of the interface it arrived on (`redirect`), which drops it where that interface has
+    /// no IPv4 address (the host side of a Calico or AWS VPC CNI veth).
+    pub capture_v4: Option<Ipv4Addr>,
+    /// The same for IPv6.
+    pub capture_v6: Option<Ipv6Addr>,
 }
 
 /// The project's defaults (`ambient_common::constants`), as the node agent's configuration has
@@ -37,6 +43,8 @@ impl Default for RulesetParams {
             hbone_port: c::HBONE_PORT,
             mark: c::ZTUNNEL_MARK,
             mask: c::MARK_MASK,
+            capture_v4: None,
+            capture_v6: None,
         }
     }
 }
@@ -64,8 +72,27 @@ impl RulesetParams {
             hbone_port: hbone,
             mark,
             mask,
+            capture_v4,
+            capture_v6,
         } = self;
         let keep = !mask;
+        // How prerouting capture sends a flow to ztunnel's port `p`, per family.
+        let to4 = |p: &u16| match capture_v4 {
+            Some(a) => format!("dnat ip to {a}:{p}"),
+            None => format!("redirect to :{p}"),
+        };
+        let to6 = |p: &u16| match capture_v6 {
+            Some(a) => format!("dnat ip6 to [{a}]:{p}"),
+            None => format!("redirect to :{p}"),
+        };
+        let (out4, out6, hbone4, hbone6, inb4, inb6) = (
+            to4(out),
+            to6(out),
+            to4(hbone),
+            to6(hbone),
+            to4(inb),
+            to6(inb),
+        );
         format!(
             r#"table inet {table} {{}}
 delete table inet {table}
@@ -94,12 +121,12 @@ table inet {table} {{
     type nat hook prerouting priority -110; policy accept;
     meta mark & {mask:#x} == {mark:#x} return
     fib daddr type local counter return comment "node-local destinations: delivered as without the mesh, never through ztunnel"
-    meta l4proto tcp ip saddr @pod_v4 counter redirect to :{out} comment "outbound"
-    meta l4proto tcp ip6 saddr @pod_v6 counter redirect to :{out} comment "outbound"
-    ip daddr @pod_v4 tcp dport {hbone} counter redirect to :{hbone} comment "inbound HBONE"
-    ip6 daddr @pod_v6 tcp dport {hbone} counter redirect to :{hbone} comment "inbound HBONE"
-    meta l4proto tcp ip daddr @pod_v4 counter redirect to :{inb} comment "inbound plaintext"
-    meta l4proto tcp ip6 daddr @pod_v6 counter redirect to :{inb} comment "inbound plaintext"
+    meta l4proto tcp ip saddr @pod_v4 counter {out4} comment "outbound"
+    meta l4proto tcp ip6 saddr @pod_v6 counter {out6} comment "outbound"
+    ip daddr @pod_v4 tcp dport {hbone} counter {hbone4} comment "inbound HBONE"
+    ip6 daddr @pod_v6 tcp dport {hbone} counter {hbone6} comment "inbound HBONE"
+    meta l4proto tcp ip daddr @pod_v4 counter {inb4} comment "inbound plaintext"
+    meta l4proto tcp ip6 daddr @pod_v6 counter {inb6} comment "inbound plaintext"
   }}
   chain closed {{
     type filter hook prerouting priority -90; policy accept;
@@ -559,6 +586,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(chain_drift(&observed), Vec::<String>::new());
+    }
+
+    #[test]
+    fn capture_dnats_to_the_capture_address_of_its_family_else_redirects() {
+        let dual = RulesetParams {
+            capture_v4: Some(Ipv4Addr::new(192, 0, 2, 1)),
+            capture_v6: Some("fd00::1".parse().unwrap()),
+            ..Default::default()
+        }
+        .render_base();
+        for want in [
+            "ip saddr @pod_v4 counter dnat ip to 192.0.2.1:15001",
+            "ip6 saddr @pod_v6 counter dnat ip6 to [fd00::1]:15001",
+            "tcp dport 15008 counter dnat ip to 192.0.2.1:15008",
+            "ip daddr @pod_v4 counter dnat ip to 192.0.2.1:15006",
+            "ip6 daddr @pod_v6 counter dnat ip6 to [fd00::1]:15006",
+        ] {
+            assert!(dual.contains(want), "{want}");
+        }
+        // Locally generated HBONE to a local pod stays a redirect to loopback.
+        assert!(dual.contains("ip daddr @pod_v4 tcp dport 15008 redirect to :15008"));
+        let v4_only = RulesetParams {
+            capture_v4: Some(Ipv4Addr::new(192, 0, 2, 1)),
+            ..Default::default()
+        }
+        .render_base();
+        assert!(v4_only.contains("ip6 saddr @pod_v6 counter redirect to :15001"));
+        assert!(!v4_only.contains("dnat ip6"));
+        // The same number of rules either way: drift detection compares counts.
+        let rules = |t: &str| t.lines().filter(|l| l.contains(" counter ")).count();
+        assert_eq!(rules(&dual), rules(&RulesetParams::default().render_base()));
     }
 
     #[test]

@@ -39,6 +39,8 @@ struct Cli {
 enum Cni {
     Bridge,
     Ptp,
+    /// Calico's shape: host veths without addresses, proxy ARP (`routed-cni`).
+    Calico,
 }
 
 #[derive(clap::Args, Clone)]
@@ -139,6 +141,7 @@ fn up(a: &UpArgs) -> anyhow::Result<Cluster> {
     let attach = match a.cni {
         Cni::Bridge => Attach::Bridge,
         Cni::Ptp => Attach::Ptp,
+        Cni::Calico => Attach::Routed,
     };
     let mut spec = ClusterSpec::new("lab", a.nodes, attach, Addressing::lab());
     spec.root = Some(a.state_dir.clone());

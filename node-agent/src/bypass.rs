@@ -1,0 +1,401 @@
+//! Whether the capture rules can see and steer a pod's traffic at all. Two things defeat
+//! them without any error, so the agent looks for both before it claims a pod captured:
+//! - an L3 interface without an address of the family (Calico's and the AWS VPC CNI's veths
+//!   have none) when no capture address is configured for it: `redirect` takes the incoming
+//!   interface's address and drops the packet where there is none;
+//! - an eBPF program on the pod's host interface (Cilium, Calico's eBPF dataplane): it may
+//!   route the pod's packets past netfilter (`bpf_redirect*`, eBPF host routing), so nothing
+//!   in nftables is guaranteed to see them.
+//!
+//! The decision ([`blocker`]) is pure; [`Kernel`] reads the facts (addresses by
+//! `getifaddrs`, tc filters by an rtnetlink dump, tcx programs by `BPF_PROG_QUERY`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::nft::Attachment;
+
+/// The facts [`blocker`] needs about the node's interfaces.
+pub trait HostFacts {
+    /// Whether `ifname` holds an address of the family (IPv6: other than link-local).
+    fn has_address(&self, ifname: &str, v6: bool) -> bool;
+    /// The kind of eBPF program attached where it sees the packets a pod sends through its
+    /// host interface `ifindex` (tc ingress or tcx ingress), if any.
+    fn bpf_on_ingress(&self, ifindex: u32) -> Option<&'static str>;
+}
+
+/// Why a pod cannot be captured on this node, or `None` when it can. `ifindex` is the host
+/// veth's.
+pub fn blocker(
+    link: &Attachment,
+    ifindex: u32,
+    ips: &[IpAddr],
+    capture_v4: Option<Ipv4Addr>,
+    capture_v6: Option<Ipv6Addr>,
+    facts: &dyn HostFacts,
+) -> Option<String> {
+    let (veth, l3) = match link {
+        Attachment::Routed { veth } => (veth, veth),
+        Attachment::Bridged { veth, bridge, .. } => (veth, bridge),
+    };
+    if let Some(how) = facts.bpf_on_ingress(ifindex) {
+        return Some(format!(
+            "host interface {veth} carries an eBPF program ({how}): the primary CNI may route \
+             the pod's packets past netfilter (Cilium, Calico eBPF), so its capture cannot be \
+             guaranteed"
+        ));
+    }
+    for (v6, family, configured) in [
+        (false, "IPv4", capture_v4.is_some()),
+        (true, "IPv6", capture_v6.is_some()),
+    ] {
+        let used = ips.iter().any(|ip| ip.is_ipv6() == v6);
+        if used && !configured && !facts.has_address(l3, v6) {
+            return Some(format!(
+                "interface {l3} has no {family} address to redirect to and no {family} \
+                 capture address is set (--capture-address, the DaemonSet's status.hostIP)"
+            ));
+        }
+    }
+    None
+}
+
+/// The running kernel.
+pub struct Kernel;
+
+impl HostFacts for Kernel {
+    fn has_address(&self, ifname: &str, v6: bool) -> bool {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            // Unknown: do not refuse a pod on a failed read.
+            return true;
+        };
+        addrs
+            .filter(|a| a.interface_name == ifname)
+            .filter_map(|a| a.address)
+            .any(|a| match (v6, a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                (false, Some(_), _) => true,
+                (true, _, Some(s)) => (s.ip().segments()[0] & 0xffc0) != 0xfe80,
+                _ => false,
+            })
+    }
+
+    fn bpf_on_ingress(&self, ifindex: u32) -> Option<&'static str> {
+        if tc_ingress_has_bpf(ifindex).unwrap_or(false) {
+            return Some("tc ingress classifier");
+        }
+        if tcx_ingress_has_programs(ifindex) {
+            return Some("tcx ingress");
+        }
+        None
+    }
+}
+
+const RTM_GETTFILTER: u16 = 46;
+const RTM_NEWTFILTER: u16 = 44;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`: the ingress side of a `clsact` or `ingress`
+/// qdisc, where Cilium and Calico attach their programs (what `tc filter show dev X ingress`
+/// lists).
+const TC_INGRESS_PARENT: u32 = 0xffff_fff2;
+const TCA_KIND: u16 = 1;
+const NLMSG_HDRLEN: usize = 16;
+const TCMSG_LEN: usize = 20;
+
+/// Dumps the tc filters on `ifindex`'s ingress and tells whether any is a `bpf` classifier.
+fn tc_ingress_has_bpf(ifindex: u32) -> std::io::Result<bool> {
+    use nix::sys::socket::{
+        bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &NetlinkAddr::new(0, 0),
+    )?;
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + TCMSG_LEN);
+    req.extend_from_slice(&((NLMSG_HDRLEN + TCMSG_LEN) as u32).to_ne_bytes());
+    req.extend_from_slice(&RTM_GETTFILTER.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.extend_from_slice(&[0u8; 4]); // family AF_UNSPEC, padding
+    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes()); // handle
+    req.extend_from_slice(&TC_INGRESS_PARENT.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes()); // info
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    send(raw, &req, MsgFlags::empty())?;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = recv(raw, &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Ok(false);
+        }
+        match scan_filters(&buf[..n]) {
+            Scan::Bpf => return Ok(true),
+            Scan::End => return Ok(false),
+            Scan::More => {}
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    /// A `bpf` filter was listed.
+    Bpf,
+    /// The dump ended (or failed: no qdisc there means no filter).
+    End,
+    More,
+}
+
+/// Reads one datagram of an RTM_GETTFILTER dump.
+fn scan_filters(mut b: &[u8]) -> Scan {
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    while b.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let kind = u16_at(b, 4);
+        if len < NLMSG_HDRLEN || len > b.len() {
+            return Scan::End;
+        }
+        match kind {
+            NLMSG_DONE | NLMSG_ERROR => return Scan::End,
+            RTM_NEWTFILTER if len >= NLMSG_HDRLEN + TCMSG_LEN => {
+                let mut attrs = &b[NLMSG_HDRLEN + TCMSG_LEN..len];
+                while attrs.len() >= 4 {
+                    let alen = u16_at(attrs, 0) as usize;
+                    let atype = u16_at(attrs, 2);
+                    if alen < 4 || alen > attrs.len() {
+                        break;
+                    }
+                    if atype == TCA_KIND && attrs[4..alen].split(|&c| c == 0).next() == Some(b"bpf")
+                    {
+                        return Scan::Bpf;
+                    }
+                    attrs = &attrs[((alen + 3) & !3).min(attrs.len())..];
+                }
+            }
+            _ => {}
+        }
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    Scan::More
+}
+
+/// Whether programs are attached to `ifindex` through tcx ingress (kernel 6.6 and later;
+/// Cilium uses it there). Older kernels reject the query: nothing attached that way.
+#[allow(unsafe_code)]
+fn tcx_ingress_has_programs(ifindex: u32) -> bool {
+    /// `BPF_PROG_QUERY`'s part of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgQuery {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    let mut attr = ProgQuery {
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_INGRESS,
+        ..Default::default()
+    };
+    // SAFETY: bpf(2) with BPF_PROG_QUERY reads and writes only the `attr` struct passed, whose
+    // size is given; with `prog_ids` null the kernel only fills in `prog_cnt`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut ProgQuery,
+            std::mem::size_of::<ProgQuery>() as libc::c_uint,
+        )
+    };
+    rc == 0 && attr.prog_cnt > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[derive(Default)]
+    struct Facts {
+        addressed: HashSet<(&'static str, bool)>,
+        bpf: HashSet<u32>,
+    }
+
+    impl HostFacts for Facts {
+        fn has_address(&self, ifname: &str, v6: bool) -> bool {
+            self.addressed.iter().any(|(i, f)| *i == ifname && *f == v6)
+        }
+        fn bpf_on_ingress(&self, ifindex: u32) -> Option<&'static str> {
+            self.bpf
+                .contains(&ifindex)
+                .then_some("tc ingress classifier")
+        }
+    }
+
+    #[test]
+    fn which_pods_cannot_be_captured() {
+        let routed = Attachment::Routed {
+            veth: "cali1".into(),
+        };
+        let bridged = Attachment::Bridged {
+            veth: "veth1".into(),
+            bridge: "cni0".into(),
+            bridge_mac: "02:00:00:00:00:01".parse().unwrap(),
+        };
+        let v4: IpAddr = "10.1.1.2".parse().unwrap();
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        let node4 = Some(Ipv4Addr::new(192, 168, 0, 1));
+        let node6 = Some("fd00::1".parse().unwrap());
+        let ptp = Facts {
+            addressed: HashSet::from([("cali1", false), ("cali1", true)]),
+            ..Default::default()
+        };
+        let calico = Facts::default();
+        let flannel = Facts {
+            addressed: HashSet::from([("cni0", false)]),
+            ..Default::default()
+        };
+        let cilium = Facts {
+            addressed: HashSet::from([("cali1", false)]),
+            bpf: HashSet::from([7]),
+        };
+        type Case<'a> = (
+            &'a str,
+            &'a Attachment,
+            &'a [IpAddr],
+            Option<Ipv4Addr>,
+            Option<Ipv6Addr>,
+            &'a Facts,
+            Option<&'a str>,
+        );
+        let table: &[Case] = &[
+            ("ptp, redirect", &routed, &[v4, v6], None, None, &ptp, None),
+            (
+                "calico, no capture address",
+                &routed,
+                &[v4],
+                None,
+                None,
+                &calico,
+                Some("no IPv4 address"),
+            ),
+            (
+                "calico, node address",
+                &routed,
+                &[v4],
+                node4,
+                None,
+                &calico,
+                None,
+            ),
+            (
+                "calico dual-stack, IPv4 node address only",
+                &routed,
+                &[v4, v6],
+                node4,
+                None,
+                &calico,
+                Some("no IPv6 address"),
+            ),
+            (
+                "calico dual-stack, both",
+                &routed,
+                &[v4, v6],
+                node4,
+                node6,
+                &calico,
+                None,
+            ),
+            (
+                "flannel, bridge address",
+                &bridged,
+                &[v4],
+                None,
+                None,
+                &flannel,
+                None,
+            ),
+            (
+                "flannel dual-stack, bridge without IPv6",
+                &bridged,
+                &[v4, v6],
+                None,
+                None,
+                &flannel,
+                Some("cni0 has no IPv6"),
+            ),
+            (
+                "eBPF on the veth, whatever the addresses",
+                &routed,
+                &[v4],
+                node4,
+                node6,
+                &cilium,
+                Some("eBPF program"),
+            ),
+        ];
+        for (name, link, ips, c4, c6, facts, want) in table {
+            let got = blocker(link, 7, ips, *c4, *c6, *facts);
+            match (got, want) {
+                (None, None) => {}
+                (Some(g), Some(w)) => assert!(g.contains(w), "{name}: {g}"),
+                (g, w) => panic!("{name}: got {g:?}, want {w:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn reads_a_filter_dump() {
+        // One RTM_NEWTFILTER with TCA_KIND "u32", then one with "bpf", then DONE.
+        fn msg(kind: u16, tca_kind: Option<&str>) -> Vec<u8> {
+            let mut attrs = Vec::new();
+            if let Some(k) = tca_kind {
+                let alen = 4 + k.len() + 1;
+                attrs.extend_from_slice(&(alen as u16).to_ne_bytes());
+                attrs.extend_from_slice(&TCA_KIND.to_ne_bytes());
+                attrs.extend_from_slice(k.as_bytes());
+                attrs.push(0);
+                while attrs.len() % 4 != 0 {
+                    attrs.push(0);
+                }
+            }
+            let len = NLMSG_HDRLEN + TCMSG_LEN + attrs.len();
+            let mut m = Vec::new();
+            m.extend_from_slice(&(len as u32).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&[0u8; 10]);
+            m.extend_from_slice(&[0u8; TCMSG_LEN]);
+            m.extend_from_slice(&attrs);
+            m
+        }
+        let u32f = msg(RTM_NEWTFILTER, Some("u32"));
+        assert_eq!(scan_filters(&u32f), Scan::More);
+        let mut both = u32f.clone();
+        both.extend(msg(RTM_NEWTFILTER, Some("bpf")));
+        assert_eq!(scan_filters(&both), Scan::Bpf);
+        let mut done = u32f;
+        done.extend(msg(NLMSG_DONE, None));
+        assert_eq!(scan_filters(&done), Scan::End);
+        // Truncated or garbage input never panics.
+        assert_eq!(scan_filters(&both[..both.len() - 3]), Scan::End);
+        assert_eq!(scan_filters(&[0xff; 40]), Scan::End);
+    }
+}
