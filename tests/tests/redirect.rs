@@ -751,16 +751,7 @@ fn pods_running_before_the_agent_are_adopted() {
     );
 
     // The label flip: the plain namespace becomes ambient and its adopted pod is enrolled.
-    let ns_file = lab.dir.path().join("manifests/namespaces.yaml");
-    let original = std::fs::read_to_string(&ns_file).unwrap();
-    std::fs::write(
-        &ns_file,
-        original.replace(
-            "name: plain\n",
-            "name: plain\n  labels:\n    istio.io/dataplane-mode: ambient\n",
-        ),
-    )
-    .unwrap();
+    label_plain_ambient(&lab);
     eventually(WAIT, || {
         if lab.nft_set("inet", "pod_v4").contains(&plain_ip) {
             Ok(())
