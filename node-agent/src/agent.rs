@@ -19,9 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::host::{netns_id, Sysfs};
 use crate::metrics::Metrics;
-use crate::nft::{
-    ambient_mac_elements, chain_drift_of, pin_elements, pod_elements, Dataplane, Element, Observed,
-};
+use crate::nft::{ambient_mac_elements, pin_elements, pod_elements, Dataplane, Element, Observed};
 use crate::source::Snapshot;
 use crate::state::{LinkRecord, Record, StateDir};
 use crate::ztunnel::{WorkloadChange, WorkloadFeed};
@@ -452,7 +450,7 @@ impl Core {
         }
         let desired: BTreeSet<Element> = refs.keys().cloned().collect();
         let observed = self.dp.observe()?;
-        let drift = chain_drift_of(&observed);
+        let drift = self.dp.drift(&observed);
         if !observed.present || !drift.is_empty() {
             if observed.present {
                 tracing::warn!(?drift, "fixed rules are not this version's; reinstalling");
@@ -875,7 +873,7 @@ impl Core {
         }
         let want = Self::wanted(r, PodState::Captured);
         let observed = self.dp.observe().map_err(internal)?;
-        let drift = chain_drift_of(&observed);
+        let drift = self.dp.drift(&observed);
         if !drift.is_empty() {
             return fail(drift.join("; "));
         }
@@ -959,7 +957,7 @@ impl Core {
         let mut problems = Vec::new();
         match observed {
             Ok(observed) => {
-                problems.extend(chain_drift_of(&observed));
+                problems.extend(self.dp.drift(&observed));
                 if !observed.present {
                     problems.push("tables are missing".into());
                 }

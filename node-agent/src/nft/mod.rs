@@ -27,6 +27,8 @@ pub enum DataplaneError {
     Listing(#[from] ruleset::ListingError),
     #[error("netlink: {0}")]
     Netlink(#[source] netlink::NetlinkError),
+    #[error("cannot run {0}: {1}")]
+    Spawn(String, #[source] std::io::Error),
 }
 
 impl From<netlink::NetlinkError> for DataplaneError {
@@ -51,6 +53,11 @@ pub trait Dataplane: Send {
     ) -> Result<(), DataplaneError>;
     /// Reads what is installed.
     fn observe(&mut self) -> Result<Observed, DataplaneError>;
+    /// What differs in `observed` from the fixed rules this backend installs (elements
+    /// aside): the reasons to reinstall.
+    fn drift(&self, observed: &Observed) -> Vec<String> {
+        chain_drift_of(observed)
+    }
     /// Removes the tables; idempotent.
     fn uninstall(&mut self) -> Result<(), DataplaneError>;
     /// The installed ruleset as text, for people.
@@ -222,6 +229,7 @@ impl Dataplane for MemoryDataplane {
             elements: self.elements.clone(),
             chains,
             present: self.installed,
+            drift: Vec::new(),
         })
     }
 

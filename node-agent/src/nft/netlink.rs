@@ -10,26 +10,17 @@
 //! read and removed through libnftables.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    bind, recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr,
-    SockFlag, SockProtocol, SockType,
-};
-use nix::sys::time::TimeVal;
 
 use super::ruleset::Element;
+pub use crate::nfnl::NetlinkError;
+use crate::nfnl::{
+    self, nest_begin, nest_end, pad4, put, put_str, Msg, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+};
 
-// Netlink and nfnetlink constants (linux/netlink.h, linux/netfilter/nfnetlink.h,
+// nfnetlink and nf_tables constants (linux/netfilter/nfnetlink.h,
 // linux/netfilter/nf_tables.h).
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -50,54 +41,16 @@ const IFNAMSIZ: usize = 16;
 /// thousands): the kernel echoes a refused message in its error reply, and the reply must
 /// fit the receive buffer (an element encodes to at most 72 bytes).
 pub const MAX_ELEMENTS: usize = 256;
-const RECV_BUF: usize = 64 * 1024;
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetlinkError {
-    #[error("cannot open a netfilter netlink socket: {0}")]
-    Socket(#[source] Errno),
-    #[error("netlink send failed: {0}")]
-    Send(#[source] Errno),
-    #[error("netlink receive failed: {0}")]
-    Recv(#[source] Errno),
-    #[error("no reply from the kernel within {0:?}")]
-    Timeout(Duration),
-    #[error("malformed netlink reply")]
-    Malformed,
-    /// The kernel refused the batch; nothing of it was applied.
-    #[error("{0}")]
-    Refused(String),
-}
 
 /// A netfilter netlink socket in the network namespace the writer was created in.
 pub struct ElementWriter {
-    fd: OwnedFd,
-    seq: u32,
-    buf: Vec<u8>,
+    socket: nfnl::Socket,
 }
 
 impl ElementWriter {
     pub fn new() -> Result<Self, NetlinkError> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(NetlinkError::Socket)?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(NetlinkError::Socket)?;
-        let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(NetlinkError::Socket)?;
-        // Start somewhere unlikely to meet replies meant for an earlier writer.
-        let seq = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(1);
         Ok(Self {
-            fd,
-            seq,
-            buf: vec![0; RECV_BUF],
+            socket: nfnl::Socket::open()?,
         })
     }
 
@@ -108,19 +61,15 @@ impl ElementWriter {
         remove: impl IntoIterator<Item = &'a Element>,
         add: impl IntoIterator<Item = &'a Element>,
     ) -> Result<(), NetlinkError> {
-        let first = self.seq.wrapping_add(1);
+        let first = self.socket.next_seq();
         let batch = encode_batch(table, first, remove, add);
         let Some(batch) = batch else {
             return Ok(());
         };
-        self.seq = first.wrapping_add(batch.messages + 1);
-        sendto(
-            self.fd.as_raw_fd(),
-            &batch.bytes,
-            &NetlinkAddr::new(0, 0),
-            MsgFlags::empty(),
-        )
-        .map_err(NetlinkError::Send)?;
+        // BEGIN, the messages, END.
+        self.socket
+            .used_through(first.wrapping_add(batch.messages + 1));
+        self.socket.send(&batch.bytes)?;
         self.await_acks(first, batch.messages)
     }
 
@@ -130,13 +79,8 @@ impl ElementWriter {
         let mut pending = messages;
         let mut refused: Option<String> = None;
         while pending > 0 {
-            let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return Err(NetlinkError::Timeout(REPLY_TIMEOUT)),
-                Err(e) => return Err(NetlinkError::Recv(e)),
-            };
-            for (seq, code) in parse_acks(&self.buf[..n])? {
+            let data = self.socket.recv()?;
+            for (seq, code) in nfnl::parse_acks(data)? {
                 let offset = seq.wrapping_sub(first);
                 if offset > messages {
                     continue; // a late reply to an earlier, timed-out batch
@@ -284,93 +228,10 @@ fn key_bytes(e: &Element) -> Vec<u8> {
     out
 }
 
-fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
-}
-
 fn control(out: &mut Vec<u8>, kind: u16, seq: u32) {
     let msg = Msg::begin(out, kind, NLM_F_REQUEST, seq, 0);
-    // nfgenmsg.res_id is big endian; Msg::begin wrote 0.
-    let at = msg.start + NLMSG_HDRLEN + 2;
-    out[at..at + 2].copy_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
+    msg.res_id(out, NFNL_SUBSYS_NFTABLES);
     msg.end(out);
-}
-
-/// A message being written: header and nfgenmsg now, length at the end.
-struct Msg {
-    start: usize,
-}
-
-impl Msg {
-    fn begin(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8) -> Msg {
-        let start = out.len();
-        out.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in end()
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(&flags.to_ne_bytes());
-        out.extend_from_slice(&seq.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-        out.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version 0, res_id 0
-        Msg { start }
-    }
-
-    fn end(self, out: &mut [u8]) {
-        let len = (out.len() - self.start) as u32;
-        out[self.start..self.start + 4].copy_from_slice(&len.to_ne_bytes());
-    }
-}
-
-fn put(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    pad4(out);
-}
-
-fn put_str(out: &mut Vec<u8>, kind: u16, s: &str) {
-    let mut b = Vec::with_capacity(s.len() + 1);
-    b.extend_from_slice(s.as_bytes());
-    b.push(0);
-    put(out, kind, &b);
-}
-
-fn nest_begin(out: &mut Vec<u8>, kind: u16) -> usize {
-    let at = out.len();
-    out.extend_from_slice(&0u16.to_ne_bytes());
-    out.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-    at
-}
-
-fn nest_end(out: &mut [u8], at: usize) {
-    let len = (out.len() - at) as u16;
-    out[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-}
-
-/// (sequence number, error code) of every NLMSG_ERROR message in a datagram; code 0 is
-/// an acknowledgement.
-pub fn parse_acks(mut data: &[u8]) -> Result<Vec<(u32, i32)>, NetlinkError> {
-    let mut out = Vec::new();
-    while data.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || len > data.len() {
-            return Err(NetlinkError::Malformed);
-        }
-        let kind = u16::from_ne_bytes(data[4..6].try_into().unwrap());
-        if kind == NLMSG_ERROR {
-            // struct nlmsgerr: int error; struct nlmsghdr msg (the request's header).
-            let body = &data[NLMSG_HDRLEN..len];
-            if body.len() < 4 + NLMSG_HDRLEN {
-                return Err(NetlinkError::Malformed);
-            }
-            let code = i32::from_ne_bytes(body[0..4].try_into().unwrap());
-            let seq = u32::from_ne_bytes(body[4 + 8..4 + 12].try_into().unwrap());
-            out.push((seq, code));
-        }
-        let aligned = (len + 3) & !3;
-        data = &data[aligned.min(data.len())..];
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -430,24 +291,5 @@ mod tests {
             ]
         );
         assert!(encode_batch("ambient", 1, &[], &[]).is_none());
-    }
-
-    #[test]
-    fn acks_and_errors_are_read_by_sequence() {
-        let mut d = Vec::new();
-        for (seq, code) in [(7u32, 0i32), (8, -2)] {
-            d.extend_from_slice(&36u32.to_ne_bytes());
-            d.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-            d.extend_from_slice(&[0; 10]);
-            d.extend_from_slice(&code.to_ne_bytes());
-            d.extend_from_slice(&[0; 8]);
-            d.extend_from_slice(&seq.to_ne_bytes());
-            d.extend_from_slice(&[0; 4]);
-        }
-        assert_eq!(parse_acks(&d).unwrap(), vec![(7, 0), (8, -2)]);
-        assert!(parse_acks(&d[..20]).is_err() || parse_acks(&d[..20]).unwrap().is_empty());
-        let mut bad = d.clone();
-        bad[0..4].copy_from_slice(&1000u32.to_ne_bytes());
-        assert!(parse_acks(&bad).is_err());
     }
 }

@@ -412,6 +412,9 @@ pub struct Observed {
     /// (chain, number of rules) as found.
     pub chains: Vec<(String, usize)>,
     pub present: bool,
+    /// Differences from the fixed rules a backend found itself (the iptables backend:
+    /// jump placement, L2 chains); see `Dataplane::drift`.
+    pub drift: Vec<String>,
 }
 
 /// Parses `nft -j list table <family> <table>` output, accumulating into `into`.
