@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
   # kernel-facing tools the agent, the tests and the lab call
   iproute2 nftables iptables tcpdump util-linux procps openssl
+  # ipset: the iptables backend's tests read its sets with it (the agent speaks netlink)
+  ipset
   # the primary CNI plugins (bridge, ptp, host-local, loopback) the tests chain ours after
   containernetworking-plugins
   # the real container runtime of the CRI end-to-end test

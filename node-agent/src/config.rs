@@ -48,6 +48,8 @@ pub struct Config {
     pub capture_v4: Option<Ipv4Addr>,
     /// The same for IPv6.
     pub capture_v6: Option<Ipv6Addr>,
+    /// Which redirection backend (`auto` unless set).
+    pub backend: crate::backend::Setting,
     pub table: String,
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
@@ -224,13 +226,16 @@ impl Config {
                 SourceKind::Manifests
             }
         };
-        match src.backend.as_deref() {
-            None | Some("nftables") => {}
-            Some(other) => errors.push(field(
-                "backend",
-                format!("{other:?}: only nftables is implemented"),
-            )),
-        }
+        let backend = src
+            .backend
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .unwrap_or_else(|e: String| {
+                errors.push(field("backend", e));
+                None
+            })
+            .unwrap_or_default();
         let (capture_v4, capture_v6) = capture_addresses(
             src.capture_addresses.as_deref().unwrap_or_default(),
         )
@@ -329,6 +334,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(c::CNI_CACHE_DIR)),
             capture_v4,
             capture_v6,
+            backend,
             table,
             outbound_port: ports[0].1,
             inbound_plaintext_port: ports[1].1,
@@ -435,7 +441,7 @@ mod tests {
             mark: Some(0x1000),
             metrics_addr: Some("nope".into()),
             hbone_port: Some(0),
-            backend: Some("iptables".into()),
+            backend: Some("ipchains".into()),
             ..Default::default()
         })
         .unwrap_err();

@@ -11,6 +11,7 @@
 
 pub mod adopt;
 pub mod agent;
+pub mod backend;
 pub mod bypass;
 pub mod cli;
 pub mod config;
@@ -123,11 +124,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
 
-    let dp = nft::NftDataplane::new(cfg.ruleset())?;
+    let backend = backend::choose(cfg.backend, &cfg.ruleset())?;
+    tracing::info!(backend = backend.name(), setting = ?cfg.backend, "redirection backend");
+    metrics.backend_info(backend.name());
+    let dp = backend::open(backend, cfg.ruleset())?;
     let t0 = Instant::now();
     let core = Core::start(
         cfg.clone(),
-        Box::new(dp),
+        dp,
         host::Sysfs::default(),
         snap_rx.borrow().clone(),
         metrics.clone(),
@@ -135,6 +139,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     )
     .map_err(RunError::Core)?;
     tracing::info!(elapsed = ?t0.elapsed(), "cold-start reconcile done");
+    // Only now that this backend captures every enrolled pod: what another left goes.
+    for removed in backend::remove_others(backend, &cfg.ruleset()) {
+        tracing::info!(backend = %removed, "removed the rules of the previous backend");
+    }
 
     let generation = core.kernel_generation();
     let (core_tx, core_rx) = mpsc::channel::<Command>(1024);
@@ -159,7 +167,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     }
     // Periodic drift check: the kernel is listed on a thread of its own (its own libnftables
     // context, in this same namespace), so that the listing never holds up an ADD.
-    match nft::NftDataplane::new(cfg.ruleset()) {
+    match backend::open(backend, cfg.ruleset()) {
         Ok(observer) => {
             let tx = core_tx.clone();
             let every = cfg.reconcile_interval;
@@ -233,12 +241,11 @@ async fn wait_for_signal() {
 
 /// Lists the kernel every `every` and hands the reading to the core; ends with the core.
 fn drift_observer(
-    mut dp: nft::NftDataplane,
+    mut dp: Box<dyn nft::Dataplane>,
     generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
     every: std::time::Duration,
     core: mpsc::Sender<Command>,
 ) {
-    use nft::Dataplane;
     if let Err(e) = sched::lower_current_thread_priority() {
         tracing::warn!(error = %e, "drift observer keeps normal priority");
     }

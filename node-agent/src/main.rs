@@ -59,14 +59,12 @@ fn main() -> ExitCode {
         CommandKind::Status(a) => view("status", &a),
         CommandKind::Uninstall(a) => {
             init_logs(false, "info");
-            // Only the table name matters to removing the tables.
+            // Only the table name matters to removing the rules of every backend.
             let params = node_agent::nft::RulesetParams {
                 table: a.table.clone(),
                 ..Default::default()
             };
-            let res = node_agent::nft::NftDataplane::new(params)
-                .and_then(|mut dp| node_agent::nft::Dataplane::uninstall(&mut dp));
-            if let Err(e) = res {
+            if let Err(e) = node_agent::backend::remove_all(&params) {
                 eprintln!("node-agent: removing the tables failed: {e}");
                 return ExitCode::FAILURE;
             }

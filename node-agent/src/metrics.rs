@@ -17,6 +17,11 @@ pub struct OpLabels {
     pub op: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub enrolments: Counter,
@@ -32,6 +37,8 @@ pub struct Metrics {
     pub ztunnel_connected: Gauge,
     /// Attachments adopted from the runtime's cached ADD results.
     pub adopted: Counter,
+    /// 1 for the redirection backend in use.
+    pub backend: Family<BackendLabels, Gauge>,
 }
 
 impl Metrics {
@@ -50,6 +57,7 @@ impl Metrics {
             ]),
             ztunnel_connected: Gauge::default(),
             adopted: Counter::default(),
+            backend: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("ambient_agent");
         r.register(
@@ -107,7 +115,20 @@ impl Metrics {
             "Attachments adopted from the runtime's cached ADD results (pods running before the agent)",
             m.adopted.clone(),
         );
+        r.register(
+            "backend",
+            "1 for the redirection backend in use (nftables, iptables-legacy or iptables-nft)",
+            m.backend.clone(),
+        );
         m
+    }
+
+    pub fn backend_info(&self, name: &str) {
+        self.backend
+            .get_or_create(&BackendLabels {
+                backend: name.to_owned(),
+            })
+            .set(1);
     }
 
     pub fn fail(&self, reason: &str) {

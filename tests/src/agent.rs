@@ -64,6 +64,7 @@ impl AgentOptions {
             "--run-dir".to_owned(),
             self.run_dir.to_string_lossy().into_owned(),
         ];
+        a.extend(crate::backend::current().agent_args());
         a.extend(self.extra_args.iter().cloned());
         a
     }

@@ -368,6 +368,17 @@ pub struct ServiceDef {
     pub endpoints: Vec<Ipv4Addr>,
 }
 
+impl ServiceDef {
+    fn rule(&self) -> crate::backend::ServiceRule {
+        crate::backend::ServiceRule {
+            vip: self.vip.into(),
+            port: self.port,
+            target_port: self.target_port,
+            endpoints: self.endpoints.iter().map(|a| (*a).into()).collect(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Root {
     Temp(tempfile::TempDir),
@@ -849,6 +860,7 @@ impl Cluster {
             // As the DaemonSet passes the node's status.hostIP.
             .arg("--capture-address")
             .arg(n.underlay_ip.to_string())
+            .args(crate::backend::current().agent_args())
             .args(&self.spec.agent_args)
             .stdout(out)
             .stderr(err);
@@ -1223,18 +1235,17 @@ impl Cluster {
         Ok(def)
     }
 
-    /// The kube-proxy stand-in's ruleset for the current services.
-    pub fn kube_proxy_rules(&self) -> String {
-        render_kube_proxy(&self.services)
+    /// The kube-proxy stand-in's Services, as the backend module renders them.
+    fn service_rules(&self) -> Vec<crate::backend::ServiceRule> {
+        self.services.iter().map(ServiceDef::rule).collect()
     }
 
+    /// Writes the kube-proxy stand-in's rules on every node, in the tool of the backend under
+    /// test (nftables, or kube-proxy's iptables mode next to an iptables backend).
     fn apply_kube_proxy(&self) -> Result<(), ClusterError> {
-        let rules = self.kube_proxy_rules();
-        let path = self.root.path().join("kube-proxy.nft");
-        std::fs::write(&path, &rules).map_err(io_err(&path))?;
+        let rules = self.service_rules();
         for n in &self.nodes {
-            n.ns()
-                .exec("nft", &[std::ffi::OsStr::new("-f"), path.as_os_str()])?;
+            crate::backend::current().apply_kube_proxy(n.ns(), &rules, self.root.path())?;
         }
         Ok(())
     }
@@ -1428,33 +1439,6 @@ impl Cluster {
 /// kube-proxy's nftables mode in miniature: per service a dispatch rule on VIP:port picking
 /// an endpoint chain at random, each endpoint chain a DNAT; hooked in nat prerouting
 /// (`dstnat`, -100) and nat output (-100).
-pub fn render_kube_proxy(services: &[ServiceDef]) -> String {
-    let mut chains = String::new();
-    let mut dispatch = String::new();
-    for (si, s) in services.iter().enumerate() {
-        if s.endpoints.is_empty() {
-            continue;
-        }
-        let n = s.endpoints.len();
-        let map: Vec<String> = (0..n).map(|e| format!("{e} : jump svc{si}ep{e}")).collect();
-        dispatch.push_str(&format!(
-            "    ip daddr {} tcp dport {} numgen random mod {n} vmap {{ {} }}\n",
-            s.vip,
-            s.port,
-            map.join(", ")
-        ));
-        for (e, ip) in s.endpoints.iter().enumerate() {
-            chains.push_str(&format!(
-                "  chain svc{si}ep{e} {{\n    meta l4proto tcp dnat to {ip}:{}\n  }}\n",
-                s.target_port
-            ));
-        }
-    }
-    format!(
-            "table ip kubelab {{}}\ndelete table ip kubelab\ntable ip kubelab {{\n  comment \"kube-proxy stand-in of the lab\"\n  chain services {{\n{dispatch}  }}\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }}\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    jump services\n  }}\n{chains}}}\n"
-        )
-}
-
 /// The chain of `source()`s of an error, for messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = Vec::new();
@@ -1844,9 +1828,13 @@ mod tests {
             target_port: 8080,
             endpoints: vec!["10.9.2.2".parse().unwrap(), "10.9.2.3".parse().unwrap()],
         };
-        let c = render_kube_proxy(&[svc]);
+        let c = crate::backend::render_nft(&[svc.rule()]);
         assert!(c.contains("ip daddr 10.9.250.10 tcp dport 80 numgen random mod 2 vmap { 0 : jump svc0ep0, 1 : jump svc0ep1 }"), "{c}");
         assert!(c.contains("dnat to 10.9.2.3:8080"));
         assert!(c.contains("priority dstnat"));
+        let i = crate::backend::render_iptables(&[svc.rule()], true);
+        assert!(i.contains("-A KUBE-SERVICES -d 10.9.250.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-LAB0\n"), "{i}");
+        assert!(i.contains("-A KUBE-SVC-LAB0 -m statistic --mode random --probability 0.50000 -j KUBE-SEP-LAB0E0\n-A KUBE-SEP-LAB0E0 -p tcp -m tcp -j DNAT --to-destination 10.9.2.2:8080\n-A KUBE-SVC-LAB0 -j KUBE-SEP-LAB0E1\n"), "{i}");
+        assert!(i.ends_with("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\nCOMMIT\n"));
     }
 }

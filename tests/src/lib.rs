@@ -27,6 +27,9 @@
 //!   `ambient_common::frame`, recording requests.
 //! - [`manifests`]: Namespace and Pod objects for a manifest directory, written atomically.
 //! - [`agent`]: the real `node-agent` started in a node namespace, and its `pods` listing.
+//! - [`backend`]: the redirection backend under test (`AMBIENT_TEST_BACKEND`: nftables,
+//!   iptables-nft, iptables-legacy) for the suites' backend matrix: agent flags, the
+//!   kube-proxy stand-in in the same tool, and reading or disturbing the agent's rules.
 //! - [`oci`]: a static pause binary (C, `gcc -static`) packed into an OCI image archive.
 //! - [`cluster`]: a whole ambient cluster (N nodes on an underlay bridge, CA, shared manifest
 //!   directory, real `node-agent` + `ztunnel` per node, pods through the real chain with echo
@@ -53,6 +56,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod backend;
 pub mod bins;
 pub mod capture;
 pub mod cluster;

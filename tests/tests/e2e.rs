@@ -625,10 +625,7 @@ fn ambient_pod_is_captured_when_add_returns() {
     for i in 0..16 {
         let p = pod(&mut c, 0, "ambient-demo", &format!("p{i}"));
         let ip = c.pods[p].ip.to_string();
-        let set = c.nodes[0]
-            .ns()
-            .exec("nft", &["list", "set", "inet", "ambient", "pod_v4"])
-            .unwrap();
+        let set = ambient_tests::backend::current().captured(c.nodes[0].ns(), false);
         if !set.contains(&ip) {
             missing.push(format!("p{i} ({ip})"));
         }

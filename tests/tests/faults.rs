@@ -279,22 +279,8 @@ fn agent_pod_names(c: &Cluster, node: usize) -> Vec<String> {
     v
 }
 
-fn nft_pod_set(c: &Cluster, node: usize) -> Vec<String> {
-    let out = c.nodes[node]
-        .ns()
-        .exec("nft", &["-j", "list", "set", "inet", "ambient", "pod_v4"])
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut ips: Vec<String> = v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.get("set"))
-        .flat_map(|s| s["elem"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e.as_str().map(str::to_owned))
-        .collect();
-    ips.sort();
-    ips
+fn captured_set(c: &Cluster, node: usize) -> Vec<String> {
+    ambient_tests::backend::current().captured_list(c.nodes[node].ns(), false)
 }
 
 /// Node agent killed: established flows keep working; new ambient pods fail ADD (the
@@ -316,7 +302,7 @@ fn node_agent_killed_and_restarted() {
     roundtrip(&mut long, &m).expect("an established flow survives the agent");
     c.connect(client, to, &m)
         .expect("new connections of enrolled pods still work");
-    let set_before = nft_pod_set(&c, 0);
+    let set_before = captured_set(&c, 0);
     assert!(
         set_before.contains(&c.pods[client].ip.to_string()),
         "rules stay: {set_before:?}"
@@ -353,7 +339,7 @@ fn node_agent_killed_and_restarted() {
     let mut dedup = names.clone();
     dedup.dedup();
     assert_eq!(names, dedup, "duplicated pods in the agent's view");
-    let set = nft_pod_set(&c, 0);
+    let set = captured_set(&c, 0);
     let mut dedup = set.clone();
     dedup.dedup();
     assert_eq!(set, dedup);
@@ -446,7 +432,7 @@ fn pod_netns_replaced_under_the_same_pod() {
     let newp = c.add_pod_with(0, meta, &[]).expect("the new sandbox's ADD");
     let new_ip = c.pods[newp].ip;
     eventually(WAIT, || {
-        let set = nft_pod_set(&c, 0);
+        let set = captured_set(&c, 0);
         if set.contains(&new_ip.to_string())
             && (new_ip == old_ip || !set.contains(&old_ip.to_string()))
         {
@@ -517,7 +503,7 @@ type PluginCase<'a> = (String, Vec<(&'a str, &'a str)>, Vec<u8>);
 
 /// What must not change when garbage arrives: the agent's pods and the kernel set.
 fn snapshot(c: &Cluster) -> (Vec<String>, Vec<String>) {
-    (agent_pod_names(c, 0), nft_pod_set(c, 0))
+    (agent_pod_names(c, 0), captured_set(c, 0))
 }
 
 #[test]

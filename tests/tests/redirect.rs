@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ambient_tests::bins;
+use ambient_tests::{backend, bins};
 use ambient_tests::cni::Attach;
 use ambient_tests::netns::eventually;
 use ambient_tests::probe::{self, ConnRecord};
@@ -121,6 +121,7 @@ impl Lab {
             .arg(self.run_dir())
             .args(["--metrics-addr", "127.0.0.1:15014", "--pod-wait-ms", "1500"])
             .args(["--reconcile-interval-ms", "500", "--log-level", "debug"])
+            .args(backend::current().agent_args())
             .arg("--cni-cache-dir")
             .arg(self.node.cni_cache_dir())
             // A routed node's address, as the DaemonSet passes status.hostIP (unless the
@@ -264,11 +265,9 @@ impl Lab {
         .map_err(|e| e.to_string())
     }
 
-    fn nft_set(&self, family: &str, set: &str) -> String {
-        self.node
-            .ns()
-            .exec("nft", &["list", "set", family, "ambient", set])
-            .unwrap_or_default()
+    /// The kernel's captured addresses of one family, as the backend under test lists them.
+    fn captured(&self, v6: bool) -> String {
+        backend::current().captured(self.node.ns(), v6)
     }
 
     fn agent_pods(&self) -> serde_json::Value {
@@ -353,11 +352,9 @@ fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
 
     let server_ip = lab.ip(server);
     let client_ip = lab.ip(client);
-    assert!(lab.nft_set("inet", "pod_v4").contains(&server_ip));
-    assert!(!lab
-        .nft_set("inet", "pod_v4")
-        .contains(&lab.ip(plain_client)));
-    assert!(!lab.nft_set("inet", "pod_v4").contains(&lab.ip(opted_out)));
+    assert!(lab.captured(false).contains(&server_ip));
+    assert!(!lab.captured(false).contains(&lab.ip(plain_client)));
+    assert!(!lab.captured(false).contains(&lab.ip(opted_out)));
     assert_eq!(lab.state_of("client"), "captured");
     assert_eq!(lab.state_of("pclient"), "not_ambient");
     assert_eq!(lab.state_of("optout"), "opted_out");
@@ -446,7 +443,7 @@ fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
     // DEL releases: the elements are gone and the pod connects directly again.
     let mut pod = lab.pods.remove(client);
     pod.detach().unwrap();
-    assert!(!lab.nft_set("inet", "pod_v4").contains(&client_ip));
+    assert!(!lab.captured(false).contains(&client_ip));
     drop(pod);
 }
 
@@ -553,10 +550,10 @@ fn label_flips_enrol_and_release_running_pods() {
     let mut lab = Lab::new("flip", "10.185.1.0/24", Attach::Bridge);
     let pod = lab.pod("plain", "late", &[]);
     let ip = lab.ip(pod);
-    assert!(!lab.nft_set("inet", "pod_v4").contains(&ip));
+    assert!(!lab.captured(false).contains(&ip));
     let original = label_plain_ambient(&lab);
     eventually(WAIT, || {
-        if lab.nft_set("inet", "pod_v4").contains(&ip) {
+        if lab.captured(false).contains(&ip) {
             Ok(())
         } else {
             Err("not enrolled yet")
@@ -566,7 +563,7 @@ fn label_flips_enrol_and_release_running_pods() {
     assert_eq!(lab.state_of("late"), "captured");
     std::fs::write(lab.dir.path().join("manifests/namespaces.yaml"), &original).unwrap();
     eventually(WAIT, || {
-        if !lab.nft_set("inet", "pod_v4").contains(&ip) {
+        if !lab.captured(false).contains(&ip) {
             Ok(())
         } else {
             Err("not released yet")
@@ -628,7 +625,7 @@ fn pods_behind_an_ebpf_dataplane_are_refused_and_reported() {
         other => Err(format!("state {other}")),
     })
     .unwrap();
-    assert!(!lab.nft_set("inet", "pod_v4").contains(&ip));
+    assert!(!lab.captured(false).contains(&ip));
     let (_, table) = lab.cli(&["pods"]);
     assert!(
         table.contains("plain/web is not captured: host interface cali"),
@@ -697,7 +694,7 @@ fn pods_running_before_the_agent_are_adopted() {
 
     lab.start_agent();
     eventually(WAIT, || {
-        let set = lab.nft_set("inet", "pod_v4");
+        let set = lab.captured(false);
         if set.contains(&client_ip) && set.contains(&server_ip) {
             Ok(())
         } else {
@@ -726,7 +723,7 @@ fn pods_running_before_the_agent_are_adopted() {
         by_name("gone").is_null(),
         "a pod the cluster no longer has is not adopted"
     );
-    assert!(!lab.nft_set("inet", "pod_v4").contains(&plain_ip));
+    assert!(!lab.captured(false).contains(&plain_ip));
     let (_, table) = lab.cli(&["pods"]);
     assert!(
         table.contains("FOUND BY") && table.contains("cni_cache"),
@@ -753,7 +750,7 @@ fn pods_running_before_the_agent_are_adopted() {
     // The label flip: the plain namespace becomes ambient and its adopted pod is enrolled.
     label_plain_ambient(&lab);
     eventually(WAIT, || {
-        if lab.nft_set("inet", "pod_v4").contains(&plain_ip) {
+        if lab.captured(false).contains(&plain_ip) {
             Ok(())
         } else {
             Err("not enrolled yet")
@@ -765,7 +762,7 @@ fn pods_running_before_the_agent_are_adopted() {
     // The runtime's DEL releases an adopted pod as it would any other.
     let mut pod = lab.pods.remove(client);
     pod.detach().unwrap();
-    assert!(!lab.nft_set("inet", "pod_v4").contains(&client_ip));
+    assert!(!lab.captured(false).contains(&client_ip));
     drop(pod);
     assert!(lab.state_of("client").is_empty());
     let _ = gone;
@@ -780,7 +777,7 @@ fn agent_restart_keeps_rules_and_reconciles() {
     let b = lab.pod("amb", "b", &[]);
     let (a_ip, b_ip) = (lab.ip(a), lab.ip(b));
     lab.stop_agent();
-    let set = lab.nft_set("inet", "pod_v4");
+    let set = lab.captured(false);
     assert!(
         set.contains(&a_ip) && set.contains(&b_ip),
         "rules survive the agent"
@@ -789,7 +786,7 @@ fn agent_restart_keeps_rules_and_reconciles() {
     std::fs::remove_file(lab.dir.path().join("manifests/pod-amb-b.yaml")).unwrap();
     lab.start_agent();
     eventually(WAIT, || {
-        let set = lab.nft_set("inet", "pod_v4");
+        let set = lab.captured(false);
         if set.contains(&a_ip) && !set.contains(&b_ip) {
             Ok(())
         } else {
@@ -806,34 +803,22 @@ fn drift_is_repaired() {
     let mut lab = Lab::new("drift", "10.187.1.0/24", Attach::Bridge);
     let a = lab.pod("amb", "a", &[]);
     let ip = lab.ip(a);
-    lab.node
-        .ns()
-        .exec("nft", &["delete", "table", "inet", "ambient"])
+    backend::current()
+        .delete_everything(lab.node.ns())
         .unwrap();
     eventually(WAIT, || {
-        if lab.nft_set("inet", "pod_v4").contains(&ip) {
+        if lab.captured(false).contains(&ip) {
             Ok(())
         } else {
             Err("not repaired")
         }
     })
     .unwrap();
-    lab.node
-        .ns()
-        .exec(
-            "nft",
-            &[
-                "delete",
-                "element",
-                "inet",
-                "ambient",
-                "pod_v4",
-                &format!("{{ {ip} }}"),
-            ],
-        )
+    backend::current()
+        .delete_captured(lab.node.ns(), &ip)
         .unwrap();
     eventually(WAIT, || {
-        if lab.nft_set("inet", "pod_v4").contains(&ip) {
+        if lab.captured(false).contains(&ip) {
             Ok(())
         } else {
             Err("element not repaired")
@@ -873,7 +858,7 @@ fn excluded_namespaces_never_wait_for_the_source() {
     lab.pods.push(pod);
     assert_eq!(lab.state_of("coredns"), "excluded");
     assert!(
-        !lab.nft_set("inet", "pod_v4").contains(&ip),
+        !lab.captured(false).contains(&ip),
         "an excluded pod is never captured"
     );
     let (_, status) = lab.cli(&["status", "-o", "json"]);
@@ -908,7 +893,7 @@ fn concurrent_adds_are_all_enrolled() {
             .map(|h| h.join().unwrap().unwrap())
             .collect()
     });
-    let set = lab.nft_set("inet", "pod_v4");
+    let set = lab.captured(false);
     for p in &pods {
         assert!(
             set.contains(&p.ip().unwrap()),
@@ -947,16 +932,24 @@ fn cli_and_metrics_show_the_node() {
     );
     let (code, rules) = lab.cli(&["rules"]);
     assert_eq!(code, 0);
-    assert!(
-        rules.contains("table inet ambient") && rules.contains("table bridge ambient"),
-        "{rules}"
-    );
-    assert!(rules.contains("redirect to :15001"), "{rules}");
+    if backend::current().is_iptables() {
+        assert!(
+            rules.contains("[nat] -A AMBIENT-CAPTURE") && rules.contains("# ipset ambient-pod4"),
+            "{rules}"
+        );
+        assert!(rules.contains("REDIRECT --to-ports 15001"), "{rules}");
+    } else {
+        assert!(
+            rules.contains("table inet ambient") && rules.contains("table bridge ambient"),
+            "{rules}"
+        );
+        assert!(rules.contains("redirect to :15001"), "{rules}");
+    }
     let (_, status) = lab.cli(&["status", "--output", "json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["source_synced"], true);
     assert_eq!(status["pods_captured"], 1);
-    assert_eq!(status["backend"], "nftables");
+    assert_eq!(status["backend"], backend::current().name());
     assert_eq!(status["ztunnel_connected"], false);
     let metrics = lab.http_get("/metrics");
     assert!(
@@ -973,6 +966,13 @@ fn cli_and_metrics_show_the_node() {
     );
     assert!(
         metrics.contains("ambient_agent_cni_requests_total{op=\"add\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "ambient_agent_backend{{backend=\"{}\"}} 1",
+            backend::current().name()
+        )),
         "{metrics}"
     );
     assert!(lab.http_get("/healthz/ready").contains("200 OK"));
@@ -996,13 +996,18 @@ fn uninstall_leaves_the_node_as_it_was() {
     let node = ambient_tests::NetNs::new("uninst").unwrap();
     node.exec("nft", &["add table inet other; add chain inet other c { type filter hook input priority 0; }; add rule inet other c tcp dport 22 accept"])
         .unwrap();
+    // Someone else's iptables rules, in both variants.
+    for tool in ["iptables-legacy", "iptables-nft"] {
+        node.exec(tool, &["-A", "INPUT", "-p", "tcp", "--dport", "23", "-j", "ACCEPT"])
+            .unwrap();
+    }
     node.ip(&[
         "rule", "add", "fwmark", "0x1", "lookup", "100", "priority", "100",
     ])
     .unwrap();
     let snapshot = |ns: &ambient_tests::NetNs| {
         (
-            ns.exec("nft", &["list", "ruleset"]).unwrap(),
+            backend::Backend::snapshot(ns),
             ns.ip(&["rule"]).unwrap(),
             ns.ip(&["-6", "rule"]).unwrap(),
             ns.ip(&["route", "show", "table", "all"]).unwrap(),
@@ -1015,6 +1020,7 @@ fn uninstall_leaves_the_node_as_it_was() {
         .arg(dir.path())
         .arg("--run-dir")
         .arg(dir.path().join("run"))
+        .args(backend::current().agent_args())
         .stderr(std::process::Stdio::null());
     let pid = node.spawn(&mut cmd).unwrap();
     let sock = dir.path().join("run/cni.sock");

@@ -729,7 +729,11 @@ pub fn remove(names: &Names) -> Result<(), DataplaneError> {
         let _ = writeln!(script, "-X {c}");
     }
     script.push_str("COMMIT\n");
-    run(&ebtables("restore"), &["--noflush"], Some(&script)).map(drop)
+    run(&ebtables("restore"), &["--noflush"], Some(&script))?;
+    if ebtables("restore").contains("-nft-") {
+        crate::nft::prune_empty(&[("bridge", "nat")], &["PREROUTING", "OUTPUT", "POSTROUTING"])?;
+    }
+    Ok(())
 }
 
 /// Are any of our ebtables chains installed?

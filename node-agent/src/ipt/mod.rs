@@ -167,15 +167,32 @@ fn restore(variant: Variant, family: Family, script: &str) -> Result<(), Datapla
     .map(drop)
 }
 
-/// Removes one variant's chains of `params` (both families); the ipsets stay.
+/// Removes one variant's chains of `params` (both families); the ipsets stay. With
+/// iptables-nft, the base chains and tables it created for them go too when nothing else
+/// uses them (the legacy tables are the kernel's and stay, empty).
 pub fn remove_rules(params: &RulesetParams, variant: Variant) -> Result<(), DataplaneError> {
+    let mut removed = false;
     for family in Family::BOTH {
         let saved = save(variant, family)?;
         if let Some(script) = rules::render_remove(params, &saved) {
             restore(variant, family, &script)?;
+            removed = true;
         }
     }
+    if removed && variant == Variant::Nft {
+        prune_nft_tables()?;
+    }
     Ok(())
+}
+
+/// The iptables-nft tables our chains live in, as nftables names them.
+fn prune_nft_tables() -> Result<(), DataplaneError> {
+    let tables: Vec<(&str, &str)> = ["ip", "ip6"]
+        .into_iter()
+        .flat_map(|f| ["raw", "mangle", "nat", "filter"].map(|t| (f, t)))
+        .collect();
+    let builtins: Vec<&str> = rules::HOOKS.iter().map(|(_, b, _)| *b).collect();
+    crate::nft::prune_empty(&tables, &builtins)
 }
 
 /// Removes everything the iptables backend may have installed: both variants' chains (where

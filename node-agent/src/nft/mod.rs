@@ -171,6 +171,56 @@ impl Dataplane for NftDataplane {
     }
 }
 
+/// Deletes the base chains `chains` of each nftables table `(family, name)` that hold no
+/// rule, then each such table left without chains: what `iptables-nft` and `ebtables-nft`
+/// create on first use and leave behind when their last rule goes. A chain or table holding
+/// anything else stays.
+pub fn prune_empty(tables: &[(&str, &str)], chains: &[&str]) -> Result<(), DataplaneError> {
+    let mut ctx = ffi::NftContext::new().ok_or(DataplaneError::Context)?;
+    for (family, table) in tables {
+        let out = ctx.run(&format!("list table {family} {table}"), true)?;
+        if !out.ok {
+            continue; // no such table
+        }
+        let mut observed = Observed::default();
+        let listing: serde_json::Value =
+            serde_json::from_str(&out.output).map_err(ruleset::ListingError::from)?;
+        let mut present: Vec<(String, usize)> = Vec::new();
+        for item in listing["nftables"].as_array().into_iter().flatten() {
+            if let Some(c) = item.get("chain") {
+                present.push((c["name"].as_str().unwrap_or("").to_owned(), 0));
+            }
+            if let Some(r) = item.get("rule") {
+                let chain = r["chain"].as_str().unwrap_or("");
+                if let Some(c) = present.iter_mut().find(|(n, _)| n == chain) {
+                    c.1 += 1;
+                }
+            }
+            if item.get("set").is_some() || item.get("map").is_some() {
+                observed.present = true; // a set: the table is someone's
+            }
+        }
+        let mut script = String::new();
+        let mut left = present.len();
+        for (name, rules) in &present {
+            if *rules == 0 && chains.contains(&name.as_str()) {
+                script.push_str(&format!("delete chain {family} {table} {name}\n"));
+                left -= 1;
+            }
+        }
+        if left == 0 && !observed.present {
+            script.push_str(&format!("delete table {family} {table}\n"));
+        }
+        if !script.is_empty() {
+            let out = ctx.run(&script, false)?;
+            if !out.ok {
+                return Err(DataplaneError::Rejected(out.error.trim().to_owned()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An in-memory dataplane with nftables' transaction semantics (a delete of a missing
 /// element or an add of a present one fails the whole batch), for unit tests.
 #[derive(Debug, Default, Clone)]
