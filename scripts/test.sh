@@ -16,7 +16,15 @@ cargo build --workspace --bins --locked
 # The previous release's ztunnel, for the rollout test (built once, then cached).
 ./scripts/previous-ztunnel.sh >/dev/null
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  run_tests() { cargo nextest run --locked --no-fail-fast "$@"; }
 else
-  cargo test --workspace --locked --no-fail-fast
+  run_tests() { cargo test --locked --no-fail-fast "$@"; }
 fi
+# Everything, against the agent's default backend (nftables on this kernel).
+run_tests --workspace
+# The backend matrix: the redirect, end-to-end, fault and attack suites again with the agent's
+# iptables backend (kube-proxy's stand-in then in iptables too), in both iptables variants.
+AMBIENT_TEST_BACKEND=iptables-nft run_tests -p ambient-tests \
+  --test redirect --test e2e --test faults --test attacks --test attacks_proxy
+AMBIENT_TEST_BACKEND=iptables-legacy run_tests -p ambient-tests \
+  --test redirect --test e2e --test attacks

@@ -141,7 +141,10 @@ pub fn remove_others(backend: Backend, params: &RulesetParams) -> Vec<String> {
                     note("nftables", nft.uninstall());
                 }
             }
-            for other in Variant::BOTH.into_iter().filter(|o| *o != v && o.available()) {
+            for other in Variant::BOTH
+                .into_iter()
+                .filter(|o| *o != v && o.available())
+            {
                 note(other.name(), ipt::remove_rules(params, other));
             }
         }
@@ -181,12 +184,20 @@ mod tests {
             let got = decide(setting, || works, detected(variant)).unwrap();
             assert_eq!(got, want, "{text} nft={works} {variant:?}");
         }
-        assert!("ebpf".parse::<Setting>().unwrap_err().contains("must be auto"));
+        assert!("ebpf"
+            .parse::<Setting>()
+            .unwrap_err()
+            .contains("must be auto"));
         // Without iptables tools, iptables cannot be chosen, and says why.
         let none = || Err(DataplaneError::Rejected("no iptables tools found".into()));
         assert!(decide(Setting::Auto, || false, none).is_err());
         // nftables never asks for the variant.
-        decide(Setting::Auto, || true, || -> Result<Variant, _> { panic!("asked") }).unwrap();
+        decide(
+            Setting::Auto,
+            || true,
+            || -> Result<Variant, _> { panic!("asked") },
+        )
+        .unwrap();
         assert_eq!(Backend::Iptables(Nft).name(), "iptables-nft");
     }
 }

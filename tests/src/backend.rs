@@ -96,7 +96,9 @@ impl Backend {
     /// Removes every rule and set of the agent behind its back (drift).
     pub fn delete_everything(self, ns: &NetNs) -> Result<(), NetNsError> {
         match self {
-            Backend::Nftables => ns.exec("nft", &["delete", "table", "inet", "ambient"]).map(drop),
+            Backend::Nftables => ns
+                .exec("nft", &["delete", "table", "inet", "ambient"])
+                .map(drop),
             _ => {
                 // Every rule of ours and every jump to it, in every table: what a careless
                 // `iptables -F` leaves.
@@ -133,7 +135,11 @@ impl Backend {
             "sh",
             &[
                 "-c",
-                &format!("{} --noflush < {}", self.tool(v6, "restore"), path.display()),
+                &format!(
+                    "{} --noflush < {}",
+                    self.tool(v6, "restore"),
+                    path.display()
+                ),
             ],
         );
         let _ = std::fs::remove_file(&path);

@@ -1833,7 +1833,12 @@ mod tests {
         assert!(c.contains("dnat to 10.9.2.3:8080"));
         assert!(c.contains("priority dstnat"));
         let i = crate::backend::render_iptables(&[svc.rule()], true);
-        assert!(i.contains("-A KUBE-SERVICES -d 10.9.250.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-LAB0\n"), "{i}");
+        assert!(
+            i.contains(
+                "-A KUBE-SERVICES -d 10.9.250.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-LAB0\n"
+            ),
+            "{i}"
+        );
         assert!(i.contains("-A KUBE-SVC-LAB0 -m statistic --mode random --probability 0.50000 -j KUBE-SEP-LAB0E0\n-A KUBE-SEP-LAB0E0 -p tcp -m tcp -j DNAT --to-destination 10.9.2.2:8080\n-A KUBE-SVC-LAB0 -j KUBE-SEP-LAB0E1\n"), "{i}");
         assert!(i.ends_with("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\nCOMMIT\n"));
     }

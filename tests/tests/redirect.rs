@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ambient_tests::{backend, bins};
 use ambient_tests::cni::Attach;
 use ambient_tests::netns::eventually;
 use ambient_tests::probe::{self, ConnRecord};
 use ambient_tests::topo::{Node, NodeSpec, Pod, PodMeta};
+use ambient_tests::{backend, bins};
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -46,10 +46,35 @@ impl Lab {
         Lab::stopped_with(tag, cidr, attach, ambient_extra, serde_json::Map::new())
     }
 
+    /// A dual-stack node (IPv6 pods from `cidr6` too), agent started.
+    fn dual(tag: &str, cidr: &str, cidr6: &str, attach: Attach) -> Lab {
+        let mut lab = Lab::build(
+            tag,
+            cidr,
+            Some(cidr6),
+            attach,
+            serde_json::Map::new(),
+            serde_json::Map::new(),
+        );
+        lab.start_agent();
+        lab
+    }
+
     /// [`Lab::stopped`], with more keys for the primary plugin's entry too.
     fn stopped_with(
         tag: &str,
         cidr: &str,
+        attach: Attach,
+        ambient_extra: serde_json::Map<String, serde_json::Value>,
+        primary_extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Lab {
+        Lab::build(tag, cidr, None, attach, ambient_extra, primary_extra)
+    }
+
+    fn build(
+        tag: &str,
+        cidr: &str,
+        cidr6: Option<&str>,
         attach: Attach,
         ambient_extra: serde_json::Map<String, serde_json::Value>,
         primary_extra: serde_json::Map<String, serde_json::Value>,
@@ -69,6 +94,9 @@ impl Lab {
         .unwrap();
         let mut spec =
             NodeSpec::new(tag, cidr, attach).agent_socket(dir.path().join("run/cni.sock"));
+        if let Some(cidr6) = cidr6 {
+            spec = spec.dual_stack(cidr6);
+        }
         spec.ambient_extra = ambient_extra;
         spec.primary_extra = primary_extra;
         let node = Node::new(&spec).unwrap();
@@ -203,6 +231,11 @@ impl Lab {
     /// Starts a recording echo server on `port` in the node namespace (the ztunnel stand-in)
     /// or in a pod; returns the records file.
     fn recorder(&mut self, pod: Option<usize>, port: u16) -> PathBuf {
+        self.recorder_on(pod, "0.0.0.0", port)
+    }
+
+    /// [`Lab::recorder`] on `addr` (`::` takes both families).
+    fn recorder_on(&mut self, pod: Option<usize>, addr: &str, port: u16) -> PathBuf {
         let tag = pod.map_or("node".to_string(), |p| format!("pod{p}"));
         let out = self.dir.path().join(format!("records/{tag}-{port}.jsonl"));
         let ready = self.dir.path().join(format!("records/{tag}-{port}.ready"));
@@ -211,10 +244,17 @@ impl Lab {
             None => self.node.ns(),
         };
         let mut cmd = ns.command(bins::binary(bins::NETPROBE));
-        cmd.args(["listen-origdst", "--port", &port.to_string(), "--out"])
-            .arg(&out)
-            .arg("--ready-file")
-            .arg(&ready);
+        cmd.args([
+            "listen-origdst",
+            "--addr",
+            addr,
+            "--port",
+            &port.to_string(),
+        ])
+        .arg("--out")
+        .arg(&out)
+        .arg("--ready-file")
+        .arg(&ready);
         let pid = ns.spawn(&mut cmd).unwrap();
         if pod.is_none() {
             self.standins.push(pid);
@@ -445,6 +485,75 @@ fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
     pod.detach().unwrap();
     assert!(!lab.captured(false).contains(&client_ip));
     drop(pod);
+}
+
+/// IPv6 is captured as IPv4 is: outbound, inbound plaintext and HBONE of ambient pods'
+/// IPv6 addresses go to the ztunnel stand-in with their original destination; plain pods'
+/// IPv6 does not; nothing listening means the connection fails.
+fn capture_matrix_v6(tag: &str, cidr: &str, cidr6: &str, attach: Attach) {
+    let mut lab = Lab::dual(tag, cidr, cidr6, attach);
+    let client = lab.pod("amb", "client", &[]);
+    let server = lab.pod("amb", "server", &[]);
+    let plain_client = lab.pod("plain", "pclient", &[]);
+    let plain_server = lab.pod("plain", "pserver", &[]);
+    let ip6 = |lab: &Lab, p: usize| lab.pods[p].ip6().expect("dual-stack pod").to_string();
+    let (c6, s6, pc6, ps6) = (
+        ip6(&lab, client),
+        ip6(&lab, server),
+        ip6(&lab, plain_client),
+        ip6(&lab, plain_server),
+    );
+    let outbound = lab.recorder_on(None, "::", 15001);
+    let inbound = lab.recorder_on(None, "::", 15006);
+    let hbone = lab.recorder_on(None, "::", 15008);
+    let server_rec = lab.recorder_on(Some(server), "::", 8080);
+    let plain_rec = lab.recorder_on(Some(plain_server), "::", 8080);
+    let captured = lab.captured(true);
+    assert!(
+        captured.contains(&s6) && captured.contains(&c6),
+        "{captured}"
+    );
+    assert!(!captured.contains(&pc6), "{captured}");
+
+    lab.connect(Some(client), &format!("[{s6}]:8080")).unwrap();
+    let r = only_record(&outbound);
+    assert_eq!(r.peer.ip().to_string(), c6, "client address preserved");
+    assert_eq!(r.orig_dst.unwrap().to_string(), format!("[{s6}]:8080"));
+    assert!(records(&server_rec).is_empty(), "bypassed capture");
+
+    // A new IPv6 address answers once duplicate address detection is over.
+    eventually(WAIT, || {
+        lab.connect(Some(plain_client), &format!("[{ps6}]:8080"))
+    })
+    .unwrap();
+    assert_eq!(only_record(&plain_rec).peer.ip().to_string(), pc6);
+
+    lab.connect(Some(plain_client), &format!("[{s6}]:8080"))
+        .unwrap();
+    let r = only_record(&inbound);
+    assert_eq!(r.orig_dst.unwrap().to_string(), format!("[{s6}]:8080"));
+    assert_eq!(r.peer.ip().to_string(), pc6);
+
+    lab.connect(Some(plain_client), &format!("[{s6}]:15008"))
+        .unwrap();
+    assert_eq!(
+        only_record(&hbone).orig_dst.unwrap().to_string(),
+        format!("[{s6}]:15008")
+    );
+
+    lab.stop_standins();
+    assert!(lab.connect(Some(client), &format!("[{ps6}]:8080")).is_err());
+    assert_eq!(records(&plain_rec).len(), 1);
+}
+
+#[test]
+fn bridged_ipv6_pods_are_captured() {
+    capture_matrix_v6("rd-b6", "10.228.1.0/24", "fd28::/64", Attach::Bridge);
+}
+
+#[test]
+fn routed_ipv6_pods_are_captured() {
+    capture_matrix_v6("rd-p6", "10.229.1.0/24", "fd29::/64", Attach::Ptp);
 }
 
 fn cidr_gateway(cidr: &str) -> String {
@@ -803,9 +912,7 @@ fn drift_is_repaired() {
     let mut lab = Lab::new("drift", "10.187.1.0/24", Attach::Bridge);
     let a = lab.pod("amb", "a", &[]);
     let ip = lab.ip(a);
-    backend::current()
-        .delete_everything(lab.node.ns())
-        .unwrap();
+    backend::current().delete_everything(lab.node.ns()).unwrap();
     eventually(WAIT, || {
         if lab.captured(false).contains(&ip) {
             Ok(())
@@ -998,8 +1105,11 @@ fn uninstall_leaves_the_node_as_it_was() {
         .unwrap();
     // Someone else's iptables rules, in both variants.
     for tool in ["iptables-legacy", "iptables-nft"] {
-        node.exec(tool, &["-A", "INPUT", "-p", "tcp", "--dport", "23", "-j", "ACCEPT"])
-            .unwrap();
+        node.exec(
+            tool,
+            &["-A", "INPUT", "-p", "tcp", "--dport", "23", "-j", "ACCEPT"],
+        )
+        .unwrap();
     }
     node.ip(&[
         "rule", "add", "fwmark", "0x1", "lookup", "100", "priority", "100",

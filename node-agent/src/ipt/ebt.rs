@@ -731,7 +731,10 @@ pub fn remove(names: &Names) -> Result<(), DataplaneError> {
     script.push_str("COMMIT\n");
     run(&ebtables("restore"), &["--noflush"], Some(&script))?;
     if ebtables("restore").contains("-nft-") {
-        crate::nft::prune_empty(&[("bridge", "nat")], &["PREROUTING", "OUTPUT", "POSTROUTING"])?;
+        crate::nft::prune_empty(
+            &[("bridge", "nat")],
+            &["PREROUTING", "OUTPUT", "POSTROUTING"],
+        )?;
     }
     Ok(())
 }
