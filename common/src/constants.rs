@@ -40,6 +40,10 @@ pub const ZTUNNEL_SOCKET: &str = "/var/run/ambient/ztunnel.sock";
 pub const STATE_DIR: &str = "attachments";
 /// The nftables table owned by this project (in the `inet` and `bridge` families).
 pub const NFT_TABLE: &str = "ambient";
+/// The interface group (`ip link set dev X group N`) the iptables backend gives routed ambient
+/// pods' host veths, so one fixed rule (`-m devgroup`) can tell them apart: ipsets have no
+/// set of interface names.
+pub const ROUTED_PORT_GROUP: u32 = 0x0a4d_4201;
 
 /// Enrolment label, on a namespace or a pod.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";

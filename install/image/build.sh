@@ -91,7 +91,7 @@ for b in install-cni node-agent ztunnel ambient-issuer; do
   chroot "$check" "/opt/ambient/bin/$b" --version >/dev/null
 done
 CNI_COMMAND=VERSION chroot "$check" /opt/ambient/bin/ambient-cni </dev/null | grep -q supportedVersions
-for tool in nft iptables ip; do chroot "$check" sh -c "command -v $tool" >/dev/null; done
+for tool in nft iptables ip iptables-legacy-restore iptables-nft-restore ip6tables-nft-restore ebtables-nft-restore; do chroot "$check" sh -c "command -v $tool" >/dev/null; done
 echo "rootfs ok: $(du -sh "$check" | cut -f1) with ${bins[*]} and nft, iptables, ip"
 rm -rf "$check"
 ((rootfs_only)) && { echo "context ready in $ctx"; exit 0; }

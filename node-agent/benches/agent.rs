@@ -15,7 +15,8 @@
 //!    1,000 enrolled pods, with the rule count alongside.
 //! 3. Agent cold start (load state, read the kernel, reconcile) with 1,000 enrolled pods.
 //!
-//! Knobs: `BENCH_ONLY=enrol,cold,add,add-ztunnel,add-issuer` runs a subset; `BENCH_ADD_SAMPLES=N`
+//! Knobs: `BENCH_BACKEND=nftables|iptables-nft|iptables-legacy` (default nftables) is the
+//! agent's redirection backend in every part; `BENCH_ONLY=enrol,cold,add,add-ztunnel,add-issuer` runs a subset; `BENCH_ADD_SAMPLES=N`
 //! measured ADDs per level (default 300); `BENCH_ADD_LEVELS=1,100,500` the levels; `BENCH_AGENT_LOG=debug` adds the agent's and
 //! ztunnel's per-ADD timings (`attachment updated`, `ADD handled`) to their logs, and
 //! `BENCH_AGENT_LOG_DIR=<dir>` keeps the logs; `BENCH_ADD_TRACE=<file>` appends every ADD
@@ -32,7 +33,22 @@ use std::time::{Duration, Instant};
 use ambient_tests::bins;
 use ambient_tests::cni::{self, Attach, ChainSpec, CniArgs, CniRunner, ConfList, RuntimeConf};
 use ambient_tests::netns::{eventually, NetNs};
-use node_agent::nft::{pod_elements, Attachment, Dataplane, Element, NftDataplane};
+use node_agent::backend::Backend;
+use node_agent::nft::{pod_elements, Attachment, Dataplane, Element, NftDataplane, RulesetParams};
+
+/// The backend under benchmark (`BENCH_BACKEND`).
+fn bench_backend() -> Backend {
+    use node_agent::backend::Setting;
+    let setting: Setting = std::env::var("BENCH_BACKEND")
+        .unwrap_or_else(|_| "nftables".into())
+        .parse()
+        .expect("BENCH_BACKEND");
+    node_agent::backend::choose(setting, &RulesetParams::default()).expect("backend")
+}
+
+fn open_backend() -> Box<dyn Dataplane> {
+    node_agent::backend::open(bench_backend(), RulesetParams::default()).expect("dataplane")
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -76,10 +92,11 @@ fn ms(d: Duration) -> String {
 
 fn inner() {
     println!(
-        "# node agent benchmarks ({} cores)",
+        "# node agent benchmarks ({} cores, {} backend)",
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(0)
+            .unwrap_or(0),
+        bench_backend().name()
     );
     // `BENCH_ONLY=enrol,cold,add,add-ztunnel,add-issuer` runs a subset.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -105,13 +122,17 @@ fn inner() {
 }
 
 fn fake_pod(i: usize) -> BTreeSet<Element> {
+    fake_pod_as(i, i % 2 == 0)
+}
+
+fn fake_pod_as(i: usize, routed: bool) -> BTreeSet<Element> {
     let ip = IpAddr::V4(Ipv4Addr::new(
         10,
         200 + (i / 60_000) as u8,
         ((i / 250) % 240) as u8,
         (i % 250 + 2) as u8,
     ));
-    let att = if i % 2 == 0 {
+    let att = if routed {
         Attachment::Routed {
             veth: format!("vb{i}"),
         }
@@ -133,6 +154,9 @@ fn rule_count(dp: &mut NftDataplane) -> usize {
 /// nfnetlink batch) and through libnftables, back to back and spaced out (a node enrols a
 /// pod now and then, so caches are cold and the freed memory gone: the realistic case).
 fn enrol_one_more() {
+    if let Backend::Iptables(_) = bench_backend() {
+        return enrol_one_more_iptables();
+    }
     println!("\n## enrol one more pod (one transaction)\n");
     println!("| path | spacing | enrolled pods | p50 ms | p99 ms | rules | elements |");
     println!("|---|---|---:|---:|---:|---:|---:|");
@@ -172,6 +196,56 @@ fn enrol_one_more() {
             dp.uninstall().unwrap();
         }
     }
+}
+
+/// The iptables backend: a routed pod is ipset members and its veth's group (netlink); a
+/// bridged pod adds its L2 rules (nft bridge-table elements with iptables-nft, one
+/// `ebtables-restore` with iptables-legacy).
+fn enrol_one_more_iptables() {
+    println!("\n## enrol one more pod ({})\n", bench_backend().name());
+    // Routed pods' host veths must exist: the backend marks them by interface group.
+    let names: Vec<usize> = (0..1000).step_by(2).chain(100_000..100_200).collect();
+    let batch: String = names
+        .iter()
+        .map(|i| format!("link add vb{i} type veth peer name vq{i}\n"))
+        .collect();
+    run_batch(&batch);
+    println!("| pod | spacing | enrolled pods | p50 ms | p99 ms | elements |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (kind, routed) in [("routed (ipsets)", true), ("bridged (ipsets + L2: nft bridge table with iptables-nft, ebtables with iptables-legacy)", false)] {
+        for (spacing, gap) in [("back to back", None), ("20 ms apart", Some(20u64))] {
+            let mut dp = open_backend();
+            for target in [1usize, 100, 1000] {
+                let mut all = BTreeSet::new();
+                for i in 0..target {
+                    all.extend(fake_pod(i));
+                }
+                dp.install(&all).unwrap();
+                let mut samples = Vec::new();
+                let n = if gap.is_some() { 100 } else { 200 };
+                for k in 0..n {
+                    let extra = fake_pod_as(100_000 + k, routed);
+                    if let Some(gap) = gap {
+                        std::thread::sleep(Duration::from_millis(gap));
+                    }
+                    let t = Instant::now();
+                    dp.apply(&BTreeSet::new(), &extra).unwrap();
+                    samples.push(t.elapsed());
+                    dp.apply(&extra, &BTreeSet::new()).unwrap();
+                }
+                samples.sort();
+                println!(
+                    "| {kind} | {spacing} | {target} | {:.3} | {:.3} | {} |",
+                    percentile(&samples, 0.5).as_secs_f64() * 1e3,
+                    percentile(&samples, 0.99).as_secs_f64() * 1e3,
+                    dp.observe().unwrap().elements.len()
+                );
+            }
+            dp.uninstall().unwrap();
+        }
+    }
+    let batch: String = names.iter().map(|i| format!("link del vb{i}\n")).collect();
+    run_batch(&batch);
 }
 
 /// Agent cold start with 1,000 enrolled pods: state file + kernel + source reconciled.
@@ -257,11 +331,11 @@ fn cold_start() {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = node_agent::metrics::Metrics::new(&mut registry);
         let (tx, _rx) = node_agent::ztunnel::WorkloadFeed::new();
-        let dp = NftDataplane::new(node_agent::nft::RulesetParams::default()).unwrap();
+        let dp = open_backend();
         let t = Instant::now();
         let core = node_agent::agent::Core::start(
             cfg.clone(),
-            Box::new(dp),
+            dp,
             sys.clone(),
             snapshot.clone(),
             metrics,
@@ -276,10 +350,7 @@ fn cold_start() {
         );
         drop(core);
     }
-    NftDataplane::new(node_agent::nft::RulesetParams::default())
-        .unwrap()
-        .uninstall()
-        .unwrap();
+    open_backend().uninstall().unwrap();
     let mut batch = String::new();
     for i in 0..1000 {
         batch.push_str(&format!("link del vc{i}\n"));
@@ -491,7 +562,8 @@ fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
     };
     let agent_log = agent_log_path(dir.path(), case);
     let mut agent = Command::new(bins::binary(bins::NODE_AGENT))
-        .args(["run", "--node-name", "bench", "--manifest-dir"])
+        .args(["run", "--backend", bench_backend().name()])
+        .args(["--node-name", "bench", "--manifest-dir"])
         .arg(&manifests)
         .arg("--run-dir")
         .arg(&run)
@@ -797,8 +869,5 @@ fn plugin_add(certs: Option<Certs>, teardown: Teardown) {
         let _ = child.kill();
         let _ = child.wait();
     }
-    NftDataplane::new(node_agent::nft::RulesetParams::default())
-        .unwrap()
-        .uninstall()
-        .ok();
+    open_backend().uninstall().ok();
 }

@@ -54,11 +54,16 @@ pub struct Socket {
 
 impl Socket {
     pub fn open() -> Result<Self, NetlinkError> {
+        Self::open_protocol(SockProtocol::NetlinkNetFilter)
+    }
+
+    /// A socket of another netlink protocol (`NetlinkRoute` for link changes).
+    pub fn open_protocol(protocol: SockProtocol) -> Result<Self, NetlinkError> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
             SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
+            protocol,
         )
         .map_err(NetlinkError::Socket)?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(NetlinkError::Socket)?;

@@ -51,6 +51,8 @@ const IPSET_ERR_EXIST_SETNAME2: i32 = 4101;
 const IPSET_ERR_TYPE_MISMATCH: i32 = 4102;
 const IPSET_ERR_EXIST: i32 = 4103;
 const IPSET_ERR_REFERENCED: i32 = 4108;
+/// Changes sent per round trip: their acks must fit the socket's receive buffer.
+const ROUND: usize = 64;
 /// Most elements a set of ours may hold (ipset's default is 65536).
 pub const MAX_ELEMENTS: u32 = 65536;
 
@@ -287,31 +289,43 @@ impl Ipset {
         if changes.is_empty() {
             return Ok(());
         }
-        let first = self.socket.next_seq();
-        let mut out = Vec::with_capacity(96 * changes.len());
-        for (i, c) in changes.iter().enumerate() {
-            encode_change(&mut out, first.wrapping_add(i as u32), c);
-        }
-        let last = first.wrapping_add(changes.len() as u32 - 1);
-        self.socket.used_through(last);
-        self.socket.send(&out)?;
+        // In rounds small enough that the kernel's acks fit the socket's receive buffer.
         let mut results: Vec<Option<i32>> = vec![None; changes.len()];
-        let mut pending = changes.len();
-        while pending > 0 {
-            let data = self.socket.recv()?;
-            for (seq, code) in nfnl::parse_acks(data)? {
-                let i = seq.wrapping_sub(first) as usize;
-                if let Some(slot) = results.get_mut(i) {
-                    if slot.is_none() {
-                        *slot = Some(code);
-                        pending -= 1;
+        for (round, chunk) in changes.chunks(ROUND).enumerate() {
+            let first = self.socket.next_seq();
+            let mut out = Vec::with_capacity(96 * chunk.len());
+            for (i, c) in chunk.iter().enumerate() {
+                encode_change(&mut out, first.wrapping_add(i as u32), c);
+            }
+            self.socket
+                .used_through(first.wrapping_add(chunk.len() as u32 - 1));
+            self.socket.send(&out)?;
+            let base = round * ROUND;
+            let mut pending = chunk.len();
+            while pending > 0 {
+                let data = self.socket.recv()?;
+                for (seq, code) in nfnl::parse_acks(data)? {
+                    let i = seq.wrapping_sub(first) as usize;
+                    if i < chunk.len() {
+                        if let Some(slot) = results.get_mut(base + i) {
+                            if slot.is_none() {
+                                *slot = Some(code);
+                                pending -= 1;
+                            }
+                        }
                     }
                 }
+            }
+            if results[base..base + chunk.len()]
+                .iter()
+                .any(|r| *r != Some(0))
+            {
+                break;
             }
         }
         let failed = results
             .iter()
-            .position(|r| *r != Some(0))
+            .position(|r| r.is_some_and(|c| c != 0))
             .map(|i| (i, results[i].unwrap_or(0)));
         let Some((i, code)) = failed else {
             return Ok(());

@@ -3,11 +3,15 @@
 //!
 //! The fixed chains are written with `iptables-restore --noflush` (one transaction per table)
 //! and read back with `iptables-save`; every per-pod fact lives in ipsets changed over netlink
-//! ([`ipset`]), so enrolling a pod runs no process and rewrites no rule. Bridged pods' L2
-//! rules are ebtables chains per bridge port ([`ebt`]).
+//! ([`ipset`]) or in the interface group of a routed pod's veth ([`links`]), so enrolling a
+//! routed pod runs no process and rewrites no rule. Bridged pods' L2 rules are the nftables
+//! backend's `bridge` table with iptables-nft (nf_tables is there by definition: elements
+//! over netlink), and ebtables chains per bridge port with iptables-legacy ([`ebt`]), which
+//! keeps such a node's rules out of nf_tables where it has ebtables-legacy.
 
 pub mod ebt;
 pub mod ipset;
+pub mod links;
 pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -196,18 +200,29 @@ fn prune_nft_tables() -> Result<(), DataplaneError> {
 }
 
 /// Removes everything the iptables backend may have installed: both variants' chains (where
-/// their tools exist), then the sets and the L2 chains.
+/// their tools exist), then the sets, the routed-port marks and the ebtables chains. (The
+/// nftables `bridge` table iptables-nft uses for bridged pods is the nftables backend's too;
+/// it goes with that backend's removal, or with [`IptablesDataplane`]'s uninstall.)
 pub fn remove_all(params: &RulesetParams) -> Result<(), DataplaneError> {
     for v in Variant::BOTH.into_iter().filter(|v| v.available()) {
         remove_rules(params, v)?;
     }
     let names = Names::new(params);
+    unmark_ports()?;
     ebt::remove(&names)?;
     let mut ipset = Ipset::open()?;
     for spec in names.sets() {
         ipset.destroy(&spec.name)?;
     }
     Ok(())
+}
+
+/// Takes the routed-port group from every link that has it.
+fn unmark_ports() -> Result<(), DataplaneError> {
+    let mut l = links::Links::open()?;
+    let marked = l.in_group(links::ROUTED_PORT_GROUP);
+    let names: Vec<&str> = marked.iter().map(String::as_str).collect();
+    Ok(l.apply(&names, &[])?)
 }
 
 /// Is there anything of the iptables backend (either variant's chains, or its sets)?
@@ -227,7 +242,9 @@ pub fn installed(params: &RulesetParams) -> bool {
             .iter()
             .any(|s| matches!(i.list(&s.name), Ok(Some(_))))
     });
-    rules || sets || ebt::installed(&names)
+    let ports =
+        links::Links::open().is_ok_and(|mut l| !l.in_group(links::ROUTED_PORT_GROUP).is_empty());
+    rules || sets || ports || ebt::installed(&names)
 }
 
 pub struct IptablesDataplane {
@@ -236,7 +253,71 @@ pub struct IptablesDataplane {
     variant: Variant,
     ipset: Ipset,
     revisions: BTreeMap<(SetType, bool), u8>,
-    l2: ebt::Bridge,
+    l2: L2,
+    links: links::Links,
+}
+
+/// Where bridged pods' L2 rules live.
+enum L2 {
+    /// The `bridge` table of the nftables ruleset (iptables-nft).
+    Nft(Box<crate::nft::NftDataplane>),
+    /// ebtables chains (iptables-legacy).
+    Ebtables(ebt::Bridge),
+}
+
+fn l2_only(elements: &BTreeSet<Element>) -> BTreeSet<Element> {
+    elements.iter().filter(|e| ebt::is_l2(e)).cloned().collect()
+}
+
+impl L2 {
+    fn install(&mut self, elements: &BTreeSet<Element>) -> Result<(), DataplaneError> {
+        match self {
+            L2::Nft(dp) => dp.install(&l2_only(elements)),
+            L2::Ebtables(b) => b.install(elements),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        remove: &BTreeSet<Element>,
+        add: &BTreeSet<Element>,
+    ) -> Result<(), DataplaneError> {
+        match self {
+            L2::Nft(dp) => dp.apply(&l2_only(remove), &l2_only(add)),
+            L2::Ebtables(b) => b.apply(remove, add),
+        }
+    }
+
+    fn observe(&mut self) -> Result<ebt::L2Observed, DataplaneError> {
+        match self {
+            L2::Nft(dp) => {
+                let o = dp.observe()?;
+                let mut drift = dp.drift(&o);
+                if !o.present {
+                    drift.push("the bridge table is missing".into());
+                }
+                Ok(ebt::L2Observed {
+                    elements: o.elements,
+                    drift,
+                })
+            }
+            L2::Ebtables(b) => b.observe(),
+        }
+    }
+
+    fn uninstall(&mut self) -> Result<(), DataplaneError> {
+        match self {
+            L2::Nft(dp) => dp.uninstall(),
+            L2::Ebtables(b) => b.uninstall(),
+        }
+    }
+
+    fn dump(&mut self) -> Result<String, DataplaneError> {
+        match self {
+            L2::Nft(dp) => dp.dump(),
+            L2::Ebtables(b) => b.dump(),
+        }
+    }
 }
 
 impl IptablesDataplane {
@@ -256,13 +337,20 @@ impl IptablesDataplane {
             )));
         }
         let names = Names::new(&params);
+        let l2 = match variant {
+            Variant::Nft => L2::Nft(Box::new(crate::nft::NftDataplane::bridge_only(
+                params.clone(),
+            )?)),
+            Variant::Legacy => L2::Ebtables(ebt::Bridge::new(names.clone(), variant)),
+        };
         Ok(Self {
-            l2: ebt::Bridge::new(names.clone(), variant),
+            l2,
             names,
             params,
             variant,
             ipset: Ipset::open()?,
             revisions: BTreeMap::new(),
+            links: links::Links::open()?,
         })
     }
 
@@ -331,6 +419,16 @@ impl IptablesDataplane {
     }
 }
 
+fn routed<'a>(elements: impl IntoIterator<Item = &'a Element>) -> Vec<&'a str> {
+    elements
+        .into_iter()
+        .filter_map(|e| match e {
+            Element::RoutedPort(v) => Some(v.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 impl Dataplane for IptablesDataplane {
     fn install(&mut self, elements: &BTreeSet<Element>) -> Result<(), DataplaneError> {
         self.ensure_sets()?;
@@ -356,6 +454,14 @@ impl Dataplane for IptablesDataplane {
         }
         strays.extend(changes);
         self.apply_sets(&strays)?;
+        let marked = self.links.in_group(links::ROUTED_PORT_GROUP);
+        let wanted_ports = routed(elements);
+        let unmarked: Vec<&str> = marked
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !wanted_ports.contains(p))
+            .collect();
+        self.links.apply(&unmarked, &wanted_ports)?;
         for family in Family::BOTH {
             let saved = save(self.variant, family)?;
             let script = rules::render_install(&self.params, family, &saved);
@@ -372,16 +478,24 @@ impl Dataplane for IptablesDataplane {
     ) -> Result<(), DataplaneError> {
         let changes = self.set_changes(remove, add);
         self.apply_sets(&changes)?;
-        if let Err(e) = self.l2.apply(remove, add) {
-            // All or nothing: take the set changes back.
+        let undo_sets = |dp: &mut Self| {
             let undo: Vec<_> = changes
-                .into_iter()
+                .iter()
                 .rev()
-                .map(|(a, s, e)| (!a, s, e))
+                .map(|(a, s, e)| (!a, s.clone(), e.clone()))
                 .collect();
-            if let Err(u) = self.apply_sets(&undo) {
-                tracing::error!(error = %u, "undoing set changes after an L2 refusal failed");
+            if let Err(u) = dp.apply_sets(&undo) {
+                tracing::error!(error = %u, "undoing set changes after a refusal failed");
             }
+        };
+        let (gone, new) = (routed(remove), routed(add));
+        if let Err(e) = self.links.apply(&gone, &new) {
+            undo_sets(self);
+            return Err(e.into());
+        }
+        if let Err(e) = self.l2.apply(remove, add) {
+            let _ = self.links.apply(&new, &gone);
+            undo_sets(self);
             return Err(e);
         }
         Ok(())
@@ -407,6 +521,12 @@ impl Dataplane for IptablesDataplane {
                 observed.drift.push("an ipset is missing".into());
             }
         }
+        observed.elements.extend(
+            self.links
+                .in_group(links::ROUTED_PORT_GROUP)
+                .into_iter()
+                .map(Element::RoutedPort),
+        );
         let l2 = self.l2.observe()?;
         observed.elements.extend(l2.elements);
         observed.drift.extend(l2.drift);
@@ -420,6 +540,7 @@ impl Dataplane for IptablesDataplane {
 
     fn uninstall(&mut self) -> Result<(), DataplaneError> {
         remove_rules(&self.params, self.variant)?;
+        unmark_ports()?;
         self.l2.uninstall()?;
         for spec in self.names.sets() {
             self.ipset.destroy(&spec.name)?;
@@ -532,6 +653,12 @@ mod tests {
                 continue;
             }
             in_fresh_netns(move || {
+                // The routed pod's host veth (marked by its interface group).
+                let ok = Command::new("ip")
+                    .args(["link", "add", "vethr1", "type", "veth", "peer", "vethr1p"])
+                    .status()
+                    .unwrap();
+                assert!(ok.success());
                 let params = RulesetParams::default();
                 let mut dp = IptablesDataplane::new(params.clone(), variant).unwrap();
                 let (routed, bridged) = pods();

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use super::ipset::{Entry, SetSpec, SetType};
 use crate::nft::{Element, RulesetParams};
@@ -59,25 +59,22 @@ pub enum SetRole {
     Pod,
     /// (address, L3 interface) of ambient pods (`pod_if_v4`/`pod_if_v6`).
     PodIf,
-    /// (any address, host veth) of routed ambient pods (`routed_ports`).
-    Routed,
 }
 
 impl SetRole {
-    pub const ALL: [SetRole; 3] = [SetRole::Pod, SetRole::PodIf, SetRole::Routed];
+    pub const ALL: [SetRole; 2] = [SetRole::Pod, SetRole::PodIf];
 
     fn suffix(self) -> &'static str {
         match self {
             SetRole::Pod => "pod",
             SetRole::PodIf => "podif",
-            SetRole::Routed => "routed",
         }
     }
 
     fn kind(self) -> SetType {
         match self {
             SetRole::Pod => SetType::HashIp,
-            SetRole::PodIf | SetRole::Routed => SetType::HashNetIface,
+            SetRole::PodIf => SetType::HashNetIface,
         }
     }
 }
@@ -167,7 +164,11 @@ pub fn chain_rules(params: &RulesetParams, family: Family) -> Vec<(&'static str,
     } = params;
     let pod = n.set(family, SetRole::Pod);
     let podif = n.set(family, SetRole::PodIf);
-    let routed = n.set(family, SetRole::Routed);
+    // Routed ambient pods' host veths (`routed_ports`), by their interface group.
+    let routed = format!(
+        "-m devgroup --src-group {:#x}",
+        super::links::ROUTED_PORT_GROUP
+    );
     let m = format!("{mark:#x}/{mask:#x}");
     let capture_to = |port: &u16| match (family, params.capture_v4, params.capture_v6) {
         (Family::V4, Some(a), _) => format!("-j DNAT --to-destination {a}:{port}"),
@@ -185,16 +186,16 @@ pub fn chain_rules(params: &RulesetParams, family: Family) -> Vec<(&'static str,
     )];
     match family {
         Family::V4 => guard.push(format!(
-            "-m set --match-set {routed} src,src -m set ! --match-set {podif} src,src {} -j DROP",
+            "{routed} -m set ! --match-set {podif} src,src {} -j DROP",
             c("routed ambient pod with a foreign address")
         )),
         Family::V6 => {
             guard.push(format!(
-                "-m set --match-set {routed} src,src ! -s fe80::/10 -m set ! --match-set {podif} src,src {} -j DROP",
+                "{routed} ! -s fe80::/10 -m set ! --match-set {podif} src,src {} -j DROP",
                 c("routed ambient pod with a foreign address")
             ));
             guard.push(format!(
-                "-m set --match-set {routed} src,src -s fe80::/10 -p tcp {} -j DROP",
+                "{routed} -s fe80::/10 -p tcp {} -j DROP",
                 c("TCP from an ambient pod's link-local address (never captured)")
             ));
             // Bridged pods' neighbour advertisements (via br_netfilter): per-pod rules kept
@@ -467,8 +468,8 @@ pub fn present(params: &RulesetParams, saved: &Saved) -> bool {
         .all(|(table, _, suffix)| saved.has_chain(table, &n.chain(suffix)))
 }
 
-/// The set members an element stands for. Bridge (L2) elements have none: they are not
-/// ipset facts (see `ebt`).
+/// The set members an element stands for. Routed ports (interface groups, see `links`) and
+/// bridge (L2) elements (see `ebt`) have none.
 pub fn entries(names: &Names, e: &Element) -> Vec<(String, Entry)> {
     let net_iface = |net: IpAddr, prefix: u8, iface: &str| Entry::NetIface {
         net,
@@ -487,28 +488,17 @@ pub fn entries(names: &Names, e: &Element) -> Vec<(String, Entry)> {
             names.set(Family::V6, SetRole::PodIf),
             net_iface((*a).into(), 128, i),
         )],
-        Element::RoutedPort(i) => vec![
-            (
-                names.set(Family::V4, SetRole::Routed),
-                net_iface(Ipv4Addr::UNSPECIFIED.into(), 0, i),
-            ),
-            (
-                names.set(Family::V6, SetRole::Routed),
-                net_iface(Ipv6Addr::UNSPECIFIED.into(), 0, i),
-            ),
-        ],
         _ => Vec::new(),
     }
 }
 
-/// The elements that set members stand for (the inverse of [`entries`]). A routed port is
-/// there when both families' sets hold it; a member no element maps to is reported.
+/// The elements that set members stand for (the inverse of [`entries`]); a member no element
+/// maps to is reported.
 pub fn elements_of(
     names: &Names,
     members: &BTreeMap<String, Vec<Entry>>,
 ) -> Result<BTreeSet<Element>, String> {
     let mut out = BTreeSet::new();
-    let mut routed: BTreeMap<String, u8> = BTreeMap::new();
     for (set, entries) in members {
         for entry in entries {
             let bad = || format!("unexpected member {entry:?} of set {set}");
@@ -546,31 +536,17 @@ pub fn elements_of(
                 ) => {
                     out.insert(Element::PodIfV6(iface.clone(), *a));
                 }
-                (
-                    (_, SetRole::Routed),
-                    Entry::NetIface {
-                        prefix: 0,
-                        iface,
-                        physdev: false,
-                        ..
-                    },
-                ) => *routed.entry(iface.clone()).or_default() += 1,
                 _ => return Err(bad()),
             }
         }
     }
-    out.extend(
-        routed
-            .into_iter()
-            .filter(|(_, n)| *n == 2)
-            .map(|(i, _)| Element::RoutedPort(i)),
-    );
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn params() -> RulesetParams {
         RulesetParams::default()
@@ -675,7 +651,6 @@ mod tests {
             Element::PodV6("fd00::2".parse().unwrap()),
             Element::PodIfV4("veth1".into(), Ipv4Addr::new(10, 0, 0, 2)),
             Element::PodIfV6("cni0".into(), "fd00::2".parse().unwrap()),
-            Element::RoutedPort("veth1".into()),
         ];
         let mut members: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
         for e in &els {
@@ -683,15 +658,10 @@ mod tests {
                 members.entry(set).or_default().push(entry);
             }
         }
-        assert_eq!(members.len(), 6);
-        assert_eq!(members["ambient-routed6"].len(), 1);
+        assert_eq!(members.len(), 4);
         let back = elements_of(&n, &members).unwrap();
         assert_eq!(back, els.iter().cloned().collect());
-        // Half a routed port is not a routed port.
-        members.remove("ambient-routed6");
-        assert!(!elements_of(&n, &members)
-            .unwrap()
-            .contains(&Element::RoutedPort("veth1".into())));
+        assert!(entries(&n, &Element::RoutedPort("veth1".into())).is_empty());
         members.insert(
             "ambient-pod4".into(),
             vec![Entry::Ip("fd00::9".parse().unwrap())],
@@ -710,7 +680,7 @@ mod tests {
             ..params()
         });
         assert!(n.chain("MARK-REPLIES").len() <= 28);
-        assert!(n.set(Family::V6, SetRole::Routed).len() <= 31);
+        assert!(n.set(Family::V6, SetRole::PodIf).len() <= 31);
         assert!(n.chain("P-123456789012345").len() <= 31);
     }
 }
