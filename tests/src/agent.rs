@@ -177,6 +177,8 @@ mod tests {
                 "/m",
                 "--run-dir",
                 "/r",
+                "--backend",
+                crate::backend::current().name(),
                 "--log-level",
                 "debug"
             ]
