@@ -146,6 +146,35 @@ fn fake_pod_as(i: usize, routed: bool) -> BTreeSet<Element> {
     pod_elements(&att, &[ip])
 }
 
+/// With `target` pods installed, the sorted times to add one more pod's elements (`extra(i)`
+/// for i from 100,000), each removed again, back to back or `gap` ms apart.
+fn enrol_samples(
+    dp: &mut dyn Dataplane,
+    target: usize,
+    gap: Option<u64>,
+    extra: impl Fn(usize) -> BTreeSet<Element>,
+) -> Vec<Duration> {
+    let mut all = BTreeSet::new();
+    for i in 0..target {
+        all.extend(fake_pod(i));
+    }
+    dp.install(&all).unwrap();
+    let mut samples = Vec::new();
+    let n = if gap.is_some() { 100 } else { 200 };
+    for k in 0..n {
+        let extra = extra(100_000 + k);
+        if let Some(gap) = gap {
+            std::thread::sleep(Duration::from_millis(gap));
+        }
+        let t = Instant::now();
+        dp.apply(&BTreeSet::new(), &extra).unwrap();
+        samples.push(t.elapsed());
+        dp.apply(&extra, &BTreeSet::new()).unwrap();
+    }
+    samples.sort();
+    samples
+}
+
 fn rule_count(dp: &mut NftDataplane) -> usize {
     dp.observe().unwrap().chains.iter().map(|(_, n)| n).sum()
 }
@@ -167,24 +196,7 @@ fn enrol_one_more() {
                 dp = dp.without_element_writer();
             }
             for target in [10usize, 100, 1000] {
-                let mut all = BTreeSet::new();
-                for i in 0..target {
-                    all.extend(fake_pod(i));
-                }
-                dp.install(&all).unwrap();
-                let mut samples = Vec::new();
-                let n = if gap.is_some() { 100 } else { 200 };
-                for k in 0..n {
-                    let extra = fake_pod(100_000 + k);
-                    if let Some(gap) = gap {
-                        std::thread::sleep(Duration::from_millis(gap));
-                    }
-                    let t = Instant::now();
-                    dp.apply(&BTreeSet::new(), &extra).unwrap();
-                    samples.push(t.elapsed());
-                    dp.apply(&extra, &BTreeSet::new()).unwrap();
-                }
-                samples.sort();
+                let samples = enrol_samples(&mut dp, target, gap, fake_pod);
                 let rules = rule_count(&mut dp);
                 println!(
                     "| {path} | {spacing} | {target} | {:.3} | {:.3} | {rules} | {} |",
@@ -199,8 +211,7 @@ fn enrol_one_more() {
 }
 
 /// The iptables backend: a routed pod is ipset members and its veth's group (netlink); a
-/// bridged pod adds its L2 rules (nft bridge-table elements with iptables-nft, one
-/// `ebtables-restore` with iptables-legacy).
+/// bridged pod adds its L2 rules (one `ebtables-restore`).
 fn enrol_one_more_iptables() {
     println!("\n## enrol one more pod ({})\n", bench_backend().name());
     // Routed pods' host veths must exist: the backend marks them by interface group.
@@ -212,28 +223,14 @@ fn enrol_one_more_iptables() {
     run_batch(&batch);
     println!("| pod | spacing | enrolled pods | p50 ms | p99 ms | elements |");
     println!("|---|---|---:|---:|---:|---:|");
-    for (kind, routed) in [("routed (ipsets)", true), ("bridged (ipsets + L2: nft bridge table with iptables-nft, ebtables with iptables-legacy)", false)] {
+    for (kind, routed) in [
+        ("routed (ipsets)", true),
+        ("bridged (ipsets + ebtables)", false),
+    ] {
         for (spacing, gap) in [("back to back", None), ("20 ms apart", Some(20u64))] {
             let mut dp = open_backend();
             for target in [1usize, 100, 1000] {
-                let mut all = BTreeSet::new();
-                for i in 0..target {
-                    all.extend(fake_pod(i));
-                }
-                dp.install(&all).unwrap();
-                let mut samples = Vec::new();
-                let n = if gap.is_some() { 100 } else { 200 };
-                for k in 0..n {
-                    let extra = fake_pod_as(100_000 + k, routed);
-                    if let Some(gap) = gap {
-                        std::thread::sleep(Duration::from_millis(gap));
-                    }
-                    let t = Instant::now();
-                    dp.apply(&BTreeSet::new(), &extra).unwrap();
-                    samples.push(t.elapsed());
-                    dp.apply(&extra, &BTreeSet::new()).unwrap();
-                }
-                samples.sort();
+                let samples = enrol_samples(dp.as_mut(), target, gap, |i| fake_pod_as(i, routed));
                 println!(
                     "| {kind} | {spacing} | {target} | {:.3} | {:.3} | {} |",
                     percentile(&samples, 0.5).as_secs_f64() * 1e3,

@@ -27,6 +27,8 @@ pub mod sched;
 pub mod server;
 pub mod source;
 pub mod state;
+#[cfg(test)]
+mod testutil;
 pub mod ztunnel;
 
 use std::sync::Arc;

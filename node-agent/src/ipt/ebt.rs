@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::rules::Names;
 use super::{run, Variant};
@@ -133,20 +133,13 @@ fn port_rules(port: &Port) -> Vec<String> {
 
 /// The per-address and per-MAC rules of the protocol chains: (chain suffix, rule).
 fn global_rules(elements: &BTreeSet<Element>) -> BTreeSet<(&'static str, String)> {
-    let owners4 = |a: &Ipv4Addr| -> Vec<&str> {
+    // The ports whose own address `a` is.
+    let owners = |a: IpAddr| -> Vec<&str> {
         elements
             .iter()
             .filter_map(|e| match e {
-                Element::BrPortV4(p, x) if x == a => Some(p.as_str()),
-                _ => None,
-            })
-            .collect()
-    };
-    let owners6 = |a: &Ipv6Addr| -> Vec<&str> {
-        elements
-            .iter()
-            .filter_map(|e| match e {
-                Element::BrPortV6(p, x) if x == a => Some(p.as_str()),
+                Element::BrPortV4(p, x) if IpAddr::V4(*x) == a => Some(p.as_str()),
+                Element::BrPortV6(p, x) if IpAddr::V6(*x) == a => Some(p.as_str()),
                 _ => None,
             })
             .collect()
@@ -162,13 +155,13 @@ fn global_rules(elements: &BTreeSet<Element>) -> BTreeSet<(&'static str, String)
     for e in elements {
         match e {
             Element::BrPodV4(a) => {
-                for i in not_from(owners4(a)) {
+                for i in not_from(owners(IpAddr::V4(*a))) {
                     out.insert(("ARP", format!("-p ARP{i} --arp-ip-src {a} -j DROP")));
                     out.insert(("IP4", format!("-p IPv4{i} --ip-src {a} -j DROP")));
                 }
             }
             Element::BrPodV6(a) => {
-                for i in not_from(owners6(a)) {
+                for i in not_from(owners(IpAddr::V6(*a))) {
                     out.insert(("IP6", format!("-p IPv6{i} --ip6-src {a} -j DROP")));
                 }
             }

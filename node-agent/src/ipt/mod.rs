@@ -4,10 +4,8 @@
 //! The fixed chains are written with `iptables-restore --noflush` (one transaction per table)
 //! and read back with `iptables-save`; every per-pod fact lives in ipsets changed over netlink
 //! ([`ipset`]) or in the interface group of a routed pod's veth ([`links`]), so enrolling a
-//! routed pod runs no process and rewrites no rule. Bridged pods' L2 rules are the nftables
-//! backend's `bridge` table with iptables-nft (nf_tables is there by definition: elements
-//! over netlink), and ebtables chains per bridge port with iptables-legacy ([`ebt`]), which
-//! keeps such a node's rules out of nf_tables where it has ebtables-legacy.
+//! routed pod runs no process and rewrites no rule. Bridged pods' L2 rules are ebtables
+//! chains per bridge port ([`ebt`]): one `ebtables-restore` per bridged pod.
 
 pub mod ebt;
 pub mod ipset;
@@ -200,9 +198,7 @@ fn prune_nft_tables() -> Result<(), DataplaneError> {
 }
 
 /// Removes everything the iptables backend may have installed: both variants' chains (where
-/// their tools exist), then the sets, the routed-port marks and the ebtables chains. (The
-/// nftables `bridge` table iptables-nft uses for bridged pods is the nftables backend's too;
-/// it goes with that backend's removal, or with [`IptablesDataplane`]'s uninstall.)
+/// their tools exist), then the sets, the routed-port marks and the ebtables chains.
 pub fn remove_all(params: &RulesetParams) -> Result<(), DataplaneError> {
     for v in Variant::BOTH.into_iter().filter(|v| v.available()) {
         remove_rules(params, v)?;
@@ -253,72 +249,8 @@ pub struct IptablesDataplane {
     variant: Variant,
     ipset: Ipset,
     revisions: BTreeMap<(SetType, bool), u8>,
-    l2: L2,
+    l2: ebt::Bridge,
     links: links::Links,
-}
-
-/// Where bridged pods' L2 rules live.
-#[allow(dead_code)]
-enum L2 {
-    /// The `bridge` table of the nftables ruleset (iptables-nft).
-    Nft(Box<crate::nft::NftDataplane>),
-    /// ebtables chains (iptables-legacy).
-    Ebtables(ebt::Bridge),
-}
-
-fn l2_only(elements: &BTreeSet<Element>) -> BTreeSet<Element> {
-    elements.iter().filter(|e| ebt::is_l2(e)).cloned().collect()
-}
-
-impl L2 {
-    fn install(&mut self, elements: &BTreeSet<Element>) -> Result<(), DataplaneError> {
-        match self {
-            L2::Nft(dp) => dp.install(&l2_only(elements)),
-            L2::Ebtables(b) => b.install(elements),
-        }
-    }
-
-    fn apply(
-        &mut self,
-        remove: &BTreeSet<Element>,
-        add: &BTreeSet<Element>,
-    ) -> Result<(), DataplaneError> {
-        match self {
-            L2::Nft(dp) => dp.apply(&l2_only(remove), &l2_only(add)),
-            L2::Ebtables(b) => b.apply(remove, add),
-        }
-    }
-
-    fn observe(&mut self) -> Result<ebt::L2Observed, DataplaneError> {
-        match self {
-            L2::Nft(dp) => {
-                let o = dp.observe()?;
-                let mut drift = dp.drift(&o);
-                if !o.present {
-                    drift.push("the bridge table is missing".into());
-                }
-                Ok(ebt::L2Observed {
-                    elements: o.elements,
-                    drift,
-                })
-            }
-            L2::Ebtables(b) => b.observe(),
-        }
-    }
-
-    fn uninstall(&mut self) -> Result<(), DataplaneError> {
-        match self {
-            L2::Nft(dp) => dp.uninstall(),
-            L2::Ebtables(b) => b.uninstall(),
-        }
-    }
-
-    fn dump(&mut self) -> Result<String, DataplaneError> {
-        match self {
-            L2::Nft(dp) => dp.dump(),
-            L2::Ebtables(b) => b.dump(),
-        }
-    }
 }
 
 impl IptablesDataplane {
@@ -338,10 +270,7 @@ impl IptablesDataplane {
             )));
         }
         let names = Names::new(&params);
-        // The nftables bridge table for iptables-nft's bridged pods (`L2::Nft`) is measured
-        // faster but failed the cluster suites (an element apply found no table); ebtables
-        // for both variants until that is understood.
-        let l2 = L2::Ebtables(ebt::Bridge::new(names.clone(), variant));
+        let l2 = ebt::Bridge::new(names.clone(), variant);
         Ok(Self {
             l2,
             names,
@@ -603,22 +532,8 @@ fn entry_text(e: &Entry) -> String {
 mod tests {
     use super::*;
     use crate::nft::{ambient_mac_elements, pin_elements, pod_elements, Attachment, Mac};
+    use crate::testutil::in_fresh_netns;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    /// Runs `f` on a thread of its own in a fresh network namespace, which the kernel
-    /// removes with everything in it (rules, sets) when the thread ends, whatever happens.
-    fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (a network namespace of its own)");
-            return;
-        }
-        std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(NEWNET)");
-            f()
-        })
-        .join()
-        .expect("test thread panicked");
-    }
 
     fn pods() -> (BTreeSet<Element>, BTreeSet<Element>) {
         let v4 = |d| IpAddr::V4(Ipv4Addr::new(10, 62, 0, d));

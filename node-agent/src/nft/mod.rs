@@ -10,7 +10,6 @@ pub mod ruleset;
 use std::collections::BTreeSet;
 
 pub use ruleset::chain_drift as chain_drift_of;
-use ruleset::chain_drift_in;
 pub use ruleset::{
     ambient_mac_elements, pin_elements, pod_elements, valid_ifname, Attachment, Element, Mac,
     Observed, RulesetParams,
@@ -69,9 +68,6 @@ pub trait Dataplane: Send {
 pub struct NftDataplane {
     ctx: ffi::NftContext,
     params: RulesetParams,
-    /// The tables this dataplane owns: both, or (for the iptables backend's bridged pods)
-    /// the `bridge` table alone.
-    families: &'static [&'static str],
     /// Element changes go straight to the kernel; `None` when the socket could not be
     /// opened (libnftables then carries them too).
     elements: Option<netlink::ElementWriter>,
@@ -88,23 +84,8 @@ impl NftDataplane {
         Ok(Self {
             ctx: ffi::NftContext::new().ok_or(DataplaneError::Context)?,
             params,
-            families: &["inet", "bridge"],
             elements,
         })
-    }
-
-    /// The `bridge` table alone: L2 rules for bridged pods (see `ipt`).
-    pub fn bridge_only(params: RulesetParams) -> Result<Self, DataplaneError> {
-        let mut dp = Self::new(params)?;
-        dp.families = &["bridge"];
-        Ok(dp)
-    }
-
-    /// Removes the `inet` table alone (a node moving to the iptables backend, whose
-    /// bridged pods keep the `bridge` table).
-    pub fn uninstall_inet(&mut self) -> Result<(), DataplaneError> {
-        let script = self.params.render_remove_families(&["inet"]);
-        self.run(&script, false).map(drop)
     }
 
     /// Applies element changes through libnftables only (the benchmark's comparison).
@@ -125,11 +106,7 @@ impl NftDataplane {
 
 impl Dataplane for NftDataplane {
     fn install(&mut self, elements: &BTreeSet<Element>) -> Result<(), DataplaneError> {
-        let mut script = if self.families.contains(&"inet") {
-            self.params.render_base()
-        } else {
-            self.params.render_bridge()
-        };
+        let mut script = self.params.render_base();
         script.push_str(&ruleset::render_changes(
             &self.params.table,
             [],
@@ -157,7 +134,7 @@ impl Dataplane for NftDataplane {
 
     fn observe(&mut self) -> Result<Observed, DataplaneError> {
         let mut observed = Observed::default();
-        for family in self.families {
+        for family in ["inet", "bridge"] {
             let cmd = format!("list table {family} {}", self.params.table);
             match self.run(&cmd, true) {
                 Ok(json) => ruleset::parse_listing(&json, &mut observed)?,
@@ -169,18 +146,14 @@ impl Dataplane for NftDataplane {
         Ok(observed)
     }
 
-    fn drift(&self, observed: &Observed) -> Vec<String> {
-        chain_drift_in(observed, self.families)
-    }
-
     fn uninstall(&mut self) -> Result<(), DataplaneError> {
-        let script = self.params.render_remove_families(self.families);
+        let script = self.params.render_remove();
         self.run(&script, false).map(drop)
     }
 
     fn dump(&mut self) -> Result<String, DataplaneError> {
         let mut out = String::new();
-        for family in self.families {
+        for family in ["inet", "bridge"] {
             let cmd = format!("list table {family} {}", self.params.table);
             match self.run(&cmd, false) {
                 Ok(text) => out.push_str(&text),
@@ -338,22 +311,8 @@ impl MemoryDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::in_fresh_netns;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    /// Runs `f` on a thread of its own in a fresh network namespace, which the kernel
-    /// removes with everything in it when the thread ends, whatever happens.
-    fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (a network namespace of its own)");
-            return;
-        }
-        std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(NEWNET)");
-            f()
-        })
-        .join()
-        .expect("test thread panicked");
-    }
 
     /// The netlink fast path writes exactly the elements libnftables reads back (the
     /// listing is parsed into `Element`s), is atomic, and replaces a map value.
