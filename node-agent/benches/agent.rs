@@ -43,7 +43,10 @@ fn bench_backend() -> Backend {
         .unwrap_or_else(|_| "nftables".into())
         .parse()
         .expect("BENCH_BACKEND");
-    node_agent::backend::choose(setting, &RulesetParams::default()).expect("backend")
+    let bridge_l2 = std::env::var("BENCH_BRIDGE_L2")
+        .ok()
+        .map(|v| v.parse().expect("BENCH_BRIDGE_L2"));
+    node_agent::backend::choose(setting, bridge_l2, &RulesetParams::default()).expect("backend")
 }
 
 fn open_backend() -> Box<dyn Dataplane> {
@@ -92,11 +95,11 @@ fn ms(d: Duration) -> String {
 
 fn inner() {
     println!(
-        "# node agent benchmarks ({} cores, {} backend)",
+        "# node agent benchmarks ({} cores, {:?} backend)",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
-        bench_backend().name()
+        bench_backend()
     );
     // `BENCH_ONLY=enrol,cold,add,add-ztunnel,add-issuer` runs a subset.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -183,7 +186,7 @@ fn rule_count(dp: &mut NftDataplane) -> usize {
 /// nfnetlink batch) and through libnftables, back to back and spaced out (a node enrols a
 /// pod now and then, so caches are cold and the freed memory gone: the realistic case).
 fn enrol_one_more() {
-    if let Backend::Iptables(_) = bench_backend() {
+    if let Backend::Iptables(..) = bench_backend() {
         return enrol_one_more_iptables();
     }
     println!("\n## enrol one more pod (one transaction)\n");
@@ -211,9 +214,10 @@ fn enrol_one_more() {
 }
 
 /// The iptables backend: a routed pod is ipset members and its veth's group (netlink); a
-/// bridged pod adds its L2 rules (one `ebtables-restore`).
+/// bridged pod adds its L2 rules (`bridge` table elements over netlink, or one
+/// `ebtables-restore`; `BENCH_BRIDGE_L2` chooses).
 fn enrol_one_more_iptables() {
-    println!("\n## enrol one more pod ({})\n", bench_backend().name());
+    println!("\n## enrol one more pod ({:?})\n", bench_backend());
     // Routed pods' host veths must exist: the backend marks them by interface group.
     let names: Vec<usize> = (0..1000).step_by(2).chain(100_000..100_200).collect();
     let batch: String = names

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::ipt::{self, IptablesDataplane, Variant};
+use crate::ipt::{self, BridgeL2, IptablesDataplane, Variant};
 use crate::nft::{Dataplane, DataplaneError, NftDataplane, RulesetParams};
 
 /// The configured choice.
@@ -58,31 +58,52 @@ impl std::str::FromStr for Setting {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Nftables,
-    Iptables(Variant),
+    /// iptables of this variant, with bridged pods' L2 rules where the second says.
+    Iptables(Variant, BridgeL2),
 }
 
 impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Nftables => "nftables",
-            Backend::Iptables(v) => v.name(),
+            Backend::Iptables(v, _) => v.name(),
         }
     }
 }
 
-/// The decision, from the setting and what the node offers (asked only when needed).
-pub fn decide(
+/// What the node offers, asked only when a decision needs it.
+pub struct Probes<N, V, B> {
+    /// Does the kernel take the nftables ruleset?
+    pub nftables_works: N,
+    /// Which iptables variant holds kube-proxy's rules?
+    pub detect_variant: V,
+    /// Does the kernel take the nftables `bridge` table?
+    pub nft_bridge_works: B,
+}
+
+/// The decision, from the settings (`bridge_l2`: `None` is auto) and the node's answers.
+pub fn decide<N, V, B>(
     setting: Setting,
-    nftables_works: impl FnOnce() -> bool,
-    detect_variant: impl FnOnce() -> Result<Variant, DataplaneError>,
-) -> Result<Backend, DataplaneError> {
-    Ok(match setting {
-        Setting::Nftables => Backend::Nftables,
-        Setting::Iptables(Some(v)) => Backend::Iptables(v),
-        Setting::Iptables(None) => Backend::Iptables(detect_variant()?),
-        Setting::Auto if nftables_works() => Backend::Nftables,
-        Setting::Auto => Backend::Iptables(detect_variant()?),
-    })
+    bridge_l2: Option<BridgeL2>,
+    probes: Probes<N, V, B>,
+) -> Result<Backend, DataplaneError>
+where
+    N: FnOnce() -> bool,
+    V: FnOnce() -> Result<Variant, DataplaneError>,
+    B: FnOnce() -> bool,
+{
+    let variant = match setting {
+        Setting::Nftables => return Ok(Backend::Nftables),
+        Setting::Auto if (probes.nftables_works)() => return Ok(Backend::Nftables),
+        Setting::Iptables(Some(v)) => v,
+        Setting::Iptables(None) | Setting::Auto => (probes.detect_variant)()?,
+    };
+    let l2 = match bridge_l2 {
+        Some(l2) => l2,
+        None if (probes.nft_bridge_works)() => BridgeL2::Nftables,
+        None => BridgeL2::Ebtables,
+    };
+    Ok(Backend::Iptables(variant, l2))
 }
 
 /// Does the kernel take the nftables ruleset? Installs it under a scratch table name and
@@ -106,16 +127,28 @@ pub fn nftables_works(params: &RulesetParams) -> bool {
     }
 }
 
-/// Chooses the backend for `setting` on this node.
-pub fn choose(setting: Setting, params: &RulesetParams) -> Result<Backend, DataplaneError> {
-    decide(setting, || nftables_works(params), ipt::detect_variant)
+/// Chooses the backend for the settings on this node.
+pub fn choose(
+    setting: Setting,
+    bridge_l2: Option<BridgeL2>,
+    params: &RulesetParams,
+) -> Result<Backend, DataplaneError> {
+    decide(
+        setting,
+        bridge_l2,
+        Probes {
+            nftables_works: || nftables_works(params),
+            detect_variant: ipt::detect_variant,
+            nft_bridge_works: || ipt::nft_bridge_works(params),
+        },
+    )
 }
 
 /// A dataplane of `backend` in the calling thread's network namespace.
 pub fn open(backend: Backend, params: RulesetParams) -> Result<Box<dyn Dataplane>, DataplaneError> {
     Ok(match backend {
         Backend::Nftables => Box::new(NftDataplane::new(params)?),
-        Backend::Iptables(v) => Box::new(IptablesDataplane::new(params, v)?),
+        Backend::Iptables(v, l2) => Box::new(IptablesDataplane::new(params, v, l2)?),
     })
 }
 
@@ -135,11 +168,21 @@ pub fn remove_others(backend: Backend, params: &RulesetParams) -> Vec<String> {
                 note("iptables", ipt::remove_all(params));
             }
         }
-        Backend::Iptables(v) => {
-            if let Ok(mut nft) = NftDataplane::new(params.clone()) {
+        Backend::Iptables(v, l2) => {
+            // With its L2 rules in the `bridge` table, this backend owns that table now:
+            // only the `inet` one goes.
+            let nft = match l2 {
+                BridgeL2::Nftables => NftDataplane::inet_only(params.clone()),
+                BridgeL2::Ebtables => NftDataplane::new(params.clone()),
+            };
+            if let Ok(mut nft) = nft {
                 if nft.observe().is_ok_and(|o| o.present) {
                     note("nftables", nft.uninstall());
                 }
+            }
+            if l2 == BridgeL2::Nftables && ipt::ebt::installed(&ipt::rules::Names::new(params))
+            {
+                note("ebtables", ipt::ebt::remove(&ipt::rules::Names::new(params)));
             }
             for other in Variant::BOTH
                 .into_iter()
@@ -164,40 +207,75 @@ pub fn remove_all(params: &RulesetParams) -> Result<(), DataplaneError> {
 mod tests {
     use super::*;
 
+    fn probes(
+        nft: bool,
+        variant: Variant,
+        bridge: bool,
+    ) -> Probes<
+        impl FnOnce() -> bool,
+        impl FnOnce() -> Result<Variant, DataplaneError>,
+        impl FnOnce() -> bool,
+    > {
+        Probes {
+            nftables_works: move || nft,
+            detect_variant: move || Ok(variant),
+            nft_bridge_works: move || bridge,
+        }
+    }
+
     #[test]
     fn settings_parse_and_decide() {
+        use BridgeL2::{Ebtables as Eb, Nftables as Br};
         use Variant::*;
-        let detected = |v: Variant| move || Ok::<_, DataplaneError>(v);
-        // (setting, nftables works, detected variant) -> backend
+        // (setting, bridge L2 setting, nftables works, detected variant, bridge table works)
+        //   -> backend
         let cases = [
-            ("auto", true, Nft, Backend::Nftables),
-            ("auto", false, Legacy, Backend::Iptables(Legacy)),
-            ("auto", false, Nft, Backend::Iptables(Nft)),
-            ("nftables", false, Legacy, Backend::Nftables),
-            ("iptables", true, Legacy, Backend::Iptables(Legacy)),
-            ("iptables-nft", true, Legacy, Backend::Iptables(Nft)),
-            ("iptables-legacy", true, Nft, Backend::Iptables(Legacy)),
+            ("auto", None, true, Nft, true, Backend::Nftables),
+            ("auto", None, false, Legacy, true, Backend::Iptables(Legacy, Br)),
+            ("auto", None, false, Nft, true, Backend::Iptables(Nft, Br)),
+            ("auto", None, false, Legacy, false, Backend::Iptables(Legacy, Eb)),
+            ("nftables", None, false, Legacy, false, Backend::Nftables),
+            ("iptables", None, true, Legacy, true, Backend::Iptables(Legacy, Br)),
+            ("iptables-nft", None, true, Legacy, true, Backend::Iptables(Nft, Br)),
+            ("iptables-legacy", Some(Eb), true, Nft, true, Backend::Iptables(Legacy, Eb)),
+            ("iptables-nft", Some(Br), true, Nft, false, Backend::Iptables(Nft, Br)),
+            ("nftables", Some(Eb), true, Nft, true, Backend::Nftables),
         ];
-        for (text, works, variant, want) in cases {
+        for (text, l2, works, variant, bridge, want) in cases {
             let setting: Setting = text.parse().unwrap();
             assert_eq!(setting.as_str(), text);
-            let got = decide(setting, || works, detected(variant)).unwrap();
-            assert_eq!(got, want, "{text} nft={works} {variant:?}");
+            let got = decide(setting, l2, probes(works, variant, bridge)).unwrap();
+            assert_eq!(got, want, "{text} {l2:?} nft={works} {variant:?} bridge={bridge}");
         }
         assert!("ebpf"
             .parse::<Setting>()
             .unwrap_err()
             .contains("must be auto"));
+        assert!("arptables"
+            .parse::<BridgeL2>()
+            .unwrap_err()
+            .contains("must be auto"));
         // Without iptables tools, iptables cannot be chosen, and says why.
-        let none = || Err(DataplaneError::Rejected("no iptables tools found".into()));
-        assert!(decide(Setting::Auto, || false, none).is_err());
-        // nftables never asks for the variant.
-        decide(
-            Setting::Auto,
-            || true,
-            || -> Result<Variant, _> { panic!("asked") },
-        )
-        .unwrap();
-        assert_eq!(Backend::Iptables(Nft).name(), "iptables-nft");
+        let none = Probes {
+            nftables_works: || false,
+            detect_variant: || Err(DataplaneError::Rejected("no iptables tools found".into())),
+            nft_bridge_works: || true,
+        };
+        assert!(decide(Setting::Auto, None, none).is_err());
+        // nftables never asks for the variant or the bridge table.
+        let never = Probes {
+            nftables_works: || true,
+            detect_variant: || -> Result<Variant, DataplaneError> { panic!("asked") },
+            nft_bridge_works: || -> bool { panic!("asked") },
+        };
+        decide(Setting::Auto, None, never).unwrap();
+        // A given bridge L2 is never probed.
+        let given = Probes {
+            nftables_works: || false,
+            detect_variant: || Ok(Nft),
+            nft_bridge_works: || -> bool { panic!("asked") },
+        };
+        decide(Setting::Auto, Some(Eb), given).unwrap();
+        assert_eq!(Backend::Iptables(Nft, Br).name(), "iptables-nft");
     }
 }

@@ -99,9 +99,15 @@ pub struct RunArgs {
     /// A family without one is redirected to the address of the interface it arrived on.
     #[arg(long, env = "AMBIENT_CAPTURE_ADDRESS", value_delimiter = ',')]
     pub capture_address: Option<Vec<String>>,
-    /// Redirection backend: `nftables` (the only one implemented).
+    /// Redirection backend: `auto` (nftables where the kernel takes its ruleset, iptables
+    /// otherwise), `nftables`, `iptables` (the variant kube-proxy uses), `iptables-legacy` or
+    /// `iptables-nft`.
     #[arg(long, env = "AMBIENT_BACKEND")]
     pub backend: Option<String>,
+    /// Where the iptables backend keeps bridged pods' L2 rules: `auto` (the nftables `bridge`
+    /// table where the kernel takes it, ebtables otherwise), `nftables` or `ebtables`.
+    #[arg(long, env = "AMBIENT_BRIDGE_L2")]
+    pub bridge_l2: Option<String>,
     #[arg(long)]
     pub table: Option<String>,
     #[arg(long)]
@@ -155,6 +161,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr.clone(),
             excluded_namespaces: self.excluded_namespaces.clone(),
             backend: self.backend.clone(),
+            bridge_l2: self.bridge_l2.clone(),
             cni_cache_dir: self.cni_cache_dir.clone(),
             capture_addresses: self.capture_address.clone(),
             table: self.table.clone(),

@@ -50,6 +50,8 @@ pub struct Config {
     pub capture_v6: Option<Ipv6Addr>,
     /// Which redirection backend (`auto` unless set).
     pub backend: crate::backend::Setting,
+    /// Where the iptables backend keeps bridged pods' L2 rules (`None`: auto).
+    pub bridge_l2: Option<crate::ipt::BridgeL2>,
     pub table: String,
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
@@ -93,6 +95,7 @@ pub struct ConfigFile {
     /// Node addresses captured traffic is DNATed to (one per family at most).
     pub capture_addresses: Option<Vec<String>>,
     pub backend: Option<String>,
+    pub bridge_l2: Option<String>,
     pub table: Option<String>,
     pub outbound_port: Option<u16>,
     pub inbound_plaintext_port: Option<u16>,
@@ -156,6 +159,7 @@ impl ConfigFile {
             cni_cache_dir,
             capture_addresses,
             backend,
+            bridge_l2,
             table,
             outbound_port,
             inbound_plaintext_port,
@@ -236,6 +240,13 @@ impl Config {
                 None
             })
             .unwrap_or_default();
+        let bridge_l2 = match src.bridge_l2.as_deref() {
+            None | Some("auto") => None,
+            Some(text) => text.parse().map(Some).unwrap_or_else(|e: String| {
+                errors.push(field("bridgeL2", e));
+                None
+            }),
+        };
         let (capture_v4, capture_v6) = capture_addresses(
             src.capture_addresses.as_deref().unwrap_or_default(),
         )
@@ -335,6 +346,7 @@ impl Config {
             capture_v4,
             capture_v6,
             backend,
+            bridge_l2,
             table,
             outbound_port: ports[0].1,
             inbound_plaintext_port: ports[1].1,
@@ -442,6 +454,7 @@ mod tests {
             metrics_addr: Some("nope".into()),
             hbone_port: Some(0),
             backend: Some("ipchains".into()),
+            bridge_l2: Some("arptables".into()),
             ..Default::default()
         })
         .unwrap_err();
@@ -453,6 +466,7 @@ mod tests {
             "metricsAddr",
             "hbonePort",
             "backend",
+            "bridgeL2",
         ] {
             assert!(
                 text.iter().any(|t| t.starts_with(want)),

@@ -126,8 +126,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
 
-    let backend = backend::choose(cfg.backend, &cfg.ruleset())?;
-    tracing::info!(backend = backend.name(), setting = ?cfg.backend, "redirection backend");
+    let backend = backend::choose(cfg.backend, cfg.bridge_l2, &cfg.ruleset())?;
+    tracing::info!(backend = ?backend, setting = ?cfg.backend, "redirection backend");
     metrics.backend_info(backend.name());
     let dp = backend::open(backend, cfg.ruleset())?;
     let t0 = Instant::now();

@@ -167,22 +167,20 @@ mod tests {
             log_file: "/l".into(),
             extra_args: vec!["--log-level".into(), "debug".into()],
         };
-        assert_eq!(
-            o.run_args(),
-            [
-                "run",
-                "--node-name",
-                "n1",
-                "--manifest-dir",
-                "/m",
-                "--run-dir",
-                "/r",
-                "--backend",
-                crate::backend::current().name(),
-                "--log-level",
-                "debug"
-            ]
-        );
+        let mut want: Vec<String> = [
+            "run",
+            "--node-name",
+            "n1",
+            "--manifest-dir",
+            "/m",
+            "--run-dir",
+            "/r",
+        ]
+        .map(String::from)
+        .to_vec();
+        want.extend(crate::backend::current().agent_args());
+        want.extend(["--log-level".into(), "debug".into()]);
+        assert_eq!(o.run_args(), want);
         assert_eq!(o.cni_socket(), Path::new("/r/cni.sock"));
     }
 

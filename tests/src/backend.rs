@@ -50,9 +50,15 @@ impl Backend {
         self != Backend::Nftables
     }
 
-    /// `node-agent run` flags selecting this backend.
+    /// `node-agent run` flags selecting this backend. iptables-legacy runs take bridged
+    /// pods' L2 rules to ebtables and iptables-nft runs to the nftables `bridge` table (the
+    /// default wherever the kernel has it), so the matrix covers both places.
     pub fn agent_args(self) -> Vec<String> {
-        vec!["--backend".into(), self.name().into()]
+        let mut args = vec!["--backend".into(), self.name().into()];
+        if self == Backend::IptablesLegacy {
+            args.extend(["--bridge-l2".into(), "ebtables".into()]);
+        }
+        args
     }
 
     fn tool(self, v6: bool, what: &str) -> String {

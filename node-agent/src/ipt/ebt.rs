@@ -532,6 +532,11 @@ fn render_nd_delta(
     (!out.is_empty()).then(|| format!("*raw\n{out}COMMIT\n"))
 }
 
+/// The ebtables tool: ebtables-nft where installed, whichever iptables variant the node runs.
+/// (Following the variant was tried: Debian's `ebtables-legacy-save` is a script that lists
+/// through the `ebtables` alternative, so it reads the nft rules where that points at
+/// ebtables-nft, and the legacy `nat` table needs `ebtable_nat`, which kernels built without
+/// it, like this project's test VMs, refuse. The L2 hook is the bridge's either way.)
 fn ebtables(what: &str) -> String {
     for name in [
         format!("ebtables-nft-{what}"),

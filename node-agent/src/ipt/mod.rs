@@ -4,8 +4,10 @@
 //! The fixed chains are written with `iptables-restore --noflush` (one transaction per table)
 //! and read back with `iptables-save`; every per-pod fact lives in ipsets changed over netlink
 //! ([`ipset`]) or in the interface group of a routed pod's veth ([`links`]), so enrolling a
-//! routed pod runs no process and rewrites no rule. Bridged pods' L2 rules are ebtables
-//! chains per bridge port ([`ebt`]): one `ebtables-restore` per bridged pod.
+//! routed pod runs no process and rewrites no rule. Bridged pods' L2 rules ([`BridgeL2`]) are
+//! the nftables backend's `bridge` table, whose sets take a pod in one netlink message, where
+//! the kernel has nf_tables; or ebtables chains per bridge port ([`ebt`]), one
+//! `ebtables-restore` per bridged pod, where it has not (or where the operator asks).
 
 pub mod ebt;
 pub mod ipset;
@@ -243,19 +245,147 @@ pub fn installed(params: &RulesetParams) -> bool {
     rules || sets || ports || ebt::installed(&names)
 }
 
+/// Where the iptables backend keeps bridged pods' L2 rules (MAC pin, ARP and NDP claims,
+/// foreign-port addresses, the MAC rewrite, tagged frames).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeL2 {
+    /// The nftables backend's `bridge` table alone (set elements over netlink).
+    Nftables,
+    /// ebtables chains per bridge port, with the ebtables tool of the iptables variant.
+    Ebtables,
+}
+
+impl BridgeL2 {
+    pub fn name(self) -> &'static str {
+        match self {
+            BridgeL2::Nftables => "nftables",
+            BridgeL2::Ebtables => "ebtables",
+        }
+    }
+}
+
+impl serde::Serialize for BridgeL2 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BridgeL2 {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "nftables" => Ok(BridgeL2::Nftables),
+            "ebtables" => Ok(BridgeL2::Ebtables),
+            other => Err(format!("{other:?} must be auto, nftables or ebtables")),
+        }
+    }
+}
+
+/// Does the kernel take the `bridge` table? Installs it under a scratch table name and
+/// removes it again.
+pub fn nft_bridge_works(params: &RulesetParams) -> bool {
+    let probe = RulesetParams {
+        table: format!("{}_probe", params.table),
+        ..params.clone()
+    };
+    let result = crate::nft::NftDataplane::bridge_only(probe).and_then(|mut dp| {
+        let installed = dp.install(&BTreeSet::new());
+        dp.uninstall()?;
+        installed
+    });
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(error = %e, "the nftables bridge table is not usable here");
+            false
+        }
+    }
+}
+
 pub struct IptablesDataplane {
     params: RulesetParams,
     names: Names,
     variant: Variant,
     ipset: Ipset,
     revisions: BTreeMap<(SetType, bool), u8>,
-    l2: ebt::Bridge,
+    l2: L2,
     links: links::Links,
+}
+
+/// The L2 part of an iptables dataplane, where [`BridgeL2`] puts it.
+enum L2 {
+    Nft(Box<crate::nft::NftDataplane>),
+    Ebtables(ebt::Bridge),
+}
+
+fn l2_only(elements: &BTreeSet<Element>) -> BTreeSet<Element> {
+    elements.iter().filter(|e| ebt::is_l2(e)).cloned().collect()
+}
+
+impl L2 {
+    fn install(&mut self, elements: &BTreeSet<Element>) -> Result<(), DataplaneError> {
+        match self {
+            L2::Nft(dp) => dp.install(&l2_only(elements)),
+            L2::Ebtables(b) => b.install(elements),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        remove: &BTreeSet<Element>,
+        add: &BTreeSet<Element>,
+    ) -> Result<(), DataplaneError> {
+        match self {
+            L2::Nft(dp) => {
+                let (remove, add) = (l2_only(remove), l2_only(add));
+                if remove.is_empty() && add.is_empty() {
+                    return Ok(());
+                }
+                dp.apply(&remove, &add)
+            }
+            L2::Ebtables(b) => b.apply(remove, add),
+        }
+    }
+
+    fn observe(&mut self) -> Result<ebt::L2Observed, DataplaneError> {
+        match self {
+            L2::Nft(dp) => {
+                let o = dp.observe()?;
+                let mut drift = dp.drift(&o);
+                if !o.present {
+                    drift.push("the bridge table is missing".into());
+                }
+                Ok(ebt::L2Observed {
+                    elements: o.elements,
+                    drift,
+                })
+            }
+            L2::Ebtables(b) => b.observe(),
+        }
+    }
+
+    fn uninstall(&mut self) -> Result<(), DataplaneError> {
+        match self {
+            L2::Nft(dp) => dp.uninstall(),
+            L2::Ebtables(b) => b.uninstall(),
+        }
+    }
+
+    fn dump(&mut self) -> Result<String, DataplaneError> {
+        match self {
+            L2::Nft(dp) => dp.dump(),
+            L2::Ebtables(b) => b.dump(),
+        }
+    }
 }
 
 impl IptablesDataplane {
     /// The dataplane of the network namespace the calling thread is in.
-    pub fn new(params: RulesetParams, variant: Variant) -> Result<Self, DataplaneError> {
+    pub fn new(
+        params: RulesetParams,
+        variant: Variant,
+        bridge_l2: BridgeL2,
+    ) -> Result<Self, DataplaneError> {
         if !rules::valid_table_name(&params.table) {
             return Err(DataplaneError::Rejected(format!(
                 "table name {:?} cannot name iptables chains and ipsets (at most {} letters, digits, '-' or '_')",
@@ -270,7 +400,12 @@ impl IptablesDataplane {
             )));
         }
         let names = Names::new(&params);
-        let l2 = ebt::Bridge::new(names.clone(), variant);
+        let l2 = match bridge_l2 {
+            BridgeL2::Nftables => L2::Nft(Box::new(crate::nft::NftDataplane::bridge_only(
+                params.clone(),
+            )?)),
+            BridgeL2::Ebtables => L2::Ebtables(ebt::Bridge::new(names.clone(), variant)),
+        };
         Ok(Self {
             l2,
             names,
@@ -566,6 +701,14 @@ mod tests {
                 eprintln!("{} not installed; skipped", variant.name());
                 continue;
             }
+            for l2 in [BridgeL2::Nftables, BridgeL2::Ebtables] {
+                round_trip(variant, l2);
+            }
+        }
+    }
+
+    fn round_trip(variant: Variant, l2: BridgeL2) {
+        {
             in_fresh_netns(move || {
                 // The routed pod's host veth (marked by its interface group).
                 let ok = Command::new("ip")
@@ -574,7 +717,7 @@ mod tests {
                     .unwrap();
                 assert!(ok.success());
                 let params = RulesetParams::default();
-                let mut dp = IptablesDataplane::new(params.clone(), variant).unwrap();
+                let mut dp = IptablesDataplane::new(params.clone(), variant, l2).unwrap();
                 let (routed, bridged) = pods();
                 dp.install(&routed).unwrap();
                 let seen = dp.observe().unwrap();
@@ -588,7 +731,7 @@ mod tests {
                 assert_eq!(dp.drift(&seen), Vec::<String>::new());
                 assert_eq!(seen.elements, all);
                 // A second dataplane (the drift observer's) reads the same.
-                let mut other = IptablesDataplane::new(params.clone(), variant).unwrap();
+                let mut other = IptablesDataplane::new(params.clone(), variant, l2).unwrap();
                 assert_eq!(other.observe().unwrap().elements, all);
 
                 // Released: the bridged pod's rules go, the routed pod's stay.
@@ -623,6 +766,8 @@ mod tests {
                 assert!(nat.tables["nat"].chains.contains("KUBE-SERVICES"));
                 let dump = run(&variant.tool(Family::V6, "save"), &[], None).unwrap();
                 assert!(!dump.contains("AMBIENT"), "{dump}");
+                let mut bridge = crate::nft::NftDataplane::bridge_only(params).unwrap();
+                assert!(!bridge.observe().unwrap().present, "the bridge table is left");
             });
         }
     }

@@ -10,6 +10,7 @@ pub mod ruleset;
 use std::collections::BTreeSet;
 
 pub use ruleset::chain_drift as chain_drift_of;
+use ruleset::chain_drift_in;
 pub use ruleset::{
     ambient_mac_elements, pin_elements, pod_elements, valid_ifname, Attachment, Element, Mac,
     Observed, RulesetParams,
@@ -68,6 +69,9 @@ pub trait Dataplane: Send {
 pub struct NftDataplane {
     ctx: ffi::NftContext,
     params: RulesetParams,
+    /// The tables this dataplane owns: both, or (for the iptables backend's bridged pods)
+    /// the `bridge` table alone.
+    families: &'static [&'static str],
     /// Element changes go straight to the kernel; `None` when the socket could not be
     /// opened (libnftables then carries them too).
     elements: Option<netlink::ElementWriter>,
@@ -84,8 +88,24 @@ impl NftDataplane {
         Ok(Self {
             ctx: ffi::NftContext::new().ok_or(DataplaneError::Context)?,
             params,
+            families: &["inet", "bridge"],
             elements,
         })
+    }
+
+    /// The `bridge` table alone: L2 rules for bridged pods (see `ipt`).
+    pub fn bridge_only(params: RulesetParams) -> Result<Self, DataplaneError> {
+        let mut dp = Self::new(params)?;
+        dp.families = &["bridge"];
+        Ok(dp)
+    }
+
+    /// The `inet` table alone: what a node moving to the iptables backend removes (its
+    /// bridged pods keep the `bridge` table, which that backend writes too).
+    pub fn inet_only(params: RulesetParams) -> Result<Self, DataplaneError> {
+        let mut dp = Self::new(params)?;
+        dp.families = &["inet"];
+        Ok(dp)
     }
 
     /// Applies element changes through libnftables only (the benchmark's comparison).
@@ -106,7 +126,13 @@ impl NftDataplane {
 
 impl Dataplane for NftDataplane {
     fn install(&mut self, elements: &BTreeSet<Element>) -> Result<(), DataplaneError> {
-        let mut script = self.params.render_base();
+        let mut script = String::new();
+        for family in self.families {
+            script.push_str(&match *family {
+                "inet" => self.params.render_inet(),
+                _ => self.params.render_bridge(),
+            });
+        }
         script.push_str(&ruleset::render_changes(
             &self.params.table,
             [],
@@ -134,7 +160,7 @@ impl Dataplane for NftDataplane {
 
     fn observe(&mut self) -> Result<Observed, DataplaneError> {
         let mut observed = Observed::default();
-        for family in ["inet", "bridge"] {
+        for family in self.families {
             let cmd = format!("list table {family} {}", self.params.table);
             match self.run(&cmd, true) {
                 Ok(json) => ruleset::parse_listing(&json, &mut observed)?,
@@ -146,14 +172,18 @@ impl Dataplane for NftDataplane {
         Ok(observed)
     }
 
+    fn drift(&self, observed: &Observed) -> Vec<String> {
+        chain_drift_in(observed, self.families)
+    }
+
     fn uninstall(&mut self) -> Result<(), DataplaneError> {
-        let script = self.params.render_remove();
+        let script = self.params.render_remove_families(self.families);
         self.run(&script, false).map(drop)
     }
 
     fn dump(&mut self) -> Result<String, DataplaneError> {
         let mut out = String::new();
-        for family in ["inet", "bridge"] {
+        for family in self.families {
             let cmd = format!("list table {family} {}", self.params.table);
             match self.run(&cmd, false) {
                 Ok(text) => out.push_str(&text),

@@ -65,6 +65,11 @@ impl RulesetParams {
     /// The fixed part of both tables, as one nft script. Applying it replaces any previous
     /// version of the tables (and their elements) atomically.
     pub fn render_base(&self) -> String {
+        format!("{}{}", self.render_inet(), self.render_bridge())
+    }
+
+    /// The fixed part of the `inet` table, replacing any previous version of it.
+    pub fn render_inet(&self) -> String {
         let RulesetParams {
             table,
             outbound_port: out,
@@ -96,8 +101,6 @@ impl RulesetParams {
         format!(
             r#"table inet {table} {{}}
 delete table inet {table}
-table bridge {table} {{}}
-delete table bridge {table}
 table inet {table} {{
   comment "ambient data plane: owned by node-agent, do not edit"
   set pod_v4 {{ type ipv4_addr; comment "ambient pod addresses"; }}
@@ -151,6 +154,17 @@ table inet {table} {{
     tcp dport {{ {out}, {inb} }} ct status & dnat == 0 counter reject with tcp reset comment "capture ports only take captured traffic"
   }}
 }}
+"#
+        )
+    }
+
+    /// The fixed part of the `bridge` table alone (L2 rules for bridged pods), replacing any
+    /// previous version of it; the iptables backend uses it where the kernel has nftables.
+    pub fn render_bridge(&self) -> String {
+        let table = &self.table;
+        format!(
+            r#"table bridge {table} {{}}
+delete table bridge {table}
 table bridge {table} {{
   comment "ambient data plane: owned by node-agent, do not edit"
   set ports {{ type ifname; comment "bridge ports of ambient pods"; }}
@@ -190,10 +204,16 @@ table bridge {table} {{
 
     /// Removes both tables (uninstall). Idempotent.
     pub fn render_remove(&self) -> String {
+        self.render_remove_families(&["inet", "bridge"])
+    }
+
+    /// Removes the tables of `families`. Idempotent.
+    pub fn render_remove_families(&self, families: &[&str]) -> String {
         let table = &self.table;
-        format!(
-            "table inet {table} {{}}\ndelete table inet {table}\ntable bridge {table} {{}}\ndelete table bridge {table}\n"
-        )
+        families
+            .iter()
+            .map(|f| format!("table {f} {table} {{}}\ndelete table {f} {table}\n"))
+            .collect()
     }
 }
 
@@ -536,8 +556,16 @@ fn parse_element(
 
 /// Chains whose rule count differs from what [`RulesetParams::render_base`] installs.
 pub fn chain_drift(observed: &Observed) -> Vec<String> {
+    chain_drift_in(observed, &["inet", "bridge"])
+}
+
+/// [`chain_drift`] for the tables of `families` only.
+pub fn chain_drift_in(observed: &Observed, families: &[&str]) -> Vec<String> {
     let mut drift = Vec::new();
     for (family, chains) in [("inet", INET_CHAINS), ("bridge", BRIDGE_CHAINS)] {
+        if !families.contains(&family) {
+            continue;
+        }
         for (name, want) in chains.iter() {
             let key = format!("{family}/{name}");
             match observed.chains.iter().find(|(n, _)| *n == key) {
