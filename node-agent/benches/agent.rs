@@ -227,10 +227,7 @@ fn enrol_one_more_iptables() {
     run_batch(&batch);
     println!("| pod | spacing | enrolled pods | p50 ms | p99 ms | elements |");
     println!("|---|---|---:|---:|---:|---:|");
-    for (kind, routed) in [
-        ("routed (ipsets)", true),
-        ("bridged (ipsets + ebtables)", false),
-    ] {
+    for (kind, routed) in [("routed (ipsets)", true), ("bridged (ipsets + L2)", false)] {
         for (spacing, gap) in [("back to back", None), ("20 ms apart", Some(20u64))] {
             let mut dp = open_backend();
             for target in [1usize, 100, 1000] {

@@ -180,15 +180,20 @@ pub fn remove_others(backend: Backend, params: &RulesetParams) -> Vec<String> {
                     note("nftables", nft.uninstall());
                 }
             }
-            if l2 == BridgeL2::Nftables && ipt::ebt::installed(&ipt::rules::Names::new(params))
-            {
-                note("ebtables", ipt::ebt::remove(&ipt::rules::Names::new(params)));
+            if l2 == BridgeL2::Nftables && ipt::ebt::installed(&ipt::rules::Names::new(params)) {
+                note(
+                    "ebtables",
+                    ipt::ebt::remove(&ipt::rules::Names::new(params)),
+                );
             }
             for other in Variant::BOTH
                 .into_iter()
                 .filter(|o| *o != v && o.available())
             {
-                note(other.name(), ipt::remove_rules(params, other));
+                match ipt::remove_rules(params, other) {
+                    Ok(false) => {}
+                    r => note(other.name(), r.map(drop)),
+                }
             }
         }
     }
@@ -231,21 +236,66 @@ mod tests {
         //   -> backend
         let cases = [
             ("auto", None, true, Nft, true, Backend::Nftables),
-            ("auto", None, false, Legacy, true, Backend::Iptables(Legacy, Br)),
+            (
+                "auto",
+                None,
+                false,
+                Legacy,
+                true,
+                Backend::Iptables(Legacy, Br),
+            ),
             ("auto", None, false, Nft, true, Backend::Iptables(Nft, Br)),
-            ("auto", None, false, Legacy, false, Backend::Iptables(Legacy, Eb)),
+            (
+                "auto",
+                None,
+                false,
+                Legacy,
+                false,
+                Backend::Iptables(Legacy, Eb),
+            ),
             ("nftables", None, false, Legacy, false, Backend::Nftables),
-            ("iptables", None, true, Legacy, true, Backend::Iptables(Legacy, Br)),
-            ("iptables-nft", None, true, Legacy, true, Backend::Iptables(Nft, Br)),
-            ("iptables-legacy", Some(Eb), true, Nft, true, Backend::Iptables(Legacy, Eb)),
-            ("iptables-nft", Some(Br), true, Nft, false, Backend::Iptables(Nft, Br)),
+            (
+                "iptables",
+                None,
+                true,
+                Legacy,
+                true,
+                Backend::Iptables(Legacy, Br),
+            ),
+            (
+                "iptables-nft",
+                None,
+                true,
+                Legacy,
+                true,
+                Backend::Iptables(Nft, Br),
+            ),
+            (
+                "iptables-legacy",
+                Some(Eb),
+                true,
+                Nft,
+                true,
+                Backend::Iptables(Legacy, Eb),
+            ),
+            (
+                "iptables-nft",
+                Some(Br),
+                true,
+                Nft,
+                false,
+                Backend::Iptables(Nft, Br),
+            ),
             ("nftables", Some(Eb), true, Nft, true, Backend::Nftables),
         ];
         for (text, l2, works, variant, bridge, want) in cases {
             let setting: Setting = text.parse().unwrap();
             assert_eq!(setting.as_str(), text);
             let got = decide(setting, l2, probes(works, variant, bridge)).unwrap();
-            assert_eq!(got, want, "{text} {l2:?} nft={works} {variant:?} bridge={bridge}");
+            assert_eq!(
+                got, want,
+                "{text} {l2:?} nft={works} {variant:?} bridge={bridge}"
+            );
         }
         assert!("ebpf"
             .parse::<Setting>()
@@ -277,5 +327,80 @@ mod tests {
         };
         decide(Setting::Auto, Some(Eb), given).unwrap();
         assert_eq!(Backend::Iptables(Nft, Br).name(), "iptables-nft");
+    }
+
+    /// Moving a node between backends keeps the bridged pods' L2 rules in place: the
+    /// `bridge` table both write is never taken away by removing the other backend. (The
+    /// first version of the bridge-table path removed it with the nftables tables right
+    /// after installing it, and the cluster suites caught the pods' changes failing.)
+    #[test]
+    fn switching_backends_keeps_the_bridge_table() {
+        use crate::nft::{pin_elements, pod_elements, Attachment, Element, Mac};
+        use crate::testutil::in_fresh_netns;
+        if !Variant::Nft.available() {
+            eprintln!("iptables-nft not installed; skipped");
+            return;
+        }
+        in_fresh_netns(|| {
+            let params = RulesetParams::default();
+            let bridge = Attachment::Bridged {
+                veth: "vethsw1".into(),
+                bridge: "cni0".into(),
+                bridge_mac: Mac([2, 0, 0, 0, 0, 1]),
+            };
+            let mut pod = pod_elements(&bridge, &["10.63.0.2".parse().unwrap()]);
+            pod.extend(pin_elements(&bridge, Some(Mac([0x0a, 0x58, 0, 0, 0, 2]))));
+            let l2: BTreeSet<Element> =
+                pod.iter().filter(|e| ipt::ebt::is_l2(e)).cloned().collect();
+            let bridge_elements = || {
+                let mut b = NftDataplane::bridge_only(params.clone()).unwrap();
+                let o = b.observe().unwrap();
+                o.present.then_some(o.elements)
+            };
+            let inet_present = || {
+                let mut i = NftDataplane::inet_only(params.clone()).unwrap();
+                i.observe().unwrap().present
+            };
+
+            // nftables -> iptables (its L2 in the bridge table).
+            let mut nft = open(Backend::Nftables, params.clone()).unwrap();
+            nft.install(&pod).unwrap();
+            let to = Backend::Iptables(Variant::Nft, BridgeL2::Nftables);
+            let mut ipt = open(to, params.clone()).unwrap();
+            ipt.install(&pod).unwrap();
+            assert_eq!(remove_others(to, &params), ["nftables"]);
+            assert!(!inet_present(), "the inet table stays");
+            assert_eq!(bridge_elements(), Some(l2.clone()), "the bridge table went");
+            // A later pod change still finds its table.
+            ipt.apply(&pod, &BTreeSet::new()).unwrap();
+            assert_eq!(bridge_elements(), Some(BTreeSet::new()));
+            ipt.apply(&BTreeSet::new(), &pod).unwrap();
+
+            // iptables -> nftables.
+            let mut nft = open(Backend::Nftables, params.clone()).unwrap();
+            nft.install(&pod).unwrap();
+            assert_eq!(remove_others(Backend::Nftables, &params), ["iptables"]);
+            assert_eq!(nft.observe().unwrap().elements, pod);
+            assert!(!ipt::installed(&params));
+
+            // iptables with ebtables -> iptables with the bridge table: the ebtables chains go.
+            let eb = Backend::Iptables(Variant::Nft, BridgeL2::Ebtables);
+            let mut ipt = open(eb, params.clone()).unwrap();
+            ipt.install(&pod).unwrap();
+            assert_eq!(remove_others(eb, &params), ["nftables"]);
+            assert_eq!(bridge_elements(), None);
+            let names = ipt::rules::Names::new(&params);
+            assert!(ipt::ebt::installed(&names));
+            let mut ipt = open(to, params.clone()).unwrap();
+            ipt.install(&pod).unwrap();
+            assert_eq!(remove_others(to, &params), ["ebtables"]);
+            assert!(!ipt::ebt::installed(&names));
+            assert_eq!(bridge_elements(), Some(l2));
+
+            remove_all(&params).unwrap();
+            assert_eq!(bridge_elements(), None);
+            assert!(!inet_present());
+            assert!(!ipt::installed(&params));
+        });
     }
 }

@@ -173,8 +173,9 @@ fn restore(variant: Variant, family: Family, script: &str) -> Result<(), Datapla
 
 /// Removes one variant's chains of `params` (both families); the ipsets stay. With
 /// iptables-nft, the base chains and tables it created for them go too when nothing else
-/// uses them (the legacy tables are the kernel's and stay, empty).
-pub fn remove_rules(params: &RulesetParams, variant: Variant) -> Result<(), DataplaneError> {
+/// uses them (the legacy tables are the kernel's and stay, empty). Says whether there was
+/// anything to remove.
+pub fn remove_rules(params: &RulesetParams, variant: Variant) -> Result<bool, DataplaneError> {
     let mut removed = false;
     for family in Family::BOTH {
         let saved = save(variant, family)?;
@@ -186,7 +187,7 @@ pub fn remove_rules(params: &RulesetParams, variant: Variant) -> Result<(), Data
     if removed && variant == Variant::Nft {
         prune_nft_tables()?;
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// The iptables-nft tables our chains live in, as nftables names them.
@@ -767,7 +768,10 @@ mod tests {
                 let dump = run(&variant.tool(Family::V6, "save"), &[], None).unwrap();
                 assert!(!dump.contains("AMBIENT"), "{dump}");
                 let mut bridge = crate::nft::NftDataplane::bridge_only(params).unwrap();
-                assert!(!bridge.observe().unwrap().present, "the bridge table is left");
+                assert!(
+                    !bridge.observe().unwrap().present,
+                    "the bridge table is left"
+                );
             });
         }
     }
