@@ -577,25 +577,68 @@ fn calico_shaped_pods_are_captured_and_others_untouched() {
     capture_matrix("rd-ca", "10.216.1.0/24", Attach::Routed);
 }
 
-/// A pod that uses another pod's address: dropped before it reaches anything.
+/// SYN-ACKs (or any SYN+ACK segment) that arrive in `ns`, counted by a table of the test's own.
+fn watch_syn_acks(ns: &ambient_tests::NetNs) {
+    ns.exec(
+        "nft",
+        &["add table ip spoofwatch; add chain ip spoofwatch in { type filter hook prerouting priority -400; }; add rule ip spoofwatch in tcp flags & (syn | ack) == syn | ack counter"],
+    )
+    .unwrap();
+}
+
+fn syn_acks(ns: &ambient_tests::NetNs) -> u64 {
+    let text = ns
+        .exec("nft", &["list", "chain", "ip", "spoofwatch", "in"])
+        .unwrap();
+    text.split("packets ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {text}"))
+}
+
+/// A pod that uses another pod's address: dropped before it reaches anything. A spoofer is
+/// blind (the replies go to the address's owner), so a failed connect proves little: the
+/// test also counts the replies its SYNs draw, in the owners' namespaces. The node's
+/// rp_filter is off (as on Cilium's nodes), so the agent's guards alone stand in the way.
+/// Three attacks: an ambient pod and a plain one taking an ambient pod's address (identity
+/// theft: captured as the victim), and an ambient pod taking a plain pod's address (capture
+/// bypass: not captured at all).
 fn spoofing(tag: &str, cidr: &str, attach: Attach) {
     let mut lab = Lab::new(tag, cidr, attach);
+    for key in ["all", "default"] {
+        lab.node
+            .ns()
+            .exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")],
+            )
+            .unwrap();
+    }
     let victim = lab.pod("amb", "victim", &[]);
     let attacker = lab.pod("amb", "attacker", &[]);
     let plain_attacker = lab.pod("plain", "pattacker", &[]);
+    let bystander = lab.pod("plain", "bystander", &[]);
     let target = lab.pod("plain", "target", &[]);
     let (outbound, _inbound, _hbone) = lab.standin_ztunnel();
     let target_rec = lab.recorder(Some(target), 8080);
-    let victim_ip = lab.ip(victim);
     let gateway = match attach {
         Attach::Routed => "169.254.1.1".to_owned(),
         Attach::Bridge | Attach::Ptp => cidr_gateway(cidr),
     };
     let target_ip = lab.ip(target);
-    for p in [attacker, plain_attacker] {
+    for owner in [victim, bystander] {
+        watch_syn_acks(lab.pods[owner].ns());
+    }
+    for (p, owner) in [
+        (attacker, victim),
+        (plain_attacker, victim),
+        (attacker, bystander),
+    ] {
         let ns = lab.pods[p].ns();
-        // Use the victim's address as the source toward the target.
-        ns.ip(&["addr", "add", &format!("{victim_ip}/32"), "dev", "eth0"])
+        let spoofed = lab.ip(owner);
+        // Use the owner's address as the source toward the target.
+        ns.ip(&["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"])
             .unwrap();
         ns.ip(&[
             "route",
@@ -606,7 +649,7 @@ fn spoofing(tag: &str, cidr: &str, attach: Attach) {
             "dev",
             "eth0",
             "src",
-            &victim_ip,
+            &spoofed,
         ])
         .unwrap();
         let out = ns.exec(
@@ -621,8 +664,15 @@ fn spoofing(tag: &str, cidr: &str, attach: Attach) {
         );
         assert!(
             out.is_err(),
-            "spoofed connection from pod {p} went through: {out:?}"
+            "spoofed connection from pod {p} as pod {owner} went through: {out:?}"
         );
+        let replies = syn_acks(lab.pods[owner].ns());
+        assert_eq!(
+            replies, 0,
+            "pod {p}'s SYNs as pod {owner} reached a listener: {replies} replies arrived at the owner"
+        );
+        ns.ip(&["addr", "del", &format!("{spoofed}/32"), "dev", "eth0"])
+            .unwrap();
     }
     assert!(
         records(&outbound).is_empty(),
