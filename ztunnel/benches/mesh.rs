@@ -5,8 +5,7 @@
 //! iperf3, wrk, nginx and prlimit (util-linux).
 //! `cargo bench -p ztunnel --bench mesh` (prints a Markdown table; see BENCHMARKS.md).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,19 +13,14 @@ use std::time::{Duration, Instant};
 
 use ambient_common::frame::{read_frame, write_frame};
 use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
-use support::*;
+use common::support::*;
+use common::{
+    conn_rate, cpu_secs, echo_server_args, env_or, iperf, median, nginx_args, rr, rss_kib,
+    wait_listening, wrk_rps,
+};
 
 /// Pods enrolled through the agent during the run (not in node 0's manifests).
 const FRESH: [&str; 5] = ["f1", "f2", "f3", "f4", "f5"];
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Where a process's resident memory is, in KiB: pages of its own executable (code, read-only
 /// data, relocated data), pages of shared libraries, and anonymous memory (heap, stacks).
@@ -83,189 +77,23 @@ fn ordered_code_kib(exe: &str) -> u64 {
         .map_or(0, |b| b / 1024)
 }
 
-/// CPU seconds (user + system) a process has used.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of /proc/pid/stat: 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn iperf(client: &Pod, server: SocketAddr, streams: u32, secs: u32) -> f64 {
-    let out = ns_sh(
-        &client.ns,
-        &[
-            "iperf3",
-            "-c",
-            &server.ip().to_string(),
-            "-p",
-            &server.port().to_string(),
-            "-t",
-            &secs.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9
-}
-
-fn rr(pod: &Pod, to: SocketAddr, n: usize) -> (f64, f64) {
-    let mut samples = in_ns(&pod.ns, move || {
-        let mut s = TcpStream::connect(to).unwrap();
-        s.set_nodelay(true).unwrap();
-        let msg = [7u8; 64];
-        let mut buf = [0u8; 64];
-        for _ in 0..200 {
-            s.write_all(&msg).unwrap();
-            s.read_exact(&mut buf).unwrap();
-        }
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            s.write_all(&msg).unwrap();
-            s.read_exact(&mut buf).unwrap();
-            out.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-        out
-    });
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    (p(0.50), p(0.99))
-}
-
-fn conn_rate(pod: &Pod, to: SocketAddr, threads: usize, secs: u64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let ns = pod.ns.clone();
-            std::thread::spawn(move || {
-                in_ns(&ns, || {
-                    let mut n = 0u64;
-                    let msg = [1u8; 64];
-                    let mut buf = [0u8; 64];
-                    while Instant::now() < deadline {
-                        let mut s = TcpStream::connect(to).unwrap();
-                        s.write_all(&msg).unwrap();
-                        s.read_exact(&mut buf).unwrap();
-                        n += 1;
-                    }
-                    n
-                })
-            })
-        })
-        .collect();
-    let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    total as f64 / secs as f64
-}
-
-/// nginx in `pod`'s namespace answering every GET on `port` with a 2-byte body; one process
-/// (`master_process off`), so killing the child ends it.
+/// nginx in `pod`'s namespace answering every GET on `port`.
 fn nginx(lab: &Lab, dir: &std::path::Path, pod: &Pod, port: u16) -> SocketAddr {
     let addr = SocketAddr::new(pod.ip, port);
-    let prefix = dir.join(&pod.name);
-    std::fs::create_dir_all(&prefix).unwrap();
-    let conf = prefix.join("nginx.conf");
-    let p = prefix.display();
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nmaster_process off;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
-               fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
-               keepalive_requests 100000000;\n\
-               server {{ listen {addr}; location / {{ return 200 \"ok\"; }} }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    lab.spawn_in(
-        &pod.ns,
-        &["nginx", "-p", &p.to_string(), "-c", conf.to_str().unwrap()],
-    );
+    let args = nginx_args(dir, &pod.name, &[addr]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn_in(&pod.ns, &args);
     wait_listening(&pod.ns, port);
     addr
 }
 
-/// HTTP/1.1 GETs per second on one keep-alive connection (wrk, one thread, one connection).
-fn http_keepalive_rps(client: &Pod, server: SocketAddr, secs: u32) -> f64 {
-    let out = ns_sh(
-        &client.ns,
-        &[
-            "wrk",
-            "-t1",
-            "-c1",
-            &format!("-d{secs}s"),
-            &format!("http://{server}/"),
-        ],
-    );
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{out}"))
-}
-
-fn wait_listening(ns: &str, port: u16) {
-    eventually("iperf3 listening", Duration::from_secs(10), || {
-        let out = ns_sh(ns, &["ss", "-ltnH", &format!("sport = :{port}")]);
-        (!out.trim().is_empty()).then_some(())
-    });
-}
-
-/// An echo server for many concurrent connections: one thread, tokio tasks with a small
-/// buffer (the support crate's server spends a thread per connection). Runs in a child process
-/// (`mesh --echo-server <addr>`, started in the pod's namespace) so that its descriptors do
-/// not count against this process's open-file limit.
-fn run_many_echo_server(addr: SocketAddr) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = ztunnel::sys::raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-        loop {
-            let Ok((mut c, _)) = l.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                loop {
-                    match c.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if c.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = c.shutdown().await;
-            });
-        }
-    });
-}
-
+/// The single-threaded echo server (a child process) in `pod`'s namespace on `port`.
 fn many_echo_server(lab: &Lab, pod: &Pod, port: u16) -> SocketAddr {
     let addr = SocketAddr::new(pod.ip, port);
-    let exe = std::env::current_exe().unwrap();
-    lab.spawn_in(
-        &pod.ns,
-        &[exe.to_str().unwrap(), "--echo-server", &addr.to_string()],
-    );
-    eventually("echo server listening", Duration::from_secs(10), || {
-        let out = ns_sh(&pod.ns, &["ss", "-ltnH", &format!("sport = :{port}")]);
-        (!out.trim().is_empty()).then_some(())
-    });
+    let args = echo_server_args(&[addr]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn_in(&pod.ns, &args);
+    wait_listening(&pod.ns, port);
     addr
 }
 
@@ -283,22 +111,8 @@ fn first_echo_ms(pod: &Pod, to: SocketAddr) -> f64 {
     })
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--echo-server") {
-        run_many_echo_server(args[i + 1].parse().expect("--echo-server <addr>"));
+    if common::echo_server_main() {
         return;
     }
     if !is_root() {
@@ -309,15 +123,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let missing: Vec<&str> = ["iperf3", "wrk", "nginx", "prlimit"]
-        .into_iter()
-        .filter(|tool| {
-            let path = std::env::var("PATH").unwrap_or_default();
-            !path
-                .split(':')
-                .any(|d| std::path::Path::new(d).join(tool).is_file())
-        })
-        .collect();
+    let missing = common::missing_tools(&["iperf3", "wrk", "nginx", "prlimit"]);
     if !missing.is_empty() {
         eprintln!(
             "mesh benchmark needs {}: apt-get install iperf3 wrk nginx-light util-linux",
@@ -378,23 +184,27 @@ fn main() {
     if traffic {
         let zcpu = || cpu_secs(z0) + cpu_secs(z1);
         // ztunnel CPU-seconds per Gbit carried = cores busy per Gbit/s.
-        t1.0 = iperf(&a3, direct_srv, 1, secs);
+        t1.0 = iperf(&a3.ns, direct_srv, 1, secs, false);
         let c = zcpu();
-        t1.1 = iperf(&a1, mesh_srv, 1, secs);
+        t1.1 = iperf(&a1.ns, mesh_srv, 1, secs, false);
         cpu1 = (zcpu() - c) / (t1.1 * secs as f64);
-        t4.0 = iperf(&a3, direct_srv, 4, secs);
+        t4.0 = iperf(&a3.ns, direct_srv, 4, secs, false);
         let c = zcpu();
-        t4.1 = iperf(&a1, mesh_srv, 4, secs);
+        t4.1 = iperf(&a1.ns, mesh_srv, 4, secs, false);
         cpu4 = (zcpu() - c) / (t4.1 * secs as f64);
-        lat_direct = rr(&a3, echo_direct.addr, 20_000);
-        lat_mesh = rr(&a1, echo_mesh.addr, 20_000);
+        let (d, m) = (
+            rr(&a3.ns, echo_direct.addr, 20_000),
+            rr(&a1.ns, echo_mesh.addr, 20_000),
+        );
+        lat_direct = (d.p50, d.p99);
+        lat_mesh = (m.p50, m.p99);
         rps = (
-            http_keepalive_rps(&a3, web_direct, secs),
-            http_keepalive_rps(&a1, web_mesh, secs),
+            wrk_rps(&a3.ns, &format!("http://{web_direct}/"), 1, 1, secs),
+            wrk_rps(&a1.ns, &format!("http://{web_mesh}/"), 1, 1, secs),
         );
         rate = (
-            conn_rate(&a3, echo_direct.addr, 4, secs as u64),
-            conn_rate(&a1, echo_mesh.addr, 4, secs as u64),
+            conn_rate(&a3.ns, echo_direct.addr, 4, secs as u64),
+            conn_rate(&a1.ns, echo_mesh.addr, 4, secs as u64),
         );
     }
 
