@@ -93,6 +93,15 @@ impl Topology {
         for ns in [&t.c, &t.a, &t.b, &t.s] {
             sh(&["ip", "netns", "add", ns]);
             ns_sh(ns, &["ip", "link", "set", "lo", "up"]);
+            // The connection-rate row opens tens of thousands of connections to one
+            // address and port: without reusing TIME_WAIT ports the client runs out of
+            // them within seconds and measures port search, not connections. (Above the
+            // proxies' listeners: a TIME_WAIT port 15008 blocks a listener's bind.)
+            ns_sh(ns, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+            ns_sh(
+                ns,
+                &["sysctl", "-qw", "net.ipv4.ip_local_port_range=16000 65535"],
+            );
         }
         let link = |x: &str, xi: &str, xa: Ipv4Addr, y: &str, yi: &str, ya: Ipv4Addr| {
             sh(&[
