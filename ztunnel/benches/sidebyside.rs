@@ -20,6 +20,7 @@
 //! `ISTIO_ZTUNNEL`, else /work/shared/peers/istio-ztunnel/ztunnel; without it only this
 //! project's rows are measured, with a note. `BENCH_SECS` (5) per measurement,
 //! `BENCH_ROUNDS` (4) interleaved rounds; the table holds the median of the rounds.
+//! `BENCH_ZT_ARGS` adds flags to this project's ztunnel (experiments).
 
 mod common;
 
@@ -403,6 +404,14 @@ fn start(t: &mut Topology, proxy: Proxy, istio: &Path, round: usize) -> (u32, u3
                 ]
                 .map(String::from)
                 .to_vec();
+                // BENCH_ZT_ARGS: extra flags for this project's ztunnel (experiments).
+                let mut args = args;
+                args.extend(
+                    std::env::var("BENCH_ZT_ARGS")
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .map(String::from),
+                );
                 t.spawn(&ns, &args, &[("RUST_LOG", "info".into())], Some(&log))
             }
             Proxy::Istio => {
