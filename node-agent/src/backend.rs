@@ -106,14 +106,32 @@ where
     Ok(Backend::Iptables(variant, l2))
 }
 
-/// Does the kernel take the nftables ruleset? Installs it under a scratch table name and
-/// removes it again.
+/// Does the kernel take the nftables ruleset?
 pub fn nftables_works(params: &RulesetParams) -> bool {
+    kernel_takes(params, "the nftables ruleset", NftDataplane::new)
+}
+
+/// Does the kernel take the nftables `bridge` table (the iptables backend's L2 rules)?
+pub fn nft_bridge_works(params: &RulesetParams) -> bool {
+    kernel_takes(
+        params,
+        "the nftables bridge table",
+        NftDataplane::bridge_only,
+    )
+}
+
+/// Installs the tables `open` makes under a scratch table name, removes them again, and
+/// says whether the kernel took them.
+fn kernel_takes(
+    params: &RulesetParams,
+    what: &str,
+    open: fn(RulesetParams) -> Result<NftDataplane, DataplaneError>,
+) -> bool {
     let probe = RulesetParams {
         table: format!("{}_probe", params.table),
         ..params.clone()
     };
-    let result = NftDataplane::new(probe).and_then(|mut dp| {
+    let result = open(probe).and_then(|mut dp| {
         let installed = dp.install(&BTreeSet::new());
         dp.uninstall()?;
         installed
@@ -121,7 +139,7 @@ pub fn nftables_works(params: &RulesetParams) -> bool {
     match result {
         Ok(()) => true,
         Err(e) => {
-            tracing::info!(error = %e, "the nftables ruleset is not usable here");
+            tracing::info!(error = %e, "{what} is not usable here");
             false
         }
     }
@@ -139,7 +157,7 @@ pub fn choose(
         Probes {
             nftables_works: || nftables_works(params),
             detect_variant: ipt::detect_variant,
-            nft_bridge_works: || ipt::nft_bridge_works(params),
+            nft_bridge_works: || nft_bridge_works(params),
         },
     )
 }

@@ -248,7 +248,8 @@ pub fn installed(params: &RulesetParams) -> bool {
 
 /// Where the iptables backend keeps bridged pods' L2 rules (MAC pin, ARP and NDP claims,
 /// foreign-port addresses, the MAC rewrite, tagged frames).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BridgeL2 {
     /// The nftables backend's `bridge` table alone (set elements over netlink).
     Nftables,
@@ -265,12 +266,6 @@ impl BridgeL2 {
     }
 }
 
-impl serde::Serialize for BridgeL2 {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
 impl std::str::FromStr for BridgeL2 {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -278,27 +273,6 @@ impl std::str::FromStr for BridgeL2 {
             "nftables" => Ok(BridgeL2::Nftables),
             "ebtables" => Ok(BridgeL2::Ebtables),
             other => Err(format!("{other:?} must be auto, nftables or ebtables")),
-        }
-    }
-}
-
-/// Does the kernel take the `bridge` table? Installs it under a scratch table name and
-/// removes it again.
-pub fn nft_bridge_works(params: &RulesetParams) -> bool {
-    let probe = RulesetParams {
-        table: format!("{}_probe", params.table),
-        ..params.clone()
-    };
-    let result = crate::nft::NftDataplane::bridge_only(probe).and_then(|mut dp| {
-        let installed = dp.install(&BTreeSet::new());
-        dp.uninstall()?;
-        installed
-    });
-    match result {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::info!(error = %e, "the nftables bridge table is not usable here");
-            false
         }
     }
 }
