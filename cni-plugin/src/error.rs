@@ -20,8 +20,6 @@
 //! *CNI* version of the configuration is wrong, which would send an operator to the conflist;
 //! the fix here is to finish the upgrade of the plugin binary or the agent.
 
-use std::fmt::Write as _;
-
 use ambient_common::agent_api::{AgentError, ErrorKind};
 use serde_json::{json, Value};
 
@@ -125,16 +123,7 @@ impl CniError {
     }
 }
 
-/// The error and every source under it, joined with `": "`.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let _ = write!(out, ": {s}");
-        source = s.source();
-    }
-    out
-}
+pub use ambient_common::error::chain;
 
 /// Maps an error to its CNI code, message and details. The only such mapping in the plugin.
 pub fn to_cni_error(err: &PluginError) -> CniError {

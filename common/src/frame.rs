@@ -68,6 +68,43 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameErro
     decode(&body)
 }
 
+/// Writes one frame to an async stream.
+#[cfg(feature = "rt")]
+pub async fn write_frame_async<T: Serialize>(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    msg: &T,
+) -> Result<(), FrameError> {
+    use tokio::io::AsyncWriteExt;
+    let bytes = encode(msg)?;
+    w.write_all(&bytes).await.map_err(FrameError::Io)?;
+    w.flush().await.map_err(FrameError::Io)
+}
+
+/// Reads one frame from an async stream. `Ok(None)` is the peer closing the connection
+/// between frames; a close inside a frame is [`FrameError::Truncated`].
+#[cfg(feature = "rt")]
+pub async fn read_frame_async<T: DeserializeOwned>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Option<T>, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        match r.read(&mut header[got..]).await.map_err(FrameError::Io)? {
+            0 if got == 0 => return Ok(None),
+            0 => {
+                return Err(FrameError::Truncated(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ))
+            }
+            n => got += n,
+        }
+    }
+    let mut body = vec![0u8; body_len(header)?];
+    r.read_exact(&mut body).await.map_err(truncated)?;
+    decode(&body).map(Some)
+}
+
 fn truncated(e: std::io::Error) -> FrameError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         FrameError::Truncated(e)
@@ -121,6 +158,37 @@ mod tests {
         let header = ((MAX_FRAME + 1) as u32).to_be_bytes();
         let err = read_frame::<serde_json::Value>(&mut &header[..]).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge(_)));
+    }
+
+    #[cfg(feature = "rt")]
+    #[tokio::test]
+    async fn async_frames_round_trip_and_close_cleanly_only_between_frames() {
+        let mut buf = Vec::new();
+        write_frame_async(&mut buf, &serde_json::json!({"a": 1}))
+            .await
+            .unwrap();
+        write_frame_async(&mut buf, &serde_json::json!({"a": 2}))
+            .await
+            .unwrap();
+        let mut r = &buf[..];
+        for want in [1, 2] {
+            let v: serde_json::Value = read_frame_async(&mut r).await.unwrap().unwrap();
+            assert_eq!(v["a"], want);
+        }
+        assert!(read_frame_async::<serde_json::Value>(&mut r)
+            .await
+            .unwrap()
+            .is_none());
+        for end in 1..buf.len() / 2 {
+            let err = read_frame_async::<serde_json::Value>(&mut &buf[..end]).await;
+            assert!(
+                matches!(err, Err(FrameError::Truncated(_))),
+                "{end}: {err:?}"
+            );
+        }
+        let header = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let err = read_frame_async::<serde_json::Value>(&mut &header[..]).await;
+        assert!(matches!(err, Err(FrameError::TooLarge(_))));
     }
 
     #[test]

@@ -20,15 +20,3 @@ pub mod run;
 
 pub use config::{Config, ConfigArgs, Mode, OnExit};
 pub use installer::{ChainState, InstallError, Installer, Pass, Removal};
-
-/// An error and its causes on one line, for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}

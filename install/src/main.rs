@@ -1,9 +1,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ambient_common::error::chain;
 use clap::{Parser, Subcommand};
 use install::lifecycle::{self, ExitDecision};
-use install::{error_chain, ConfigArgs, Installer, OnExit};
+use install::{ConfigArgs, Installer, OnExit};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "install failed");
+                tracing::error!(error = %chain(&e), "install failed");
                 ExitCode::FAILURE
             }
         },
@@ -78,13 +79,13 @@ fn main() -> ExitCode {
         "ready" => {
             let socket = cfg.plugin.agent_socket.clone();
             if let Err(e) = Installer::new(cfg).check() {
-                eprintln!("not ready: {}", error_chain(&e));
+                eprintln!("not ready: {}", chain(&e));
                 return ExitCode::FAILURE;
             }
             match install::ready::agent_ready(&socket, Duration::from_secs(3)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("not ready: {}", error_chain(&e));
+                    eprintln!("not ready: {}", chain(&e));
                     ExitCode::FAILURE
                 }
             }
@@ -100,7 +101,7 @@ fn uninstall(installer: &Installer) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!(error = %error_chain(&e), "uninstall failed");
+            tracing::error!(error = %chain(&e), "uninstall failed");
             ExitCode::FAILURE
         }
     }
@@ -130,7 +131,7 @@ fn run(cfg: install::Config) -> ExitCode {
                 }
                 Err(e) => ExitDecision::Keep(format!(
                     "no API client ({}); leaving the plugin in place",
-                    error_chain(&e)
+                    chain(&e)
                 )),
             },
         };

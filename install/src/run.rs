@@ -35,7 +35,7 @@ pub async fn watch(mut installer: Installer, stop: impl Future<Output = ()>) -> 
                     }
                 }
             }
-            Err(e) => format!("error: {}", crate::error_chain(&e)),
+            Err(e) => format!("error: {}", ambient_common::error::chain(&e)),
         };
         if last.as_deref() != Some(&now) {
             if now.starts_with("error") {

@@ -501,7 +501,7 @@ fn only_a_plugin_that_runs_on_the_host_is_installed() {
     let err = strict(Path::new(env!("CARGO_BIN_EXE_install-cni")))
         .ensure()
         .unwrap_err();
-    let text = install::error_chain(&err);
+    let text = ambient_common::error::chain(&err);
     assert!(
         text.contains("dynamically linked") && text.contains("ld-linux"),
         "{text}"
@@ -510,14 +510,17 @@ fn only_a_plugin_that_runs_on_the_host_is_installed() {
 
     // A script, without the operator's say-so.
     let err = strict(&host.source).ensure().unwrap_err();
-    assert!(install::error_chain(&err).contains("/bin/sh"), "{err:?}");
+    assert!(
+        ambient_common::error::chain(&err).contains("/bin/sh"),
+        "{err:?}"
+    );
     untouched("script");
 
     // Static, but it does not answer VERSION.
     let broken = host.bin.parent().unwrap().join("broken-plugin");
     std::fs::write(&broken, static_elf_exiting_1()).unwrap();
     let err = strict(&broken).ensure().unwrap_err();
-    let text = install::error_chain(&err);
+    let text = ambient_common::error::chain(&err);
     assert!(
         text.contains("VERSION failed") && text.contains("exit status: 1"),
         "{text}"

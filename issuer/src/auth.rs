@@ -2,10 +2,10 @@
 //! says (TokenReview, with the audience the issuer requires); in the lab a credentials file
 //! written by the lab says, with the same checks (audience, expiry) done here.
 
+use ambient_common::sync::Mutex;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -247,7 +247,7 @@ impl CredentialsFile {
         let mtime = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .map_err(|e| unavailable(e.to_string()))?;
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.cache.lock();
         if let Some((t, f)) = cache.as_ref() {
             if *t == mtime {
                 return Ok(f.clone());

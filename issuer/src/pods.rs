@@ -2,9 +2,10 @@
 //! by a list/watch of pods (Kubernetes) or by polling the manifest directory (the lab); every
 //! change bumps a generation that waiting requests watch.
 
+use ambient_common::sync::RwLock;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_common::manifest::{self, Object, Pod};
@@ -56,7 +57,7 @@ impl Pods {
 
     /// Replaces the whole view (a relist, a directory read).
     pub fn replace(&self, pods: Vec<(Key, PodFacts)>) {
-        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.inner.write();
         *map = pods.into_iter().collect();
         drop(map);
         self.synced.send_replace(true);
@@ -64,23 +65,17 @@ impl Pods {
     }
 
     pub fn apply(&self, key: Key, f: PodFacts) {
-        self.inner
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, f);
+        self.inner.write().insert(key, f);
         self.changed();
     }
 
     pub fn delete(&self, key: &Key) {
-        self.inner
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.inner.write().remove(key);
         self.changed();
     }
 
     pub fn len(&self) -> usize {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -188,7 +183,6 @@ impl PodView for Pods {
     fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
         self.inner
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .get(&(namespace.to_owned(), name.to_owned()))
             .cloned()
     }
@@ -196,7 +190,6 @@ impl PodView for Pods {
     fn runs_on(&self, node: &str, sa: &ServiceAccount) -> bool {
         self.inner
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .values()
             .any(|p| !p.terminal && p.node.as_deref() == Some(node) && &p.service_account == sa)
     }

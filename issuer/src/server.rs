@@ -1,8 +1,8 @@
 //! The running issuer: Istio's `IstioCertificateService` over TLS (gRPC on HTTP/2), the CA
 //! directory reloader, and the `/metrics` and `/ready` endpoints.
 
-use std::convert::Infallible;
-use std::sync::{Arc, RwLock};
+use ambient_common::sync::RwLock;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ambient_common::ca_api::istio_certificate_service_server::{
@@ -10,8 +10,6 @@ use ambient_common::ca_api::istio_certificate_service_server::{
 };
 use ambient_common::ca_api::{self, IstioCertificateRequest, IstioCertificateResponse};
 use ambient_common::spiffe::SpiffeId;
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -86,10 +84,7 @@ impl Issuer {
     }
 
     pub fn signer(&self) -> Arc<Signer> {
-        self.signer
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.signer.read().clone()
     }
 
     fn renew_serving(&self) -> Result<(), CaError> {
@@ -100,7 +95,7 @@ impl Issuer {
         let signing = rustls::crypto::ring::sign::any_supported_type(&der)
             .map_err(|e| CaError::Sign(format!("serving key: {e}")))?;
         let ck = Arc::new(CertifiedKey::new(chain, signing));
-        *self.serving.write().unwrap_or_else(|e| e.into_inner()) = Some((ck, SystemTime::now()));
+        *self.serving.write() = Some((ck, SystemTime::now()));
         Ok(())
     }
 
@@ -118,7 +113,7 @@ impl Issuer {
                         "CA directory loaded"
                     );
                     self.metrics.roots.set(s.roots.len() as i64);
-                    *self.signer.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+                    *self.signer.write() = Arc::new(s);
                     self.metrics
                         .reloads
                         .get_or_create(&ResultLabel { result: "ok" })
@@ -141,7 +136,6 @@ impl Issuer {
         let stale = self
             .serving
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_none_or(|(_, at)| at.elapsed().unwrap_or_default() > SERVING_TTL / 2);
         if stale {
@@ -299,12 +293,7 @@ struct Resolver(Arc<Issuer>);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0
-            .serving
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(k, _)| k.clone())
+        self.0.serving.read().as_ref().map(|(k, _)| k.clone())
     }
 }
 
@@ -335,18 +324,12 @@ pub async fn serve_grpc(listener: TcpListener, issuer: Arc<Issuer>) {
     let svc = IstioCertificateServiceServer::new(CaService(issuer.clone()))
         .max_decoding_message_size(MAX_REQUEST);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = ambient_common::serve::AcceptBackoff::default();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = ambient_common::serve::accept(&listener, &mut backoff, "grpc").await;
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let svc = svc.clone();
@@ -378,56 +361,15 @@ pub async fn serve_grpc(listener: TcpListener, issuer: Arc<Issuer>) {
 
 /// Serves `/metrics` and `/ready` on `listener` until the task is dropped.
 pub async fn serve_http(listener: TcpListener, issuer: Arc<Issuer>, registry: Arc<Registry>) {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTP accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let issuer = issuer.clone();
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (status, ctype, body) = route(req.uri().path(), &issuer, &registry);
-                    let resp = http::Response::builder()
-                        .status(status)
-                        .header("content-type", ctype)
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap_or_default();
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+    let route = move |path: &str| route(path, &issuer, &registry);
+    ambient_common::http::serve(listener, "http", Arc::new(route)).await
 }
 
-fn route(
-    path: &str,
-    issuer: &Issuer,
-    registry: &Registry,
-) -> (http::StatusCode, &'static str, String) {
+fn route(path: &str, issuer: &Issuer, registry: &Registry) -> ambient_common::http::Reply {
     match path {
         "/metrics" => {
             issuer.metrics.pods.set(issuer.pods.len() as i64);
-            let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, registry) {
-                Ok(()) => (
-                    http::StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    out,
-                ),
-                Err(e) => (
-                    http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("{e}\n"),
-                ),
-            }
+            ambient_common::http::metrics(registry)
         }
         "/ready" => {
             let (ok, body) = issuer.ready();
@@ -438,10 +380,6 @@ fn route(
             };
             (status, "application/json", format!("{body:#}\n"))
         }
-        _ => (
-            http::StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".into(),
-        ),
+        _ => ambient_common::http::not_found(),
     }
 }

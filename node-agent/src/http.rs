@@ -1,11 +1,10 @@
-//! A minimal HTTP/1.1 responder for `/metrics` and `/healthz`: GET only, one request per
-//! connection, bounded request size. Enough for Prometheus and probes without a web stack.
+//! The agent's `/metrics` and `/healthz` (readiness: the pod source has synced), on the
+//! shared HTTP server.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use ambient_common::http::{self, Reply, Status};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -16,72 +15,34 @@ pub async fn serve(
     registry: Arc<Registry>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
 ) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let registry = registry.clone();
-        let snapshots = snapshots.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let read = async {
-                while n < buf.len() {
-                    let k = stream.read(&mut buf[n..]).await?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => {
-                    let mut out = String::new();
-                    match prometheus_client::encoding::text::encode(&mut out, &registry) {
-                        Ok(()) => (
-                            "200 OK",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            out,
-                        ),
-                        Err(_) => (
-                            "500 Internal Server Error",
-                            "text/plain",
-                            "encoding failed\n".into(),
-                        ),
-                    }
-                }
-                ("GET", "/healthz") | ("GET", "/healthz/ready") => {
-                    if snapshots.borrow().synced {
-                        ("200 OK", "text/plain", "ready\n".into())
-                    } else {
-                        (
-                            "503 Service Unavailable",
-                            "text/plain",
-                            "pod source not synced\n".into(),
-                        )
-                    }
-                }
-                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
-                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
-        });
+    let route = move |path: &str| route(path, &registry, snapshots.borrow().synced);
+    http::serve(listener, "metrics", Arc::new(route)).await
+}
+
+fn route(path: &str, registry: &Registry, synced: bool) -> Reply {
+    match path {
+        "/metrics" => http::metrics(registry),
+        "/healthz" | "/healthz/ready" if synced => http::text(Status::OK, "ready\n"),
+        "/healthz" | "/healthz/ready" => {
+            http::text(Status::SERVICE_UNAVAILABLE, "pod source not synced\n")
+        }
+        _ => http::not_found(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_pod_source() {
+        let reg = Registry::default();
+        assert_eq!(route("/healthz", &reg, true).0, Status::OK);
+        assert_eq!(
+            route("/healthz/ready", &reg, false).0,
+            Status::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(route("/metrics", &reg, false).0, Status::OK);
+        assert_eq!(route("/", &reg, true).0, Status::NOT_FOUND);
     }
 }

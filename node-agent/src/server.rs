@@ -9,8 +9,9 @@ use ambient_common::agent_api::{
     AgentError, AgentOp, AgentReply, AgentRequest, ErrorKind, AGENT_API_VERSION,
 };
 use ambient_common::frame;
+use ambient_common::serve::{accept, AcceptBackoff};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
@@ -62,28 +63,19 @@ pub struct Shared {
 async fn read_request<T: serde::de::DeserializeOwned>(
     stream: &mut UnixStream,
 ) -> Result<T, String> {
-    let fut = async {
-        let mut header = [0u8; 4];
-        stream
-            .read_exact(&mut header)
-            .await
-            .map_err(|e| format!("reading request: {e}"))?;
-        let len = frame::body_len(header).map_err(|e| e.to_string())?;
-        let mut body = vec![0u8; len];
-        stream
-            .read_exact(&mut body)
-            .await
-            .map_err(|e| format!("reading request: {e}"))?;
-        frame::decode(&body).map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(READ_TIMEOUT, fut)
-        .await
-        .map_err(|_| "request not received in time".to_string())?
+    match tokio::time::timeout(READ_TIMEOUT, frame::read_frame_async(stream)).await {
+        Err(_) => Err("request not received in time".to_string()),
+        Ok(Ok(Some(req))) => Ok(req),
+        Ok(Ok(None)) => Err("connection closed before a request".to_string()),
+        Ok(Err(e)) => Err(format!(
+            "reading request: {}",
+            ambient_common::error::chain(&e)
+        )),
+    }
 }
 
 async fn write_reply<T: Serialize>(stream: &mut UnixStream, reply: &T) {
-    if let Ok(bytes) = frame::encode(reply) {
-        let _ = stream.write_all(&bytes).await;
+    if frame::write_frame_async(stream, reply).await.is_ok() {
         let _ = stream.shutdown().await;
     }
 }
@@ -91,16 +83,9 @@ async fn write_reply<T: Serialize>(stream: &mut UnixStream, reply: &T) {
 /// Serves the plugin's socket until the listener fails.
 pub async fn serve_cni(listener: UnixListener, shared: Shared) {
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let mut stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning on the error.
-                tracing::warn!(error = %e, "accepting on the CNI socket failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (mut stream, _) = accept(&listener, &mut backoff, "cni").await;
         if let Err(refusal) = peer_allowed(&stream, shared.cfg.cni_peer_uid) {
             tracing::warn!(%refusal, "CNI socket caller refused");
             shared.metrics.fail("peer_refused");
@@ -332,10 +317,9 @@ pub struct AdminReply {
 }
 
 pub async fn serve_admin(listener: UnixListener, shared: Shared, started: Instant) {
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (mut stream, _) = accept(&listener, &mut backoff, "admin").await;
         let shared = shared.clone();
         tokio::spawn(async move {
             if read_request::<AdminRequest>(&mut stream).await.is_err() {

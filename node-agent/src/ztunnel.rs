@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ambient_common::frame;
 use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 
@@ -34,25 +34,21 @@ enum LinkError {
     Frame(#[from] frame::FrameError),
     #[error("ztunnel did not answer in time")]
     Timeout,
+    #[error("ztunnel closed the connection")]
+    Closed,
     #[error("ztunnel refused: {0}")]
     Refused(String),
 }
 
 async fn exchange(stream: &mut UnixStream, op: ZtunnelOp) -> Result<(), LinkError> {
-    let bytes = frame::encode(&ZtunnelRequest::new(op))?;
-    stream.write_all(&bytes).await?;
-    let read = async {
-        let mut header = [0u8; 4];
-        stream.read_exact(&mut header).await?;
-        let mut body = vec![0u8; frame::body_len(header)?];
-        stream.read_exact(&mut body).await?;
-        Ok::<_, LinkError>(frame::decode::<ZtunnelReply>(&body)?)
-    };
+    frame::write_frame_async(stream, &ZtunnelRequest::new(op)).await?;
+    let read = frame::read_frame_async::<ZtunnelReply>(stream);
     match tokio::time::timeout(REPLY_TIMEOUT, read).await {
         Err(_) => Err(LinkError::Timeout),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(ZtunnelReply::Ack)) => Ok(()),
-        Ok(Ok(ZtunnelReply::Error { message })) => Err(LinkError::Refused(message)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(None)) => Err(LinkError::Closed),
+        Ok(Ok(Some(ZtunnelReply::Ack))) => Ok(()),
+        Ok(Ok(Some(ZtunnelReply::Error { message }))) => Err(LinkError::Refused(message)),
     }
 }
 
@@ -253,15 +249,12 @@ mod tests {
     use tokio::net::UnixListener;
 
     async fn read_op(s: &mut UnixStream) -> ZtunnelOp {
-        let mut header = [0u8; 4];
-        s.read_exact(&mut header).await.unwrap();
-        let mut body = vec![0u8; frame::body_len(header).unwrap()];
-        s.read_exact(&mut body).await.unwrap();
-        frame::decode::<ZtunnelRequest>(&body).unwrap().op
+        let req: ZtunnelRequest = frame::read_frame_async(s).await.unwrap().unwrap();
+        req.op
     }
 
     async fn ack(s: &mut UnixStream) {
-        s.write_all(&frame::encode(&ZtunnelReply::Ack).unwrap())
+        frame::write_frame_async(s, &ZtunnelReply::Ack)
             .await
             .unwrap();
     }
@@ -314,14 +307,10 @@ mod tests {
         wl_tx.send(WorkloadChange::Remove("a".into()));
         assert!(matches!(read_op(&mut s).await, ZtunnelOp::Remove { uid } if uid == "a"));
         // A refusal drops the connection and the agent tries again.
-        s.write_all(
-            &frame::encode(&ZtunnelReply::Error {
-                message: "no".into(),
-            })
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+        let no = ZtunnelReply::Error {
+            message: "no".into(),
+        };
+        frame::write_frame_async(&mut s, &no).await.unwrap();
         let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
             .await
             .unwrap()

@@ -1268,7 +1268,7 @@ impl Cluster {
         })
         .map_err(|e| e.to_string())?
         .map(|r| r.received)
-        .map_err(|e| format!("{e}: {}", error_chain(&e)))
+        .map_err(|e| ambient_common::error::chain(&e))
     }
 
     /// Connects from node `node`'s own namespace (a kubelet probe).
@@ -1288,7 +1288,7 @@ impl Cluster {
         })
         .map_err(|e| e.to_string())?
         .map(|r| r.received)
-        .map_err(|e| format!("{e}: {}", error_chain(&e)))
+        .map_err(|e| ambient_common::error::chain(&e))
     }
 
     /// A large echo transfer from pod `from` to `to`.
@@ -1434,20 +1434,6 @@ impl Cluster {
         .map(drop)
         .map_err(|e| e.to_string())
     }
-}
-
-/// kube-proxy's nftables mode in miniature: per service a dispatch rule on VIP:port picking
-/// an endpoint chain at random, each endpoint chain a DNAT; hooked in nat prerouting
-/// (`dstnat`, -100) and nat output (-100).
-/// The chain of `source()`s of an error, for messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = Vec::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push(c.to_string());
-        cur = c.source();
-    }
-    s.join(": ")
 }
 
 fn pid_alive(pid: u32) -> bool {

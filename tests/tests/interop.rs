@@ -154,7 +154,7 @@ fn echo_from(ns: &NetNs, to: SocketAddr, payload: &str) -> Result<String, String
     })
     .map_err(|e| e.to_string())?
     .map(|r| r.received)
-    .map_err(|e| format!("{e}: {}", ambient_tests::cluster::error_chain(&e)))
+    .map_err(|e| ambient_common::error::chain(&e))
 }
 
 /// The two namespaces, the directory holding the CA, credentials, manifests and logs, and the

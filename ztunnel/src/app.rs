@@ -14,7 +14,6 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::runtime::Handle;
 
-use crate::admin::{json, not_found, serve_http, Reply};
 use crate::config::{CaSource, Config, Source};
 use crate::hbone::{Pool, TlsDialer};
 use crate::identity::{
@@ -23,6 +22,7 @@ use crate::identity::{
 use crate::metrics::{Direction, Metrics, Tracker};
 use crate::proxy::{serve, Proxy, SocketError, SocketFactory};
 use crate::store::{self, AgentError, Store};
+use ambient_common::http::{json, not_found, serve as serve_http, Reply};
 
 /// How long the certificate pass waits after a change so that a burst of pushes costs one
 /// walk of the local workloads.
@@ -160,7 +160,7 @@ impl App {
             match store::load_manifests(dir, &cfg.excluded_namespaces) {
                 Ok(m) => store.set_manifest(m),
                 Err(e) => {
-                    tracing::error!(error = %crate::error_chain(&e), "initial manifest load failed; starting empty")
+                    tracing::error!(error = %ambient_common::error::chain(&e), "initial manifest load failed; starting empty")
                 }
             }
         }
@@ -340,7 +340,7 @@ impl App {
                     let failed = match certs.ensure(&missing).await {
                         Ok(()) => false,
                         Err(e) => {
-                            tracing::warn!(error = %crate::error_chain(&e), retry_in = ?backoff, "pre-issuing certificates failed");
+                            tracing::warn!(error = %ambient_common::error::chain(&e), retry_in = ?backoff, "pre-issuing certificates failed");
                             true
                         }
                     };
@@ -408,7 +408,7 @@ impl App {
                         None => match store::kube::client(kubeconfig.as_deref()).await {
                             Ok(c) => c,
                             Err(e) => {
-                                tracing::error!(error = %crate::error_chain(&e), "no Kubernetes client; never ready");
+                                tracing::error!(error = %ambient_common::error::chain(&e), "no Kubernetes client; never ready");
                                 return;
                             }
                         },
@@ -477,18 +477,15 @@ impl App {
                     _ => not_found(),
                 }
             });
-            control.spawn(serve_http(admin, route));
+            control.spawn(serve_http(admin, "admin", route));
         }
         {
             let registry = registry.clone();
             control.spawn(serve_http(
                 metrics,
+                "metrics",
                 Arc::new(move |path: &str| match path {
-                    "/metrics" | "/stats/prometheus" => (
-                        StatusCode::OK,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        crate::metrics::encode(&registry),
-                    ),
+                    "/metrics" | "/stats/prometheus" => ambient_common::http::metrics(&registry),
                     _ => not_found(),
                 }),
             ));
@@ -497,6 +494,7 @@ impl App {
             let (ready, certs) = (ready.clone(), certs.clone());
             control.spawn(serve_http(
                 readiness,
+                "readiness",
                 Arc::new(move |path: &str| match path {
                     "/healthz/ready" => readiness_reply(
                         ready.load(Ordering::Acquire) && synced.load(Ordering::Acquire),

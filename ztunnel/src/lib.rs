@@ -13,11 +13,10 @@
 //! - [`policy`]: L4 AuthorizationPolicy evaluation;
 //! - [`proxy`]: the listeners (outbound, inbound, inbound plaintext) and socket factory;
 //! - [`metrics`]: Istio-named metrics, live connection table, access log;
-//! - [`admin`]: the admin, metrics and readiness HTTP endpoints;
-//! - [`app`]: builds and runs everything, drains on shutdown.
+//! - [`app`]: builds and runs everything, drains on shutdown; its admin, metrics and
+//!   readiness endpoints are routes on `ambient_common::http`.
 #![deny(unsafe_code)]
 
-pub mod admin;
 pub mod app;
 pub mod config;
 pub mod hbone;
@@ -27,15 +26,3 @@ pub mod policy;
 pub mod proxy;
 pub mod store;
 pub mod sys;
-
-/// Formats an error with its chain of sources: `a: b: c`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}

@@ -3,10 +3,11 @@
 //! are known (opened counter), dropped when it ends (closed counter, bytes, one access-log
 //! line).
 
+use ambient_common::sync::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -292,7 +293,7 @@ impl Tracker {
             )
         };
         let ((src_addr, src_names), (dst_addr, dst_names)) = (split(src), split(dst));
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = self.live.lock();
         let src_names = live.names.get(src_names);
         let dst_names = live.names.get(dst_names);
         let service = service.map(|s| live.services.get(s));
@@ -337,21 +338,11 @@ impl Tracker {
     }
 
     pub fn live(&self) -> Vec<Arc<ConnInfo>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .conns
-            .values()
-            .cloned()
-            .collect()
+        self.live.lock().conns.values().cloned().collect()
     }
 
     pub fn live_count(&self) -> usize {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .conns
-            .len()
+        self.live.lock().conns.len()
     }
 }
 
@@ -453,12 +444,7 @@ impl Drop for ConnGuard {
             .dec();
         m.sent.get_or_create(&labels).inc_by(sent);
         m.received.get_or_create(&labels).inc_by(received);
-        self.tracker
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .conns
-            .remove(&self.info.id);
+        self.tracker.live.lock().conns.remove(&self.info.id);
         if self.tracker.access_log {
             let i = &self.info;
             let fmt_addr = |a: &Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
@@ -926,7 +912,7 @@ mod tests {
             );
             drop(g);
         }
-        let live = t.live.lock().unwrap();
+        let live = t.live.lock();
         assert!(
             live.names.set.len() <= 2 * MIN_SWEEP,
             "{}",

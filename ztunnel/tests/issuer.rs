@@ -219,9 +219,7 @@ fn metrics(m: &SecretManager) -> String {
     ztunnel::metrics::encode(&registry)
 }
 
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    ztunnel::error_chain(e)
-}
+use ambient_common::error::chain;
 
 #[tokio::test]
 async fn issues_and_adopts_the_issuers_roots() {

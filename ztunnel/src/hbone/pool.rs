@@ -2,12 +2,13 @@
 //! destination address, expected destination identity), at most `max_streams` streams each,
 //! closed when idle, declared dead when an HTTP/2 PING goes unanswered.
 
+use ambient_common::sync::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -156,7 +157,7 @@ impl Conn {
 
     fn close(&self) {
         self.dead.store(true, Ordering::Release);
-        if let Some(tx) = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(tx) = self.kill.lock().take() {
             let _ = tx.send(());
         }
     }
@@ -172,7 +173,7 @@ pub struct Lease(Arc<Conn>);
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        *self.0.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *self.0.last_used.lock() = Instant::now();
         self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -234,7 +235,7 @@ impl Pool {
     }
 
     fn lease_existing(&self, key: &PoolKey) -> Result<Lease, Arc<tokio::sync::Mutex<()>>> {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.lock();
         let entry = entries.entry(key.clone()).or_default();
         entry.conns.retain(|c| !c.dead.load(Ordering::Acquire));
         for c in &entry.conns {
@@ -257,7 +258,7 @@ impl Pool {
         }
         let conn = self.open(key).await?;
         conn.active.store(1, Ordering::Release);
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.lock();
         entries
             .entry(key.clone())
             .or_default()
@@ -411,12 +412,11 @@ impl Pool {
     /// Closes connections idle longer than the idle timeout and forgets dead ones.
     pub fn evict_idle(&self) {
         let now = Instant::now();
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.lock();
         for entry in entries.values_mut() {
             entry.conns.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
-                    && now.duration_since(*c.last_used.lock().unwrap_or_else(|e| e.into_inner()))
-                        >= self.cfg.idle_timeout;
+                    && now.duration_since(*c.last_used.lock()) >= self.cfg.idle_timeout;
                 if idle {
                     c.close();
                 }
@@ -443,7 +443,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> Vec<PoolStats> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = self.entries.lock();
         entries
             .iter()
             .filter(|(_, e)| !e.conns.is_empty())

@@ -12,10 +12,11 @@
 //! Transport: hyper's HTTP/2 client connection over tokio-rustls, wrapped as a tonic
 //! `GrpcService` ([`Channel`]), reconnected lazily; tonic's `transport` feature is not used.
 
+use ambient_common::sync::{Mutex, RwLock};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -53,7 +54,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 fn status_error(status: tonic::Status) -> IssuerError {
     let transport = std::error::Error::source(&status)
         .and_then(|s| s.downcast_ref::<IssuerError>())
-        .map(|e| crate::error_chain(e));
+        .map(|e| ambient_common::error::chain(e));
     match transport {
         Some(chain) => IssuerError::Transport(chain),
         None => IssuerError::Refused {
@@ -163,11 +164,11 @@ impl TrustBundle {
     }
 
     pub fn get(&self) -> Roots {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.read().clone()
     }
 
     pub fn set(&self, roots: Vec<CertificateDer<'static>>) {
-        let mut cur = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.0.write();
         if **cur != roots {
             tracing::info!(roots = roots.len(), "trust bundle replaced by the issuer's");
             *cur = Arc::new(roots);
@@ -538,7 +539,7 @@ impl Health {
             .get_or_create(&OutcomeLabels { result: outcome })
             .inc();
         self.healthy.set(i64::from(result.is_ok()));
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = result.err();
+        *self.last_error.lock() = result.err();
     }
 }
 
@@ -711,7 +712,9 @@ impl CertificateProvider for IssuerClient {
             let r = self.request(&identity, ttl).await;
             self.health.record(
                 started,
-                r.as_ref().map(|_| ()).map_err(|e| crate::error_chain(e)),
+                r.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| ambient_common::error::chain(e)),
             );
             r.map_err(CaError::Issuer)
         })
@@ -726,11 +729,7 @@ impl CertificateProvider for IssuerClient {
     }
 
     fn last_error(&self) -> Option<String> {
-        self.health
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.health.last_error.lock().clone()
     }
 
     fn register_metrics(&self, registry: &mut Registry) {

@@ -3,8 +3,9 @@
 //! local workload uses the identity any more. A failed rotation keeps the held certificate
 //! (it serves until it expires) and is retried with backoff.
 
+use ambient_common::sync::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry;
@@ -50,7 +51,7 @@ pub struct HeldCert {
 impl HeldCert {
     /// Client configuration presenting this certificate and expecting `peer`.
     pub fn client_for(&self, peer: &Identity) -> Result<Arc<ClientConfig>, SecretError> {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.clients.lock();
         if let Some(c) = clients.get(peer) {
             return Ok(c.clone());
         }
@@ -164,7 +165,7 @@ impl SecretManager {
 
     /// The held certificate, if one is held and unexpired (never blocks).
     pub fn get(&self, id: &Identity) -> Option<Arc<HeldCert>> {
-        let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
+        let certs = self.certs.read();
         certs
             .get(id)
             .filter(|h| !h.cert.is_expired(SystemTime::now()))
@@ -207,10 +208,7 @@ impl SecretManager {
             roots,
             clients: Mutex::new(HashMap::new()),
         });
-        self.certs
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), held.clone());
+        self.certs.write().insert(id.clone(), held.clone());
         tracing::info!(identity = %id, "certificate issued");
         Ok(held)
     }
@@ -229,14 +227,14 @@ impl SecretManager {
 
     /// Forgets certificates of identities no local workload uses any more.
     pub fn retain(&self, keep: &HashSet<Identity>) {
-        let mut certs = self.certs.write().unwrap_or_else(|e| e.into_inner());
+        let mut certs = self.certs.write();
         certs.retain(|id, _| keep.contains(id));
-        let mut retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retries = self.retries.lock();
         retries.retain(|id, _| keep.contains(id));
     }
 
     fn retry_at(&self, id: &Identity) -> Option<SystemTime> {
-        let retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+        let retries = self.retries.lock();
         retries.get(id).map(|r| r.at)
     }
 
@@ -246,7 +244,7 @@ impl SecretManager {
     pub async fn rotate_due(&self) -> usize {
         let now = SystemTime::now();
         let due: Vec<Identity> = {
-            let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
+            let certs = self.certs.read();
             certs
                 .iter()
                 .filter(|(_, h)| h.cert.needs_rotation(now))
@@ -260,7 +258,7 @@ impl SecretManager {
             }
             let _guard = self.issuing.lock().await;
             let retries = |r: Result<(), &SecretError>| {
-                let mut retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+                let mut retries = self.retries.lock();
                 match r {
                     Ok(()) => {
                         retries.remove(&id);
@@ -277,7 +275,7 @@ impl SecretManager {
                                 failures,
                             },
                         );
-                        tracing::warn!(identity = %id, failures, retry_in = ?wait, error = %crate::error_chain(e), "certificate rotation failed; the held certificate stays in use");
+                        tracing::warn!(identity = %id, failures, retry_in = ?wait, error = %ambient_common::error::chain(e), "certificate rotation failed; the held certificate stays in use");
                     }
                 }
             };
@@ -295,7 +293,7 @@ impl SecretManager {
     /// How long until the next rotation is due (bounded to [1 s, 60 s]).
     pub fn next_check(&self) -> Duration {
         let now = SystemTime::now();
-        let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
+        let certs = self.certs.read();
         let soonest = certs
             .values()
             .map(|h| {
@@ -310,7 +308,7 @@ impl SecretManager {
 
     pub fn dump(&self) -> Vec<CertInfo> {
         let now = unix(SystemTime::now()) as i64;
-        let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
+        let certs = self.certs.read();
         let mut out: Vec<CertInfo> = certs
             .values()
             .map(|h| CertInfo {

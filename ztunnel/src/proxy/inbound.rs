@@ -165,7 +165,7 @@ async fn open_stream(
     ) {
         Ok(t) => t,
         Err(e) => {
-            tracing::info!(error = %crate::error_chain(&e), "CONNECT refused (400)");
+            tracing::info!(error = %ambient_common::error::chain(&e), "CONNECT refused (400)");
             reply(respond, StatusCode::BAD_REQUEST);
             return Ok(None);
         }

@@ -5,9 +5,10 @@
 //! sources are served at once. Refusals are counted
 //! (`ztunnel_hbone_handshakes_refused_total{reason}`) and logged once per source per minute.
 
+use ambient_common::sync::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Why a handshake was not started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +60,7 @@ impl HandshakeLimits {
 
     /// A place for a handshake from `src`, if both bounds allow it.
     pub fn try_acquire(self: &Arc<Self>, src: IpAddr) -> Result<HandshakeSlot, Refused> {
-        let mut f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.in_flight.lock();
         if f.total >= self.total {
             return Err(Refused::Total);
         }
@@ -77,18 +78,14 @@ impl HandshakeLimits {
 
     /// Handshakes in flight (total, from `src`).
     pub fn in_flight(&self, src: IpAddr) -> (usize, usize) {
-        let f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let f = self.in_flight.lock();
         (f.total, f.by_source.get(&src).copied().unwrap_or(0))
     }
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        let mut f = self
-            .limits
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut f = self.limits.in_flight.lock();
         f.total -= 1;
         if let Some(n) = f.by_source.get_mut(&self.src) {
             *n -= 1;

@@ -6,9 +6,9 @@
 //! on the data path under a shared lock. Refusals are counted and logged at most once per
 //! source per [`LOG_EVERY`].
 
+use ambient_common::sync::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// How often one source's refusals are logged (the metric counts every one).
@@ -117,7 +117,7 @@ pub struct LogLimiter(Mutex<HashMap<IpAddr, Instant>>);
 impl LogLimiter {
     pub fn should_log(&self, src: IpAddr) -> bool {
         let now = Instant::now();
-        let mut logged = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logged = self.0.lock();
         if logged.len() >= LOG_SOURCES {
             logged.retain(|_, t| now.duration_since(*t) < LOG_EVERY);
             if logged.len() >= LOG_SOURCES {
@@ -151,17 +151,17 @@ impl NodeAddrs {
             }
         }
         let n = addrs.len();
-        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+        *self.addrs.write() = addrs;
         Ok(n)
     }
 
     /// Replaces the list (tests).
     pub fn set(&self, addrs: HashSet<IpAddr>) {
-        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+        *self.addrs.write() = addrs;
     }
 
     pub fn classify(&self, ip: IpAddr) -> Option<NodeLocal> {
-        classify(ip, &self.addrs.read().unwrap_or_else(|e| e.into_inner()))
+        classify(ip, &self.addrs.read())
     }
 
     /// Whether a refusal for `src` should be logged now (once per [`LOG_EVERY`]).
@@ -299,6 +299,6 @@ mod tests {
         for i in 0..(LOG_SOURCES as u32 + 10) {
             a.should_log(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i)));
         }
-        assert!(a.logged.0.lock().unwrap().len() <= LOG_SOURCES);
+        assert!(a.logged.0.lock().len() <= LOG_SOURCES);
     }
 }

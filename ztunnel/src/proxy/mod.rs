@@ -334,7 +334,7 @@ impl<S> ConnTask<S> {
                     | Err(ProxyError::HandshakeTimeout(_))
                     | Ok(()) => {}
                     Err(e) => {
-                        tracing::info!(error = %crate::error_chain(&e), "connection refused or failed")
+                        tracing::info!(error = %ambient_common::error::chain(&e), "connection refused or failed")
                     }
                 }
             }
@@ -342,7 +342,7 @@ impl<S> ConnTask<S> {
                 drop(guards);
                 if let Err(e) = res {
                     let peer = self.peer;
-                    tracing::info!(%peer, error = %crate::error_chain(&e), "inbound stream refused or failed");
+                    tracing::info!(%peer, error = %ambient_common::error::chain(&e), "inbound stream refused or failed");
                 }
             }
         }
@@ -420,10 +420,10 @@ pub async fn serve(
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
+    let mut backoff = ambient_common::serve::AcceptBackoff::default();
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, peer)) => {
+            (tcp, peer) = ambient_common::serve::accept(&listener, &mut backoff, "proxy") => {
                     let _ = tcp.set_nodelay(true);
                     let peer = canonical(peer);
                     let setup = Box::pin(setup(
@@ -436,12 +436,7 @@ pub async fn serve(
                     ));
                     let setup = tracing::Instrument::instrument(setup, conn_span(kind, peer));
                     tokio::spawn(ConnTask::new(Some(kind), peer, setup));
-                }
-                Err(e) => {
-                    tracing::warn!(?local, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            },
+            }
             _ = drain.changed() => break,
         }
     }

@@ -115,7 +115,7 @@ pub(super) async fn outbound(
                         _ => ResponseFlag::Connect,
                     };
                     g.set_flag(flag);
-                    g.set_error(crate::error_chain(&e));
+                    g.set_error(ambient_common::error::chain(&e));
                     return Err(ProxyError::Hbone(e));
                 }
             };
@@ -146,7 +146,7 @@ pub(super) async fn outbound(
                 Ok(s) => s,
                 Err(e) => {
                     g.set_flag(ResponseFlag::Connect);
-                    g.set_error(crate::error_chain(&e));
+                    g.set_error(ambient_common::error::chain(&e));
                     return Err(ProxyError::Connect(e));
                 }
             };

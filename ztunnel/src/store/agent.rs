@@ -21,7 +21,7 @@ use ambient_common::frame;
 use ambient_common::ztunnel_api::{
     LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest, ZTUNNEL_API_VERSION,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 
 use super::{PushCheck, Store};
@@ -204,7 +204,7 @@ pub async fn handle_request(
     match tokio::time::timeout(cert_timeout, certs.ensure(&ids)).await {
         Ok(Ok(())) => ZtunnelReply::Ack,
         Ok(Err(e)) => ZtunnelReply::Error {
-            message: crate::error_chain(&e),
+            message: ambient_common::error::chain(&e),
         },
         Err(_) => ZtunnelReply::Error {
             message: format!("no certificate within {cert_timeout:?}"),
@@ -259,35 +259,25 @@ async fn serve_conn(
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) -> Result<(), frame::FrameError> {
     loop {
-        let mut header = [0u8; 4];
-        match conn.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(frame::FrameError::Io(e)),
-        }
-        let len = frame::body_len(header)?;
-        let mut body = vec![0u8; len];
-        conn.read_exact(&mut body)
-            .await
-            .map_err(frame::FrameError::Truncated)?;
-        let reply = match frame::decode::<ZtunnelRequest>(&body) {
-            Ok(req) => {
+        let reply = match frame::read_frame_async::<ZtunnelRequest>(&mut conn).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(req)) => {
                 tracing::debug!(?req, "agent request");
                 let r = handle_request(req, &store, &certs, &policy).await;
                 on_change();
                 r
             }
-            Err(e) => ZtunnelReply::Error {
-                message: crate::error_chain(&e),
+            // A whole frame that is not a request is answered; anything else leaves the
+            // stream out of step, and ends the session.
+            Err(e @ frame::FrameError::Decode(_)) => ZtunnelReply::Error {
+                message: ambient_common::error::chain(&e),
             },
+            Err(e) => return Err(e),
         };
         if let ZtunnelReply::Error { message } = &reply {
             tracing::warn!(%message, "agent request refused");
         }
-        let bytes = frame::encode(&reply)?;
-        conn.write_all(&bytes)
-            .await
-            .map_err(frame::FrameError::Io)?;
+        frame::write_frame_async(&mut conn, &reply).await?;
     }
 }
 
@@ -315,46 +305,38 @@ pub async fn serve_agent(
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) {
     let policy = Arc::new(policy);
+    let mut backoff = ambient_common::serve::AcceptBackoff::default();
     loop {
-        match listener.accept().await {
-            Ok((mut conn, _)) => {
-                if let Err(refusal) = peer_allowed(&conn, policy.peer_uid) {
-                    tracing::warn!(%refusal, "agent socket caller refused");
-                    store.count_agent_refusal("peer_uid");
-                    // Say why, and let the caller finish writing its request (closing at once
-                    // would fail its write before it reads the reason); nothing it sends is read.
-                    tokio::spawn(async move {
-                        let reply = ZtunnelReply::Error { message: refusal };
-                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                            if let Ok(bytes) = frame::encode(&reply) {
-                                conn.write_all(&bytes).await?;
-                            }
-                            let mut sink = [0u8; 4096];
-                            while conn.read(&mut sink).await? > 0 {}
-                            Ok::<_, std::io::Error>(())
-                        })
-                        .await;
-                    });
-                    continue;
-                }
-                tracing::info!("node agent connected");
-                let (store, certs, policy, on_change) = (
-                    store.clone(),
-                    certs.clone(),
-                    policy.clone(),
-                    on_change.clone(),
-                );
-                tokio::spawn(async move {
-                    if let Err(e) = serve_conn(conn, store, certs, policy, on_change).await {
-                        tracing::warn!(error = %crate::error_chain(&e), "agent connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "accepting on the agent socket failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        let (mut conn, _) = ambient_common::serve::accept(&listener, &mut backoff, "agent").await;
+        if let Err(refusal) = peer_allowed(&conn, policy.peer_uid) {
+            tracing::warn!(%refusal, "agent socket caller refused");
+            store.count_agent_refusal("peer_uid");
+            // Say why, and let the caller finish writing its request (closing at once
+            // would fail its write before it reads the reason); nothing it sends is read.
+            tokio::spawn(async move {
+                let reply = ZtunnelReply::Error { message: refusal };
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    frame::write_frame_async(&mut conn, &reply).await.ok();
+                    let mut sink = [0u8; 4096];
+                    while conn.read(&mut sink).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
+            });
+            continue;
         }
+        tracing::info!("node agent connected");
+        let (store, certs, policy, on_change) = (
+            store.clone(),
+            certs.clone(),
+            policy.clone(),
+            on_change.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(conn, store, certs, policy, on_change).await {
+                tracing::warn!(error = %ambient_common::error::chain(&e), "agent connection ended");
+            }
+        });
     }
 }
 
@@ -375,14 +357,10 @@ mod tests {
     }
 
     async fn rpc(conn: &mut UnixStream, op: ZtunnelOp) -> ZtunnelReply {
-        conn.write_all(&frame::encode(&ZtunnelRequest::new(op)).unwrap())
+        frame::write_frame_async(conn, &ZtunnelRequest::new(op))
             .await
             .unwrap();
-        let mut header = [0u8; 4];
-        conn.read_exact(&mut header).await.unwrap();
-        let mut body = vec![0u8; frame::body_len(header).unwrap()];
-        conn.read_exact(&mut body).await.unwrap();
-        frame::decode(&body).unwrap()
+        frame::read_frame_async(conn).await.unwrap().unwrap()
     }
 
     #[tokio::test]
@@ -451,14 +429,14 @@ mod tests {
         let junk = b"{\"nope\":1}";
         let mut bytes = (junk.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(junk);
-        c.write_all(&bytes).await.unwrap();
-        let mut header = [0u8; 4];
-        c.read_exact(&mut header).await.unwrap();
-        let mut body = vec![0u8; frame::body_len(header).unwrap()];
-        c.read_exact(&mut body).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut c, &bytes)
+            .await
+            .unwrap();
         assert!(matches!(
-            frame::decode::<ZtunnelReply>(&body).unwrap(),
-            ZtunnelReply::Error { .. }
+            frame::read_frame_async::<ZtunnelReply>(&mut c)
+                .await
+                .unwrap(),
+            Some(ZtunnelReply::Error { .. })
         ));
         assert_eq!(
             rpc(&mut c, ZtunnelOp::Remove { uid: "b".into() }).await,

@@ -497,7 +497,7 @@ impl KubeSource {
                     tracing::debug!(took = ?last_rebuild, objects = cache.len(), "state rebuilt");
                 }
                 Err(e) => tracing::error!(
-                    error = %crate::error_chain(&e),
+                    error = %ambient_common::error::chain(&e),
                     "update from the API rejected; keeping the previous state"
                 ),
             }

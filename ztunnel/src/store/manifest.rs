@@ -290,7 +290,7 @@ pub fn parse_manifests(
                     kind: "Service",
                     name: object_id(v),
                     effect: RejectEffect::Skipped,
-                    reason: crate::error_chain(&e),
+                    reason: ambient_common::error::chain(&e),
                 }),
             },
             "EndpointSlice" => {
@@ -301,7 +301,7 @@ pub fn parse_manifests(
                             kind: "EndpointSlice",
                             name: object_id(v),
                             effect: RejectEffect::Skipped,
-                            reason: crate::error_chain(&e),
+                            reason: ambient_common::error::chain(&e),
                         });
                         continue;
                     }
@@ -323,7 +323,7 @@ pub fn parse_manifests(
                         kind: "AuthorizationPolicy",
                         name: id.clone(),
                         effect: RejectEffect::Policy(fallback),
-                        reason: crate::error_chain(&ManifestError::Policy(e)),
+                        reason: ambient_common::error::chain(&ManifestError::Policy(e)),
                     });
                 }
                 out.policies.extend(policy);
@@ -348,7 +348,7 @@ pub fn parse_manifests(
                                 }),
                             },
                         };
-                        (pa, Some(crate::error_chain(&e)))
+                        (pa, Some(ambient_common::error::chain(&e)))
                     }
                 };
                 if pa.spec.selector.as_ref().is_some_and(|s| !s.is_null()) {
@@ -498,7 +498,7 @@ pub async fn poll_manifests(
                 }
                 Err(e) => tracing::error!(
                     dir = %dir.display(),
-                    error = %crate::error_chain(&e),
+                    error = %ambient_common::error::chain(&e),
                     "manifest update rejected; keeping the previous state"
                 ),
             }

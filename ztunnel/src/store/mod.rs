@@ -9,10 +9,11 @@ mod agent;
 pub mod kube;
 mod manifest;
 
+use ambient_common::sync::RwLock;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use ambient_common::ztunnel_api::LocalWorkload;
 use serde::Serialize;
@@ -550,11 +551,7 @@ impl Store {
     }
 
     pub fn snapshot(&self) -> Arc<State> {
-        self.inner
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .state
-            .clone()
+        self.inner.read().state.clone()
     }
 
     /// Notified (with a generation number) after every change.
@@ -572,7 +569,7 @@ impl Store {
 
     /// Applies `f`, which keeps the state current itself.
     fn update_in_place(&self, f: impl FnOnce(&mut Inner)) {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.write();
         f(&mut inner);
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
@@ -580,11 +577,7 @@ impl Store {
 
     /// The state the cluster source (directory or API) last set.
     pub fn manifest_state(&self) -> ManifestState {
-        self.inner
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .manifest
-            .clone()
+        self.inner.read().manifest.clone()
     }
 
     pub fn set_manifest(&self, mut m: ManifestState) {
@@ -613,25 +606,19 @@ impl Store {
     /// decides; until then it is outside the mesh (plaintext, or refused with
     /// `--outside-mesh=deny`), since nothing on its node would accept HBONE for it.
     pub fn require_capture_report(&self) {
-        self.inner
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .require_report = true;
+        self.inner.write().require_report = true;
     }
 
     /// Checks the agent's pushes against a cluster source from now on: each push is
     /// compared with the source's pod ([`Store::check_push`]), and on every source change
     /// the agent's workloads the source now contradicts are dropped.
     pub fn enable_cross_check(&self) {
-        self.inner
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .cross_check = true;
+        self.inner.write().cross_check = true;
     }
 
     /// Compares a push with the cluster source (always `Confirmed` without one).
     pub fn check_push(&self, w: &LocalWorkload) -> PushCheck {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.read();
         if !inner.cross_check {
             return PushCheck::Confirmed;
         }
@@ -677,7 +664,7 @@ impl Store {
     pub fn expire_unconfirmed(&self, ttl: std::time::Duration) -> usize {
         let now = std::time::Instant::now();
         let expired: Vec<String> = {
-            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            let inner = self.inner.read();
             if !inner.source_seen {
                 return 0;
             }
@@ -1042,7 +1029,7 @@ mod tests {
                         }),
                         None => s.agent_remove(&format!("u{uid}")),
                     }
-                    let inner = s.inner.read().unwrap();
+                    let inner = s.inner.read();
                     let expected = reference(&inner.base, &inner.overlay);
                     prop_assert_eq!(view(&inner.state), expected.clone());
                     let rebuilt = build(&inner.base, &inner.overlay);
