@@ -9,63 +9,14 @@
 //! rolling upgrade or a restart; or the API is unreachable, slow or failing) leaves the plugin
 //! in place, so new pods wait for the next agent instead of starting unprotected.
 
-use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 
-/// One API call the installer makes, for the RBAC test: (API group, resource, verb).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ApiCall {
-    pub group: &'static str,
-    pub resource: &'static str,
-    pub verb: &'static str,
-    /// Namespaced calls are granted by a Role in the install namespace.
-    pub namespaced: bool,
-}
+pub use ambient_kube_watch::{client, ApiCall, ClientError};
 
-/// Every API call of this crate.
-pub const API_CALLS: &[ApiCall] = &[ApiCall {
-    group: "apps",
-    resource: "daemonsets",
-    verb: "get",
-    namespaced: true,
-}];
-
-#[derive(Debug, thiserror::Error)]
-pub enum KubeError {
-    #[error("cannot read kubeconfig {path}")]
-    Kubeconfig {
-        path: std::path::PathBuf,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("no usable Kubernetes configuration (in-cluster service account or kubeconfig)")]
-    Infer(#[source] kube::config::InferConfigError),
-    #[error("cannot build the Kubernetes client")]
-    Client(#[source] kube::Error),
-}
-
-/// A client from a kubeconfig file, or the in-cluster service account (token and CA).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
-                path: path.to_owned(),
-                source,
-            })?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|source| KubeError::Kubeconfig {
-                    path: path.to_owned(),
-                    source,
-                })?
-        }
-        None => kube::Config::infer().await.map_err(KubeError::Infer)?,
-    };
-    kube::Client::try_from(config).map_err(KubeError::Client)
-}
+/// Every API call of this crate (granted by a Role in the install namespace).
+pub const API_CALLS: &[ApiCall] = &[ApiCall::new("apps", "daemonsets", "get")];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitDecision {

@@ -92,14 +92,57 @@ impl BackoffState {
     pub fn reset(&mut self) {
         self.next = self.cfg.initial;
     }
-    /// The delay the next [`wait`](Self::wait) sleeps.
+    /// The ceiling of the next [`wait`](Self::wait)'s sleep.
     pub fn next_delay(&self) -> Duration {
         self.next
     }
+    /// Sleeps between half the current delay and all of it, chosen at random, then doubles
+    /// the delay. The random half spreads the nodes: after an API server restart every
+    /// node's watch fails at the same moment, and without it they would all relist
+    /// together, at every step of the backoff.
     pub async fn wait(&mut self) {
-        let d = self.next;
+        let d = jittered(self.next, random_fraction());
         self.next = (self.next * 2).min(self.cfg.max);
         tokio::time::sleep(d).await;
+    }
+}
+
+/// `delay` scaled into `[delay/2, delay]` by `fraction` (in `[0, 1)`).
+pub fn jittered(delay: Duration, fraction: f64) -> Duration {
+    delay / 2 + delay.mul_f64(fraction.clamp(0.0, 1.0) / 2.0)
+}
+
+/// A number in `[0, 1)` that differs between processes and calls: std's `RandomState` is
+/// seeded from the OS per process (and stepped per instance), which is all jitter needs.
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// One Kubernetes API call a process makes: (API group, resource, verb). Each process
+/// lists its calls, its tests check that list against the requests its client really
+/// made, and the install tests check the manifests' RBAC grants each call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ApiCall {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verb: &'static str,
+}
+
+impl ApiCall {
+    pub const fn new(group: &'static str, resource: &'static str, verb: &'static str) -> Self {
+        Self {
+            group,
+            resource,
+            verb,
+        }
+    }
+
+    /// As owned strings, to compare with what [`testing::Request::api_call`] reads.
+    pub fn owned(&self) -> (String, String, String) {
+        (self.group.into(), self.resource.into(), self.verb.into())
     }
 }
 

@@ -27,6 +27,80 @@ pub struct Request {
     pub authorization: Option<String>,
 }
 
+impl Request {
+    /// The RBAC (API group, resource, verb) this request needs, as the API server's
+    /// authorizer reads it from the path, method and `watch` query.
+    pub fn api_call(&self) -> (String, String, String) {
+        let segs: Vec<&str> = self.path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match segs.as_slice() {
+            ["api", "v1", rest @ ..] => (String::new(), rest.to_vec()),
+            ["apis", g, _v, rest @ ..] => (g.to_string(), rest.to_vec()),
+            _ => panic!("unexpected path {}", self.path),
+        };
+        let (resource, named) = match rest.as_slice() {
+            [r] => (r.to_string(), false),
+            ["namespaces", _, r] => (r.to_string(), false),
+            [r, _] if *r != "namespaces" => (r.to_string(), true),
+            ["namespaces", _] => ("namespaces".to_string(), true),
+            ["namespaces", _, r, _] => (r.to_string(), true),
+            ["namespaces", _, r, _, sub] => (format!("{r}/{sub}"), true),
+            other => panic!("unexpected path {other:?}"),
+        };
+        let watch = self.query.get("watch").map(String::as_str) == Some("true");
+        let verb = match (self.method.as_str(), named, watch) {
+            ("GET", _, true) => "watch",
+            ("GET", false, false) => "list",
+            ("GET", true, false) => "get",
+            ("PATCH", _, _) => "patch",
+            ("PUT", _, _) => "update",
+            ("POST", _, _) => "create",
+            ("DELETE", _, _) => "delete",
+            (m, _, _) => panic!("unexpected method {m}"),
+        };
+        (group, resource, verb.to_string())
+    }
+}
+
+/// The RBAC check every process's client test makes: the requests the real client sent,
+/// the process's declared [`ApiCall`](crate::ApiCall)s and the role that grants them name
+/// the same calls: nothing is called undeclared or ungranted, nothing is granted unused.
+pub fn check_rbac(role: &Value, declared: &[crate::ApiCall], requests: &[Request]) {
+    let made: BTreeSet<_> = requests.iter().map(Request::api_call).collect();
+    let declared: BTreeSet<_> = declared.iter().map(crate::ApiCall::owned).collect();
+    assert_eq!(
+        made, declared,
+        "the declared calls are exactly the calls made"
+    );
+    assert_eq!(
+        granted(role),
+        made,
+        "the role grants exactly the calls made"
+    );
+}
+
+/// The (API group, resource, verb) triples one RBAC role grants: the `rules` of a Role or
+/// ClusterRole, as parsed JSON.
+pub fn granted(role: &Value) -> BTreeSet<(String, String, String)> {
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().into_iter().flatten() {
+        for g in strs(&rule["apiGroups"]) {
+            for r in strs(&rule["resources"]) {
+                for v in strs(&rule["verbs"]) {
+                    out.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone)]
 struct Event {
     rv: u64,

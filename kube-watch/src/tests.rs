@@ -110,3 +110,20 @@ fn backoff_doubles_up_to_the_cap_and_resets() {
         assert_eq!(b.next_delay(), Duration::from_millis(1));
     });
 }
+
+#[test]
+fn backoff_waits_are_spread_over_the_upper_half() {
+    let d = Duration::from_millis(200);
+    assert_eq!(jittered(d, 0.0), Duration::from_millis(100));
+    assert_eq!(jittered(d, 0.5), Duration::from_millis(150));
+    assert_eq!(jittered(d, 0.999_999), Duration::from_nanos(199_999_900));
+    // Two nodes (two draws) almost never wait the same time: out of 1000 draws, the
+    // waits fall in at least 900 distinct microseconds of the 100 ms window.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..1000 {
+        let f = random_fraction();
+        assert!((0.0..1.0).contains(&f), "{f}");
+        seen.insert(jittered(d, f).as_micros());
+    }
+    assert!(seen.len() > 900, "{}", seen.len());
+}

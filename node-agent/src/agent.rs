@@ -90,6 +90,25 @@ pub enum PodState {
     Uncapturable,
 }
 
+impl PodState {
+    /// A recorded pod's state from the source's decision (`None`: undecided), whether
+    /// something on the node blocks its capture, whether the source has synced, and its
+    /// state before. Until the source has synced, an undecided pod keeps what it had.
+    pub fn of(
+        decided: Option<Enrolment>,
+        blocked: bool,
+        synced: bool,
+        previous: Option<PodState>,
+    ) -> Self {
+        match decided {
+            Some(Enrolment::Ambient) if blocked => PodState::Uncapturable,
+            Some(e) => e.into(),
+            None if synced => PodState::Unknown,
+            None => previous.unwrap_or(PodState::Unknown),
+        }
+    }
+}
+
 impl From<Enrolment> for PodState {
     fn from(e: Enrolment) -> Self {
         match e {
@@ -332,37 +351,14 @@ impl Core {
         self.last_error = Some(format!("{reason}: {e}"));
     }
 
-    /// Finds the source's pod for a record; a different uid means a different pod.
-    fn pod_of<'a>(snapshot: &'a Snapshot, r: &Record) -> Option<&'a Pod> {
-        let pod = snapshot.pod(&r.pod.namespace, &r.pod.name)?;
-        match (&r.pod.uid, &pod.metadata.uid) {
-            (Some(a), Some(b)) if a != b => None,
-            _ => Some(pod),
-        }
-    }
-
     /// The state a record should be in now.
     fn state_of(&self, key: &AttachmentKey, r: &Record) -> PodState {
-        if self.cfg.is_excluded(&r.pod.namespace) {
-            // Whatever the source knows: a pod that ran the CNI chain is not hostNetwork.
-            return PodState::Excluded;
-        }
-        let st = match Self::pod_of(&self.snapshot, r) {
-            Some(pod) => self
-                .snapshot
-                .decide(pod, &self.cfg.excluded_namespaces)
-                .map(PodState::from)
-                .unwrap_or(PodState::Unknown),
-            None => PodState::Unknown,
-        };
-        if st == PodState::Captured && r.blocker.is_some() {
-            return PodState::Uncapturable;
-        }
-        // Until the source has synced, an unknown pod keeps whatever it had.
-        if st == PodState::Unknown && !self.snapshot.synced {
-            return self.states.get(key).copied().unwrap_or(PodState::Unknown);
-        }
-        st
+        PodState::of(
+            self.snapshot.decide(&r.pod, &self.cfg.excluded_namespaces),
+            r.blocker.is_some(),
+            self.snapshot.synced,
+            self.states.get(key).copied(),
+        )
     }
 
     /// Every bridged pod's port is pinned to its MAC; an ambient pod's also carries its
@@ -579,7 +575,7 @@ impl Core {
     }
 
     fn workload(&self, r: &Record) -> LocalWorkload {
-        let pod = Self::pod_of(&self.snapshot, r);
+        let pod = self.snapshot.pod_ref(&r.pod);
         LocalWorkload {
             uid: workload_uid(r, pod),
             namespace: r.pod.namespace.clone(),
@@ -709,28 +705,22 @@ impl Core {
     ) -> Result<(AddOutcome, Option<LocalWorkload>), AgentError> {
         let started = Instant::now();
         let snapshot = self.snapshot.clone();
-        let excluded = self.cfg.is_excluded(&att.pod.namespace);
-        let pod = snapshot.pod(&att.pod.namespace, &att.pod.name);
-        if pod.is_none() && !excluded {
+        let Some(decided) = snapshot.decide(&att.pod, &self.cfg.excluded_namespaces) else {
             return Err(unknown_pod(&att));
-        }
+        };
+        let pod = snapshot.pod_ref(&att.pod);
         if att.host_interface.is_empty() {
             // The plugin found no host-side veth (a primary CNI without veths). Only an
             // ambient pod needs one; any other pod is left alone, unrecorded.
-            let decided = match pod {
-                _ if excluded => Some(Enrolment::Excluded),
-                Some(pod) => self.snapshot.decide(pod, &self.cfg.excluded_namespaces),
-                None => None,
-            };
             return match decided {
-                Some(Enrolment::Ambient) | None => Err(AgentError::new(
+                Enrolment::Ambient => Err(AgentError::new(
                     ErrorKind::InvalidRequest,
                     "the plugin found no host-side interface for this ambient pod; \
                      its traffic cannot be captured (is the primary CNI veth-based?)",
                 )),
-                Some(Enrolment::Excluded) => Ok((AddOutcome::Excluded, None)),
-                Some(Enrolment::HostNetwork) => Ok((AddOutcome::HostNetwork, None)),
-                Some(_) => Ok((AddOutcome::NotAmbient, None)),
+                Enrolment::Excluded => Ok((AddOutcome::Excluded, None)),
+                Enrolment::HostNetwork => Ok((AddOutcome::HostNetwork, None)),
+                Enrolment::NotAmbient | Enrolment::OptedOut => Ok((AddOutcome::NotAmbient, None)),
             };
         }
         let (link, ifindex) = self
@@ -818,7 +808,7 @@ impl Core {
             let placed = self
                 .records
                 .values()
-                .filter(|r| Self::pod_of(&self.snapshot, r).is_some())
+                .filter(|r| self.snapshot.pod_ref(&r.pod).is_some())
                 .count();
             if placed > 0 || !self.snapshot.synced {
                 return Err(AgentError::new(
@@ -1079,6 +1069,52 @@ mod tests {
     use crate::nft::MemoryDataplane;
     use ambient_common::agent_api::PodRef;
     use ambient_common::manifest::Namespace;
+
+    #[test]
+    fn every_recorded_pod_state() {
+        use Enrolment::*;
+        use PodState as S;
+        // (decided, blocked, synced, previous) -> state
+        let cases = [
+            (Some(Ambient), false, true, None, S::Captured),
+            (
+                Some(Ambient),
+                true,
+                true,
+                Some(S::Captured),
+                S::Uncapturable,
+            ),
+            (
+                Some(Ambient),
+                false,
+                false,
+                Some(S::NotAmbient),
+                S::Captured,
+            ),
+            (
+                Some(NotAmbient),
+                true,
+                true,
+                Some(S::Captured),
+                S::NotAmbient,
+            ),
+            (Some(OptedOut), false, true, None, S::OptedOut),
+            (Some(Excluded), false, false, None, S::Excluded),
+            (Some(HostNetwork), false, true, None, S::HostNetwork),
+            // Undecided: unknown once synced; before, whatever it had.
+            (None, false, true, Some(S::Captured), S::Unknown),
+            (None, false, false, Some(S::Captured), S::Captured),
+            (None, true, false, Some(S::Uncapturable), S::Uncapturable),
+            (None, false, false, None, S::Unknown),
+        ];
+        for (decided, blocked, synced, previous, want) in cases {
+            assert_eq!(
+                PodState::of(decided, blocked, synced, previous),
+                want,
+                "{decided:?} blocked={blocked} synced={synced} previous={previous:?}"
+            );
+        }
+    }
 
     /// Interfaces that all have addresses and carry no eBPF program, unless listed.
     #[derive(Default, Clone)]

@@ -35,41 +35,15 @@ use crate::ztunnel::Captured;
 
 pub use ambient_common::constants::REDIRECTION_ANNOTATION;
 
-/// One API call the agent makes, for the RBAC test: (API group, resource, verb).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ApiCall {
-    pub group: &'static str,
-    pub resource: &'static str,
-    pub verb: &'static str,
-}
+pub use ambient_kube_watch::ApiCall;
 
 /// Every API call of this module.
 pub const API_CALLS: &[ApiCall] = &[
-    ApiCall {
-        group: "",
-        resource: "pods",
-        verb: "list",
-    },
-    ApiCall {
-        group: "",
-        resource: "pods",
-        verb: "watch",
-    },
-    ApiCall {
-        group: "",
-        resource: "namespaces",
-        verb: "list",
-    },
-    ApiCall {
-        group: "",
-        resource: "namespaces",
-        verb: "watch",
-    },
-    ApiCall {
-        group: "",
-        resource: "pods/status",
-        verb: "patch",
-    },
+    ApiCall::new("", "pods", "list"),
+    ApiCall::new("", "pods", "watch"),
+    ApiCall::new("", "namespaces", "list"),
+    ApiCall::new("", "namespaces", "watch"),
+    ApiCall::new("", "pods/status", "patch"),
 ];
 
 /// Errors building the client (the shared crate's).

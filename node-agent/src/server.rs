@@ -247,23 +247,15 @@ async fn wait_for_pod(
     att: &ambient_common::agent_api::Attachment,
 ) -> Result<Arc<Snapshot>, AgentError> {
     let mut rx = shared.snapshots.clone();
-    if shared.cfg.is_excluded(&att.pod.namespace) {
-        // Decided by the namespace alone: a node whose API connection is down (or not yet
-        // synced) still starts its system pods.
-        return Ok(Arc::clone(&rx.borrow_and_update()));
-    }
     let deadline = tokio::time::Instant::now() + shared.cfg.pod_wait;
     loop {
         {
             let snap = rx.borrow_and_update();
-            if let Some(pod) = snap.pod(&att.pod.namespace, &att.pod.name) {
-                let uid_ok = match (&att.pod.uid, &pod.metadata.uid) {
-                    (Some(a), Some(b)) => a == b,
-                    _ => true,
-                };
-                if uid_ok && snap.decide(pod, &shared.cfg.excluded_namespaces).is_some() {
-                    return Ok(Arc::clone(&snap));
-                }
+            if snap
+                .decide(&att.pod, &shared.cfg.excluded_namespaces)
+                .is_some()
+            {
+                return Ok(Arc::clone(&snap));
             }
         }
         if tokio::time::timeout_at(deadline, rx.changed())

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambient_common::agent_api::PodRef;
 use ambient_common::manifest::{self, Enrolment, Namespace, Object, Pod};
 use tokio::sync::watch;
 
@@ -27,16 +28,33 @@ impl Snapshot {
         self.pods.get(&(namespace.to_owned(), name.to_owned()))
     }
 
-    /// The enrolment decision for a pod, or `None` while its namespace is unknown.
-    pub fn decide(&self, pod: &Pod, excluded: &[String]) -> Option<Enrolment> {
-        let ns = self.namespaces.get(pod.namespace());
-        if ns.is_none() && !excluded.iter().any(|e| e == pod.namespace()) && !pod.spec.host_network
-        {
-            // A pod label alone can still decide; otherwise wait for the namespace.
-            let decided = Enrolment::decide(pod, None, excluded);
-            return (decided != Enrolment::NotAmbient).then_some(decided);
+    /// The source's pod for a reference: same namespace and name and, when both sides
+    /// know it, the same uid (a different uid is a different pod under a reused name).
+    pub fn pod_ref(&self, r: &PodRef) -> Option<&Pod> {
+        let pod = self.pod(&r.namespace, &r.name)?;
+        match (&r.uid, &pod.metadata.uid) {
+            (Some(a), Some(b)) if a != b => None,
+            _ => Some(pod),
         }
-        Some(Enrolment::decide(pod, ns, excluded))
+    }
+
+    /// The agent's ambient decision for the pod `r` names, the one place it is made (the
+    /// CNI ADD's wait, the ADD, and every reconcile ask here): `None` while the source
+    /// cannot decide yet.
+    /// - A namespace excluded by configuration decides alone, without the pod: a node
+    ///   whose API connection is down (or not yet synced) still starts its system pods.
+    /// - A pod the source does not know (or knows with another uid) is undecided.
+    /// - Otherwise [`Enrolment::decide`], the rule ztunnel applies too; while the pod's
+    ///   namespace is unknown only what the pod alone decides (hostNetwork, its own label)
+    ///   counts, since the namespace's label could still make it ambient.
+    pub fn decide(&self, r: &PodRef, excluded: &[String]) -> Option<Enrolment> {
+        if excluded.contains(&r.namespace) {
+            return Some(Enrolment::Excluded);
+        }
+        let pod = self.pod_ref(r)?;
+        let ns = self.namespaces.get(pod.namespace());
+        let decided = Enrolment::decide(pod, ns, excluded);
+        (ns.is_some() || decided != Enrolment::NotAmbient).then_some(decided)
     }
 }
 
@@ -143,19 +161,85 @@ mod tests {
         };
         let snap = src.load().unwrap();
         assert_eq!(snap.pods.len(), 1);
-        let pod = snap.pod("a", "p1").unwrap();
-        assert_eq!(snap.decide(pod, &[]), Some(Enrolment::Ambient));
+        let p1 = PodRef {
+            namespace: "a".into(),
+            name: "p1".into(),
+            uid: None,
+        };
+        assert_eq!(snap.decide(&p1, &[]), Some(Enrolment::Ambient));
     }
 
     #[test]
-    fn unknown_namespace_defers_unless_the_pod_decides() {
-        let snap = Snapshot::default();
-        let mut pod = Pod::default();
-        pod.metadata.namespace = Some("x".into());
-        assert_eq!(snap.decide(&pod, &[]), None);
-        pod.metadata
-            .labels
-            .insert("istio.io/dataplane-mode".into(), "none".into());
-        assert_eq!(snap.decide(&pod, &[]), Some(Enrolment::OptedOut));
+    fn every_ambient_decision() {
+        let labelled = |name: &str, v: Option<&str>| {
+            let mut m = manifest::ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            };
+            if let Some(v) = v {
+                m.labels.insert("istio.io/dataplane-mode".into(), v.into());
+            }
+            m
+        };
+        let mut snap = Snapshot::default();
+        for (ns, label) in [
+            ("mesh", Some("ambient")),
+            ("plain", None),
+            ("kube-system", None),
+        ] {
+            let n = Namespace {
+                metadata: labelled(ns, label),
+            };
+            snap.namespaces.insert(ns.into(), n);
+        }
+        // (namespace, name, uid, pod label, hostNetwork)
+        let pods = [
+            ("mesh", "a", "u-a", None, false),
+            ("mesh", "out", "u-out", Some("none"), false),
+            ("mesh", "host", "u-host", None, true),
+            ("plain", "b", "u-b", None, false),
+            ("plain", "in", "u-in", Some("ambient"), false),
+            ("kube-system", "dns", "u-dns", Some("ambient"), false),
+            ("new", "c", "u-c", None, false),
+            ("new", "d", "u-d", Some("ambient"), false),
+            ("new", "e", "u-e", Some("none"), false),
+            ("new", "f", "u-f", None, true),
+        ];
+        for (ns, name, uid, label, host) in pods {
+            let mut pod = Pod {
+                metadata: labelled(name, label),
+                ..Default::default()
+            };
+            pod.metadata.namespace = Some(ns.into());
+            pod.metadata.uid = Some(uid.into());
+            pod.spec.host_network = host;
+            snap.pods.insert((ns.into(), name.into()), pod);
+        }
+        let excluded = ["kube-system".to_string()];
+        let r = |ns: &str, name: &str, uid: Option<&str>| PodRef {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: uid.map(Into::into),
+        };
+        use Enrolment::*;
+        let cases = [
+            (r("mesh", "a", Some("u-a")), Some(Ambient)),
+            (r("mesh", "a", None), Some(Ambient)),
+            (r("mesh", "a", Some("u-old")), None),
+            (r("mesh", "out", None), Some(OptedOut)),
+            (r("mesh", "host", None), Some(HostNetwork)),
+            (r("plain", "b", None), Some(NotAmbient)),
+            (r("plain", "in", None), Some(Ambient)),
+            (r("kube-system", "dns", None), Some(Excluded)),
+            (r("kube-system", "unknown", None), Some(Excluded)),
+            (r("mesh", "unknown", None), None),
+            (r("new", "c", None), None),
+            (r("new", "d", None), Some(Ambient)),
+            (r("new", "e", None), Some(OptedOut)),
+            (r("new", "f", None), Some(HostNetwork)),
+        ];
+        for (pod, want) in cases {
+            assert_eq!(snap.decide(&pod, &excluded), want, "{pod:?}");
+        }
     }
 }

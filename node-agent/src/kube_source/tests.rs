@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::*;
-use ambient_kube_watch::testing::{self as fake_api, FakeApi};
+use ambient_kube_watch::testing::FakeApi;
 
 fn ns(name: &str, ambient: bool) -> Value {
     let mut v = json!({"apiVersion": "v1", "kind": "Namespace",
@@ -175,7 +175,14 @@ async fn initial_lists_sync_only_this_nodes_pods_across_pages() {
     assert_eq!(web.service_account(), "web");
     assert_eq!(web.ips().len(), 2);
     assert_eq!(
-        snap.decide(web, &["kube-system".into()]),
+        snap.decide(
+            &ambient_common::agent_api::PodRef {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+                uid: web.metadata.uid.clone(),
+            },
+            &["kube-system".into()]
+        ),
         Some(Enrolment::Ambient)
     );
     // Only the redirection annotation is kept.
@@ -239,7 +246,12 @@ async fn namespace_label_flips_re_decide_running_pods() {
     let mut r = start(source(&api, "n1"));
     let s = r.until("synced", |s| s.synced).await;
     let uid = s.pod("shop", "web").unwrap().metadata.uid.clone();
-    let decide = |s: &Snapshot| s.pod("shop", "web").and_then(|p| s.decide(p, &[]));
+    let web = ambient_common::agent_api::PodRef {
+        namespace: "shop".into(),
+        name: "web".into(),
+        uid: None,
+    };
+    let decide = |s: &Snapshot| s.decide(&web, &[]);
     assert_eq!(decide(&s), Some(Enrolment::NotAmbient));
     api.put(ns("shop", true));
     let s = r
@@ -397,32 +409,6 @@ async fn annotates_captured_pods_through_the_status_subresource() {
         .all(|q| q.path == "/api/v1/namespaces/shop/pods/web/status"));
 }
 
-/// Maps a request the client sent to the RBAC (group, resource, verb) it needs.
-fn rbac_of(q: &fake_api::Request) -> (String, String, String) {
-    let segs: Vec<&str> = q.path.trim_start_matches('/').split('/').collect();
-    let (group, rest) = match segs.as_slice() {
-        ["api", "v1", rest @ ..] => (String::new(), rest.to_vec()),
-        ["apis", g, _v, rest @ ..] => (g.to_string(), rest.to_vec()),
-        _ => panic!("unexpected path {}", q.path),
-    };
-    let (resource, named) = match rest.as_slice() {
-        [r] => (r.to_string(), false),
-        ["namespaces", _, r] => (r.to_string(), false),
-        ["namespaces", _, r, _] => (r.to_string(), true),
-        ["namespaces", _, r, _, sub] => (format!("{r}/{sub}"), true),
-        other => panic!("unexpected path {other:?}"),
-    };
-    let watch = q.query.get("watch").map(String::as_str) == Some("true");
-    let verb = match (q.method.as_str(), named, watch) {
-        ("GET", _, true) => "watch",
-        ("GET", false, false) => "list",
-        ("GET", true, false) => "get",
-        ("PATCH", _, _) => "patch",
-        (m, _, _) => panic!("unexpected method {m}"),
-    };
-    (group, resource, verb.to_owned())
-}
-
 #[tokio::test]
 async fn rbac_grants_every_call_the_client_really_made() {
     let api = FakeApi::start().await;
@@ -461,39 +447,7 @@ async fn rbac_grants_every_call_the_client_really_made() {
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .find(|v: &Value| v["kind"] == "ClusterRole" && v["metadata"]["name"] == "ambient-node")
         .expect("ClusterRole ambient-node");
-    let granted = |g: &str, r: &str, v: &str| {
-        role["rules"].as_array().unwrap().iter().any(|rule| {
-            let has = |f: &str, x: &str| rule[f].as_array().unwrap().iter().any(|y| y == x);
-            has("apiGroups", g) && has("resources", r) && has("verbs", v)
-        })
-    };
-    let mut made = std::collections::BTreeSet::new();
-    for q in api.requests() {
-        let (g, r, v) = rbac_of(&q);
-        assert!(granted(&g, &r, &v), "{q:?} needs {g}/{r} {v}");
-        assert!(
-            API_CALLS
-                .iter()
-                .any(|c| c.group == g && c.resource == r && c.verb == v),
-            "{q:?} is missing from API_CALLS"
-        );
-        made.insert((g, r, v));
-    }
-    // And the role grants nothing the code does not use.
-    for rule in role["rules"].as_array().unwrap() {
-        for g in rule["apiGroups"].as_array().unwrap() {
-            for r in rule["resources"].as_array().unwrap() {
-                for v in rule["verbs"].as_array().unwrap() {
-                    let key = (
-                        g.as_str().unwrap().to_owned(),
-                        r.as_str().unwrap().to_owned(),
-                        v.as_str().unwrap().to_owned(),
-                    );
-                    assert!(made.contains(&key), "granted but never used: {key:?}");
-                }
-            }
-        }
-    }
+    ambient_kube_watch::testing::check_rbac(&role, API_CALLS, &api.requests());
 }
 
 #[tokio::test]

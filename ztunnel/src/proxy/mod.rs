@@ -116,20 +116,23 @@ impl Proxy {
         &self.cfg.trust_domain
     }
 
-    /// Refuses `dst` if it is node-local (`endpoint`: a destination the cluster resolved, on
-    /// which the node's own addresses are allowed): counts it, logs it once per source.
-    pub(crate) fn refuse_node_local(
+    /// Refuses `dst` if it is node-local (the node's own addresses included): counts it,
+    /// logs it once per source. (A Service endpoint is checked by `outbound::decide`, on
+    /// which the node's own addresses are allowed: host-network endpoints.)
+    pub(crate) fn refuse_node_local(&self, src: IpAddr, dst: SocketAddr) -> Result<(), ProxyError> {
+        match self.node_addrs.classify(dst.ip()) {
+            Some(why) => Err(self.node_local_refusal(src, dst, why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts and (rate-limited) logs a refused node-local destination; the error to return.
+    pub(crate) fn node_local_refusal(
         &self,
         src: IpAddr,
         dst: SocketAddr,
-        endpoint: bool,
-    ) -> Result<(), ProxyError> {
-        let why = if endpoint {
-            local::classify_endpoint(dst.ip())
-        } else {
-            self.node_addrs.classify(dst.ip())
-        };
-        let Some(why) = why else { return Ok(()) };
+        why: local::NodeLocal,
+    ) -> ProxyError {
         self.store
             .refusals()
             .outbound
@@ -141,10 +144,10 @@ impl Proxy {
             tracing::warn!(%src, %dst, kind = why.as_str(),
                 "refused a node-local destination (logged once per source per minute; ztunnel_outbound_refused_total counts each)");
         }
-        Err(ProxyError::NodeLocal {
+        ProxyError::NodeLocal {
             dst,
             why: why.as_str(),
-        })
+        }
     }
 
     /// Authorizes a connection to a local workload and connects to it, keeping `src_ip` as
@@ -176,7 +179,7 @@ impl Proxy {
         }
         // A local workload's address is a pod's, never the node's; a store entry saying
         // otherwise (a bad object or push) must not make ztunnel connect to the node itself.
-        self.refuse_node_local(src_ip, target, false)
+        self.refuse_node_local(src_ip, target)
             .map_err(|e| (ResponseFlag::Deny, e))?;
         let r = if self.cfg.transparent && keep_source {
             self.sockets.connect_transparent(src_ip, target).await

@@ -28,13 +28,7 @@ use super::{parse_manifests, Store};
 
 pub use ambient_kube_watch::{client, ClientError};
 
-/// One API call of this module, for the RBAC check: (API group, resource, verb).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ApiCall {
-    pub group: &'static str,
-    pub resource: &'static str,
-    pub verb: &'static str,
-}
+pub use ambient_kube_watch::ApiCall;
 
 /// A watched resource.
 #[derive(Debug, Clone, Copy)]
@@ -103,13 +97,7 @@ const WATCHED: &[Watched] = &[
 pub fn api_calls() -> Vec<ApiCall> {
     WATCHED
         .iter()
-        .flat_map(|w| {
-            ["list", "watch"].map(|verb| ApiCall {
-                group: w.group,
-                resource: w.resource,
-                verb,
-            })
-        })
+        .flat_map(|w| ["list", "watch"].map(|verb| ApiCall::new(w.group, w.resource, verb)))
         .collect()
 }
 

@@ -396,23 +396,6 @@ async fn a_bad_object_is_set_aside_alone_and_later_changes_flow() {
     );
 }
 
-/// Maps a request to the RBAC (group, resource, verb) it needs.
-fn rbac_of(q: &Request) -> (String, String, String) {
-    let segs: Vec<&str> = q.path.trim_start_matches('/').split('/').collect();
-    let (group, resource) = match segs.as_slice() {
-        ["api", "v1", r] => (String::new(), r.to_string()),
-        ["apis", g, _v, r] => (g.to_string(), r.to_string()),
-        _ => panic!("unexpected path {}", q.path),
-    };
-    let watch = q.query.get("watch").map(String::as_str) == Some("true");
-    assert_eq!(q.method, "GET", "{q:?}");
-    (
-        group,
-        resource,
-        if watch { "watch" } else { "list" }.to_owned(),
-    )
-}
-
 #[tokio::test]
 async fn rbac_grants_every_call_the_client_really_made_and_nothing_more() {
     let api = FakeApi::start().await;
@@ -438,27 +421,7 @@ async fn rbac_grants_every_call_the_client_really_made_and_nothing_more() {
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .find(|v: &Value| v["kind"] == "ClusterRole" && v["metadata"]["name"] == "ztunnel")
         .expect("ClusterRole ztunnel");
-    let mut granted = BTreeSet::new();
-    for rule in role["rules"].as_array().unwrap() {
-        for g in rule["apiGroups"].as_array().unwrap() {
-            for r in rule["resources"].as_array().unwrap() {
-                for v in rule["verbs"].as_array().unwrap() {
-                    granted.insert((
-                        g.as_str().unwrap().to_owned(),
-                        r.as_str().unwrap().to_owned(),
-                        v.as_str().unwrap().to_owned(),
-                    ));
-                }
-            }
-        }
-    }
-    let made: BTreeSet<_> = api.requests().iter().map(rbac_of).collect();
-    let declared: BTreeSet<_> = api_calls()
-        .iter()
-        .map(|c| (c.group.to_owned(), c.resource.to_owned(), c.verb.to_owned()))
-        .collect();
-    assert_eq!(made, declared, "api_calls() lists exactly what is called");
-    assert_eq!(granted, made, "the role grants exactly what is called");
+    ambient_kube_watch::testing::check_rbac(&role, &api_calls(), &api.requests());
 }
 
 #[test]
