@@ -1,11 +1,12 @@
-//! The kernel calls of the plugin: one `RTM_GETLINK` request over a hand-rolled
-//! `NETLINK_ROUTE` exchange, made inside the pod's network namespace from a dedicated thread,
-//! and the same request by index in the plugin's own namespace.
+//! The kernel calls of the plugin: one `RTM_GETLINK` request over `NETLINK_ROUTE`, made
+//! inside the pod's network namespace from a dedicated thread, and the same request by index
+//! in the plugin's own namespace.
 //!
 //! Everything here goes through `nix`'s safe wrappers (`socket`, `sendto`, `recv`, `setns`),
-//! so this module needs no `unsafe`; the netlink messages are built and parsed as plain byte
-//! slices with bounds checks, never by pointer casts. The builders and the parser are pure
-//! functions, unit- and property-tested below.
+//! so this module needs no `unsafe`; the messages are built and read with the project's one
+//! netlink codec (`ambient_common::netlink`: byte slices with bounds checks, never pointer
+//! casts). The builder and the parser are pure functions, unit- and property-tested below
+//! against the layout written out by hand.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -21,20 +22,11 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
-// Netlink and rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h).
-const NLMSG_HDRLEN: usize = 16;
-const IFINFOMSG_LEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const NLM_F_REQUEST: u16 = 1;
-const IFLA_ADDRESS: u16 = 1;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_LINK: u16 = 5;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-/// Longest interface name (IFNAMSIZ - 1).
-pub const MAX_IFNAME_LEN: usize = 15;
+pub use ambient_common::netlink::MAX_IFNAME_LEN;
+use ambient_common::netlink::{
+    self as nl, Malformed, IFINFOMSG_LEN, IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, NLMSG_DONE,
+    NLMSG_ERROR, NLM_F_REQUEST, RTM_GETLINK, RTM_NEWLINK,
+};
 /// How long a netlink answer may take before the lookup gives up.
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -121,28 +113,17 @@ pub fn build_getlink(seq: u32, selector: &LinkSelector) -> Result<Vec<u8>, SysEr
             (0, Some(n.as_bytes()))
         }
     };
-    let mut msg = Vec::with_capacity(64);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
-    msg.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-                                                // struct ifinfomsg: family (AF_UNSPEC), pad, type, index, flags, change.
-    msg.extend_from_slice(&[0u8, 0u8]);
-    msg.extend_from_slice(&0u16.to_ne_bytes());
-    msg.extend_from_slice(&index.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
+    let mut attrs = Vec::new();
     if let Some(name) = name {
-        let attr_len = 4 + name.len() + 1;
-        msg.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-        msg.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
-        msg.extend_from_slice(name);
-        msg.push(0);
-        msg.resize(align4(msg.len()), 0);
+        nl::put(&mut attrs, IFLA_IFNAME, &[name, b"\0"].concat());
     }
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
+    let msg = nl::request(
+        RTM_GETLINK,
+        NLM_F_REQUEST,
+        seq,
+        &nl::ifinfomsg(index),
+        &attrs,
+    );
     Ok(msg)
 }
 
@@ -153,22 +134,13 @@ pub fn parse_getlink_reply(
     seq: u32,
     selector: &LinkSelector,
 ) -> Result<LinkInfo, SysError> {
-    let mut rest = buf;
-    while rest.len() >= NLMSG_HDRLEN {
-        let len = u32_at(rest, 0).ok_or(SysError::Malformed("short header"))? as usize;
-        let kind = u16_at(rest, 4).ok_or(SysError::Malformed("short header"))?;
-        let msg_seq = u32_at(rest, 8).ok_or(SysError::Malformed("short header"))?;
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            return Err(SysError::Malformed("message length out of bounds"));
-        }
-        let payload = &rest[NLMSG_HDRLEN..len];
-        rest = rest.get(align4(len)..).unwrap_or(&[]);
-        if msg_seq != seq {
+    for m in nl::messages(buf)? {
+        if m.seq != seq {
             continue;
         }
-        match kind {
+        match m.kind {
             NLMSG_ERROR => {
-                let code = i32_at(payload, 0).ok_or(SysError::Malformed("short error message"))?;
+                let (_, code) = nl::error_of(m.body)?;
                 if code == 0 {
                     continue; // an acknowledgement
                 }
@@ -180,7 +152,7 @@ pub fn parse_getlink_reply(
                 });
             }
             NLMSG_DONE => break,
-            RTM_NEWLINK => return parse_link(payload),
+            RTM_NEWLINK => return parse_link(m.body),
             _ => continue,
         }
     }
@@ -191,7 +163,7 @@ fn parse_link(payload: &[u8]) -> Result<LinkInfo, SysError> {
     if payload.len() < IFINFOMSG_LEN {
         return Err(SysError::Malformed("short ifinfomsg"));
     }
-    let index = i32_at(payload, 4).ok_or(SysError::Malformed("short ifinfomsg"))?;
+    let index = i32::from_ne_bytes([payload[4], payload[5], payload[6], payload[7]]);
     let index = u32::try_from(index).map_err(|_| SysError::Malformed("negative ifindex"))?;
     let mut info = LinkInfo {
         index,
@@ -199,14 +171,7 @@ fn parse_link(payload: &[u8]) -> Result<LinkInfo, SysError> {
         link: None,
         address: None,
     };
-    let mut attrs = &payload[IFINFOMSG_LEN..];
-    while attrs.len() >= 4 {
-        let len = u16_at(attrs, 0).ok_or(SysError::Malformed("short attribute"))? as usize;
-        let kind = u16_at(attrs, 2).ok_or(SysError::Malformed("short attribute"))? & NLA_TYPE_MASK;
-        if len < 4 || len > attrs.len() {
-            return Err(SysError::Malformed("attribute length out of bounds"));
-        }
-        let data = &attrs[4..len];
+    for (kind, data) in nl::attrs(&payload[IFINFOMSG_LEN..])? {
         match kind {
             IFLA_IFNAME => {
                 let raw = data.split(|b| *b == 0).next().unwrap_or(&[]);
@@ -214,33 +179,18 @@ fn parse_link(payload: &[u8]) -> Result<LinkInfo, SysError> {
                     .map_err(|_| SysError::Malformed("interface name is not UTF-8"))?;
                 info.name = Some(name.to_owned());
             }
-            IFLA_LINK => info.link = u32_at(data, 0),
+            IFLA_LINK => info.link = nl::attr_u32(data),
             IFLA_ADDRESS => info.address = <[u8; 6]>::try_from(data).ok().map(Mac),
             _ => {}
         }
-        attrs = attrs.get(align4(len)..).unwrap_or(&[]);
     }
     Ok(info)
 }
 
-fn align4(n: usize) -> usize {
-    n.saturating_add(3) & !3
-}
-
-fn bytes<const N: usize>(buf: &[u8], at: usize) -> Option<[u8; N]> {
-    buf.get(at..at.checked_add(N)?)?.try_into().ok()
-}
-
-fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
-    bytes(buf, at).map(u16::from_ne_bytes)
-}
-
-fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
-    bytes(buf, at).map(u32::from_ne_bytes)
-}
-
-fn i32_at(buf: &[u8], at: usize) -> Option<i32> {
-    bytes(buf, at).map(i32::from_ne_bytes)
+impl From<Malformed> for SysError {
+    fn from(m: Malformed) -> Self {
+        SysError::Malformed(m.0)
+    }
 }
 
 /// Asks the kernel about one link in the calling thread's network namespace.
@@ -339,6 +289,27 @@ pub fn is_bridge(sysfs_root: &Path, name: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    // The layout written out by hand, independently of the codec under test.
+    fn align4(n: usize) -> usize {
+        (n + 3) & !3
+    }
+
+    fn bytes<const N: usize>(buf: &[u8], at: usize) -> Option<[u8; N]> {
+        buf.get(at..at + N)?.try_into().ok()
+    }
+
+    fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
+        bytes(buf, at).map(u16::from_ne_bytes)
+    }
+
+    fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+        bytes(buf, at).map(u32::from_ne_bytes)
+    }
+
+    fn i32_at(buf: &[u8], at: usize) -> Option<i32> {
+        bytes(buf, at).map(i32::from_ne_bytes)
+    }
 
     fn attr(kind: u16, data: &[u8]) -> Vec<u8> {
         let mut a = Vec::new();

@@ -23,6 +23,7 @@ pub mod http;
 #[cfg(feature = "manifests")]
 pub mod manifest;
 pub mod net;
+pub mod netlink;
 #[cfg(feature = "rt")]
 pub mod serve;
 pub mod spiffe;

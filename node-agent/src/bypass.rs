@@ -12,8 +12,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::nfnl::{NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_DUMP, NLM_F_REQUEST};
 use crate::nft::Attachment;
+use ambient_common::netlink::{
+    attr_str, attrs, messages, request, IFADDRMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP,
+    NLM_F_REQUEST, RTM_GETADDR, RTM_GETTFILTER, RTM_NEWADDR, RTM_NEWTFILTER, TCMSG_LEN,
+};
 
 /// The facts [`blocker`] needs about the node's interfaces.
 pub trait HostFacts {
@@ -86,11 +89,7 @@ impl HostFacts for Kernel {
     }
 }
 
-const RTM_NEWADDR: u16 = 20;
-const RTM_GETADDR: u16 = 22;
 const IFA_ADDRESS: u16 = 1;
-/// `struct ifaddrmsg`: family, prefix length, flags, scope, interface index.
-const IFADDRMSG_LEN: usize = 8;
 
 /// Whether `ifname` holds an address of the family (IPv6: other than link-local), from an
 /// rtnetlink dump of that family's addresses. (`getifaddrs` dumps every link with its
@@ -103,14 +102,17 @@ fn interface_has_address(ifname: &str, v6: bool) -> Result<bool, crate::nfnl::Ne
     let seq = socket.next_seq();
     socket.used_through(seq);
     let family = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
-    let mut req = Vec::with_capacity(NLMSG_HDRLEN + IFADDRMSG_LEN);
-    req.extend_from_slice(&((NLMSG_HDRLEN + IFADDRMSG_LEN) as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETADDR.to_ne_bytes());
-    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req.extend_from_slice(&seq.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.extend_from_slice(&[family, 0, 0, 0]);
-    req.extend_from_slice(&ifindex.to_ne_bytes()); // a filter only under strict checking
+    // struct ifaddrmsg: family, prefix length, flags, scope, index (a filter only under
+    // strict checking).
+    let mut ifaddrmsg = [family, 0, 0, 0, 0, 0, 0, 0];
+    ifaddrmsg[4..].copy_from_slice(&ifindex.to_ne_bytes());
+    let req = request(
+        RTM_GETADDR,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        &ifaddrmsg,
+        &[],
+    );
     socket.send(&req)?;
     loop {
         if let Some(has) = scan_addresses(socket.recv()?, seq, ifindex, v6)? {
@@ -127,15 +129,15 @@ fn scan_addresses(
     ifindex: u32,
     v6: bool,
 ) -> Result<Option<bool>, crate::nfnl::NetlinkError> {
-    use crate::nfnl::{self, NetlinkError};
-    for m in nfnl::messages(data)? {
+    use crate::nfnl::NetlinkError;
+    for m in messages(data)? {
         if m.seq != seq {
             continue;
         }
         match m.kind {
             NLMSG_DONE => return Ok(Some(false)),
             NLMSG_ERROR => {
-                let (_, code) = nfnl::error_of(m.body)?;
+                let (_, code) = ambient_common::netlink::error_of(m.body)?;
                 return Err(NetlinkError::Refused(
                     nix::errno::Errno::from_raw(-code).desc().to_owned(),
                 ));
@@ -145,7 +147,7 @@ fn scan_addresses(
                 if index != ifindex {
                     continue;
                 }
-                for (kind, value) in nfnl::attrs(&m.body[IFADDRMSG_LEN..])? {
+                for (kind, value) in attrs(&m.body[IFADDRMSG_LEN..])? {
                     let qualifies = match (v6, kind, value.len()) {
                         (false, IFA_ADDRESS, 4) => true,
                         (true, IFA_ADDRESS, 16) => (value[0], value[1] & 0xc0) != (0xfe, 0x80),
@@ -162,14 +164,11 @@ fn scan_addresses(
     Ok(None)
 }
 
-const RTM_GETTFILTER: u16 = 46;
-const RTM_NEWTFILTER: u16 = 44;
 /// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`: the ingress side of a `clsact` or `ingress`
 /// qdisc, where Cilium and Calico attach their programs (what `tc filter show dev X ingress`
 /// lists).
 const TC_INGRESS_PARENT: u32 = 0xffff_fff2;
 const TCA_KIND: u16 = 1;
-const TCMSG_LEN: usize = 20;
 
 /// Dumps the tc filters on `ifindex`'s ingress and tells whether any is a `bpf` classifier.
 fn tc_ingress_has_bpf(ifindex: u32) -> std::io::Result<bool> {
@@ -187,17 +186,11 @@ fn tc_ingress_has_bpf(ifindex: u32) -> std::io::Result<bool> {
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         &NetlinkAddr::new(0, 0),
     )?;
-    let mut req = Vec::with_capacity(NLMSG_HDRLEN + TCMSG_LEN);
-    req.extend_from_slice(&((NLMSG_HDRLEN + TCMSG_LEN) as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETTFILTER.to_ne_bytes());
-    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.extend_from_slice(&[0u8; 4]); // family AF_UNSPEC, padding
-    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes()); // handle
-    req.extend_from_slice(&TC_INGRESS_PARENT.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes()); // info
+    // struct tcmsg: family AF_UNSPEC and padding, ifindex, handle, parent, info.
+    let mut tcmsg = [0u8; TCMSG_LEN];
+    tcmsg[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    tcmsg[12..16].copy_from_slice(&TC_INGRESS_PARENT.to_ne_bytes());
+    let req = request(RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, 1, &tcmsg, &[]);
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     send(raw, &req, MsgFlags::empty())?;
     let mut buf = vec![0u8; 32 * 1024];
@@ -224,34 +217,24 @@ enum Scan {
 }
 
 /// Reads one datagram of an RTM_GETTFILTER dump.
-fn scan_filters(mut b: &[u8]) -> Scan {
-    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-    while b.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let kind = u16_at(b, 4);
-        if len < NLMSG_HDRLEN || len > b.len() {
-            return Scan::End;
-        }
-        match kind {
+fn scan_filters(b: &[u8]) -> Scan {
+    let Ok(messages) = messages(b) else {
+        return Scan::End;
+    };
+    for m in messages {
+        match m.kind {
             NLMSG_DONE | NLMSG_ERROR => return Scan::End,
-            RTM_NEWTFILTER if len >= NLMSG_HDRLEN + TCMSG_LEN => {
-                let mut attrs = &b[NLMSG_HDRLEN + TCMSG_LEN..len];
-                while attrs.len() >= 4 {
-                    let alen = u16_at(attrs, 0) as usize;
-                    let atype = u16_at(attrs, 2);
-                    if alen < 4 || alen > attrs.len() {
-                        break;
-                    }
-                    if atype == TCA_KIND && attrs[4..alen].split(|&c| c == 0).next() == Some(b"bpf")
-                    {
-                        return Scan::Bpf;
-                    }
-                    attrs = &attrs[((alen + 3) & !3).min(attrs.len())..];
+            RTM_NEWTFILTER if m.body.len() >= TCMSG_LEN => {
+                let found = attrs(&m.body[TCMSG_LEN..]).is_ok_and(|a| {
+                    a.iter()
+                        .any(|(kind, v)| *kind == TCA_KIND && attr_str(v) == "bpf")
+                });
+                if found {
+                    return Scan::Bpf;
                 }
             }
             _ => {}
         }
-        b = &b[((len + 3) & !3).min(b.len())..];
     }
     Scan::More
 }
@@ -436,23 +419,9 @@ mod tests {
         fn msg(kind: u16, tca_kind: Option<&str>) -> Vec<u8> {
             let mut attrs = Vec::new();
             if let Some(k) = tca_kind {
-                let alen = 4 + k.len() + 1;
-                attrs.extend_from_slice(&(alen as u16).to_ne_bytes());
-                attrs.extend_from_slice(&TCA_KIND.to_ne_bytes());
-                attrs.extend_from_slice(k.as_bytes());
-                attrs.push(0);
-                while attrs.len() % 4 != 0 {
-                    attrs.push(0);
-                }
+                ambient_common::netlink::put_str(&mut attrs, TCA_KIND, k);
             }
-            let len = NLMSG_HDRLEN + TCMSG_LEN + attrs.len();
-            let mut m = Vec::new();
-            m.extend_from_slice(&(len as u32).to_ne_bytes());
-            m.extend_from_slice(&kind.to_ne_bytes());
-            m.extend_from_slice(&[0u8; 10]);
-            m.extend_from_slice(&[0u8; TCMSG_LEN]);
-            m.extend_from_slice(&attrs);
-            m
+            request(kind, 0, 0, &[0u8; TCMSG_LEN], &attrs)
         }
         let u32f = msg(RTM_NEWTFILTER, Some("u32"));
         assert_eq!(scan_filters(&u32f), Scan::More);
@@ -471,19 +440,13 @@ mod tests {
     fn reads_an_address_dump() {
         // One RTM_NEWADDR for ifindex 7 carrying `addr`, then (optionally) the end.
         let msg = |kind: u16, index: u32, addr: &[u8]| {
-            let mut body = vec![if addr.len() == 16 { 10 } else { 2 }, 64, 0, 0];
-            body.extend_from_slice(&index.to_ne_bytes());
-            body.extend_from_slice(&((4 + addr.len()) as u16).to_ne_bytes());
-            body.extend_from_slice(&IFA_ADDRESS.to_ne_bytes());
-            body.extend_from_slice(addr);
-            let mut m = Vec::new();
-            m.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
-            m.extend_from_slice(&kind.to_ne_bytes());
-            m.extend_from_slice(&0u16.to_ne_bytes());
-            m.extend_from_slice(&5u32.to_ne_bytes()); // seq
-            m.extend_from_slice(&0u32.to_ne_bytes());
-            m.extend_from_slice(&body);
-            m
+            let mut ifaddrmsg = vec![if addr.len() == 16 { 10 } else { 2 }, 64, 0, 0];
+            ifaddrmsg.extend_from_slice(&index.to_ne_bytes());
+            let mut attrs = Vec::new();
+            if !addr.is_empty() {
+                ambient_common::netlink::put(&mut attrs, IFA_ADDRESS, addr);
+            }
+            request(kind, 0, 5, &ifaddrmsg, &attrs)
         };
         let link_local = "fe80::1".parse::<Ipv6Addr>().unwrap().octets();
         let global = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();

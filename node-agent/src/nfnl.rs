@@ -1,5 +1,6 @@
 //! Netfilter netlink plumbing shared by the nftables element writer (`nft::netlink`) and the
-//! ipset client (`ipt::ipset`): one socket type, one message builder, one reply reader.
+//! ipset client (`ipt::ipset`), and the rtnetlink readers (`ipt::links`, `bypass`): one socket
+//! type and the nfgenmsg header; the wire format is `ambient_common::netlink`.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
@@ -11,19 +12,11 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
-// linux/netlink.h
-pub const NLMSG_HDRLEN: usize = 16;
-pub const NLMSG_ERROR: u16 = 2;
-pub const NLMSG_DONE: u16 = 3;
-pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_MULTI: u16 = 0x2;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_EXCL: u16 = 0x200;
-pub const NLM_F_CREATE: u16 = 0x400;
-pub const NLM_F_DUMP: u16 = 0x300;
-pub const NLA_F_NESTED: u16 = 0x8000;
-pub const NLA_F_NET_BYTEORDER: u16 = 0x4000;
-const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
+pub use ambient_common::netlink::{
+    attr_str, attrs, error_of, messages, nest_begin, nest_end, pad4, put, put_str, Malformed,
+    NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_ACK,
+    NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_MULTI, NLM_F_REQUEST,
+};
 
 const RECV_BUF: usize = 64 * 1024;
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,8 +31,8 @@ pub enum NetlinkError {
     Recv(#[source] Errno),
     #[error("no reply from the kernel within {0:?}")]
     Timeout(Duration),
-    #[error("malformed netlink reply")]
-    Malformed,
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
     /// The kernel refused the request; what it refused was not applied.
     #[error("{0}")]
     Refused(String),
@@ -115,180 +108,30 @@ impl Socket {
     }
 }
 
-/// A message being written: header and nfgenmsg now, length at the end.
-pub struct Msg {
-    start: usize,
-}
+/// A netfilter message being written: the netlink header and `struct nfgenmsg` now, the
+/// length at [`Msg::end`].
+pub struct Msg(ambient_common::netlink::Msg);
 
 impl Msg {
     pub fn begin(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8) -> Msg {
-        let start = out.len();
-        out.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in end()
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(&flags.to_ne_bytes());
-        out.extend_from_slice(&seq.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        let msg = ambient_common::netlink::Msg::begin(out, kind, flags, seq);
         out.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version 0, res_id 0
-        Msg { start }
+        Msg(msg)
     }
 
     /// Sets nfgenmsg.res_id (big endian): the subsystem, for batch control messages.
     pub fn res_id(&self, out: &mut [u8], id: u16) {
-        let at = self.start + NLMSG_HDRLEN + 2;
+        let at = self.0.body_at() + 2;
         out[at..at + 2].copy_from_slice(&id.to_be_bytes());
     }
 
     pub fn end(self, out: &mut [u8]) {
-        let len = (out.len() - self.start) as u32;
-        out[self.start..self.start + 4].copy_from_slice(&len.to_ne_bytes());
+        self.0.end(out)
     }
-}
-
-pub fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
-}
-
-pub fn put(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    pad4(out);
-}
-
-pub fn put_str(out: &mut Vec<u8>, kind: u16, s: &str) {
-    let mut b = Vec::with_capacity(s.len() + 1);
-    b.extend_from_slice(s.as_bytes());
-    b.push(0);
-    put(out, kind, &b);
-}
-
-pub fn nest_begin(out: &mut Vec<u8>, kind: u16) -> usize {
-    let at = out.len();
-    out.extend_from_slice(&0u16.to_ne_bytes());
-    out.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-    at
-}
-
-pub fn nest_end(out: &mut [u8], at: usize) {
-    let len = (out.len() - at) as u16;
-    out[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-}
-
-/// One message of a datagram: type, flags, sequence number, and what follows the header.
-pub struct Reply<'a> {
-    pub kind: u16,
-    pub flags: u16,
-    pub seq: u32,
-    pub body: &'a [u8],
-}
-
-/// The messages of a datagram.
-pub fn messages(mut data: &[u8]) -> Result<Vec<Reply<'_>>, NetlinkError> {
-    let mut out = Vec::new();
-    while data.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || len > data.len() {
-            return Err(NetlinkError::Malformed);
-        }
-        out.push(Reply {
-            kind: u16::from_ne_bytes(data[4..6].try_into().unwrap()),
-            flags: u16::from_ne_bytes(data[6..8].try_into().unwrap()),
-            seq: u32::from_ne_bytes(data[8..12].try_into().unwrap()),
-            body: &data[NLMSG_HDRLEN..len],
-        });
-        let aligned = (len + 3) & !3;
-        data = &data[aligned.min(data.len())..];
-    }
-    Ok(out)
-}
-
-/// The error code of an NLMSG_ERROR body (0 is an acknowledgement) and the sequence number
-/// of the request it answers.
-pub fn error_of(body: &[u8]) -> Result<(u32, i32), NetlinkError> {
-    // struct nlmsgerr: int error; struct nlmsghdr msg (the request's header).
-    if body.len() < 4 + NLMSG_HDRLEN {
-        return Err(NetlinkError::Malformed);
-    }
-    let code = i32::from_ne_bytes(body[0..4].try_into().unwrap());
-    let seq = u32::from_ne_bytes(body[4 + 8..4 + 12].try_into().unwrap());
-    Ok((seq, code))
 }
 
 /// (sequence number, error code) of every NLMSG_ERROR message in a datagram; code 0 is
 /// an acknowledgement.
 pub fn parse_acks(data: &[u8]) -> Result<Vec<(u32, i32)>, NetlinkError> {
-    messages(data)?
-        .into_iter()
-        .filter(|m| m.kind == NLMSG_ERROR)
-        .map(|m| error_of(m.body))
-        .collect()
-}
-
-/// The attributes in `data`: (type without the nested and byte-order flags, payload).
-pub fn attrs(mut data: &[u8]) -> Result<Vec<(u16, &[u8])>, NetlinkError> {
-    let mut out = Vec::new();
-    while data.len() >= 4 {
-        let len = u16::from_ne_bytes(data[0..2].try_into().unwrap()) as usize;
-        let kind = u16::from_ne_bytes(data[2..4].try_into().unwrap()) & NLA_TYPE_MASK;
-        if len < 4 || len > data.len() {
-            return Err(NetlinkError::Malformed);
-        }
-        out.push((kind, &data[4..len]));
-        let aligned = (len + 3) & !3;
-        data = &data[aligned.min(data.len())..];
-    }
-    Ok(out)
-}
-
-/// A NUL-terminated string attribute.
-pub fn attr_str(payload: &[u8]) -> String {
-    let end = payload
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(payload.len());
-    String::from_utf8_lossy(&payload[..end]).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acks_and_errors_are_read_by_sequence() {
-        let mut d = Vec::new();
-        for (seq, code) in [(7u32, 0i32), (8, -2)] {
-            d.extend_from_slice(&36u32.to_ne_bytes());
-            d.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-            d.extend_from_slice(&[0; 10]);
-            d.extend_from_slice(&code.to_ne_bytes());
-            d.extend_from_slice(&[0; 8]);
-            d.extend_from_slice(&seq.to_ne_bytes());
-            d.extend_from_slice(&[0; 4]);
-        }
-        assert_eq!(parse_acks(&d).unwrap(), vec![(7, 0), (8, -2)]);
-        assert!(parse_acks(&d[..20]).is_err() || parse_acks(&d[..20]).unwrap().is_empty());
-        let mut bad = d.clone();
-        bad[0..4].copy_from_slice(&1000u32.to_ne_bytes());
-        assert!(parse_acks(&bad).is_err());
-    }
-
-    #[test]
-    fn attributes_round_trip_with_nesting_and_padding() {
-        let mut out = Vec::new();
-        put_str(&mut out, 2, "set");
-        let n = nest_begin(&mut out, 7);
-        put(&mut out, 3 | NLA_F_NET_BYTEORDER, &[1, 2, 3]);
-        nest_end(&mut out, n);
-        let top = attrs(&out).unwrap();
-        assert_eq!(top.len(), 2);
-        assert_eq!((top[0].0, attr_str(top[0].1).as_str()), (2, "set"));
-        assert_eq!(top[1].0, 7);
-        let inner = attrs(top[1].1).unwrap();
-        assert_eq!(inner, vec![(3, &[1u8, 2, 3][..])]);
-        let mut bad = out.clone();
-        bad[0..2].copy_from_slice(&200u16.to_ne_bytes());
-        assert!(attrs(&bad).is_err());
-    }
+    Ok(ambient_common::netlink::acks(data)?)
 }

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use nix::errno::Errno;
 
 use crate::nfnl::{
-    self, attr_str, attrs, nest_begin, nest_end, put, put_str, Msg, NetlinkError,
+    self, attr_str, attrs, nest_begin, nest_end, put, put_str, Malformed, Msg, NetlinkError,
     NLA_F_NET_BYTEORDER, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 
@@ -156,13 +156,13 @@ impl Ipset {
         loop {
             let data = self.socket.recv().map_err(transport)?;
             let mut done = false;
-            for m in nfnl::messages(data).map_err(transport)? {
+            for m in nfnl::messages(data).map_err(|e| transport(e.into()))? {
                 if m.seq != seq {
                     continue; // a late reply to an earlier request
                 }
                 match m.kind {
                     NLMSG_ERROR => {
-                        let (_, code) = nfnl::error_of(m.body).map_err(transport)?;
+                        let (_, code) = nfnl::error_of(m.body).map_err(|e| transport(e.into()))?;
                         if code != 0 {
                             return Err(-code);
                         }
@@ -200,7 +200,7 @@ impl Ipset {
                 }
             }
         }
-        Err(NetlinkError::Malformed)
+        Err(Malformed("no revision in the ipset protocol reply").into())
     }
 
     /// Creates `spec` (empty) unless a set of that name and type exists.
@@ -419,7 +419,7 @@ fn parse_entry(data: &[u8]) -> Result<Entry, NetlinkError> {
                         (ATTR_IPADDR_IPV6, 16) => {
                             Some(IpAddr::from(<[u8; 16]>::try_from(a).unwrap()))
                         }
-                        _ => return Err(NetlinkError::Malformed),
+                        _ => return Err(Malformed("ipset address of an odd length").into()),
                     };
                 }
             }
@@ -431,7 +431,7 @@ fn parse_entry(data: &[u8]) -> Result<Entry, NetlinkError> {
             _ => {}
         }
     }
-    let ip = ip.ok_or(NetlinkError::Malformed)?;
+    let ip = ip.ok_or(Malformed("ipset entry without an address"))?;
     Ok(match iface {
         None => Entry::Ip(ip),
         Some(iface) => Entry::NetIface {

@@ -11,15 +11,13 @@ use nix::sys::socket::SockProtocol;
 
 pub use ambient_common::constants::ROUTED_PORT_GROUP;
 
-use crate::nfnl::{
-    self, put, put_str, NetlinkError, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_REQUEST,
+use ambient_common::netlink::{
+    attr_str, attr_u32, attrs, ifinfomsg, messages, put, put_str, request, IFINFOMSG_LEN,
+    IFLA_GROUP, IFLA_IFNAME, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    RTM_GETLINK, RTM_NEWLINK,
 };
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_GROUP: u16 = 27;
+use crate::nfnl::{self, NetlinkError};
 
 /// Sets (or, with `group` 0, clears) the group of each named link; a link that does not
 /// exist is reported unless `missing_ok`. All or nothing: on a refusal the links already
@@ -29,19 +27,12 @@ pub struct Links {
 }
 
 fn encode(out: &mut Vec<u8>, seq: u32, ifname: &str, group: u32) {
-    let start = out.len();
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
-    out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    // struct ifinfomsg: family, pad, type, index (0: by name), flags, change.
-    out.extend_from_slice(&[0u8; 16]);
-    put_str(out, IFLA_IFNAME, ifname);
-    put(out, IFLA_GROUP, &group.to_ne_bytes());
-    let len = (out.len() - start) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-    debug_assert!(len as usize >= NLMSG_HDRLEN + 16);
+    let mut a = Vec::with_capacity(32);
+    put_str(&mut a, IFLA_IFNAME, ifname);
+    put(&mut a, IFLA_GROUP, &group.to_ne_bytes());
+    // ifindex 0: the link is named by IFLA_IFNAME.
+    let flags = NLM_F_REQUEST | NLM_F_ACK;
+    out.extend_from_slice(&request(RTM_NEWLINK, flags, seq, &ifinfomsg(0), &a));
 }
 
 impl Links {
@@ -55,37 +46,35 @@ impl Links {
     pub fn groups(&mut self) -> Result<BTreeMap<String, u32>, NetlinkError> {
         let seq = self.socket.next_seq();
         self.socket.used_through(seq);
-        let mut out = Vec::with_capacity(32);
-        out.extend_from_slice(&32u32.to_ne_bytes());
-        out.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-        out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        out.extend_from_slice(&seq.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes());
-        out.extend_from_slice(&[0u8; 16]);
+        let out = request(
+            RTM_GETLINK,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            &ifinfomsg(0),
+            &[],
+        );
         self.socket.send(&out)?;
         let mut links = BTreeMap::new();
         loop {
             let data = self.socket.recv()?;
-            for m in nfnl::messages(data)? {
+            for m in messages(data)? {
                 if m.seq != seq {
                     continue;
                 }
                 match m.kind {
                     NLMSG_DONE => return Ok(links),
                     NLMSG_ERROR => {
-                        let (_, code) = nfnl::error_of(m.body)?;
+                        let (_, code) = ambient_common::netlink::error_of(m.body)?;
                         return Err(NetlinkError::Refused(
                             Errno::from_raw(-code).desc().to_owned(),
                         ));
                     }
-                    RTM_NEWLINK if m.body.len() >= 16 => {
+                    RTM_NEWLINK if m.body.len() >= IFINFOMSG_LEN => {
                         let (mut name, mut group) = (None, 0u32);
-                        for (k, v) in nfnl::attrs(&m.body[16..])? {
+                        for (k, v) in attrs(&m.body[IFINFOMSG_LEN..])? {
                             match k {
-                                IFLA_IFNAME => name = Some(nfnl::attr_str(v)),
-                                IFLA_GROUP if v.len() == 4 => {
-                                    group = u32::from_ne_bytes(v.try_into().unwrap())
-                                }
+                                IFLA_IFNAME => name = Some(attr_str(v)),
+                                IFLA_GROUP => group = attr_u32(v).unwrap_or(group),
                                 _ => {}
                             }
                         }
