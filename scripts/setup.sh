@@ -15,6 +15,8 @@ packages=(
   # build dependencies: libnftables for the agent, protoc for the CRI client, gcc/libc for
   # the static pause image and -sys crates
   libnftables-dev pkg-config protobuf-compiler gcc libc6-dev tar
+  # readelf, for the check that the shipped ztunnel carries its code layout
+  binutils
   # load tools for the benchmarks (the mesh benchmark also runs nginx: `apt-get install
   # nginx-light`, not installed here because its package starts a server on port 80)
   iperf3 wrk

@@ -15,6 +15,8 @@ cargo build --workspace --bins --locked
 ./scripts/static-plugin.sh >/dev/null
 # The previous release's ztunnel, for the rollout test (built once, then cached).
 ./scripts/previous-ztunnel.sh >/dev/null
+# ztunnel as it ships (release, fat LTO) must carry its code layout (ztunnel/build.rs).
+./scripts/check-release-layout.sh
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --locked --no-fail-fast "$@"; }
 else
