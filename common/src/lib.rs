@@ -28,8 +28,6 @@ pub mod netlink;
 pub mod serve;
 pub mod spiffe;
 pub mod sync;
-#[cfg(feature = "manifests")]
-pub mod yaml;
 pub mod ztunnel_api;
 
 pub use net::{IpPrefix, ParseIpPrefixError};
