@@ -97,7 +97,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
     ensure_bridge_netfilter();
     if cfg.policy_routing {
-        cfg.policy_routing().install()?;
+        routing::install(&cfg.policy_routing())?;
     }
 
     let (wl_tx, wl_rx) = ztunnel::WorkloadFeed::new();

@@ -68,13 +68,8 @@ fn main() -> ExitCode {
                 eprintln!("node-agent: removing the tables failed: {e}");
                 return ExitCode::FAILURE;
             }
-            let routing = node_agent::routing::PolicyRouting {
-                mark: ambient_common::constants::ZTUNNEL_MARK,
-                mask: ambient_common::constants::MARK_MASK,
-                table: ambient_common::constants::ROUTE_TABLE,
-                priority: ambient_common::constants::ROUTE_RULE_PRIORITY,
-            };
-            if let Err(e) = routing.uninstall() {
+            let routing = node_agent::routing::PolicyRouting::default();
+            if let Err(e) = node_agent::routing::uninstall(&routing) {
                 eprintln!("node-agent: removing policy routing failed: {e}");
                 return ExitCode::FAILURE;
             }

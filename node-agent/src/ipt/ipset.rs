@@ -7,6 +7,8 @@
 
 use std::net::IpAddr;
 
+pub use ambient_rules::ipt::{Entry, SetSpec, SetType};
+
 use nix::errno::Errno;
 
 use crate::nfnl::{
@@ -56,53 +58,13 @@ const ROUND: usize = 64;
 /// Most elements a set of ours may hold (ipset's default is 65536).
 pub const MAX_ELEMENTS: u32 = 65536;
 
-/// The set types the iptables backend uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SetType {
-    /// `hash:ip`: addresses.
-    HashIp,
-    /// `hash:net,iface`: (network, interface) pairs; an interface marked `physdev` is a
-    /// bridge port, matched against the bridge port a bridged packet came in on.
-    HashNetIface,
-}
-
-impl SetType {
-    pub fn name(self) -> &'static str {
-        match self {
-            SetType::HashIp => "hash:ip",
-            SetType::HashNetIface => "hash:net,iface",
-        }
+/// The family byte of a set's netlink messages.
+fn family(spec: &SetSpec) -> u8 {
+    if spec.v6 {
+        NFPROTO_IPV6
+    } else {
+        NFPROTO_IPV4
     }
-}
-
-/// One set: its name, type and address family.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SetSpec {
-    pub name: String,
-    pub kind: SetType,
-    pub v6: bool,
-}
-
-impl SetSpec {
-    fn family(&self) -> u8 {
-        if self.v6 {
-            NFPROTO_IPV6
-        } else {
-            NFPROTO_IPV4
-        }
-    }
-}
-
-/// One member of a set.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Entry {
-    Ip(IpAddr),
-    NetIface {
-        net: IpAddr,
-        prefix: u8,
-        iface: String,
-        physdev: bool,
-    },
 }
 
 fn describe(code: i32) -> String {
@@ -213,12 +175,12 @@ impl Ipset {
             CMD_CREATE,
             NLM_F_REQUEST | NLM_F_ACK,
             seq,
-            spec.family(),
+            family(spec),
         );
         put_str(&mut out, ATTR_SETNAME, &spec.name);
         put_str(&mut out, ATTR_TYPENAME, spec.kind.name());
         put(&mut out, ATTR_REVISION, &[revision]);
-        put(&mut out, ATTR_FAMILY, &[spec.family()]);
+        put(&mut out, ATTR_FAMILY, &[family(spec)]);
         let data = nest_begin(&mut out, ATTR_DATA);
         put(
             &mut out,

@@ -12,7 +12,7 @@
 pub mod ebt;
 pub mod ipset;
 pub mod links;
-pub mod rules;
+pub use ambient_rules::ipt as rules;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;

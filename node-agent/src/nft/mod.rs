@@ -5,7 +5,7 @@
 
 mod ffi;
 pub mod netlink;
-pub mod ruleset;
+pub use ambient_rules::nft as ruleset;
 
 use std::collections::BTreeSet;
 

@@ -247,7 +247,7 @@ pub enum Element {
 }
 
 impl Element {
-    pub(crate) fn family_set(&self) -> (&'static str, &'static str) {
+    pub fn family_set(&self) -> (&'static str, &'static str) {
         match self {
             Element::PodV4(_) => ("inet", "pod_v4"),
             Element::PodV6(_) => ("inet", "pod_v6"),

@@ -24,8 +24,46 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::ipset::{Entry, SetSpec, SetType};
 use crate::nft::{Element, RulesetParams};
+
+/// The set types the iptables backend uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SetType {
+    /// `hash:ip`: addresses.
+    HashIp,
+    /// `hash:net,iface`: (network, interface) pairs; an interface marked `physdev` is a
+    /// bridge port, matched against the bridge port a bridged packet came in on.
+    HashNetIface,
+}
+
+impl SetType {
+    pub fn name(self) -> &'static str {
+        match self {
+            SetType::HashIp => "hash:ip",
+            SetType::HashNetIface => "hash:net,iface",
+        }
+    }
+}
+
+/// One set: its name, type and address family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    pub name: String,
+    pub kind: SetType,
+    pub v6: bool,
+}
+
+/// One member of a set.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Entry {
+    Ip(IpAddr),
+    NetIface {
+        net: IpAddr,
+        prefix: u8,
+        iface: String,
+        physdev: bool,
+    },
+}
 
 /// IPv4 or IPv6: each has its own `iptables`/`ip6tables` ruleset and sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -167,7 +205,7 @@ pub fn chain_rules(params: &RulesetParams, family: Family) -> Vec<(&'static str,
     // Routed ambient pods' host veths (`routed_ports`), by their interface group.
     let routed = format!(
         "-m devgroup --src-group {:#x}",
-        super::links::ROUTED_PORT_GROUP
+        ambient_common::constants::ROUTED_PORT_GROUP
     );
     let m = format!("{mark:#x}/{mask:#x}");
     let capture_to = |port: &u16| match (family, params.capture_v4, params.capture_v6) {
