@@ -180,6 +180,11 @@ pub fn transfer(to: SocketAddr, data: &[u8], timeout: Duration) -> std::io::Resu
     })
 }
 
+/// The SHA-256 of `data`, in hex: what tests compare instead of printing large buffers.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -7,6 +7,8 @@
 //!   `<tag>-<pid>-<n>`, created with `ip netns add`; `Drop` stops the processes registered with
 //!   it, deletes the links it created and the namespace) and [`netns::eventually`], the polling
 //!   helper used instead of sleeps.
+//! - [`addrs`]: the one allocator of test address ranges: a [`addrs::Block`] is a leased
+//!   `10.<octet>.0.0/16` (and `fd00:<octet hex>::/32`), exclusive between test processes.
 //! - [`bins`]: where the workspace binaries are (`target/<profile>/`, next to the running test
 //!   executable; a clear panic says to run `cargo build --workspace` when one is missing) and
 //!   where Debian's CNI plugins are (`/usr/lib/cni`).
@@ -37,6 +39,8 @@
 //!   and the `lab` binary; [`cluster::Cluster::persist`] hands it over to a state file.
 //! - [`inns`]: work inside a namespace from a thread (`setns`), a small HTTP GET, and a large
 //!   echo transfer checked with SHA-256.
+//! - [`ztunnel_lab`]: ztunnel alone between two node namespaces with routed pods, behind the
+//!   node agent's real capture (`ambient_rules`), for ztunnel's own system tests.
 //! - [`containerd`]: Debian's containerd with all its state in one directory, running inside a
 //!   node namespace (through `nsenter` + `unshare`, keeping the host's cgroups under the node's
 //!   `/sys`), cleaned up by PID on drop.
@@ -55,6 +59,7 @@
 //! (for the `k8s-cri` dev-dependency).
 #![forbid(unsafe_code)]
 
+pub mod addrs;
 pub mod agent;
 pub mod backend;
 pub mod bins;
@@ -71,5 +76,6 @@ pub mod oci;
 pub mod probe;
 pub mod recorder;
 pub mod topo;
+pub mod ztunnel_lab;
 
 pub use netns::{eventually, NetNs};

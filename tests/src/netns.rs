@@ -365,6 +365,13 @@ pub fn eventually<T, E: fmt::Display>(
     }
 }
 
+/// [`eventually`] for a condition that is simply met or not yet (`Some` or `None`): returns
+/// the value, or panics naming `what` after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    eventually(deadline, || f().ok_or("not yet"))
+        .unwrap_or_else(|e| panic!("timed out waiting for {what}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

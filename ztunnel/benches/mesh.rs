@@ -145,7 +145,7 @@ fn main() {
         (1, "b2", "plain", false),
     ];
     pods.extend(FRESH.iter().map(|f| (0, *f, "shop", true)));
-    let lab = Lab::new("bm", 250, &pods);
+    let lab = Lab::new("bm", &pods);
     // Node 0 learns of the fresh pods only from the agent push, as a new pod's would.
     lab.write_manifests_with(0, "", |p| !FRESH.contains(&p.name.as_str()));
     // BENCH_ZT_ARGS: extra ztunnel flags for experiments (e.g. "--workers 1").

@@ -1,11 +1,10 @@
 //! ztunnel end to end in network namespaces: two nodes, a ztunnel each, pods behind them,
-//! capture rules set by the test. Run as root: `cargo test -p ztunnel --test netns`.
-
-mod support;
+//! and on each node the node agent's own capture rules and policy routing
+//! (`ambient_tests::ztunnel_lab`). Run as root: `cargo test -p ztunnel --test netns`.
 
 use std::time::Duration;
 
-use support::*;
+use ambient_tests::ztunnel_lab::*;
 
 fn skip() -> bool {
     if !is_root() {
@@ -17,10 +16,9 @@ fn skip() -> bool {
 
 /// Pods: a1, a2 (ambient, node 0, ns "shop"), b1 (ambient, node 1, ns "db"),
 /// b2 (not ambient, node 1, ns "legacy").
-fn lab(tag: &str, octet: u8) -> Lab {
+fn lab(tag: &str) -> Lab {
     Lab::new(
         tag,
-        octet,
         &[
             (0, "a1", "shop", true),
             (0, "a2", "shop", true),
@@ -35,7 +33,7 @@ fn cross_node_hbone_carries_bytes_intact_and_only_tls_on_the_wire() {
     if skip() {
         return;
     }
-    let lab = lab("hb", 201);
+    let lab = lab("hb");
     lab.start_ztunnel(0, &[]);
     lab.start_ztunnel(1, &[]);
     let (a1, b1) = (lab.pod("a1").clone(), lab.pod("b1").clone());
@@ -57,7 +55,7 @@ fn cross_node_hbone_carries_bytes_intact_and_only_tls_on_the_wire() {
             pcap.to_str().unwrap(),
         ],
     );
-    eventually("tcpdump started", Duration::from_secs(10), || {
+    wait_for("tcpdump started", Duration::from_secs(10), || {
         std::fs::metadata(&pcap)
             .ok()
             .filter(|m| m.len() > 0)
@@ -67,20 +65,24 @@ fn cross_node_hbone_carries_bytes_intact_and_only_tls_on_the_wire() {
 
     // One large transfer, echoed back intact, with a half-close.
     let marker = b"PLAINTEXT-MARKER-PLAINTEXT-MARKER".repeat(1000);
-    let mut big = payload(24 * 1024 * 1024, 7);
+    let mut big = pattern(7, 24 * 1024 * 1024);
     big[..marker.len()].copy_from_slice(&marker);
     let got = echo_from(&a1, echo.addr, &big).expect("echo through HBONE");
     assert_eq!(got.len(), big.len());
-    assert_eq!(fnv(&got), fnv(&big), "bytes changed in transit");
+    assert_eq!(
+        sha256_hex(&got),
+        sha256_hex(&big),
+        "bytes changed in transit"
+    );
 
     // Many concurrent streams.
     let handles: Vec<_> = (0..40u32)
         .map(|i| {
             let (a1, to) = (a1.clone(), echo.addr);
             std::thread::spawn(move || {
-                let data = payload(50_000 + i as usize * 997, i);
+                let data = pattern(u64::from(i), 50_000 + i as usize * 997);
                 let got = echo_from(&a1, to, &data).expect("concurrent stream");
-                assert_eq!(fnv(&got), fnv(&data));
+                assert_eq!(sha256_hex(&got), sha256_hex(&data));
             })
         })
         .collect();
@@ -95,7 +97,7 @@ fn cross_node_hbone_carries_bytes_intact_and_only_tls_on_the_wire() {
 
     // The server side knows the client's SPIFFE identity (metrics and access log).
     let want = "source_principal=\"spiffe://cluster.local/ns/shop/sa/sa-a1\"";
-    let m = eventually("destination metrics", Duration::from_secs(5), || {
+    let m = wait_for("destination metrics", Duration::from_secs(5), || {
         let m = lab.metrics(1);
         (m.contains(want) && m.contains("reporter=\"destination\"")).then_some(m)
     });
@@ -153,10 +155,12 @@ fn service_vip_same_node_outside_mesh_and_plaintext_inbound() {
     if skip() {
         return;
     }
-    let lab = lab("sv", 202);
-    lab.write_all_manifests(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: db}\nspec:\n  clusterIP: 10.202.100.10\n  selector: {app: b1}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n",
-    );
+    let lab = lab("sv");
+    let vip: std::net::SocketAddr = format!("10.{}.100.10:80", lab.octet).parse().unwrap();
+    lab.write_all_manifests(&format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: db}}\nspec:\n  clusterIP: {}\n  selector: {{app: b1}}\n  ports: [{{name: tcp, port: 80, targetPort: 8080}}]\n",
+        vip.ip()
+    ));
     lab.start_ztunnel(0, &[]);
     lab.start_ztunnel(1, &[]);
     let (a1, a2, b1, b2) = (
@@ -169,16 +173,15 @@ fn service_vip_same_node_outside_mesh_and_plaintext_inbound() {
     let echo_a2 = echo_server(&a2, 8080);
     let echo_b2 = echo_server(&b2, 8080);
     let echo_a1 = echo_server(&a1, 9090);
-    let data = payload(300_000, 3);
+    let data = pattern(3, 300_000);
 
     // A Service VIP resolves to the ready endpoint, reached through HBONE.
-    let vip = "10.202.100.10:80".parse().unwrap();
-    let got = eventually("service VIP reachable", Duration::from_secs(5), || {
+    let got = wait_for("service VIP reachable", Duration::from_secs(5), || {
         echo_from(&a1, vip, &data)
             .ok()
             .filter(|g| g.len() == data.len())
     });
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
     assert!(echo_b1
         .peers
         .lock()
@@ -188,21 +191,21 @@ fn service_vip_same_node_outside_mesh_and_plaintext_inbound() {
 
     // Same node: delivered locally with the client's source address.
     let got = echo_from(&a1, echo_a2.addr, &data).unwrap();
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
     assert_eq!(echo_a2.peers.lock().unwrap()[0].ip(), a1.ip);
 
     // Outside the mesh (a non-ambient pod): direct TCP, allowed by default.
     let got = echo_from(&a1, echo_b2.addr, &data).unwrap();
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
 
     // Plaintext from a non-mesh pod to an ambient pod: captured on 15006, allowed
     // (permissive), delivered keeping the client's address.
     let got = echo_from(&b2, echo_a1.addr, &data).unwrap();
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
     assert_eq!(echo_a1.peers.lock().unwrap()[0].ip(), b2.ip);
     let m = lab.metrics(0);
     assert!(m.contains("connection_security_policy=\"unknown\""), "{m}");
-    eventually("plaintext access log", Duration::from_secs(5), || {
+    wait_for("plaintext access log", Duration::from_secs(5), || {
         lab.log(0).contains("InboundPlaintext").then_some(())
     });
 }
@@ -212,7 +215,7 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
     if skip() {
         return;
     }
-    let lab = lab("az", 203);
+    let lab = lab("az");
     lab.write_all_manifests(concat!(
         "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n",
         "metadata: {name: no-a1, namespace: db}\n",
@@ -231,7 +234,7 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
     let echo_b1 = echo_server(&b1, 8080);
     let echo_a1 = echo_server(&a1, 9090);
     let echo_b2 = echo_server(&b2, 8080);
-    let data = payload(10_000, 5);
+    let data = pattern(5, 10_000);
 
     // --outside-mesh deny: the non-ambient pod is unreachable from an ambient one.
     let refused = echo_from(&a1, echo_b2.addr, &data);
@@ -240,7 +243,7 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
 
     // a2 is allowed; a1 is denied by the DENY policy.
     let got = echo_from(&a2, echo_b1.addr, &data).unwrap();
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
     // --transparent false on node 1: the pod sees the node's address, not the client's.
     let seen = echo_b1.peers.lock().unwrap()[0].ip();
     assert_ne!(seen, a2.ip, "source kept although --transparent false");
@@ -258,7 +261,7 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
             .all(|p| p.ip() != a1.ip),
         "denied connection reached the pod"
     );
-    eventually("DENY counted", Duration::from_secs(5), || {
+    wait_for("DENY counted", Duration::from_secs(5), || {
         let m = lab.metrics(1);
         m.lines()
             .any(|l| {
@@ -273,7 +276,7 @@ fn authorization_deny_and_strict_mtls_refuse_and_are_counted() {
     let refused = echo_from(&b2, echo_a1.addr, &data);
     assert!(refused.map(|g| g.is_empty()).unwrap_or(true));
     assert!(echo_a1.peers.lock().unwrap().is_empty());
-    eventually("strict refusal logged", Duration::from_secs(5), || {
+    wait_for("strict refusal logged", Duration::from_secs(5), || {
         lab.log(0).contains("requires mTLS").then_some(())
     });
 }
@@ -323,7 +326,7 @@ fn inbound_rejects_plaintext_foreign_expired_and_wrong_identity() {
     use ztunnel::identity::{
         ca_init, client_config, CaFiles, CertificateProvider, FileCa, Identity,
     };
-    let lab = lab("rj", 204);
+    let lab = lab("rj");
     lab.start_ztunnel(1, &[]);
     let b1 = lab.pod("b1").clone();
     let b2 = lab.pod("b2").clone();
@@ -435,8 +438,21 @@ fn inbound_rejects_plaintext_foreign_expired_and_wrong_identity() {
     assert!(foreign.is_err(), "foreign trust domain accepted");
     assert!(!plaintext.contains("HTTP/1.1 200"), "{plaintext}");
 
-    // A connection made straight to the outbound listener (not captured) is a loop: closed.
+    // A connection made straight to the outbound listener (not captured) is a loop. The
+    // agent's ruleset refuses it in the kernel (`input_guard`)...
     let node1 = lab.nodes[1].ns.clone();
+    let direct = in_ns(&node1, || std::net::TcpStream::connect("127.0.0.1:15001"));
+    assert_eq!(
+        direct.map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the capture ports take only captured traffic"
+    );
+    // ...and without that guard ztunnel itself closes it.
+    let table = ambient_common::constants::NFT_TABLE;
+    ns_sh(
+        &node1,
+        &["nft", "flush", "chain", "inet", table, "input_guard"],
+    );
     let echoed = in_ns(&node1, || {
         let mut s = std::net::TcpStream::connect("127.0.0.1:15001").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -446,7 +462,7 @@ fn inbound_rejects_plaintext_foreign_expired_and_wrong_identity() {
         buf
     });
     assert!(echoed.is_empty());
-    eventually("loop refusal logged", Duration::from_secs(5), || {
+    wait_for("loop refusal logged", Duration::from_secs(5), || {
         lab.log(1).contains("refusing a loop").then_some(())
     });
 }
@@ -456,7 +472,7 @@ fn restart_beside_the_running_ztunnel_refuses_no_connection() {
     if skip() {
         return;
     }
-    let lab = lab("ro", 205);
+    let lab = lab("ro");
     let old0 = lab.start_ztunnel(0, &[]);
     let old1 = lab.start_ztunnel(1, &[]);
     let (a1, b1) = (lab.pod("a1").clone(), lab.pod("b1").clone());
@@ -467,7 +483,7 @@ fn restart_beside_the_running_ztunnel_refuses_no_connection() {
             let (a1, to, stop) = (a1.clone(), echo.addr, stop.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u32, Vec::new());
-                let data = payload(2000, i);
+                let data = pattern(i as u64, 2000);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     match echo_from(&a1, to, &data) {
                         Ok(g) if g == data => ok += 1,
@@ -515,14 +531,14 @@ fn agent_push_enrols_a_local_pod_before_its_first_connection() {
     }
     use ambient_common::frame::{read_frame, write_frame};
     use ambient_common::ztunnel_api::{LocalWorkload, ZtunnelOp, ZtunnelReply, ZtunnelRequest};
-    let lab = lab("ag", 206);
+    let lab = lab("ag");
     // Node 0's manifests do not know node 0's pods: only the agent tells ztunnel about a1.
     lab.write_manifests_with(0, "", |p| p.node != 0);
     lab.start_ztunnel(0, &[]);
     lab.start_ztunnel(1, &[]);
     let (a1, b1) = (lab.pod("a1").clone(), lab.pod("b1").clone());
     let echo = echo_server(&b1, 8080);
-    let data = payload(5000, 9);
+    let data = pattern(9, 5000);
     // Not enrolled yet: refused.
     assert!(echo_from(&a1, echo.addr, &data)
         .map(|g| g.is_empty())
@@ -551,7 +567,7 @@ fn agent_push_enrols_a_local_pod_before_its_first_connection() {
         "{conf}"
     );
     let got = echo_from(&a1, echo.addr, &data).unwrap();
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
     assert_eq!(
         add(ZtunnelOp::Remove {
             uid: "uid-a1".into()
@@ -571,7 +587,6 @@ fn ipv6_pods_get_hbone_and_keep_their_source_address() {
     }
     let lab = Lab::new_dual_stack(
         "v6",
-        207,
         &[
             (0, "a1", "shop", true),
             (1, "b1", "db", true),
@@ -588,13 +603,13 @@ fn ipv6_pods_get_hbone_and_keep_their_source_address() {
     let (a1_6, b1_6) = (a1.ip6.unwrap(), b1.ip6.unwrap());
     let echo = echo_server_on(&b1, std::net::SocketAddr::new(b1_6, 8080));
     let echo_a1 = echo_server_on(&a1, std::net::SocketAddr::new(a1_6, 9090));
-    let data = payload(2 * 1024 * 1024, 11);
+    let data = pattern(11, 2 * 1024 * 1024);
     let got = echo_from(&a1, echo.addr, &data).expect("IPv6 through HBONE");
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
     assert_eq!(echo.peers.lock().unwrap()[0].ip(), a1_6, "IPv6 source kept");
     // Plaintext inbound over IPv6 from a non-mesh pod.
     let got = echo_from(&b2, echo_a1.addr, &data).expect("IPv6 plaintext inbound");
-    assert_eq!(fnv(&got), fnv(&data));
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
     assert_eq!(echo_a1.peers.lock().unwrap()[0].ip(), b2.ip6.unwrap());
     let m = lab.metrics(1);
     assert!(
@@ -608,12 +623,12 @@ fn crashed_ztunnel_fails_closed_then_recovers() {
     if skip() {
         return;
     }
-    let lab = lab("fc", 208);
+    let lab = lab("fc");
     let z0 = lab.start_ztunnel(0, &[]);
     lab.start_ztunnel(1, &[]);
     let (a1, b1) = (lab.pod("a1").clone(), lab.pod("b1").clone());
     let echo = echo_server(&b1, 8080);
-    let data = payload(4000, 1);
+    let data = pattern(1, 4000);
     assert_eq!(echo_from(&a1, echo.addr, &data).unwrap(), data);
     let seen = echo.peers.lock().unwrap().len();
 
@@ -625,7 +640,7 @@ fn crashed_ztunnel_fails_closed_then_recovers() {
     assert_eq!(echo.peers.lock().unwrap().len(), seen, "bypassed ztunnel");
 
     lab.start_ztunnel(0, &[]);
-    let got = eventually("recovered", Duration::from_secs(10), || {
+    let got = wait_for("recovered", Duration::from_secs(10), || {
         echo_from(&a1, echo.addr, &data).ok().filter(|g| *g == data)
     });
     assert_eq!(got, data);

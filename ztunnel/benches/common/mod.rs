@@ -8,10 +8,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-#[path = "../../tests/support/mod.rs"]
-pub mod support;
+/// The lab ztunnel's system tests use: nodes, pods and the agent's real capture.
+pub use ambient_tests::ztunnel_lab as support;
 
-use support::{eventually, in_ns, ns_sh};
+use support::{in_ns, ns_sh, wait_for};
 
 /// Resident memory of a process, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
@@ -170,7 +170,7 @@ pub fn wrk_rps(ns: &str, url: &str, threads: u32, conns: u32, secs: u32) -> f64 
 
 /// Waits until something in `ns` listens on TCP `port`.
 pub fn wait_listening(ns: &str, port: u16) {
-    eventually(
+    wait_for(
         &format!("a listener on {port}"),
         Duration::from_secs(10),
         || {

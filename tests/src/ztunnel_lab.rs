@@ -1,11 +1,16 @@
-//! Network-namespace lab for ztunnel's integration tests: two "node" namespaces joined by a
-//! veth underlay, pod namespaces behind each node (routed veths, /32 on the host side), the
-//! node agent's capture rules set by the test (nftables, mirroring what the agent installs),
-//! ztunnel processes started in the node namespaces. Everything lives in namespaces the test
-//! creates (named after the test and the process id); the guard's Drop kills the processes it
-//! started (by PID) and deletes the namespaces, also on panic.
-#![allow(dead_code)]
+//! A lab for ztunnel alone: two "node" namespaces joined by a veth underlay, pod namespaces
+//! behind each node (routed veths, the gateway as a /32 on the host side), ztunnel processes
+//! started in the node namespaces, and on each node the capture the node agent installs:
+//! the agent's own nftables ruleset and policy routing (`ambient_rules`), with the node's
+//! ambient pods enrolled as the agent enrols routed pods. A change to the real capture is
+//! what ztunnel's tests run against.
+//!
+//! Addresses come from one leased [`Block`]: the underlay in `10.<octet>.0.0/24`, pods of
+//! node `i` in `10.<octet>.<i+1>.0/24` (and `fd00:<octet hex>:<i+1>::/64` in a dual-stack
+//! lab). The guard's `Drop` kills the processes it started (by PID) and deletes the
+//! namespaces, also on panic.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -13,22 +18,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const MARK: &str = "0x539";
+use ambient_rules::nft::{pod_elements, render_changes, Attachment, Element, RulesetParams};
+use ambient_rules::routing::{IpFamily, PolicyRouting};
 
-/// Runs a command, panicking with its stderr on failure.
+use crate::addrs::Block;
+use crate::netns::{run, NetNs};
+
+pub use crate::inns::{pattern, sha256_hex};
+pub use crate::netns::wait_for;
+
+/// Runs a command, panicking with its stderr on failure; its stdout.
 pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(Command::new(args[0]).args(&args[1..])).unwrap_or_else(|e| panic!("{e}"));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// [`sh`] inside network namespace `ns`.
 pub fn ns_sh(ns: &str, args: &[&str]) -> String {
     let mut v = vec!["ip", "netns", "exec", ns];
     v.extend_from_slice(args);
@@ -39,30 +44,10 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Polls `f` until it returns Some or the deadline passes.
-pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Runs `f` on a thread that entered network namespace `ns`; sockets it creates stay there.
 pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    let path = PathBuf::from(format!("/run/netns/{ns}"));
+    crate::inns::in_ns(&path, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A pod: its namespace, IP and the node it is on.
@@ -90,11 +75,14 @@ pub struct Node {
 /// The lab; Drop removes everything.
 pub struct Lab {
     pub tag: String,
+    /// The second octet of the leased block.
     pub octet: u8,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
-    namespaces: Vec<String>,
     children: Mutex<Vec<Child>>,
+    /// Dropped after the children are killed: deleting a namespace deletes its links.
+    namespaces: Vec<NetNs>,
+    _block: Block,
     pub dir: tempfile::TempDir,
     pub ca_dir: PathBuf,
     pub dual_stack: bool,
@@ -112,8 +100,8 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
         }
     }
 }
@@ -121,37 +109,38 @@ impl Drop for Lab {
 impl Lab {
     /// Two nodes joined by an underlay in 10.<octet>.0.0/24; pods of node i in
     /// 10.<octet>.<i+1>.0/24. `pods` is (node index, name, namespace, ambient).
-    pub fn new(tag: &str, octet: u8, pods: &[(usize, &str, &str, bool)]) -> Self {
-        Self::build(tag, octet, pods, false)
+    pub fn new(tag: &str, pods: &[(usize, &str, &str, bool)]) -> Self {
+        Self::build(tag, pods, false)
     }
 
     /// Like [`Lab::new`], dual stack: also fd00:<octet hex>::/64 on the underlay and
     /// fd00:<octet hex>:<node+1>::<n>/128 for pods.
-    pub fn new_dual_stack(tag: &str, octet: u8, pods: &[(usize, &str, &str, bool)]) -> Self {
-        Self::build(tag, octet, pods, true)
+    pub fn new_dual_stack(tag: &str, pods: &[(usize, &str, &str, bool)]) -> Self {
+        Self::build(tag, pods, true)
     }
 
-    fn build(tag: &str, octet: u8, pods: &[(usize, &str, &str, bool)], dual_stack: bool) -> Self {
-        let pid = std::process::id();
+    fn build(tag: &str, pods: &[(usize, &str, &str, bool)], dual_stack: bool) -> Self {
+        let block = Block::lease();
+        let octet = block.octet();
         let dir = tempfile::tempdir().unwrap();
         let mut lab = Lab {
             tag: tag.to_owned(),
             octet,
             nodes: Vec::new(),
             pods: Vec::new(),
-            namespaces: Vec::new(),
             children: Mutex::new(Vec::new()),
+            namespaces: Vec::new(),
+            _block: block,
             ca_dir: dir.path().join("ca"),
             dir,
             dual_stack,
         };
         let x = format!("{octet:x}");
         let mk = |lab: &mut Lab, role: &str| -> String {
-            let ns = format!("zt{pid}{tag}-{role}");
-            sh(&["ip", "netns", "add", &ns]);
-            lab.namespaces.push(ns.clone());
-            ns_sh(&ns, &["ip", "link", "set", "lo", "up"]);
-            ns
+            let ns = NetNs::new(&format!("zt{tag}-{role}")).unwrap_or_else(|e| panic!("{e}"));
+            let name = ns.name().to_owned();
+            lab.namespaces.push(ns);
+            name
         };
         for i in 0..2usize {
             let ns = mk(&mut lab, &format!("n{i}"));
@@ -284,7 +273,7 @@ impl Lab {
             });
         }
         sh(&[
-            env!("CARGO_BIN_EXE_ztunnel"),
+            crate::bins::binary("ztunnel").to_str().unwrap(),
             "ca",
             "init",
             "--dir",
@@ -301,148 +290,38 @@ impl Lab {
         self.pods.iter().find(|p| p.name == name).unwrap()
     }
 
-    /// The node agent's rules (redirect to ztunnel's ports, marks, policy routing): capture new TCP from local ambient
-    /// pods to 15001, HBONE to them to 15008, other TCP to them to 15006; never capture
-    /// ztunnel's own marked traffic; route replies of transparent connections to ztunnel.
+    /// The node agent's capture on node `node`: its ruleset (`RulesetParams::default()`, as
+    /// the agent renders it with no configuration), the node's ambient pods enrolled as routed
+    /// pods (`pod_elements`), and its policy routing, both families.
     fn install_capture(&self, node: usize) {
         let ns = &self.nodes[node].ns;
-        let local: Vec<String> = self
+        let params = RulesetParams::default();
+        let enrolled: BTreeSet<Element> = self
             .pods
             .iter()
             .filter(|p| p.node == node && p.ambient)
-            .map(|p| p.ip.to_string())
+            .flat_map(|p| {
+                let veth = format!("v{}", p.name);
+                let ips: Vec<IpAddr> = std::iter::once(p.ip).chain(p.ip6).collect();
+                pod_elements(&Attachment::Routed { veth }, &ips)
+            })
             .collect();
-        let elements = if local.is_empty() {
-            String::new()
-        } else {
-            format!("elements = {{ {} }}", local.join(", "))
-        };
-        let local6: Vec<String> = self
-            .pods
-            .iter()
-            .filter(|p| p.node == node && p.ambient)
-            .filter_map(|p| p.ip6.map(|ip| ip.to_string()))
-            .collect();
-        let elements6 = if local6.is_empty() {
-            String::new()
-        } else {
-            format!("elements = {{ {} }}", local6.join(", "))
-        };
-        let rules = format!(
-            r#"
-table inet ambient {{
-  set pods4 {{ type ipv4_addr; {elements} }}
-  set pods6 {{ type ipv6_addr; {elements6} }}
-  chain mangle_pre {{
-    type filter hook prerouting priority mangle; policy accept;
-    ct mark & 0xfff == {MARK} meta mark set {MARK}
-  }}
-  chain out {{
-    type filter hook output priority mangle; policy accept;
-    meta mark & 0xfff == {MARK} ct mark set {MARK}
-  }}
-  chain nat_pre {{
-    type nat hook prerouting priority -110; policy accept;
-    meta mark & 0xfff == {MARK} return
-    ct state != new return
-    ip saddr @pods4 meta l4proto tcp redirect to :15001
-    ip daddr @pods4 tcp dport 15008 redirect to :15008
-    ip daddr @pods4 meta l4proto tcp redirect to :15006
-    ip6 saddr @pods6 meta l4proto tcp redirect to :15001
-    ip6 daddr @pods6 tcp dport 15008 redirect to :15008
-    ip6 daddr @pods6 meta l4proto tcp redirect to :15006
-  }}
-}}
-"#
-        );
+        let script = params.render_base() + &render_changes(&params.table, [], &enrolled);
         let path = self.dir.path().join(format!("rules-{node}.nft"));
-        std::fs::write(&path, rules).unwrap();
+        std::fs::write(&path, script).unwrap();
         ns_sh(ns, &["nft", "-f", path.to_str().unwrap()]);
-        // Marked packets generated here follow the main table; marked replies arriving from
-        // pods are delivered locally (to ztunnel's transparent socket).
-        ns_sh(
-            ns,
-            &[
-                "ip",
-                "rule",
-                "add",
-                "priority",
-                "31999",
-                "iif",
-                "lo",
-                "fwmark",
-                "0x539/0xfff",
-                "lookup",
-                "main",
-            ],
-        );
-        ns_sh(
-            ns,
-            &[
-                "ip",
-                "rule",
-                "add",
-                "priority",
-                "32000",
-                "fwmark",
-                "0x539/0xfff",
-                "lookup",
-                "133",
-            ],
-        );
-        ns_sh(
-            ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                "local",
-                "0.0.0.0/0",
-                "dev",
-                "lo",
-                "table",
-                "133",
-            ],
-        );
-        if self.dual_stack {
-            ns_sh(
-                ns,
-                &[
-                    "ip",
-                    "-6",
-                    "rule",
-                    "add",
-                    "priority",
-                    "31999",
-                    "iif",
-                    "lo",
-                    "fwmark",
-                    "0x539/0xfff",
-                    "lookup",
-                    "main",
-                ],
-            );
-            ns_sh(
-                ns,
-                &[
-                    "ip",
-                    "-6",
-                    "rule",
-                    "add",
-                    "priority",
-                    "32000",
-                    "fwmark",
-                    "0x539/0xfff",
-                    "lookup",
-                    "133",
-                ],
-            );
-            ns_sh(
-                ns,
-                &[
-                    "ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "133",
-                ],
-            );
+        let routing = PolicyRouting::default();
+        for family in IpFamily::BOTH {
+            for rule in routing.rules() {
+                let args = rule.args(family, "add");
+                let mut cmd = vec!["ip"];
+                cmd.extend(args.iter().map(String::as_str));
+                ns_sh(ns, &cmd);
+            }
+            let args = routing.route_args(family);
+            let mut cmd = vec!["ip"];
+            cmd.extend(args.iter().map(String::as_str));
+            ns_sh(ns, &cmd);
         }
     }
 
@@ -508,7 +387,8 @@ table inet ambient {{
         if let Ok(w) = std::env::var("ZT_WRAPPER") {
             cmd.args(w.split_whitespace());
         }
-        cmd.args([env!("CARGO_BIN_EXE_ztunnel"), "run"])
+        cmd.arg(crate::bins::binary("ztunnel"))
+            .arg("run")
             .args(["--node-name", &n.name])
             .args(["--manifest-dir", n.manifest_dir.to_str().unwrap()])
             .args(["--ca-dir", self.ca_dir.to_str().unwrap()])
@@ -644,16 +524,11 @@ table inet ambient {{
     }
 }
 
-/// Minimal HTTP/1.0 GET; the body on 2xx.
+/// GET `path` from `addr`: the body on a 2xx answer, `None` otherwise.
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?;
-    status.starts_with('2').then(|| body.to_owned())
+    let (status, body) =
+        crate::inns::http_get(addr.parse().ok()?, path, Duration::from_secs(3)).ok()?;
+    (200..300).contains(&status).then_some(body)
 }
 
 /// An echo server in a pod namespace; records the peers it saw.
@@ -714,28 +589,6 @@ pub fn echo_from(pod: &Pod, to: SocketAddr, payload: &[u8]) -> std::io::Result<V
         r?;
         Ok(got)
     })
-}
-
-/// A simple checksum (FNV-1a 64).
-pub fn fnv(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in data {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
-pub fn payload(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2654435761).max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 pub fn pcap_path(dir: &Path, name: &str) -> PathBuf {
