@@ -1,6 +1,6 @@
 //! Node agent benchmarks (issue 2). Prints tables; `docs/performance.md` keeps the latest.
 //!
-//! `cargo build --release --workspace && cargo bench -p node-agent --bench agent`
+//! `cargo build --release --workspace && cargo bench -p ambient-tests --bench node_agent`
 //! (as root). The process re-executes itself inside a fresh network namespace (the "node"),
 //! so plugins and the agent run exactly as on a node, with no `ip netns exec` in the timed
 //! path.
