@@ -41,7 +41,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let sb = Sandbox::new();
-    let agent = FakeAgent::start(sb.socket(), |req| {
+    let agent = FakeAgent::answering(&sb.socket(), |req| {
         Answer::Reply(match req.op {
             AgentOp::Add(_) => AgentReply::Added(AddOutcome::Captured),
             AgentOp::Del(_) => AgentReply::Released,
@@ -49,7 +49,8 @@ fn main() {
             AgentOp::Status => AgentReply::Ready,
             AgentOp::Gc { .. } => AgentReply::Collected { released: 0 },
         })
-    });
+    })
+    .expect("fake agent");
     // No log file, info level: what a default install does.
     let mut conf = sb.conf(
         "1.0.0",

@@ -147,7 +147,8 @@ fn the_binary_enrols_with_the_discovered_veth() {
     veth.create();
     let netns = veth.path().to_str().unwrap().to_owned();
     let sb = Sandbox::new();
-    let agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+    let agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+        .expect("fake agent");
     // A bridge-shaped result whose bridge this (fake) sysfs does not know: two candidates,
     // so the plugin must ask the kernel.
     let prev = json!({

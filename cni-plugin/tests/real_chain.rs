@@ -144,7 +144,8 @@ fn after_the_bridge_plugin() {
     let veth = prev["interfaces"][1]["name"].as_str().unwrap().to_owned();
     assert_eq!(prev["interfaces"][0]["name"], bridge.as_str());
 
-    let agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+    let agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+        .expect("fake agent");
     assert_eq!(ambient(&ns, &sb, "ADD", &prev).printed(), prev);
     let a = the_add(&agent);
     assert_eq!(
@@ -188,7 +189,8 @@ fn after_the_ptp_plugin() {
         .filter_map(|i| i["name"].as_str())
         .collect();
     assert_eq!(host.len(), 1, "{prev}");
-    let agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+    let agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+        .expect("fake agent");
     assert_eq!(ambient(&ns, &sb, "ADD", &prev).printed(), prev);
     assert_eq!(the_add(&agent).host_interface, host[0]);
 }

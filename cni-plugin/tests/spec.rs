@@ -26,7 +26,8 @@ fn add_at_every_version_prints_prev_result_converted_and_enrols() {
     for conf_version in SUPPORTED_CNI_VERSIONS {
         for prev_version in ["0.4.0", "1.0.0"] {
             let sb = Sandbox::new();
-            let agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+            let agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+                .expect("fake agent");
             let conf = sb.conf(
                 conf_version,
                 json!({"prevResult": bridge_result(prev_version)}),
@@ -62,7 +63,8 @@ fn add_at_every_version_prints_prev_result_converted_and_enrols() {
 #[test]
 fn add_with_a_ptp_result_finds_the_only_host_interface() {
     let sb = Sandbox::new();
-    let agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::NotAmbient));
+    let agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::NotAmbient))
+        .expect("fake agent");
     let prev = json!({
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "veth77aa"}, {"name": "eth0", "sandbox": "/var/run/netns/cni-test"}],
@@ -85,7 +87,7 @@ fn add_with_a_ptp_result_finds_the_only_host_interface() {
 fn del_at_every_version() {
     for v in SUPPORTED_CNI_VERSIONS {
         let sb = Sandbox::new();
-        let agent = FakeAgent::replying(sb.socket(), AgentReply::Released);
+        let agent = FakeAgent::replying(&sb.socket(), AgentReply::Released).expect("fake agent");
         let conf = sb.conf(v, json!({"prevResult": bridge_result(v)}));
         run_json(&attach_env("DEL"), &conf).silent_success();
         let reqs = agent.requests();
@@ -110,7 +112,7 @@ fn del_with_empty_netns_and_no_prev_result_succeeds_agent_up_or_down() {
     let sb = Sandbox::new();
     merge(&mut stdin, sb.conf("1.0.0", json!({})));
     {
-        let agent = FakeAgent::replying(sb.socket(), AgentReply::Released);
+        let agent = FakeAgent::replying(&sb.socket(), AgentReply::Released).expect("fake agent");
         run_json(&env, &stdin).silent_success();
         assert!(matches!(agent.requests()[0].op, AgentOp::Del(_)));
     }
@@ -130,9 +132,10 @@ fn del_with_empty_netns_and_no_prev_result_succeeds_agent_up_or_down() {
 fn del_fails_when_the_agent_refuses() {
     let sb = Sandbox::new();
     let _agent = FakeAgent::replying(
-        sb.socket(),
+        &sb.socket(),
         AgentReply::Error(AgentError::new(ErrorKind::Internal, "nft batch failed")),
-    );
+    )
+    .expect("fake agent");
     let ran = run_json(&attach_env("DEL"), &sb.conf("1.0.0", json!({})));
     let e = ran.error(100);
     assert!(
@@ -145,7 +148,7 @@ fn del_fails_when_the_agent_refuses() {
 fn check_at_every_version() {
     for v in SUPPORTED_CNI_VERSIONS {
         let sb = Sandbox::new();
-        let agent = FakeAgent::replying(sb.socket(), AgentReply::Checked);
+        let agent = FakeAgent::replying(&sb.socket(), AgentReply::Checked).expect("fake agent");
         let conf = sb.conf(v, json!({"prevResult": bridge_result(v)}));
         let ran = run_json(&attach_env("CHECK"), &conf);
         if v.starts_with("0.3") {
@@ -169,12 +172,13 @@ fn check_at_every_version() {
 fn check_failures() {
     let sb = Sandbox::new();
     let _agent = FakeAgent::replying(
-        sb.socket(),
+        &sb.socket(),
         AgentReply::Error(AgentError::new(
             ErrorKind::CheckFailed,
             "capture rule missing",
         )),
-    );
+    )
+    .expect("fake agent");
     let conf = sb.conf("1.0.0", json!({"prevResult": bridge_result("1.0.0")}));
     let e = run_json(&attach_env("CHECK"), &conf).error(101);
     assert!(e["msg"].as_str().unwrap().contains("capture rule missing"));
@@ -186,7 +190,7 @@ fn check_failures() {
 fn status_at_every_version() {
     for v in SUPPORTED_CNI_VERSIONS {
         let sb = Sandbox::new();
-        let agent = FakeAgent::replying(sb.socket(), AgentReply::Ready);
+        let agent = FakeAgent::replying(&sb.socket(), AgentReply::Ready).expect("fake agent");
         let ran = run_json(&command_env("STATUS"), &sb.conf(v, json!({})));
         if *v == "1.1.0" {
             ran.silent_success();
@@ -200,12 +204,13 @@ fn status_at_every_version() {
     let e = run_json(&command_env("STATUS"), &conf).error(50);
     assert!(e["msg"].as_str().unwrap().contains("cni.sock"), "{e}");
     let _agent = FakeAgent::replying(
-        sb.socket(),
+        &sb.socket(),
         AgentReply::Error(AgentError::new(
             ErrorKind::NotReady,
             "pod source not synced",
         )),
-    );
+    )
+    .expect("fake agent");
     let e = run_json(&command_env("STATUS"), &conf).error(50);
     assert!(e["msg"].as_str().unwrap().contains("not synced"), "{e}");
 }
@@ -218,7 +223,8 @@ fn gc_at_every_version_passes_the_valid_attachments() {
     ]);
     for v in SUPPORTED_CNI_VERSIONS {
         let sb = Sandbox::new();
-        let agent = FakeAgent::replying(sb.socket(), AgentReply::Collected { released: 3 });
+        let agent = FakeAgent::replying(&sb.socket(), AgentReply::Collected { released: 3 })
+            .expect("fake agent");
         let conf = sb.conf(v, json!({"cni.dev/valid-attachments": valid}));
         let ran = run_json(&command_env("GC"), &conf);
         if *v != "1.1.0" {
@@ -330,7 +336,8 @@ fn unsupported_versions_are_code_1() {
 #[test]
 fn add_without_prev_result_says_to_chain_the_plugin() {
     let sb = Sandbox::new();
-    let _agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+    let _agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+        .expect("fake agent");
     let e = run_json(&attach_env("ADD"), &sb.conf("1.1.0", json!({}))).error(7);
     let msg = e["msg"].as_str().unwrap();
     assert!(msg.contains("chained after a primary plugin"), "{msg}");
@@ -422,9 +429,10 @@ fn agent_errors_map_to_codes() {
     ] {
         let sb = Sandbox::new();
         let _agent = FakeAgent::replying(
-            sb.socket(),
+            &sb.socket(),
             AgentReply::Error(AgentError::new(kind, "agent says no")),
-        );
+        )
+        .expect("fake agent");
         let conf = sb.conf("1.0.0", json!({"prevResult": bridge_result("1.0.0")}));
         let e = run_json(&attach_env("ADD"), &conf).error(code);
         assert!(
@@ -442,18 +450,19 @@ fn a_garbled_or_silent_agent() {
         json!({"prevResult": bridge_result("1.0.0"), "timeoutMs": 200}),
     );
     {
-        let _agent = FakeAgent::start(sb.socket(), |_| {
+        let _agent = FakeAgent::answering(&sb.socket(), |_| {
             Answer::Garbage(b"\0\0\0\x05hello".to_vec())
-        });
+        })
+        .expect("fake agent");
         run_json(&attach_env("ADD"), &conf).error(102);
     }
     let _ = std::fs::remove_file(sb.socket());
     {
-        let _agent = FakeAgent::replying(sb.socket(), AgentReply::Released);
+        let _agent = FakeAgent::replying(&sb.socket(), AgentReply::Released).expect("fake agent");
         run_json(&attach_env("ADD"), &conf).error(102);
     }
     let _ = std::fs::remove_file(sb.socket());
-    let _agent = FakeAgent::start(sb.socket(), |_| Answer::Silent);
+    let _agent = FakeAgent::answering(&sb.socket(), |_| Answer::Silent).expect("fake agent");
     let e = run_json(&attach_env("ADD"), &conf).error(11);
     assert!(e["msg"].as_str().unwrap().contains("200 ms"), "{e}");
 }
@@ -464,7 +473,8 @@ fn non_kubernetes_pods_pass_through_without_the_agent() {
     let sb = Sandbox::new();
     let prev = stdin["prevResult"].clone();
     merge(&mut stdin, sb.conf("1.0.0", json!({})));
-    let agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+    let agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+        .expect("fake agent");
     let ran = run_json(&env, &stdin);
     assert_eq!(ran.printed(), prev);
     assert!(ran.stderr.contains("podman"), "{}", ran.stderr);
@@ -491,7 +501,7 @@ fn every_captured_runtime_call_is_accepted() {
     ] {
         let (env, mut stdin) = fixture(name);
         let sb = Sandbox::new();
-        let agent = FakeAgent::start(sb.socket(), |req| {
+        let agent = FakeAgent::answering(&sb.socket(), |req| {
             Answer::Reply(match req.op {
                 AgentOp::Add(_) => AgentReply::Added(AddOutcome::Captured),
                 AgentOp::Del(_) => AgentReply::Released,
@@ -499,7 +509,8 @@ fn every_captured_runtime_call_is_accepted() {
                 AgentOp::Status => AgentReply::Ready,
                 AgentOp::Gc { .. } => AgentReply::Collected { released: 0 },
             })
-        });
+        })
+        .expect("fake agent");
         let prev = stdin.get("prevResult").cloned();
         // Keep the runtime's keys (runtimeConfig, capabilities, unknown ones); point ours here.
         merge(
@@ -528,7 +539,8 @@ fn every_captured_runtime_call_is_accepted() {
 #[test]
 fn runtime_config_shapes_are_accepted() {
     let sb = Sandbox::new();
-    let _agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+    let _agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+        .expect("fake agent");
     for rc in [
         json!({"portMappings": [{"HostPort": 18090, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}],
                "io.kubernetes.cri.pod-annotations": {"a": "b"}}),
@@ -547,7 +559,8 @@ fn runtime_config_shapes_are_accepted() {
 #[test]
 fn logs_go_to_the_file_as_json_lines_and_never_to_stdout() {
     let sb = Sandbox::new();
-    let _agent = FakeAgent::replying(sb.socket(), AgentReply::Added(AddOutcome::Captured));
+    let _agent = FakeAgent::replying(&sb.socket(), AgentReply::Added(AddOutcome::Captured))
+        .expect("fake agent");
     let conf = sb.conf("1.0.0", json!({"prevResult": bridge_result("1.0.0")}));
     run_json(&attach_env("ADD"), &conf).printed();
     let log = std::fs::read_to_string(sb.log_file()).unwrap();
@@ -591,7 +604,7 @@ fn a_panic_still_prints_a_cni_error() {
 #[test]
 fn a_silent_agent_does_not_block_excluded_namespaces() {
     let sb = Sandbox::new();
-    let _agent = FakeAgent::start(sb.socket(), |_| Answer::Silent);
+    let _agent = FakeAgent::answering(&sb.socket(), |_| Answer::Silent).expect("fake agent");
     let mut env = attach_env("ADD");
     env.insert(
         "CNI_ARGS".into(),

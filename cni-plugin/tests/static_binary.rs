@@ -91,10 +91,11 @@ fn the_static_plugin_runs_in_an_empty_chroot_and_the_dynamic_one_does_not() {
     .printed();
     assert_eq!(v["supportedVersions"], json!(SUPPORTED_CNI_VERSIONS));
 
-    let agent = FakeAgent::start(sb.socket(), |req| match req.op {
+    let agent = FakeAgent::answering(&sb.socket(), |req| match req.op {
         AgentOp::Add(_) => Answer::Reply(AgentReply::Added(AddOutcome::Captured)),
         _ => Answer::Reply(AgentReply::Released),
-    });
+    })
+    .expect("fake agent");
     let add = conf("1.0.0", json!({"prevResult": bridge_result("1.0.0")}));
     let out = in_chroot(root, &attach_env("ADD"), &add).printed();
     assert_eq!(out, bridge_result("1.0.0"), "prevResult passed through");

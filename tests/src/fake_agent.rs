@@ -3,9 +3,11 @@
 //! configurable reply (by default ADD -> `Added(Captured)`, DEL -> `Released`, CHECK ->
 //! `Checked`, STATUS -> `Ready`, GC -> `Collected { released: 0 }`).
 //!
-//! It lets plugin and runtime tests run without the real agent. Dropping it stops the server
-//! thread and removes the socket file.
+//! A test can also make it misbehave ([`Answer::Garbage`], [`Answer::Silent`]) to exercise the
+//! plugin's failure paths. It lets plugin and runtime tests run without the real agent.
+//! Dropping it stops the server thread and removes the socket file.
 
+use std::io::Write as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +20,18 @@ use ambient_common::frame;
 
 /// Decides the reply to a request.
 pub type Responder = Box<dyn Fn(&AgentRequest) -> AgentReply + Send + Sync>;
+
+/// What the fake agent does with a request.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Reply(AgentReply),
+    /// Bytes that are not a frame.
+    Garbage(Vec<u8>),
+    /// Read the request, then hold the connection open without answering.
+    Silent,
+}
+
+type Answerer = Box<dyn Fn(&AgentRequest) -> Answer + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FakeAgentError {
@@ -61,7 +75,22 @@ impl FakeAgent {
         Self::with_responder(path, Box::new(default_reply))
     }
 
+    /// Serves at `path`, replying what `responder` decides.
     pub fn with_responder(path: &Path, responder: Responder) -> Result<Self, FakeAgentError> {
+        Self::answering(path, move |req| Answer::Reply(responder(req)))
+    }
+
+    /// Serves at `path`, replying `reply` to every request.
+    pub fn replying(path: &Path, reply: AgentReply) -> Result<Self, FakeAgentError> {
+        Self::answering(path, move |_| Answer::Reply(reply.clone()))
+    }
+
+    /// Serves at `path`, doing what `answer` decides (replies, garbage or silence).
+    pub fn answering(
+        path: &Path,
+        answer: impl Fn(&AgentRequest) -> Answer + Send + Sync + 'static,
+    ) -> Result<Self, FakeAgentError> {
+        let answer: Answerer = Box::new(answer);
         let listener = UnixListener::bind(path).map_err(|source| FakeAgentError::Bind {
             path: path.to_path_buf(),
             source,
@@ -69,7 +98,7 @@ impl FakeAgent {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (requests.clone(), stop.clone());
-        let thread = std::thread::spawn(move || serve(listener, responder, r, s));
+        let thread = std::thread::spawn(move || serve(listener, answer, r, s));
         Ok(Self {
             path: path.to_path_buf(),
             requests,
@@ -90,10 +119,12 @@ impl FakeAgent {
 
 fn serve(
     listener: UnixListener,
-    responder: Responder,
+    answer: Answerer,
     requests: Arc<Mutex<Vec<AgentRequest>>>,
     stop: Arc<AtomicBool>,
 ) {
+    // Connections answered with silence, held open until the agent stops.
+    let mut held = Vec::new();
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -104,9 +135,17 @@ fn serve(
         let Ok(req) = frame::read_frame::<AgentRequest>(&mut conn) else {
             continue;
         };
-        let reply = responder(&req);
+        let answer = answer(&req);
         requests.lock().unwrap().push(req);
-        let _ = frame::write_frame(&mut conn, &reply);
+        match answer {
+            Answer::Reply(reply) => {
+                let _ = frame::write_frame(&mut conn, &reply);
+            }
+            Answer::Garbage(bytes) => {
+                let _ = conn.write_all(&bytes);
+            }
+            Answer::Silent => held.push(conn),
+        }
     }
 }
 
@@ -156,5 +195,29 @@ mod tests {
         .unwrap();
         let r = ask(&sock, &AgentRequest::new(AgentOp::Status));
         assert!(matches!(r, AgentReply::Error(e) if e.kind == ErrorKind::NotReady));
+    }
+
+    #[test]
+    fn garbage_and_silence() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("cni.sock");
+        let _agent = FakeAgent::answering(&sock, |req| match req.op {
+            AgentOp::Status => Answer::Garbage(b"\0\0\0\x05hello".to_vec()),
+            _ => Answer::Silent,
+        })
+        .unwrap();
+        let mut c = UnixStream::connect(&sock).unwrap();
+        frame::write_frame(&mut c, &AgentRequest::new(AgentOp::Status)).unwrap();
+        assert!(frame::read_frame::<AgentReply>(&mut c).is_err());
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        frame::write_frame(&mut c, &AgentRequest::new(AgentOp::Gc { valid: vec![] })).unwrap();
+        // No answer: the read times out with the connection still open.
+        let err = frame::read_frame::<AgentReply>(&mut c).unwrap_err();
+        assert!(
+            matches!(&err, frame::FrameError::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{err:?}"
+        );
     }
 }

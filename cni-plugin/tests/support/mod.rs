@@ -1,102 +1,17 @@
-//! Shared by the integration tests: a fake node agent on a unix socket in a temp dir, and a
-//! runner for the built plugin binary.
+//! Shared by the integration tests: a sandbox (agent socket path, fake sysfs, log file) for
+//! the lab's fake node agent, and a runner for the built plugin binary.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use ambient_common::agent_api::{AgentReply, AgentRequest};
-use ambient_common::frame::{read_frame, write_frame};
 use serde_json::{json, Value};
 
-/// What the fake agent does with a request.
-#[derive(Debug, Clone)]
-pub enum Answer {
-    Reply(AgentReply),
-    /// Bytes that are not a frame.
-    Garbage(Vec<u8>),
-    /// Read the request, then hold the connection without answering.
-    Silent,
-}
-
-type Responder = Box<dyn Fn(&AgentRequest) -> Answer + Send>;
-
-/// A node agent stand-in: serves `socket`, records every request, answers what the test says.
-pub struct FakeAgent {
-    pub socket: PathBuf,
-    seen: Arc<Mutex<Vec<AgentRequest>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FakeAgent {
-    pub fn start(
-        socket: PathBuf,
-        respond: impl Fn(&AgentRequest) -> Answer + Send + 'static,
-    ) -> Self {
-        let listener = UnixListener::bind(&socket).expect("bind fake agent socket");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let respond: Responder = Box::new(respond);
-        let thread = {
-            let (seen, stop) = (seen.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut held = Vec::new();
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(mut conn) = conn else { continue };
-                    let Ok(req) = read_frame::<AgentRequest>(&mut conn) else {
-                        continue;
-                    };
-                    let answer = respond(&req);
-                    seen.lock().unwrap().push(req);
-                    match answer {
-                        Answer::Reply(r) => {
-                            let _ = write_frame(&mut conn, &r);
-                        }
-                        Answer::Garbage(bytes) => {
-                            let _ = conn.write_all(&bytes);
-                        }
-                        Answer::Silent => held.push(conn),
-                    }
-                }
-            })
-        };
-        Self {
-            socket,
-            seen,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Answers every request with `reply`.
-    pub fn replying(socket: PathBuf, reply: AgentReply) -> Self {
-        Self::start(socket, move |_| Answer::Reply(reply.clone()))
-    }
-
-    pub fn requests(&self) -> Vec<AgentRequest> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FakeAgent {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.socket); // wake the accept loop
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+/// The lab's stand-in node agent (one copy, in the lab crate).
+#[allow(unused_imports)] // not every test file answers with garbage or silence
+pub use ambient_tests::fake_agent::{Answer, FakeAgent};
 
 /// A temp dir holding the agent socket path, a fake sysfs (with `cni0` as a bridge, as on a
 /// node running the `bridge` plugin) and the plugin's log file.
