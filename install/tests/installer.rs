@@ -3,8 +3,9 @@
 //! the watch loop repairing a rewrite, a replacement, a removed binary, and own-file mode.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ambient_tests::netns::wait_until;
 use clap::Parser;
 use install::{ChainState, ConfigArgs, Installer};
 use serde_json::Value;
@@ -92,17 +93,6 @@ fn json(path: &Path) -> Value {
 
 fn fixture(name: &str) -> Value {
     json(&Path::new(FIXTURES).join(name))
-}
-
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn last_plugin(doc: &Value) -> &Value {
@@ -274,7 +264,7 @@ async fn the_watch_loop_repairs_rewrites_replacements_and_a_removed_binary() {
     };
     let p2 = path.clone();
     tokio::task::spawn_blocking(move || {
-        eventually("first install", Duration::from_secs(5), || chained(&p2));
+        wait_until("first install", Duration::from_secs(5), || chained(&p2));
         // 1. The primary rewrites its file in place (truncate + write).
         std::fs::write(
             &p2,
@@ -282,7 +272,7 @@ async fn the_watch_loop_repairs_rewrites_replacements_and_a_removed_binary() {
         )
         .unwrap();
         assert!(!chained(&p2));
-        eventually(
+        wait_until(
             "repair after an in-place rewrite",
             Duration::from_secs(2),
             || chained(&p2),
@@ -291,13 +281,13 @@ async fn the_watch_loop_repairs_rewrites_replacements_and_a_removed_binary() {
         let tmp = p2.with_file_name("calico.tmp");
         std::fs::copy(Path::new(FIXTURES).join("10-calico.conflist"), &tmp).unwrap();
         std::fs::rename(&tmp, &p2).unwrap();
-        eventually("repair after a replacement", Duration::from_secs(2), || {
+        wait_until("repair after a replacement", Duration::from_secs(2), || {
             chained(&p2)
         });
         // 3. The primary deletes and recreates it.
         std::fs::remove_file(&p2).unwrap();
         std::fs::copy(Path::new(FIXTURES).join("10-calico.conflist"), &p2).unwrap();
-        eventually(
+        wait_until(
             "repair after delete + create",
             Duration::from_secs(2),
             || chained(&p2),
@@ -310,7 +300,7 @@ async fn the_watch_loop_repairs_rewrites_replacements_and_a_removed_binary() {
     std::fs::remove_file(&bin).unwrap();
     let b2 = bin.clone();
     tokio::task::spawn_blocking(move || {
-        eventually("binary back", Duration::from_secs(2), || b2.exists())
+        wait_until("binary back", Duration::from_secs(2), || b2.exists())
     })
     .await
     .unwrap();

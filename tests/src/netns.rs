@@ -372,6 +372,12 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option
         .unwrap_or_else(|e| panic!("timed out waiting for {what}: {e}"))
 }
 
+/// [`wait_for`] for a condition with no value: returns once `f` is true, or panics naming
+/// `what` after `deadline`.
+pub fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    wait_for(what, deadline, || f().then_some(()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ use ambient_common::ca_api::istio_certificate_service_server::{
 use ambient_common::ca_api::{
     impersonated_identity, IstioCertificateRequest, IstioCertificateResponse,
 };
+use ambient_tests::netns::wait_until;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use rcgen::{
@@ -370,14 +371,6 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((code, body.to_owned()))
 }
 
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `ztunnel run --ca-address`: a local pod's certificate comes from the issuer; while the
 /// issuer refuses, readiness is 503 naming the error, and 200 again after the next success;
 /// `/config_dump` shows the issuer and the trust bundle.
@@ -439,17 +432,23 @@ fn app_with_issuer_reports_outage_in_readiness() {
         })
         .await
     });
-    eventually("503 naming the issuer's refusal", || {
-        http_get(addrs.readiness, "/healthz/ready").is_some_and(|(code, body)| {
-            code == 503 && body.contains("certificate issuer") && body.contains("runs no pod")
-        })
-    });
+    wait_until(
+        "503 naming the issuer's refusal",
+        Duration::from_secs(15),
+        || {
+            http_get(addrs.readiness, "/healthz/ready").is_some_and(|(code, body)| {
+                code == 503 && body.contains("certificate issuer") && body.contains("runs no pod")
+            })
+        },
+    );
     let (_, metrics) = http_get(addrs.metrics, "/metrics").unwrap();
     assert!(metrics.contains("ztunnel_ca_healthy 0"), "{metrics}");
     lab.issuer.refuse.store(false, Ordering::SeqCst);
-    eventually("ready after the retry succeeds", || {
-        http_get(addrs.readiness, "/healthz/ready").map(|r| r.0) == Some(200)
-    });
+    wait_until(
+        "ready after the retry succeeds",
+        Duration::from_secs(15),
+        || http_get(addrs.readiness, "/healthz/ready").map(|r| r.0) == Some(200),
+    );
     let (_, dump) = http_get(addrs.admin, "/config_dump").unwrap();
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["ca"]["source"]["mode"], "issuer");

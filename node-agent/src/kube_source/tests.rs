@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::*;
-use ambient_kube_watch::testing::FakeApi;
+use ambient_kube_watch::testing::{eventually, FakeApi};
 
 fn ns(name: &str, ambient: bool) -> Value {
     let mut v = json!({"apiVersion": "v1", "kind": "Namespace",
@@ -123,14 +123,6 @@ impl Running {
                 );
             }
         }
-    }
-}
-
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

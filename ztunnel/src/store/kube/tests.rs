@@ -1,9 +1,7 @@
 //! The API source's real client against the in-process API server
 //! (`ambient_kube_watch::testing::FakeApi`).
 
-use std::time::Instant;
-
-use ambient_kube_watch::testing::{FakeApi, Request};
+use ambient_kube_watch::testing::{eventually, FakeApi, Request};
 use serde_json::json;
 
 use super::*;
@@ -135,14 +133,6 @@ fn start(src: KubeSource) -> Running {
         store,
         synced,
         task,
-    }
-}
-
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
