@@ -16,6 +16,7 @@
 
 use std::time::{Duration, Instant};
 
+use ambient_tests::addrs::Block;
 use ambient_tests::cni::Attach;
 use ambient_tests::fake_agent::FakeAgent;
 use ambient_tests::topo::{Node, NodeSpec, PodMeta};
@@ -119,9 +120,9 @@ fn chain_rows(n: usize, label: &str, cidr: &str, recorder: bool, rows: &mut Vec<
     });
 }
 
-async fn cri_rows(n: usize, last: Last, label: &str, cidr: &str, rows: &mut Vec<Row>) {
+async fn cri_rows(n: usize, last: Last, label: &str, rows: &mut Vec<Row>) {
     let fake = matches!(last, Last::AmbientCni);
-    let lab = CriLab::new(&format!("bench-{label}"), cidr, last);
+    let lab = CriLab::new(&format!("bench-{label}"), last);
     let _agent = fake.then(|| FakeAgent::start(&lab.agent_socket()).unwrap());
     let mut client = lab.client().await;
     let (mut run, mut stop) = (vec![], vec![]);
@@ -154,8 +155,9 @@ fn main() {
         .find_map(|a| a.parse::<usize>().ok())
         .unwrap_or(20);
     let mut rows = Vec::new();
-    chain_rows(n, "rec", "10.230.1.0/24", true, &mut rows);
-    chain_rows(n, "amb", "10.230.2.0/24", false, &mut rows);
+    let block = Block::lease();
+    chain_rows(n, "rec", &block.net24(1), true, &mut rows);
+    chain_rows(n, "amb", &block.net24(2), false, &mut rows);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -166,11 +168,10 @@ fn main() {
             n,
             Last::Recorder(calls.path().join("calls.jsonl")),
             "crirec",
-            "10.230.3.0/24",
             &mut rows,
         )
         .await;
-        cri_rows(n, Last::AmbientCni, "criamb", "10.230.4.0/24", &mut rows).await;
+        cri_rows(n, Last::AmbientCni, "criamb", &mut rows).await;
     });
     print(&rows);
 }

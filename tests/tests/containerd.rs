@@ -32,12 +32,12 @@ use cri::{in_cidr_24, run_sandbox, stop_and_remove, CriLab, Last, PodIdentity};
 async fn containerd_runs_the_chain_with_a_recording_plugin() {
     let calls_dir = tempfile::tempdir().unwrap();
     let calls = calls_dir.path().join("calls.jsonl");
-    let lab = CriLab::new("cri-rec", "10.206.1.0/24", Last::Recorder(calls.clone()));
+    let lab = CriLab::new("cri-rec", Last::Recorder(calls.clone()));
     let mut client = lab.client().await;
     let pod = PodIdentity::new("cri-ns", "cri-pod");
     let (id, ip, latency) = run_sandbox(&lab, &mut client, &pod).await;
     eprintln!("measure: RunPodSandbox with bridge+host-local+cni-recorder: {latency:?}");
-    assert!(in_cidr_24(&ip, "10.206.1.0/24"), "pod IP {ip:?}");
+    assert!(in_cidr_24(&ip, &lab.pod_cidr()), "pod IP {ip:?}");
     let add = read_calls(&calls)
         .into_iter()
         .find(|c| c.command == "ADD")
@@ -84,7 +84,6 @@ async fn dropping_the_lab_kills_a_running_sandbox_and_cleans_up() {
     let calls_dir = tempfile::tempdir().unwrap();
     let lab = CriLab::new(
         "cri-drop",
-        "10.209.1.0/24",
         Last::Recorder(calls_dir.path().join("calls.jsonl")),
     );
     let mut client = lab.client().await;
@@ -121,7 +120,7 @@ async fn dropping_the_lab_kills_a_running_sandbox_and_cleans_up() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn containerd_enrols_through_ambient_cni_with_a_fake_agent() {
-    let lab = CriLab::new("cri-fake", "10.207.1.0/24", Last::AmbientCni);
+    let lab = CriLab::new("cri-fake", Last::AmbientCni);
     let agent = FakeAgent::start(&lab.agent_socket()).unwrap();
     let mut client = lab.client().await;
     let pod = PodIdentity::new("cri-ns", "fake-agent-pod");
@@ -129,7 +128,7 @@ async fn containerd_enrols_through_ambient_cni_with_a_fake_agent() {
     eprintln!(
         "measure: RunPodSandbox with bridge+host-local+ambient-cni (fake agent): {latency:?}"
     );
-    assert!(in_cidr_24(&ip, "10.207.1.0/24"), "pod IP {ip:?}");
+    assert!(in_cidr_24(&ip, &lab.pod_cidr()), "pod IP {ip:?}");
 
     let adds: Vec<_> = agent
         .requests()
@@ -169,7 +168,7 @@ async fn containerd_enrols_through_ambient_cni_with_a_fake_agent() {
 #[tokio::test(flavor = "current_thread")]
 async fn containerd_pod_is_enrolled_by_the_real_node_agent() {
     let agent_bin = ambient_tests::bins::binary(ambient_tests::bins::NODE_AGENT);
-    let lab = CriLab::new("cri-agent", "10.208.1.0/24", Last::AmbientCni);
+    let lab = CriLab::new("cri-agent", Last::AmbientCni);
     let pod = PodIdentity::new("cri-mesh", "agent-pod");
     let manifests = ManifestDir::new(&lab.dir.path().join("manifests")).unwrap();
     let meta = PodMeta {

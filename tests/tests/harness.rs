@@ -1,10 +1,12 @@
 //! Root tests of the harness itself: namespaces, the chain runner with the Debian plugins and a
 //! recording stand-in for `ambient-cni`, nodes and pods with bridge and ptp attachment, and
-//! traffic between pods with `netprobe`. Each test uses its own 10.2xx.0.0/16 range.
+//! traffic between pods with `netprobe`. Each test leases its own address block
+//! (`ambient_tests::addrs`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ambient_tests::addrs::Block;
 use ambient_tests::capture::{payload_contains, Capture};
 use ambient_tests::cni::{Attach, CniError};
 use ambient_tests::netns::{eventually, NetNs};
@@ -71,6 +73,7 @@ fn probe(ns: &NetNs, to: &str) -> Result<String, ambient_tests::netns::NetNsErro
 #[test]
 fn netns_guard_removes_namespace_processes_and_links() {
     let dir = tempfile::tempdir().unwrap();
+    let blk = Block::lease();
     let (name_a, pid);
     {
         let a = NetNs::new("guard-a").unwrap();
@@ -78,17 +81,17 @@ fn netns_guard_removes_namespace_processes_and_links() {
         NetNs::veth_pair(
             &a,
             "va",
-            Some("10.201.0.1/30"),
+            Some(format!("{}/30", blk.v4(0, 1)).as_str()),
             &b,
             "vb",
-            Some("10.201.0.2/30"),
+            Some(format!("{}/30", blk.v4(0, 2)).as_str()),
         )
         .unwrap();
         a.sysctl("net.ipv4.ip_forward", "1").unwrap();
         assert_eq!(a.sysctl_get("net.ipv4.ip_forward").unwrap(), "1");
-        assert_eq!(b.ipv4_addrs("vb").unwrap(), vec!["10.201.0.2".to_owned()]);
+        assert_eq!(b.ipv4_addrs("vb").unwrap(), vec![blk.v4(0, 2).to_string()]);
         echo_server(&b, 7001, dir.path());
-        let out = probe(&a, "10.201.0.2:7001").unwrap();
+        let out = probe(&a, &format!("{}:7001", blk.v4(0, 2))).unwrap();
         assert!(out.contains("\"received\":\"hello\""), "{out}");
         name_a = a.name().to_owned();
         pid = b.spawn(b.command("sleep").arg("600")).unwrap();
@@ -107,11 +110,12 @@ fn netns_guard_removes_namespace_processes_and_links() {
 
 #[test]
 fn bridge_chain_runs_with_libcni_semantics() {
-    let (node, calls) = recording_node("chain-br", "10.202.1.0/24", Attach::Bridge);
+    let blk = Block::lease();
+    let (node, calls) = recording_node("chain-br", &blk.net24(1), Attach::Bridge);
     let meta = PodMeta::new("ns-a", "pod-a");
     let pod = node.add_pod(&meta).unwrap();
     let ip = pod.ip().unwrap();
-    assert!(ip.starts_with("10.202.1."), "{ip}");
+    assert!(ip.starts_with(&format!("10.{}.1.", blk.octet())), "{ip}");
     assert_eq!(pod.ns().ipv4_addrs("eth0").unwrap(), vec![ip.clone()]);
     // The bridge landed in the node namespace, not the host's.
     node.ns().ip(&["link", "show", "cni0"]).unwrap();
@@ -166,8 +170,9 @@ fn bridge_chain_runs_with_libcni_semantics() {
 
 #[test]
 fn pods_on_one_bridge_talk() {
+    let blk = Block::lease();
     let dir = tempfile::tempdir().unwrap();
-    let (node, _calls) = recording_node("talk-br", "10.203.1.0/24", Attach::Bridge);
+    let (node, _calls) = recording_node("talk-br", &blk.net24(1), Attach::Bridge);
     let server = node.add_pod(&PodMeta::new("ns", "server")).unwrap();
     let client = node.add_pod(&PodMeta::new("ns", "client")).unwrap();
     echo_server(server.ns(), 8080, dir.path());
@@ -178,10 +183,19 @@ fn pods_on_one_bridge_talk() {
 
 #[test]
 fn ptp_pods_on_two_linked_nodes_talk() {
+    let blk = Block::lease();
     let dir = tempfile::tempdir().unwrap();
-    let (n1, c1) = recording_node("two-ptp1", "10.204.1.0/24", Attach::Ptp);
-    let (n2, _c2) = recording_node("two-ptp2", "10.204.2.0/24", Attach::Ptp);
-    Node::link(&n1, "ul0", "10.204.0.1/30", &n2, "ul0", "10.204.0.2/30").unwrap();
+    let (n1, c1) = recording_node("two-ptp1", &blk.net24(1), Attach::Ptp);
+    let (n2, _c2) = recording_node("two-ptp2", &blk.net24(2), Attach::Ptp);
+    Node::link(
+        &n1,
+        "ul0",
+        &format!("{}/30", blk.v4(0, 1)),
+        &n2,
+        "ul0",
+        &format!("{}/30", blk.v4(0, 2)),
+    )
+    .unwrap();
     let p1 = n1.add_pod(&PodMeta::new("ns", "p1")).unwrap();
     let p2 = n2.add_pod(&PodMeta::new("ns", "p2")).unwrap();
     echo_server(p2.ns(), 9090, dir.path());
@@ -214,7 +228,8 @@ fn ptp_pods_on_two_linked_nodes_talk() {
 
 #[test]
 fn failed_add_is_a_typed_error_and_is_cleaned_with_del() {
-    let (node, calls) = recording_node_with("fail-add", "10.205.1.0/24", Attach::Bridge, |s| {
+    let blk = Block::lease();
+    let (node, calls) = recording_node_with("fail-add", &blk.net24(1), Attach::Bridge, |s| {
         s.ambient_extra.insert("failAdd".into(), 11.into());
     });
     let err = node.add_pod(&PodMeta::new("ns", "p")).unwrap_err();
@@ -242,15 +257,23 @@ fn failed_add_is_a_typed_error_and_is_cleaned_with_del() {
 
 #[test]
 fn dual_stack_pods_talk_over_ipv6() {
+    let blk = Block::lease();
     let dir = tempfile::tempdir().unwrap();
-    let (node, _calls) = recording_node_with("ds-br", "10.210.1.0/24", Attach::Bridge, |s| {
-        s.pod_cidr6 = Some("fd00:210:1::/64".into());
+    let (node, _calls) = recording_node_with("ds-br", &blk.net24(1), Attach::Bridge, |s| {
+        s.pod_cidr6 = Some(blk.net64(1));
     });
     let server = node.add_pod(&PodMeta::new("ns", "server6")).unwrap();
     let client = node.add_pod(&PodMeta::new("ns", "client6")).unwrap();
     let (s6, c6) = (server.ip6().unwrap(), client.ip6().unwrap());
-    assert!(s6.to_string().starts_with("fd00:210:1:"), "{s6}");
-    assert!(server.ip().unwrap().starts_with("10.210.1."));
+    assert!(
+        s6.to_string()
+            .starts_with(&format!("fd00:{:x}:1:", blk.octet())),
+        "{s6}"
+    );
+    assert!(server
+        .ip()
+        .unwrap()
+        .starts_with(&format!("10.{}.1.", blk.octet())));
     // `::` with IPV6_V6ONLY off also takes IPv4: one server for both families.
     echo_server_on(server.ns(), "::", 8086, dir.path());
     // IPv6 addresses are usable only after duplicate address detection: poll.
@@ -296,13 +319,13 @@ fn status_and_gc_follow_cni_1_1() {
 /// holds `ambient-cni` alone.)
 #[test]
 fn ambient_cni_status_follows_the_agent() {
+    let blk = Block::lease();
     use ambient_tests::cni::ConfList;
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("cni.sock");
-    let node = Node::new(
-        &NodeSpec::new("acni-status", "10.211.1.0/24", Attach::Bridge).agent_socket(&sock),
-    )
-    .unwrap();
+    let node =
+        Node::new(&NodeSpec::new("acni-status", &blk.net24(1), Attach::Bridge).agent_socket(&sock))
+            .unwrap();
     let list = ConfList::from_json(&serde_json::json!({
         "name": "status", "cniVersion": "1.1.0",
         "plugins": [{"type": "ambient-cni", "agentSocket": sock}]
@@ -316,7 +339,8 @@ fn ambient_cni_status_follows_the_agent() {
 
 #[test]
 fn dropping_a_pod_runs_every_del_even_when_one_fails() {
-    let (node, calls) = recording_node_with("del-fail", "10.212.1.0/24", Attach::Bridge, |s| {
+    let blk = Block::lease();
+    let (node, calls) = recording_node_with("del-fail", &blk.net24(1), Attach::Bridge, |s| {
         s.ambient_extra.insert("failDel".into(), 11.into());
     });
     let pod = node.add_pod(&PodMeta::new("ns", "p")).unwrap();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ambient_tests::addrs::Block;
 use ambient_tests::cni::Attach;
 use ambient_tests::netns::eventually;
 use ambient_tests::probe::{self, ConnRecord};
@@ -26,11 +27,13 @@ struct Lab {
     dir: TempDir,
     agent_pid: Option<u32>,
     standins: Vec<u32>,
+    /// The node's addresses: pods in `10.<octet>.1.0/24` (and `fd00:<octet hex>:1::/64`).
+    block: Block,
 }
 
 impl Lab {
-    fn new(tag: &str, cidr: &str, attach: Attach) -> Lab {
-        let mut lab = Lab::stopped(tag, cidr, attach, serde_json::Map::new());
+    fn new(tag: &str, attach: Attach) -> Lab {
+        let mut lab = Lab::stopped(tag, attach, serde_json::Map::new());
         lab.start_agent();
         lab
     }
@@ -39,19 +42,17 @@ impl Lab {
     /// not started.
     fn stopped(
         tag: &str,
-        cidr: &str,
         attach: Attach,
         ambient_extra: serde_json::Map<String, serde_json::Value>,
     ) -> Lab {
-        Lab::stopped_with(tag, cidr, attach, ambient_extra, serde_json::Map::new())
+        Lab::stopped_with(tag, attach, ambient_extra, serde_json::Map::new())
     }
 
-    /// A dual-stack node (IPv6 pods from `cidr6` too), agent started.
-    fn dual(tag: &str, cidr: &str, cidr6: &str, attach: Attach) -> Lab {
+    /// A dual-stack node (IPv6 pods too), agent started.
+    fn dual(tag: &str, attach: Attach) -> Lab {
         let mut lab = Lab::build(
             tag,
-            cidr,
-            Some(cidr6),
+            true,
             attach,
             serde_json::Map::new(),
             serde_json::Map::new(),
@@ -63,18 +64,16 @@ impl Lab {
     /// [`Lab::stopped`], with more keys for the primary plugin's entry too.
     fn stopped_with(
         tag: &str,
-        cidr: &str,
         attach: Attach,
         ambient_extra: serde_json::Map<String, serde_json::Value>,
         primary_extra: serde_json::Map<String, serde_json::Value>,
     ) -> Lab {
-        Lab::build(tag, cidr, None, attach, ambient_extra, primary_extra)
+        Lab::build(tag, false, attach, ambient_extra, primary_extra)
     }
 
     fn build(
         tag: &str,
-        cidr: &str,
-        cidr6: Option<&str>,
+        dual_stack: bool,
         attach: Attach,
         ambient_extra: serde_json::Map<String, serde_json::Value>,
         primary_extra: serde_json::Map<String, serde_json::Value>,
@@ -92,10 +91,11 @@ impl Lab {
              ---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n",
         )
         .unwrap();
-        let mut spec =
-            NodeSpec::new(tag, cidr, attach).agent_socket(dir.path().join("run/cni.sock"));
-        if let Some(cidr6) = cidr6 {
-            spec = spec.dual_stack(cidr6);
+        let block = Block::lease();
+        let mut spec = NodeSpec::new(tag, &block.net24(1), attach)
+            .agent_socket(dir.path().join("run/cni.sock"));
+        if dual_stack {
+            spec = spec.dual_stack(&block.net64(1));
         }
         spec.ambient_extra = ambient_extra;
         spec.primary_extra = primary_extra;
@@ -106,13 +106,19 @@ impl Lab {
             dir,
             agent_pid: None,
             standins: Vec::new(),
+            block,
         }
+    }
+
+    /// The node's IPv4 pod range.
+    fn cidr(&self) -> String {
+        self.block.net24(1)
     }
 
     /// A lab whose agent reads the Kubernetes API at an address where nothing answers (an
     /// API server that is down): its source never syncs.
-    fn without_api(tag: &str, cidr: &str, attach: Attach) -> Lab {
-        let mut lab = Lab::new(tag, cidr, attach);
+    fn without_api(tag: &str, attach: Attach) -> Lab {
+        let mut lab = Lab::new(tag, attach);
         lab.stop_agent();
         let kubeconfig = lab.dir.path().join("kubeconfig");
         std::fs::write(
@@ -379,8 +385,8 @@ fn only_record(path: &Path) -> ConnRecord {
 }
 
 /// The whole capture matrix for one attachment kind.
-fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
-    let mut lab = Lab::new(tag, cidr, attach);
+fn capture_matrix(tag: &str, attach: Attach) {
+    let mut lab = Lab::new(tag, attach);
     let client = lab.pod("amb", "client", &[]);
     let server = lab.pod("amb", "server", &[]);
     let plain_client = lab.pod("plain", "pclient", &[]);
@@ -456,7 +462,7 @@ fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
     let node_ip = lab
         .node
         .host_address()
-        .map_or_else(|| cidr_gateway(cidr), |a| a.to_string());
+        .map_or_else(|| cidr_gateway(&lab.cidr()), |a| a.to_string());
     assert!(lab
         .connect(Some(plain_client), &format!("{node_ip}:15001"))
         .is_err());
@@ -490,8 +496,8 @@ fn capture_matrix(tag: &str, cidr: &str, attach: Attach) {
 /// IPv6 is captured as IPv4 is: outbound, inbound plaintext and HBONE of ambient pods'
 /// IPv6 addresses go to the ztunnel stand-in with their original destination; plain pods'
 /// IPv6 does not; nothing listening means the connection fails.
-fn capture_matrix_v6(tag: &str, cidr: &str, cidr6: &str, attach: Attach) {
-    let mut lab = Lab::dual(tag, cidr, cidr6, attach);
+fn capture_matrix_v6(tag: &str, attach: Attach) {
+    let mut lab = Lab::dual(tag, attach);
     let client = lab.pod("amb", "client", &[]);
     let server = lab.pod("amb", "server", &[]);
     let plain_client = lab.pod("plain", "pclient", &[]);
@@ -548,12 +554,12 @@ fn capture_matrix_v6(tag: &str, cidr: &str, cidr6: &str, attach: Attach) {
 
 #[test]
 fn bridged_ipv6_pods_are_captured() {
-    capture_matrix_v6("rd-b6", "10.228.1.0/24", "fd28::/64", Attach::Bridge);
+    capture_matrix_v6("rd-b6", Attach::Bridge);
 }
 
 #[test]
 fn routed_ipv6_pods_are_captured() {
-    capture_matrix_v6("rd-p6", "10.229.1.0/24", "fd29::/64", Attach::Ptp);
+    capture_matrix_v6("rd-p6", Attach::Ptp);
 }
 
 fn cidr_gateway(cidr: &str) -> String {
@@ -562,19 +568,19 @@ fn cidr_gateway(cidr: &str) -> String {
 
 #[test]
 fn bridged_pods_are_captured_and_others_untouched() {
-    capture_matrix("rd-br", "10.181.1.0/24", Attach::Bridge);
+    capture_matrix("rd-br", Attach::Bridge);
 }
 
 #[test]
 fn routed_pods_are_captured_and_others_untouched() {
-    capture_matrix("rd-pt", "10.182.1.0/24", Attach::Ptp);
+    capture_matrix("rd-pt", Attach::Ptp);
 }
 
 /// Calico's shape: the host side of each veth has no address, so `redirect` (which takes the
 /// incoming interface's address) cannot work; the agent DNATs to the node's address.
 #[test]
 fn calico_shaped_pods_are_captured_and_others_untouched() {
-    capture_matrix("rd-ca", "10.216.1.0/24", Attach::Routed);
+    capture_matrix("rd-ca", Attach::Routed);
 }
 
 /// SYN-ACKs (or any SYN+ACK segment) that arrive in `ns`, counted by a table of the test's own.
@@ -604,8 +610,8 @@ fn syn_acks(ns: &ambient_tests::NetNs) -> u64 {
 /// Three attacks: an ambient pod and a plain one taking an ambient pod's address (identity
 /// theft: captured as the victim), and an ambient pod taking a plain pod's address (capture
 /// bypass: not captured at all).
-fn spoofing(tag: &str, cidr: &str, attach: Attach) {
-    let mut lab = Lab::new(tag, cidr, attach);
+fn spoofing(tag: &str, attach: Attach) {
+    let mut lab = Lab::new(tag, attach);
     for key in ["all", "default"] {
         lab.node
             .ns()
@@ -624,7 +630,7 @@ fn spoofing(tag: &str, cidr: &str, attach: Attach) {
     let target_rec = lab.recorder(Some(target), 8080);
     let gateway = match attach {
         Attach::Routed => "169.254.1.1".to_owned(),
-        Attach::Bridge | Attach::Ptp => cidr_gateway(cidr),
+        Attach::Bridge | Attach::Ptp => cidr_gateway(&lab.cidr()),
     };
     let target_ip = lab.ip(target);
     for owner in [victim, bystander] {
@@ -690,23 +696,23 @@ fn spoofing(tag: &str, cidr: &str, attach: Attach) {
 
 #[test]
 fn bridged_spoofed_source_is_dropped() {
-    spoofing("sp-br", "10.183.1.0/24", Attach::Bridge);
+    spoofing("sp-br", Attach::Bridge);
 }
 
 #[test]
 fn routed_spoofed_source_is_dropped() {
-    spoofing("sp-pt", "10.184.1.0/24", Attach::Ptp);
+    spoofing("sp-pt", Attach::Ptp);
 }
 
 #[test]
 fn calico_shaped_spoofed_source_is_dropped() {
-    spoofing("sp-ca", "10.219.1.0/24", Attach::Routed);
+    spoofing("sp-ca", Attach::Routed);
 }
 
 /// Labels change in the source: running pods are enrolled and released without restarting.
 #[test]
 fn label_flips_enrol_and_release_running_pods() {
-    let mut lab = Lab::new("flip", "10.185.1.0/24", Attach::Bridge);
+    let mut lab = Lab::new("flip", Attach::Bridge);
     let pod = lab.pod("plain", "late", &[]);
     let ip = lab.ip(pod);
     assert!(!lab.captured(false).contains(&ip));
@@ -765,13 +771,7 @@ fn label_plain_ambient(lab: &Lab) -> String {
 fn pods_behind_an_ebpf_dataplane_are_refused_and_reported() {
     let mut ebpf = serde_json::Map::new();
     ebpf.insert("ebpf".into(), true.into());
-    let mut lab = Lab::stopped_with(
-        "ebpf",
-        "10.217.1.0/24",
-        Attach::Routed,
-        serde_json::Map::new(),
-        ebpf,
-    );
+    let mut lab = Lab::stopped_with("ebpf", Attach::Routed, serde_json::Map::new(), ebpf);
     lab.start_agent();
     let err = failed_add(&mut lab, "amb", "app");
     assert!(err.contains("eBPF program"), "{err}");
@@ -808,12 +808,7 @@ fn pods_behind_an_ebpf_dataplane_are_refused_and_reported() {
 /// are dropped.
 #[test]
 fn calico_shaped_pods_without_a_capture_address_are_refused() {
-    let mut lab = Lab::stopped(
-        "noaddr",
-        "10.218.1.0/24",
-        Attach::Routed,
-        serde_json::Map::new(),
-    );
+    let mut lab = Lab::stopped("noaddr", Attach::Routed, serde_json::Map::new());
     lab.start_agent_with(&["--capture-address=".into()]);
     let err = failed_add(&mut lab, "amb", "app");
     assert!(
@@ -834,7 +829,7 @@ fn calico_shaped_pods_without_a_capture_address_are_refused() {
 fn pods_running_before_the_agent_are_adopted() {
     let mut allow = serde_json::Map::new();
     allow.insert("agentUnreachable".into(), "allow".into());
-    let mut lab = Lab::stopped("adopt", "10.214.1.0/24", Attach::Bridge, allow);
+    let mut lab = Lab::stopped("adopt", Attach::Bridge, allow);
     // No agent: every ADD passes through (the plugin logs a warning), nothing is captured.
     let client = lab.pod("amb", "client", &[]);
     let server = lab.pod("amb", "server", &[]);
@@ -931,7 +926,7 @@ fn pods_running_before_the_agent_are_adopted() {
 /// difference (a pod deleted meanwhile is released, the others keep their rules).
 #[test]
 fn agent_restart_keeps_rules_and_reconciles() {
-    let mut lab = Lab::new("restart", "10.186.1.0/24", Attach::Ptp);
+    let mut lab = Lab::new("restart", Attach::Ptp);
     let a = lab.pod("amb", "a", &[]);
     let b = lab.pod("amb", "b", &[]);
     let (a_ip, b_ip) = (lab.ip(a), lab.ip(b));
@@ -959,7 +954,7 @@ fn agent_restart_keeps_rules_and_reconciles() {
 /// Someone deletes the table: the periodic drift check puts it back with every element.
 #[test]
 fn drift_is_repaired() {
-    let mut lab = Lab::new("drift", "10.187.1.0/24", Attach::Bridge);
+    let mut lab = Lab::new("drift", Attach::Bridge);
     let a = lab.pod("amb", "a", &[]);
     let ip = lab.ip(a);
     backend::current().delete_everything(lab.node.ns()).unwrap();
@@ -987,7 +982,7 @@ fn drift_is_repaired() {
 /// ADD for a pod the source does not know: bounded wait, then "try again later" (11).
 #[test]
 fn unknown_pod_is_refused_with_try_again_later() {
-    let lab = Lab::new("unknown", "10.188.1.0/24", Attach::Bridge);
+    let lab = Lab::new("unknown", Attach::Bridge);
     let meta = PodMeta::new("amb", "ghost");
     let err = lab.node.add_pod(&meta).unwrap_err();
     let text = format!("{err:?}");
@@ -999,7 +994,7 @@ fn unknown_pod_is_refused_with_try_again_later() {
 /// start (recorded as excluded, never captured) while ambient pods wait and get code 11.
 #[test]
 fn excluded_namespaces_never_wait_for_the_source() {
-    let mut lab = Lab::without_api("excl", "10.213.1.0/24", Attach::Bridge);
+    let mut lab = Lab::without_api("excl", Attach::Bridge);
     let meta = PodMeta::new("kube-system", "coredns");
     let started = std::time::Instant::now();
     let pod = lab.node.add_pod(&meta).unwrap_or_else(|e| {
@@ -1032,7 +1027,7 @@ fn excluded_namespaces_never_wait_for_the_source() {
 /// Runtimes create pods in parallel: every concurrent ADD is enrolled, none lost.
 #[test]
 fn concurrent_adds_are_all_enrolled() {
-    let mut lab = Lab::new("conc", "10.189.1.0/24", Attach::Bridge);
+    let mut lab = Lab::new("conc", Attach::Bridge);
     let metas: Vec<PodMeta> = (0..8)
         .map(|i| PodMeta::new("amb", &format!("c{i}")))
         .collect();
@@ -1066,7 +1061,7 @@ fn concurrent_adds_are_all_enrolled() {
 /// What a person sees: `pods`, `rules`, `status` (table and JSON), and the metrics.
 #[test]
 fn cli_and_metrics_show_the_node() {
-    let mut lab = Lab::new("cli", "10.190.1.0/24", Attach::Ptp);
+    let mut lab = Lab::new("cli", Attach::Ptp);
     lab.pod("amb", "web", &[]);
     lab.pod("plain", "db", &[]);
     let (code, table) = lab.cli(&["pods"]);

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ambient_tests::addrs::Block;
 use ambient_tests::cni::Attach;
 use ambient_tests::containerd::{Containerd, ContainerdConfig};
 use ambient_tests::oci;
@@ -33,17 +34,21 @@ pub struct CriLab {
     pub node: Node,
     pub node_name: String,
     pub dir: tempfile::TempDir,
+    /// The node's addresses: pods in `10.<octet>.1.0/24`.
+    pub block: Block,
 }
 
 impl CriLab {
-    pub fn new(tag: &str, pod_cidr: &str, last: Last) -> Self {
+    pub fn new(tag: &str, last: Last) -> Self {
+        let block = Block::lease();
         let dir = tempfile::Builder::new()
             .prefix(&format!("{tag}-{}-", std::process::id()))
             .tempdir()
             .unwrap();
         let agent_socket = dir.path().join("run").join("cni.sock");
         std::fs::create_dir_all(agent_socket.parent().unwrap()).unwrap();
-        let mut spec = NodeSpec::new(tag, pod_cidr, Attach::Bridge).agent_socket(&agent_socket);
+        let mut spec =
+            NodeSpec::new(tag, &block.net24(1), Attach::Bridge).agent_socket(&agent_socket);
         if let Last::Recorder(calls) = &last {
             spec.ambient_cni = Some(PathBuf::from(RECORDER));
             spec.ambient_extra
@@ -66,7 +71,13 @@ impl CriLab {
             node_name: node.ns().name().to_owned(),
             node,
             dir,
+            block,
         }
+    }
+
+    /// The node's pod range.
+    pub fn pod_cidr(&self) -> String {
+        self.block.net24(1)
     }
 
     pub fn agent_socket(&self) -> PathBuf {
