@@ -36,7 +36,8 @@
 //! - [`cluster`]: a whole ambient cluster (N nodes on an underlay bridge, CA, shared manifest
 //!   directory, real `node-agent` + `ztunnel` per node, pods through the real chain with echo
 //!   servers, Services with kube-proxy-style DNAT), used by `tests/e2e.rs`, `tests/faults.rs`
-//!   and the `lab` binary; [`cluster::Cluster::persist`] hands it over to a state file.
+//!   and the `lab` binary; [`cluster::Cluster::persist`] hands it over to a state file. Its
+//!   files split it by concern: lifecycle, addressing, services, state, metrics, probes.
 //! - [`inns`]: work inside a namespace from a thread (`setns`), a small HTTP GET, and a large
 //!   echo transfer checked with SHA-256.
 //! - [`ztunnel_lab`]: ztunnel alone between two node namespaces with routed pods, behind the

@@ -13,6 +13,26 @@
 //! deletes its namespaces and files. [`Cluster::persist`] instead leaves everything running
 //! and returns a [`LabState`] (what the `lab` binary saves), whose [`LabState::down`] removes
 //! it from another process.
+//!
+//! # Layout
+//! Everything is reachable here, at `cluster::<name>`; the files hold:
+//! - `mod.rs`: the lifecycle: [`ClusterSpec`], [`Cluster`] (building the underlay, nodes and
+//!   CA, starting and stopping `node-agent`, `ztunnel` and `ambient-issuer`, pods and their
+//!   manifests, connecting through the mesh), [`ClusterNode`], [`ClusterPod`], [`ClusterError`].
+//! - `addressing.rs`: [`Addressing`], the address plan.
+//! - `services.rs`: [`ServiceDef`], its Service and EndpointSlice objects and kube-proxy-style
+//!   DNAT rule, and [`Cluster::add_service`] / [`Cluster::wait_services`].
+//! - `state.rs`: persistence: [`LabState`], [`NodeState`], [`PodState`], [`STATE_FILE`],
+//!   [`Cluster::persist`] / [`Cluster::state`], [`LabState::down`].
+//! - `metrics.rs`: Prometheus text parsing: [`metric_samples`], [`sum_samples`].
+//! - `probes.rs`: observing from outside: underlay captures ([`UnderlaySummary`],
+//!   [`ambient_plaintext`], [`finish_quiet`]), [`rss_kb`], [`tail`].
+
+mod addressing;
+mod metrics;
+mod probes;
+mod services;
+mod state;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -23,11 +43,16 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub use addressing::Addressing;
+pub use metrics::{metric_samples, sum_samples};
+pub use probes::{ambient_plaintext, finish_quiet, rss_kb, tail, UnderlaySummary};
+pub use services::ServiceDef;
+pub use state::{LabState, NodeState, PodState, STATE_FILE};
+
 use crate::bins::{self, BinDir};
-use crate::capture::{Capture, Packet, TCP};
+use crate::capture::Capture;
 use crate::cni::Attach;
 use crate::inns::{self, in_ns};
 use crate::manifests::{self, ManifestDir};
@@ -95,52 +120,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
     move |source| ClusterError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// The address plan of one cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Addressing {
-    /// First two octets of the pod ranges: node `i` gets `<a>.<b>.<i>.0/24`.
-    pub pod: [u8; 2],
-    /// First three octets of the underlay /24.
-    pub underlay: [u8; 3],
-    /// First three octets of the service VIP /24.
-    pub service: [u8; 3],
-}
-
-impl Addressing {
-    /// The lab's plan: pods 10.244.<node>.0/24, underlay 172.31.254.0/24, VIPs 10.244.250.0/24.
-    pub fn lab() -> Self {
-        Self {
-            pod: [10, 244],
-            underlay: [172, 31, 254],
-            service: [10, 244, 250],
-        }
-    }
-
-    /// A test's plan inside 10.<octet>.0.0/16: pods 10.<octet>.<node>.0/24, underlay
-    /// 10.<octet>.0.0/24, VIPs 10.<octet>.250.0/24.
-    pub fn test(octet: u8) -> Self {
-        Self {
-            pod: [10, octet],
-            underlay: [10, octet, 0],
-            service: [10, octet, 250],
-        }
-    }
-
-    pub fn pod_cidr(&self, node: usize) -> String {
-        format!("{}.{}.{}.0/24", self.pod[0], self.pod[1], node)
-    }
-
-    pub fn underlay_ip(&self, node: usize) -> Ipv4Addr {
-        let [a, b, c] = self.underlay;
-        Ipv4Addr::new(a, b, c, node as u8)
-    }
-
-    pub fn vip(&self, host: u8) -> Ipv4Addr {
-        let [a, b, c] = self.service;
-        Ipv4Addr::new(a, b, c, host)
     }
 }
 
@@ -357,28 +336,6 @@ impl ClusterPod {
     }
 }
 
-/// A ClusterIP service.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceDef {
-    pub namespace: String,
-    pub name: String,
-    pub vip: Ipv4Addr,
-    pub port: u16,
-    pub target_port: u16,
-    pub endpoints: Vec<Ipv4Addr>,
-}
-
-impl ServiceDef {
-    fn rule(&self) -> crate::backend::ServiceRule {
-        crate::backend::ServiceRule {
-            vip: self.vip.into(),
-            port: self.port,
-            target_port: self.target_port,
-            endpoints: self.endpoints.iter().map(|a| (*a).into()).collect(),
-        }
-    }
-}
-
 #[derive(Debug)]
 enum Root {
     Temp(tempfile::TempDir),
@@ -431,13 +388,6 @@ impl Drop for Cluster {
         }
         self.pods.clear();
     }
-}
-
-/// The last `lines` lines of a file.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let body = std::fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = body.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
 }
 
 impl Cluster {
@@ -1185,71 +1135,6 @@ impl Cluster {
         }
     }
 
-    /// Adds a ClusterIP service: Service + EndpointSlice manifests, and kube-proxy-style DNAT
-    /// rules (nat prerouting -100, nat output -100) in every node.
-    pub fn add_service(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        vip_host: u8,
-        port: u16,
-        endpoints: &[usize],
-    ) -> Result<ServiceDef, ClusterError> {
-        let def = ServiceDef {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            vip: self.spec.addressing.vip(vip_host),
-            port,
-            target_port: ECHO_PORT,
-            endpoints: endpoints.iter().map(|&i| self.pods[i].ip).collect(),
-        };
-        let svc = json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": { "name": name, "namespace": namespace },
-            "spec": {
-                "clusterIP": def.vip.to_string(),
-                "clusterIPs": [def.vip.to_string()],
-                "ports": [{ "name": "tcp-echo", "port": port, "targetPort": ECHO_PORT, "protocol": "TCP" }],
-            },
-        });
-        let slice = json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": format!("{name}-lab"),
-                "namespace": namespace,
-                "labels": { "kubernetes.io/service-name": name },
-            },
-            "addressType": "IPv4",
-            "endpoints": def.endpoints.iter().map(|ip| json!({
-                "addresses": [ip.to_string()],
-                "conditions": { "ready": true },
-            })).collect::<Vec<_>>(),
-            "ports": [{ "name": "tcp-echo", "port": ECHO_PORT, "protocol": "TCP" }],
-        });
-        self.manifests
-            .write(&format!("svc-{namespace}-{name}"), &[svc, slice])?;
-        self.services.push(def.clone());
-        self.apply_kube_proxy()?;
-        Ok(def)
-    }
-
-    /// The kube-proxy stand-in's Services, as the backend module renders them.
-    fn service_rules(&self) -> Vec<crate::backend::ServiceRule> {
-        self.services.iter().map(ServiceDef::rule).collect()
-    }
-
-    /// Writes the kube-proxy stand-in's rules on every node, in the tool of the backend under
-    /// test (nftables, or kube-proxy's iptables mode next to an iptables backend).
-    fn apply_kube_proxy(&self) -> Result<(), ClusterError> {
-        let rules = self.service_rules();
-        for n in &self.nodes {
-            crate::backend::current().apply_kube_proxy(n.ns(), &rules, self.root.path())?;
-        }
-        Ok(())
-    }
-
     /// Writes any other manifest (an AuthorizationPolicy...) as `<stem>.yaml`.
     pub fn write_manifest(&self, stem: &str, objects: &[Value]) -> Result<(), ClusterError> {
         self.manifests.write(stem, objects)?;
@@ -1361,79 +1246,6 @@ impl Cluster {
         }
         out
     }
-
-    /// Leaves everything running and returns what is needed to find and remove it later.
-    pub fn persist(self) -> LabState {
-        let state = self.state();
-        // Nothing of the cluster is undone: no DEL, no kill, no namespace or file removal.
-        std::mem::forget(self);
-        state
-    }
-
-    /// What is needed to find and remove the cluster from another process.
-    pub fn state(&self) -> LabState {
-        LabState {
-            root: self.root.path().to_path_buf(),
-            spec_tag: self.spec.tag.clone(),
-            attach: match self.spec.attach {
-                Attach::Bridge => "bridge".into(),
-                Attach::Ptp => "ptp".into(),
-                Attach::Routed => "routed".into(),
-            },
-            addressing: self.spec.addressing.clone(),
-            trust_domain: self.spec.trust_domain.clone(),
-            underlay_ns: self.underlay.name().to_owned(),
-            issuer_pid: self.issuer_pid,
-            nodes: self
-                .nodes
-                .iter()
-                .map(|n| NodeState {
-                    name: n.name.clone(),
-                    netns: n.ns().name().to_owned(),
-                    underlay_ip: n.underlay_ip,
-                    pod_cidr: n.node.pod_cidr().to_owned(),
-                    dir: n.dir.clone(),
-                    work_dir: n.node.dir().to_path_buf(),
-                    agent_pid: n.agent_pid,
-                    ztunnel_pid: n.ztunnel_pid,
-                })
-                .collect(),
-            pods: self
-                .pods
-                .iter()
-                .map(|p| PodState {
-                    namespace: p.meta.namespace.clone(),
-                    name: p.meta.name.clone(),
-                    uid: p.meta.uid.clone(),
-                    node: self.nodes[p.node].name.clone(),
-                    netns: p.ns().name().to_owned(),
-                    ip: p.ip,
-                    service_account: p.service_account.clone(),
-                    ambient: self.is_ambient(p),
-                    echo_pid: p.echo_pid,
-                })
-                .collect(),
-            services: self.services.clone(),
-        }
-    }
-
-    /// Waits until every ztunnel knows every service VIP.
-    pub fn wait_services(&self, deadline: Duration) -> Result<(), String> {
-        eventually(deadline, || {
-            for n in &self.nodes {
-                let dump = n.config_dump()?;
-                let text = dump["services"].to_string();
-                for s in &self.services {
-                    if !text.contains(&s.vip.to_string()) {
-                        return Err(format!("{}: service {} unknown", n.name, s.vip));
-                    }
-                }
-            }
-            Ok::<(), String>(())
-        })
-        .map(drop)
-        .map_err(|e| e.to_string())
-    }
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -1446,278 +1258,11 @@ fn pid_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// What `lab up` records so that `status`, `exec` and `down` work from another invocation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LabState {
-    pub root: PathBuf,
-    pub spec_tag: String,
-    pub attach: String,
-    pub addressing: Addressing,
-    pub trust_domain: String,
-    pub underlay_ns: String,
-    /// `None`: the cluster's ztunnels hold the CA key themselves.
-    #[serde(default)]
-    pub issuer_pid: Option<u32>,
-    pub nodes: Vec<NodeState>,
-    pub pods: Vec<PodState>,
-    pub services: Vec<ServiceDef>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeState {
-    pub name: String,
-    pub netns: String,
-    pub underlay_ip: Ipv4Addr,
-    pub pod_cidr: String,
-    pub dir: PathBuf,
-    pub work_dir: PathBuf,
-    pub agent_pid: Option<u32>,
-    pub ztunnel_pid: Option<u32>,
-}
-
-impl NodeState {
-    pub fn run_dir(&self) -> PathBuf {
-        self.dir.join("run")
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PodState {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub node: String,
-    pub netns: String,
-    pub ip: Ipv4Addr,
-    pub service_account: String,
-    pub ambient: bool,
-    pub echo_pid: Option<u32>,
-}
-
-/// The state file inside a lab's state directory.
-pub const STATE_FILE: &str = "lab.json";
-
 /// The host part of the issuer's underlay address (`<underlay>.254`).
 pub const ISSUER_HOST: u8 = 254;
 
 /// Each node's issuer token, in the node's directory.
 pub const CA_TOKEN_FILE: &str = "ca-token";
-
-/// The sum of `metric`'s samples in a Prometheus text whose labels include all of `labels`.
-pub fn sum_samples(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_samples(text, metric)
-        .into_iter()
-        .filter(|(l, _)| {
-            labels
-                .iter()
-                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
-impl LabState {
-    pub fn save(&self, dir: &Path) -> Result<PathBuf, ClusterError> {
-        let path = dir.join(STATE_FILE);
-        let body = serde_json::to_vec_pretty(self).expect("state always serializes");
-        let tmp = dir.join(".lab.json.tmp");
-        std::fs::write(&tmp, body).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        Ok(path)
-    }
-
-    /// Reads the state file; `Ok(None)` when there is none (no lab is up).
-    pub fn load(dir: &Path) -> Result<Option<Self>, String> {
-        let path = dir.join(STATE_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
-    }
-
-    /// Every process the lab started, with the binary name expected in its command line
-    /// (a PID reused by an unrelated process since is never signalled).
-    pub fn processes(&self) -> Vec<(u32, &'static str)> {
-        let mut v = Vec::new();
-        v.extend(self.issuer_pid.map(|pid| (pid, bins::ISSUER)));
-        for p in &self.pods {
-            v.extend(p.echo_pid.map(|pid| (pid, bins::NETPROBE)));
-        }
-        for n in &self.nodes {
-            v.extend(n.agent_pid.map(|pid| (pid, bins::NODE_AGENT)));
-            v.extend(n.ztunnel_pid.map(|pid| (pid, bins::ZTUNNEL)));
-        }
-        v
-    }
-
-    /// Removes everything `up` created: processes (by PID, checked), pod, node and underlay
-    /// namespaces, the files. Safe to run twice; returns what it could not do.
-    pub fn down(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let pids: Vec<i32> = self
-            .processes()
-            .into_iter()
-            .filter(|(pid, name)| cmdline_mentions(*pid, name))
-            .map(|(pid, _)| pid as i32)
-            .collect();
-        crate::netns::terminate_pids(&pids);
-        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.netns.as_str()).collect();
-        namespaces.extend(self.nodes.iter().map(|n| n.netns.as_str()));
-        namespaces.push(&self.underlay_ns);
-        for ns in namespaces {
-            if Path::new(crate::netns::NETNS_RUN_DIR).join(ns).exists() {
-                if let Err(e) = run(std::process::Command::new("ip").args(["netns", "del", ns])) {
-                    problems.push(e.to_string());
-                }
-            }
-        }
-        for n in &self.nodes {
-            if n.work_dir.exists() && !n.work_dir.starts_with(&self.root) {
-                if let Err(e) = std::fs::remove_dir_all(&n.work_dir) {
-                    problems.push(format!("{}: {e}", n.work_dir.display()));
-                }
-            }
-        }
-        if self.root.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&self.root) {
-                problems.push(format!("{}: {e}", self.root.display()));
-            }
-        }
-        problems
-    }
-}
-
-fn cmdline_mentions(pid: u32, name: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains(name))
-        .unwrap_or(false)
-}
-
-/// What crossed the underlay, grouped by flow.
-#[derive(Debug, Clone, Default)]
-pub struct UnderlaySummary {
-    /// (src ip, dst ip, server port) -> (packets, payload bytes).
-    pub flows: BTreeMap<(IpAddr, IpAddr, u16), (u64, u64)>,
-}
-
-impl UnderlaySummary {
-    /// Groups TCP packets by (src, dst, the lower of the two ports: the server's).
-    pub fn from_packets(packets: &[Packet]) -> Self {
-        let mut s = Self::default();
-        for p in packets.iter().filter(|p| p.protocol == TCP) {
-            let port = p.sport.min(p.dport);
-            let e = s.flows.entry((p.src, p.dst, port)).or_default();
-            e.0 += 1;
-            e.1 += p.payload.len() as u64;
-        }
-        s
-    }
-}
-
-/// Packets that carry TCP payload to or from an ambient pod address outside HBONE (port
-/// `hbone_port` on the pod side): a plaintext leak of an ambient pod.
-pub fn ambient_plaintext<'a>(
-    packets: &'a [Packet],
-    ambient: &[Ipv4Addr],
-    hbone_port: u16,
-) -> Vec<&'a Packet> {
-    let is_amb = |ip: &IpAddr| match ip {
-        IpAddr::V4(v4) => ambient.contains(v4),
-        IpAddr::V6(_) => false,
-    };
-    packets
-        .iter()
-        .filter(|p| p.protocol == TCP && !p.payload.is_empty())
-        .filter(|p| {
-            (is_amb(&p.src) && p.sport != hbone_port) || (is_amb(&p.dst) && p.dport != hbone_port)
-        })
-        .collect()
-}
-
-/// Stops a capture once nothing new was written for `quiet` (tcpdump writes with a lag), at
-/// most after `deadline`; returns the packets. Errors carry no packet dump.
-pub fn finish_quiet(
-    cap: Capture,
-    ns: &NetNs,
-    quiet: Duration,
-    deadline: Duration,
-) -> Result<Vec<Packet>, String> {
-    let start = std::time::Instant::now();
-    let mut last = usize::MAX;
-    let mut since = std::time::Instant::now();
-    loop {
-        let n = cap.packets().map_err(|e| e.to_string())?.len();
-        if n != last {
-            last = n;
-            since = std::time::Instant::now();
-        } else if since.elapsed() >= quiet || start.elapsed() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cap.finish(ns).map_err(|e| e.to_string())
-}
-
-/// Parses the Prometheus text: samples of `metric` as (labels, value).
-pub fn metric_samples(text: &str, metric: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(metric) else {
-            continue;
-        };
-        let (labels, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.rsplit_once('}') {
-                Some((l, v)) => (l, v),
-                None => continue,
-            },
-            None if rest.starts_with(' ') => ("", rest),
-            None => continue,
-        };
-        let Ok(v) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        out.push((parse_labels(labels), v));
-    }
-    out
-}
-
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s;
-    while let Some((k, r)) = rest.split_once("=\"") {
-        let mut val = String::new();
-        let mut chars = r.char_indices();
-        let mut end = r.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        val.push(n);
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => val.push(c),
-            }
-        }
-        out.insert(k.trim_start_matches(',').trim().to_owned(), val);
-        rest = &r[end..];
-    }
-    out
-}
-
-/// Reads the RSS of a process in kB (`VmRSS` in `/proc/<pid>/status`).
-pub fn rss_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 /// Waits until `ready()` while the process `pid` lives; on failure the error carries the
 /// reason and the tail of its log.
@@ -1747,85 +1292,4 @@ fn wait_ready(
         detail,
         log: tail(log, 30),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addressing_plans() {
-        let a = Addressing::test(71);
-        assert_eq!(a.pod_cidr(2), "10.71.2.0/24");
-        assert_eq!(a.underlay_ip(1), Ipv4Addr::new(10, 71, 0, 1));
-        assert_eq!(a.vip(10), Ipv4Addr::new(10, 71, 250, 10));
-        assert_eq!(Addressing::lab().pod_cidr(1), "10.244.1.0/24");
-    }
-
-    #[test]
-    fn metric_samples_parse_labels_and_values() {
-        let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",source_principal=\"spiffe://cluster.local/ns/a/sa/b\",x=\"q\\\"uote\"} 3\nistio_tcp_connections_opened_total 1\nother 2\n";
-        let s = metric_samples(text, "istio_tcp_connections_opened_total");
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].0["reporter"], "source");
-        assert_eq!(
-            s[0].0["source_principal"],
-            "spiffe://cluster.local/ns/a/sa/b"
-        );
-        assert_eq!(s[0].0["x"], "q\"uote");
-        assert_eq!(s[0].1, 3.0);
-        assert!(s[1].0.is_empty());
-    }
-
-    #[test]
-    fn plaintext_detection_ignores_hbone_and_empty_segments() {
-        let amb: Ipv4Addr = "10.1.2.2".parse().unwrap();
-        let node: IpAddr = "10.1.0.1".parse().unwrap();
-        let pkt = |src: IpAddr, dst: IpAddr, sport, dport, payload: &[u8]| Packet {
-            src,
-            dst,
-            protocol: TCP,
-            sport,
-            dport,
-            payload: payload.to_vec(),
-        };
-        let packets = vec![
-            pkt(node, amb.into(), 40000, 15008, b"\x16\x03"),
-            pkt(amb.into(), node, 15008, 40000, b"\x17\x03"),
-            pkt(node, amb.into(), 40001, 8080, b""),
-            pkt(node, amb.into(), 40001, 8080, b"secret"),
-        ];
-        let leaks = ambient_plaintext(&packets, &[amb], 15008);
-        assert_eq!(leaks.len(), 1);
-        assert_eq!(leaks[0].payload, b"secret");
-        let s = UnderlaySummary::from_packets(&packets);
-        assert_eq!(s.flows[&(node, amb.into(), 15008)], (1, 2));
-    }
-
-    #[test]
-    fn kube_proxy_rules_have_one_chain_per_endpoint() {
-        // Rendering only; no kernel.
-        let spec = ClusterSpec::new("t", 2, Attach::Bridge, Addressing::test(9));
-        let svc = ServiceDef {
-            namespace: "n".into(),
-            name: "s".into(),
-            vip: spec.addressing.vip(10),
-            port: 80,
-            target_port: 8080,
-            endpoints: vec!["10.9.2.2".parse().unwrap(), "10.9.2.3".parse().unwrap()],
-        };
-        let c = crate::backend::render_nft(&[svc.rule()]);
-        assert!(c.contains("ip daddr 10.9.250.10 tcp dport 80 numgen random mod 2 vmap { 0 : jump svc0ep0, 1 : jump svc0ep1 }"), "{c}");
-        assert!(c.contains("dnat to 10.9.2.3:8080"));
-        assert!(c.contains("priority dstnat"));
-        let i = crate::backend::render_iptables(&[svc.rule()], true);
-        assert!(
-            i.contains(
-                "-A KUBE-SERVICES -d 10.9.250.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-LAB0\n"
-            ),
-            "{i}"
-        );
-        assert!(i.contains("-A KUBE-SVC-LAB0 -m statistic --mode random --probability 0.50000 -j KUBE-SEP-LAB0E0\n-A KUBE-SEP-LAB0E0 -p tcp -m tcp -j DNAT --to-destination 10.9.2.2:8080\n-A KUBE-SVC-LAB0 -j KUBE-SEP-LAB0E1\n"), "{i}");
-        assert!(i.ends_with("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\nCOMMIT\n"));
-    }
 }
