@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambient_tests::bins::BinDir;
-use ambient_tests::cluster::{Addressing, Cluster, ClusterSpec};
+use ambient_tests::cluster::{Cluster, ClusterSpec};
 use ambient_tests::cni::Attach;
 use ambient_tests::inns::{http_get, in_ns};
 use ambient_tests::issuer::{csr, Answer, Ask, Client};
@@ -206,7 +206,7 @@ fn first_connections() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    let spec = ClusterSpec::new("bfc", 2, Attach::Bridge, Addressing::test(198));
+    let spec = ClusterSpec::leased("bfc", 2, Attach::Bridge);
     let mut c = Cluster::new(spec).expect("lab cluster");
     let server = c.add_pod(1, "ambient-demo", "server", &[]).unwrap();
     let to = c.pods[server].echo_addr();

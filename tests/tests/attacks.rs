@@ -6,7 +6,7 @@
 //! socket); where the kernel's stack can send them (a VLAN device, a static neighbour), the
 //! test configures the attacker's namespace, which changes nothing on the wire.
 //!
-//! Each test owns a cluster in 10.<octet>.0.0/16, octets 170-180. Run as root after
+//! Each test owns a cluster in a leased `10.<octet>.0.0/16` (`ambient_tests::addrs`). Run as root after
 //! `cargo build --workspace`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -293,7 +293,7 @@ fn strict(namespace: &str) -> serde_json::Value {
 /// ambient pod's MAC, past 15006 (STRICT mTLS).
 #[test]
 fn vlan_tagged_frames_take_no_identity_and_skip_no_capture() {
-    let mut c = cluster("atvl", 170, Attach::Bridge);
+    let mut c = cluster("atvl", Attach::Bridge);
     let victim = pod(&mut c, 0, "ambient-demo", "victim");
     let attacker = pod(&mut c, 0, "ambient-demo", "attacker");
     let legacy = pod(&mut c, 0, "legacy", "legacy");
@@ -428,7 +428,7 @@ fn vlan_tagged_frames_take_no_identity_and_skip_no_capture() {
 /// delivers after HBONE went to the attacker.
 #[test]
 fn source_mac_spoofing_steals_no_node_to_pod_hop() {
-    let mut c = cluster("atmc", 171, Attach::Bridge);
+    let mut c = cluster("atmc", Attach::Bridge);
     let victim = pod(&mut c, 0, "ambient-demo", "victim");
     let thief = pod(&mut c, 0, "legacy", "thief");
     let client = pod(&mut c, 1, "ambient-demo", "client");
@@ -493,7 +493,7 @@ fn source_mac_spoofing_steals_no_node_to_pod_hop() {
 /// uncaptured. No capability needed.
 #[test]
 fn link_local_tcp_neither_reaches_nor_leaves_an_ambient_pod() {
-    let mut c = cluster("atll", 172, Attach::Bridge);
+    let mut c = cluster("atll", Attach::Bridge);
     let amb = pod(&mut c, 0, "ambient-demo", "amb");
     let legacy = pod(&mut c, 0, "legacy", "legacy");
     let legacy2 = pod(&mut c, 0, "legacy", "legacy2");
@@ -573,8 +573,8 @@ fn link_local_tcp_neither_reaches_nor_leaves_an_ambient_pod() {
 /// node's network namespace. Now node-local destinations are not captured: the node's
 /// listener sees the pod's own address, exactly as without the mesh, and loopback stays
 /// unreachable from a pod.
-fn node_local_destinations(tag: &str, octet: u8, attach: Attach) {
-    let mut c = cluster(tag, octet, attach);
+fn node_local_destinations(tag: &str, attach: Attach) {
+    let mut c = cluster(tag, attach);
     let amb = pod(&mut c, 0, "ambient-demo", "amb");
     c.wait_converged(WAIT).unwrap();
     let node = c.nodes[0].ns();
@@ -654,17 +654,17 @@ fn node_local_destinations(tag: &str, octet: u8, attach: Attach) {
 
 #[test]
 fn node_local_destinations_are_not_proxied_bridge() {
-    node_local_destinations("atnb", 173, Attach::Bridge);
+    node_local_destinations("atnb", Attach::Bridge);
 }
 
 #[test]
 fn node_local_destinations_are_not_proxied_ptp() {
-    node_local_destinations("atnp", 174, Attach::Ptp);
+    node_local_destinations("atnp", Attach::Ptp);
 }
 
 #[test]
 fn node_local_destinations_are_not_proxied_calico() {
-    node_local_destinations("atnc", 223, Attach::Routed);
+    node_local_destinations("atnc", Attach::Routed);
 }
 
 /// Attack 2, IPv6: an unsolicited neighbour advertisement from a plain pod claiming an
@@ -684,8 +684,9 @@ fn neighbour_advertisement_claims_no_ambient_address() {
         )
         .unwrap();
     let run_dir = dir.path().join("run");
-    let spec = NodeSpec::new("atna", "10.175.1.0/24", Attach::Bridge)
-        .dual_stack("fd75::/64")
+    let block = ambient_tests::addrs::Block::lease();
+    let spec = NodeSpec::new("atna", &block.net24(1), Attach::Bridge)
+        .dual_stack(&block.net64(1))
         .agent_socket(run_dir.join("cni.sock"));
     let node = Node::new(&spec).unwrap();
     let opts = ambient_tests::agent::AgentOptions {
@@ -757,22 +758,22 @@ fn neighbour_advertisement_claims_no_ambient_address() {
 /// on a connection it opened before: packets of a flow that never passed capture are reset.
 #[test]
 fn enrolment_ends_plaintext_flows_opened_before_it_bridge() {
-    enrolment_ends_plaintext_flows("atfb", 176, Attach::Bridge);
+    enrolment_ends_plaintext_flows("atfb", Attach::Bridge);
 }
 
 #[test]
 fn enrolment_ends_plaintext_flows_opened_before_it_ptp() {
-    enrolment_ends_plaintext_flows("atfp", 178, Attach::Ptp);
+    enrolment_ends_plaintext_flows("atfp", Attach::Ptp);
 }
 
 #[test]
 fn enrolment_ends_plaintext_flows_opened_before_it_calico() {
-    enrolment_ends_plaintext_flows("atfc", 224, Attach::Routed);
+    enrolment_ends_plaintext_flows("atfc", Attach::Routed);
 }
 
-fn enrolment_ends_plaintext_flows(tag: &str, octet: u8, attach: Attach) {
+fn enrolment_ends_plaintext_flows(tag: &str, attach: Attach) {
     use std::io::{Read, Write};
-    let mut c = cluster(tag, octet, attach);
+    let mut c = cluster(tag, attach);
     c.set_namespace("flip", false).unwrap();
     let client = pod(&mut c, 0, "flip", "client");
     let server = pod(&mut c, 1, "legacy", "server");
@@ -834,7 +835,7 @@ fn enrolment_ends_plaintext_flows(tag: &str, octet: u8, attach: Attach) {
 fn control_socket_refuses_other_uids_and_an_empty_gc() {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let mut c = cluster("atcs", 177, Attach::Bridge);
+    let mut c = cluster("atcs", Attach::Bridge);
     let amb = pod(&mut c, 0, "ambient-demo", "amb");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
@@ -910,7 +911,7 @@ fn control_socket_refuses_other_uids_and_an_empty_gc() {
 /// as its own uid: the kernel refuses another uid's socket in the group.
 #[test]
 fn a_capless_root_process_cannot_join_the_capture_listeners() {
-    let mut c = cluster("atrp", 179, Attach::Bridge);
+    let mut c = cluster("atrp", Attach::Bridge);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
@@ -992,7 +993,7 @@ fn a_capless_root_process_cannot_join_the_capture_listeners() {
 /// uncaptured.
 #[test]
 fn link_local_tcp_does_not_leave_a_routed_ambient_pod() {
-    let mut c = cluster("atlr", 180, Attach::Ptp);
+    let mut c = cluster("atlr", Attach::Ptp);
     let amb = pod(&mut c, 0, "ambient-demo", "amb");
     let legacy = pod(&mut c, 0, "legacy", "legacy");
     c.wait_converged(WAIT).unwrap();

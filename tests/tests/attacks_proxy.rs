@@ -2,7 +2,7 @@
 //! and `node-agent run` in the cluster lab of `ambient_tests::cluster`: a bad policy object
 //! that used to freeze the view, a pod using ztunnel to reach node-local services, out-of-mesh
 //! traffic leaving with the node's address, a forged push on the agent socket. Each test
-//! builds its own cluster in 10.<octet>.0.0/16 (octets 160-169, tags `ap*`), so they run in
+//! builds its own cluster in leased `10.<octet>.0.0/16` (`ambient_tests::addrs`; tags `ap*`), so they run in
 //! parallel. Run as root after `cargo build --workspace --bins`.
 
 use std::net::{IpAddr, SocketAddr};
@@ -46,7 +46,7 @@ fn wait_policy(c: &Cluster, node: usize, name: &str) {
 /// them applies, also in a ztunnel restarted with them present.
 #[test]
 fn a_bad_policy_does_not_freeze_the_view_and_custom_fails_closed() {
-    let mut c = cluster("apcfg", 160, Attach::Bridge);
+    let mut c = cluster("apcfg", Attach::Bridge);
     let client = pod(&mut c, 0, "ambient-demo", "client", &[]);
     let server = pod(&mut c, 1, "ambient-demo", "server", &[("app", "server")]);
     let admin = pod(&mut c, 1, "ambient-demo", "admin", &[("app", "admin")]);
@@ -183,21 +183,21 @@ fn records(path: &Path) -> Vec<ConnRecord> {
 /// them too, proven by the table test `proxy::local::tests::node_local_table`.)
 #[test]
 fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf() {
-    refuses_link_local_metadata("apimd", 161, Attach::Bridge);
+    refuses_link_local_metadata("apimd", Attach::Bridge);
 }
 
 #[test]
 fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf_ptp() {
-    refuses_link_local_metadata("apimp", 166, Attach::Ptp);
+    refuses_link_local_metadata("apimp", Attach::Ptp);
 }
 
 #[test]
 fn ztunnel_refuses_link_local_metadata_on_a_pods_behalf_calico() {
-    refuses_link_local_metadata("apimc", 225, Attach::Routed);
+    refuses_link_local_metadata("apimc", Attach::Routed);
 }
 
-fn refuses_link_local_metadata(tag: &str, octet: u8, attach: Attach) {
-    let mut c = cluster(tag, octet, attach);
+fn refuses_link_local_metadata(tag: &str, attach: Attach) {
+    let mut c = cluster(tag, attach);
     let amb = pod(&mut c, 0, "ambient-demo", "amb", &[]);
     c.wait_converged(WAIT).unwrap();
     // "Cloud metadata": 169.254.169.254 in its own namespace behind node-1.
@@ -303,7 +303,7 @@ fn dump_workload(c: &Cluster, node: usize, ip: std::net::Ipv4Addr) -> Value {
 /// source's pod's. Real pods are still enrolled promptly afterwards.
 #[test]
 fn a_forged_push_on_the_agent_socket_is_refused() {
-    let mut c = cluster("apagt", 162, Attach::Bridge);
+    let mut c = cluster("apagt", Attach::Bridge);
     let victim = pod(&mut c, 0, "ambient-demo", "victim", &[]);
     let server = pod(&mut c, 1, "ambient-demo", "server", &[]);
     c.wait_converged(WAIT).unwrap();
@@ -402,8 +402,8 @@ fn a_forged_push_on_the_agent_socket_is_refused() {
 /// firewalls and logs saw the node, not the pod. Now ztunnel originates it from the pod's own
 /// IP (the transparent socket and reply routing of the inbound side): the legacy server sees
 /// exactly the peer it would see without the mesh.
-fn out_of_mesh_keeps_the_pods_address(tag: &str, octet: u8, attach: Attach) {
-    let mut c = cluster(tag, octet, attach);
+fn out_of_mesh_keeps_the_pods_address(tag: &str, attach: Attach) {
+    let mut c = cluster(tag, attach);
     let amb = pod(&mut c, 0, "ambient-demo", "amb", &[]);
     let remote = pod(&mut c, 1, "legacy", "remote", &[]);
     let local = pod(&mut c, 0, "legacy", "local", &[]);
@@ -437,17 +437,17 @@ fn out_of_mesh_keeps_the_pods_address(tag: &str, octet: u8, attach: Attach) {
 
 #[test]
 fn out_of_mesh_keeps_the_pods_address_bridge() {
-    out_of_mesh_keeps_the_pods_address("apomb", 163, Attach::Bridge);
+    out_of_mesh_keeps_the_pods_address("apomb", Attach::Bridge);
 }
 
 #[test]
 fn out_of_mesh_keeps_the_pods_address_ptp() {
-    out_of_mesh_keeps_the_pods_address("apomp", 164, Attach::Ptp);
+    out_of_mesh_keeps_the_pods_address("apomp", Attach::Ptp);
 }
 
 #[test]
 fn out_of_mesh_keeps_the_pods_address_calico() {
-    out_of_mesh_keeps_the_pods_address("apomc", 226, Attach::Routed);
+    out_of_mesh_keeps_the_pods_address("apomc", Attach::Routed);
 }
 
 /// Whether the peer closed `s` (EOF or reset), without waiting more than a moment.
@@ -473,7 +473,7 @@ fn closed_by_peer(s: &std::net::TcpStream) -> bool {
 /// at once meanwhile, and the idle ones are closed after the 5 s handshake deadline.
 #[test]
 fn half_open_tls_flood_does_not_starve_real_clients() {
-    let mut c = cluster("aphs", 165, Attach::Bridge);
+    let mut c = cluster("aphs", Attach::Bridge);
     let server = pod(&mut c, 0, "ambient-demo", "server", &[]);
     let client = pod(&mut c, 1, "ambient-demo", "client", &[]);
     let flooder = pod(&mut c, 1, "legacy", "flooder", &[]);

@@ -2,7 +2,7 @@
 //! namespaces on an underlay bridge, pods through the real CNI chain, the real `node-agent`
 //! and `ztunnel` on every node, one manifest directory), with traffic, captures of the
 //! underlay, ztunnel's metrics and the agent's views. Each test builds its own cluster in its
-//! own 10.<octet>.0.0/16 (octets 121-139), so tests run in parallel. Run as root after
+//! own leased `10.<octet>.0.0/16` (`ambient_tests::addrs`), so tests run in parallel. Run as root after
 //! `cargo build --workspace`.
 
 use std::net::{IpAddr, SocketAddr};
@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use ambient_tests::capture::{payload_contains, Packet};
 use ambient_tests::cluster::{
-    ambient_plaintext, finish_quiet, metric_samples, Addressing, Cluster, ClusterSpec,
-    UnderlaySummary,
+    ambient_plaintext, finish_quiet, metric_samples, Cluster, ClusterSpec, UnderlaySummary,
 };
 use ambient_tests::cluster::{test_cluster as cluster, test_pod as pod};
 use ambient_tests::cni::Attach;
@@ -92,8 +91,8 @@ fn assert_no_ambient_plaintext(c: &Cluster, packets: &[Packet], markers: &[&str]
     }
 }
 
-fn ambient_cross_node(tag: &str, octet: u8, attach: Attach) {
-    let mut c = cluster(tag, octet, attach);
+fn ambient_cross_node(tag: &str, attach: Attach) {
+    let mut c = cluster(tag, attach);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
@@ -102,7 +101,7 @@ fn ambient_cross_node(tag: &str, octet: u8, attach: Attach) {
     let to = c.pods[server].echo_addr();
     assert_eq!(c.connect(client, to, &m).unwrap(), m);
     // A large transfer: 8 MiB with the marker at the start, checked end to end.
-    let mut data = ambient_tests::inns::pattern(u64::from(octet), 8 * 1024 * 1024);
+    let mut data = ambient_tests::inns::pattern(7, 8 * 1024 * 1024);
     data[..m.len()].copy_from_slice(m.as_bytes());
     let r = c.transfer(client, to, &data).unwrap();
     assert!(r.intact(), "transfer corrupted: {r:?}");
@@ -145,7 +144,7 @@ fn ambient_cross_node(tag: &str, octet: u8, attach: Attach) {
 /// workload its control plane has not marked HBONE).
 #[test]
 fn hbone_only_to_pods_their_node_reports_captured() {
-    let mut spec = ClusterSpec::new("e2erc", 2, Attach::Bridge, Addressing::test(215));
+    let mut spec = ClusterSpec::leased("e2erc", 2, Attach::Bridge);
     spec.ztunnel_args
         .extend(["--remote-capture".into(), "annotation".into()]);
     let mut c = Cluster::new(spec).unwrap();
@@ -199,18 +198,18 @@ fn hbone_only_to_pods_their_node_reports_captured() {
 
 #[test]
 fn ambient_to_ambient_across_nodes_bridge() {
-    ambient_cross_node("e2ecb", 121, Attach::Bridge);
+    ambient_cross_node("e2ecb", Attach::Bridge);
 }
 
 #[test]
 fn ambient_to_ambient_across_nodes_ptp() {
-    ambient_cross_node("e2ecp", 122, Attach::Ptp);
+    ambient_cross_node("e2ecp", Attach::Ptp);
 }
 
 /// Calico's shape: host veths without an address, captured by DNAT to the node's address.
 #[test]
 fn ambient_to_ambient_across_nodes_calico() {
-    ambient_cross_node("e2ecc", 220, Attach::Routed);
+    ambient_cross_node("e2ecc", Attach::Routed);
 }
 
 /// The peers the pod's echo server saw.
@@ -232,21 +231,21 @@ fn captured(c: &Cluster, pod: usize) {
 /// sees the client pod's own address, and identity is what policy is evaluated on.
 #[test]
 fn ambient_to_ambient_same_node() {
-    same_node("e2esn", 123, Attach::Bridge);
+    same_node("e2esn", Attach::Bridge);
 }
 
 #[test]
 fn ambient_to_ambient_same_node_ptp() {
-    same_node("e2esp", 133, Attach::Ptp);
+    same_node("e2esp", Attach::Ptp);
 }
 
 #[test]
 fn ambient_to_ambient_same_node_calico() {
-    same_node("e2esc", 221, Attach::Routed);
+    same_node("e2esc", Attach::Routed);
 }
 
-fn same_node(tag: &str, octet: u8, attach: Attach) {
-    let mut c = cluster(tag, octet, attach);
+fn same_node(tag: &str, attach: Attach) {
+    let mut c = cluster(tag, attach);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let server = pod(&mut c, 0, "ambient-demo", "server");
     c.set_namespace("other", true).unwrap();
@@ -314,21 +313,21 @@ fn wait_policy(c: &Cluster, node: usize, name: &str) {
 /// (untouched), all across nodes.
 #[test]
 fn mixed_ambient_and_legacy_pods() {
-    mixed("e2emx", 124, Attach::Bridge);
+    mixed("e2emx", Attach::Bridge);
 }
 
 #[test]
 fn mixed_ambient_and_legacy_pods_ptp() {
-    mixed("e2emp", 134, Attach::Ptp);
+    mixed("e2emp", Attach::Ptp);
 }
 
 #[test]
 fn mixed_ambient_and_legacy_pods_calico() {
-    mixed("e2emc", 222, Attach::Routed);
+    mixed("e2emc", Attach::Routed);
 }
 
-fn mixed(tag: &str, octet: u8, attach: Attach) {
-    let mut c = cluster(tag, octet, attach);
+fn mixed(tag: &str, attach: Attach) {
+    let mut c = cluster(tag, attach);
     let amb1 = pod(&mut c, 0, "ambient-demo", "amb1");
     let amb2 = pod(&mut c, 1, "ambient-demo", "amb2");
     let leg1 = pod(&mut c, 0, "legacy", "leg1");
@@ -397,7 +396,7 @@ fn mixed(tag: &str, octet: u8, attach: Attach) {
 /// reach it over HBONE (ztunnel resolves the VIP), legacy clients through kube-proxy's DNAT.
 #[test]
 fn cluster_ip_service_with_remote_ambient_endpoints() {
-    let mut c = cluster("e2esv", 125, Attach::Ptp);
+    let mut c = cluster("e2esv", Attach::Ptp);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let legacy = pod(&mut c, 0, "legacy", "lclient");
     let ep1 = pod(&mut c, 1, "ambient-demo", "web-1");
@@ -460,7 +459,7 @@ fn cluster_ip_service_with_remote_ambient_endpoints() {
 /// captured and encrypted); removing the label releases it.
 #[test]
 fn enrol_and_release_a_running_pod_by_namespace_label() {
-    let mut c = cluster("e2een", 126, Attach::Bridge);
+    let mut c = cluster("e2een", Attach::Bridge);
     c.set_namespace("late", false).unwrap();
     let late = pod(&mut c, 0, "late", "late");
     let server = pod(&mut c, 1, "ambient-demo", "server");
@@ -512,8 +511,8 @@ fn enrol_and_release_a_running_pod_by_namespace_label() {
 /// The node's own connection to a local ambient pod (kubelet's probe) is not captured.
 #[test]
 fn kubelet_probe_from_the_node_reaches_an_ambient_pod() {
-    for (tag, octet, attach) in [("e2ekb", 127, Attach::Bridge), ("e2ekp", 128, Attach::Ptp)] {
-        let mut c = cluster(tag, octet, attach);
+    for (tag, attach) in [("e2ekb", Attach::Bridge), ("e2ekp", Attach::Ptp)] {
+        let mut c = cluster(tag, attach);
         let server = pod(&mut c, 0, "ambient-demo", "server");
         captured(&c, server);
         let to = c.pods[server].echo_addr();
@@ -553,7 +552,7 @@ fn policy(
 /// by the destination), the ALLOW case works, and nothing reaches the denied server.
 #[test]
 fn authorization_policy_deny_and_allow_between_namespaces() {
-    let mut c = cluster("e2eaz", 129, Attach::Bridge);
+    let mut c = cluster("e2eaz", Attach::Bridge);
     c.set_namespace("shop", true).unwrap();
     let demo = pod(&mut c, 0, "ambient-demo", "demo");
     let buyer = pod(&mut c, 0, "shop", "buyer");
@@ -626,7 +625,7 @@ fn authorization_policy_deny_and_allow_between_namespaces() {
 /// containers right after: their first packet must already be captured).
 #[test]
 fn ambient_pod_is_captured_when_add_returns() {
-    let mut c = cluster("e2ead", 130, Attach::Bridge);
+    let mut c = cluster("e2ead", Attach::Bridge);
     let mut missing = Vec::new();
     for i in 0..16 {
         let p = pod(&mut c, 0, "ambient-demo", &format!("p{i}"));
@@ -658,7 +657,7 @@ fn ambient_pod_is_captured_when_add_returns() {
 /// ztunnel has read the new Pod): the client's payload must never cross in plaintext.
 #[test]
 fn a_brand_new_remote_pod_is_never_reached_in_plaintext() {
-    let mut c = cluster("e2enw", 131, Attach::Bridge);
+    let mut c = cluster("e2enw", Attach::Bridge);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     c.wait_converged(WAIT).unwrap();
     let cap = c.capture_underlay("new").unwrap();
@@ -693,7 +692,7 @@ fn a_brand_new_remote_pod_is_never_reached_in_plaintext() {
 /// client's payload must never cross in plaintext.
 #[test]
 fn a_brand_new_service_is_never_reached_in_plaintext() {
-    let mut c = cluster("e2ens", 132, Attach::Bridge);
+    let mut c = cluster("e2ens", Attach::Bridge);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let ep = pod(&mut c, 1, "ambient-demo", "web");
     c.wait_converged(WAIT).unwrap();
@@ -729,7 +728,7 @@ fn strip_ansi(l: &str) -> String {
 /// host-network pod on the node's address, which is IPv6 in an IPv6 cluster).
 #[test]
 fn ztunnel_listens_on_both_families_by_default() {
-    let c = cluster("e2eds", 135, Attach::Bridge);
+    let c = cluster("e2eds", Attach::Bridge);
     let node = &c.nodes[0];
     let dump = node.config_dump().unwrap();
     for kind in ["outbound", "inbound", "inbound_plaintext"] {
@@ -796,14 +795,14 @@ fn previous_ztunnel() -> Option<std::path::PathBuf> {
 /// fails. Afterwards a pod created on the node is served by the new ztunnel.
 #[test]
 fn a_ztunnel_rollout_from_the_previous_release_fails_no_connection() {
-    use ambient_tests::cluster::{Addressing, CaMode, ClusterSpec};
+    use ambient_tests::cluster::{CaMode, ClusterSpec};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     let Some(previous) = previous_ztunnel() else {
         return;
     };
-    let mut spec = ClusterSpec::new("e2eru", 2, Attach::Bridge, Addressing::test(136));
+    let mut spec = ClusterSpec::leased("e2eru", 2, Attach::Bridge);
     // The previous release signs with the node's CA files (it has no issuer client).
     spec.ca = CaMode::NodeKey;
     spec.ztunnel_binaries.insert(0, previous.clone());

@@ -1,8 +1,8 @@
 //! Fault matrix (issue 4): components killed and restarted under traffic, a pod sandbox
 //! replaced, garbage on every input, and a soak. Every case captures the underlay and asserts
 //! that no TCP payload of an ambient pod crossed it outside HBONE (port 15008), and that no
-//! log of the cluster mentions a panic. Each test builds its own cluster in 10.<octet>.0.0/16
-//! (octets 141-159). Run as root after `cargo build --workspace`.
+//! log of the cluster mentions a panic. Each test builds its own cluster in a leased
+//! `10.<octet>.0.0/16` (`ambient_tests::addrs`). Run as root after `cargo build --workspace`.
 //!
 //! The soak's length: `AMBIENT_SOAK_SECS` (default 30); `soak_long` (ignored) runs
 //! `AMBIENT_SOAK_SECS` or 300 s: `cargo test -p ambient-tests --test faults -- --ignored`.
@@ -26,8 +26,8 @@ use nix::sys::signal::Signal;
 const HBONE: u16 = ambient_common::constants::HBONE_PORT;
 const WAIT: Duration = Duration::from_secs(15);
 
-fn cluster(tag: &str, octet: u8) -> Cluster {
-    cluster_with(tag, octet, Attach::Bridge)
+fn cluster(tag: &str) -> Cluster {
+    cluster_with(tag, Attach::Bridge)
 }
 
 fn marker(tag: &str) -> String {
@@ -143,8 +143,8 @@ fn progresses(load: &Load, n: u64) {
     .unwrap();
 }
 
-fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize, attach: Attach) {
-    let mut c = cluster_with(tag, octet, attach);
+fn ztunnel_killed_during_traffic(tag: &str, victim: usize, attach: Attach) {
+    let mut c = cluster_with(tag, attach);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
@@ -156,7 +156,7 @@ fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize, attach: At
     progresses(&load, 20);
     // A large transfer in flight when ztunnel dies: it breaks, it never continues around it.
     let big = {
-        let mut d = ambient_tests::inns::pattern(u64::from(octet), 64 << 20);
+        let mut d = ambient_tests::inns::pattern(7, 64 << 20);
         for chunk in d.chunks_mut(1 << 20) {
             chunk[..m.len()].copy_from_slice(m.as_bytes());
         }
@@ -225,22 +225,22 @@ fn ztunnel_killed_during_traffic(tag: &str, octet: u8, victim: usize, attach: At
 
 #[test]
 fn ztunnel_killed_on_the_client_node() {
-    ztunnel_killed_during_traffic("fzc", 141, 0, Attach::Bridge);
+    ztunnel_killed_during_traffic("fzc", 0, Attach::Bridge);
 }
 
 #[test]
 fn ztunnel_killed_on_the_server_node() {
-    ztunnel_killed_during_traffic("fzs", 142, 1, Attach::Bridge);
+    ztunnel_killed_during_traffic("fzs", 1, Attach::Bridge);
 }
 
 #[test]
 fn ztunnel_killed_on_the_client_node_routed() {
-    ztunnel_killed_during_traffic("fzr", 153, 0, Attach::Ptp);
+    ztunnel_killed_during_traffic("fzr", 0, Attach::Ptp);
 }
 
 #[test]
 fn ztunnel_killed_on_the_client_node_calico() {
-    ztunnel_killed_during_traffic("fzk", 227, 0, Attach::Routed);
+    ztunnel_killed_during_traffic("fzk", 0, Attach::Routed);
 }
 
 /// Opens a connection from a pod and keeps it (the socket stays in the pod's namespace).
@@ -288,7 +288,7 @@ fn captured_set(c: &Cluster, node: usize) -> Vec<String> {
 /// pods enrol, nothing duplicated.
 #[test]
 fn node_agent_killed_and_restarted() {
-    let mut c = cluster("fag", 143);
+    let mut c = cluster("fag");
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
@@ -360,8 +360,8 @@ fn node_agent_killed_and_restarted() {
     assert_no_panics(&c);
 }
 
-fn both_killed(tag: &str, octet: u8, agent_first: bool) {
-    let mut c = cluster(tag, octet);
+fn both_killed(tag: &str, agent_first: bool) {
+    let mut c = cluster(tag);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let local = pod(&mut c, 0, "ambient-demo", "local");
     let server = pod(&mut c, 1, "ambient-demo", "server");
@@ -406,12 +406,12 @@ fn both_killed(tag: &str, octet: u8, agent_first: bool) {
 
 #[test]
 fn both_killed_agent_restarted_first() {
-    both_killed("fba", 144, true);
+    both_killed("fba", true);
 }
 
 #[test]
 fn both_killed_ztunnel_restarted_first() {
-    both_killed("fbz", 145, false);
+    both_killed("fbz", false);
 }
 
 /// The pod's sandbox dies without DEL and a new one is created for the same pod (same
@@ -419,7 +419,7 @@ fn both_killed_ztunnel_restarted_first() {
 /// enrols the new one.
 #[test]
 fn pod_netns_replaced_under_the_same_pod() {
-    let mut c = cluster("fns", 146);
+    let mut c = cluster("fns");
     let app = pod(&mut c, 0, "ambient-demo", "app");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
@@ -508,7 +508,7 @@ fn snapshot(c: &Cluster) -> (Vec<String>, Vec<String>) {
 
 #[test]
 fn garbage_on_the_plugin_stdin_and_environment() {
-    let mut c = cluster("fgp", 147);
+    let mut c = cluster("fgp");
     let a = pod(&mut c, 0, "ambient-demo", "a");
     let b = pod(&mut c, 1, "ambient-demo", "b");
     c.wait_converged(WAIT).unwrap();
@@ -639,7 +639,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn garbage_on_the_agent_and_ztunnel_sockets() {
-    let mut c = cluster("fgs", 148);
+    let mut c = cluster("fgs");
     let a = pod(&mut c, 0, "ambient-demo", "a");
     let b = pod(&mut c, 1, "ambient-demo", "b");
     c.wait_converged(WAIT).unwrap();
@@ -737,7 +737,7 @@ fn client_hello(truncate: Option<usize>) -> Vec<u8> {
 /// mesh keeps working.
 #[test]
 fn garbage_on_ztunnel_hbone_port() {
-    let mut c = cluster("fgz", 149);
+    let mut c = cluster("fgz");
     let a = pod(&mut c, 0, "ambient-demo", "a");
     let target = pod(&mut c, 1, "ambient-demo", "target");
     let legacy = pod(&mut c, 0, "legacy", "mallory");
@@ -798,8 +798,8 @@ fn garbage_on_ztunnel_hbone_port() {
 // ---------------------------------------------------------------------------------------
 // Soak.
 
-fn soak(tag: &str, octet: u8, secs: u64) {
-    let mut c = cluster(tag, octet);
+fn soak(tag: &str, secs: u64) {
+    let mut c = cluster(tag);
     let client = pod(&mut c, 0, "ambient-demo", "client");
     let local = pod(&mut c, 0, "ambient-demo", "local");
     let remote = pod(&mut c, 1, "ambient-demo", "remote");
@@ -856,13 +856,13 @@ fn soak_secs(default: u64) -> u64 {
 
 #[test]
 fn soak_short() {
-    soak("fso", 150, soak_secs(30));
+    soak("fso", soak_secs(30));
 }
 
 #[test]
 #[ignore = "long soak: cargo test -p ambient-tests --test faults -- --ignored soak_long"]
 fn soak_long() {
-    soak("fsl", 151, soak_secs(300));
+    soak("fsl", soak_secs(300));
 }
 
 /// An HTTP/2 frame.
@@ -977,7 +977,7 @@ fn mallory_cert(c: &Cluster) -> (PathBuf, PathBuf) {
 /// nothing reaches the pod, the mesh keeps working.
 #[test]
 fn garbage_inside_an_authenticated_hbone_session() {
-    let mut c = cluster("fgt", 152);
+    let mut c = cluster("fgt");
     let a = pod(&mut c, 0, "ambient-demo", "a");
     let target = pod(&mut c, 1, "ambient-demo", "target");
     let legacy = pod(&mut c, 0, "legacy", "mallory");
@@ -1093,7 +1093,7 @@ fn garbage_inside_an_authenticated_hbone_session() {
 /// enrolled, its connections are refused (never bypassed) until ztunnel is back, then work.
 #[test]
 fn ztunnel_down_at_add() {
-    let mut c = cluster("fzd", 154);
+    let mut c = cluster("fzd");
     let server = pod(&mut c, 1, "ambient-demo", "server");
     c.wait_converged(WAIT).unwrap();
     let cap = c.capture_underlay("zdown").unwrap();

@@ -4,16 +4,16 @@
 //! credential, Istio's in dedicated mode (no istiod, `FAKE_CA` unset) with a token bound to the
 //! one pod it serves.
 //!
-//! Topology (10.197.0.0/24):
-//! - namespace A, 10.197.0.1: the pod `default/client` of node-a, served by Istio's ztunnel
+//! Topology (`10.<octet>.0.0/24` of a leased block, `ambient_tests::addrs`):
+//! - namespace A, .1: the pod `default/client` of node-a, served by Istio's ztunnel
 //!   (`PROXY_MODE=dedicated`), with the issuer beside it (Istio's ztunnel reaches it on
-//!   127.0.0.1, ours on 10.197.0.1) and an echo server; its outbound to the app port is
+//!   127.0.0.1, ours on .1) and an echo server; its outbound to the app port is
 //!   REDIRECTed to Istio's 15001 (its own marked sockets excepted);
-//! - namespace B, 10.197.0.2, joined to A by a veth pair: node-b, where our ztunnel runs
+//! - namespace B, .2, joined to A by a veth pair: node-b, where our ztunnel runs
 //!   (`--transparent false`);
-//! - namespace S, 10.197.0.3, joined to B by a veth pair: node-b's pod `default/server`, with
+//! - namespace S, .3, joined to B by a veth pair: node-b's pod `default/server`, with
 //!   an echo server. B captures as the node agent would, in PREROUTING: S's connections to the
-//!   app port go to our 15001, HBONE to S's 15008 (A routes 10.197.0.3 via B) to our 15008.
+//!   app port go to our 15001, HBONE to S's 15008 (A routes .3 via B) to our 15008.
 //!   B does not forward, so nothing reaches S or leaves it except through our ztunnel.
 //!
 //! The server pod has an address of its own because our ztunnel never connects to one of its
@@ -34,6 +34,7 @@ use ambient_common::constants::{
     ADMIN_PORT, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, HBONE_PORT, ISSUER_GRPC_PORT,
     ISSUER_METRICS_PORT, MARK_MASK, METRICS_PORT, OUTBOUND_PORT, READINESS_PORT, ZTUNNEL_MARK,
 };
+use ambient_tests::addrs::Block;
 use ambient_tests::bins;
 use ambient_tests::cluster::{sum_samples, tail};
 use ambient_tests::inns::{http_get, in_ns};
@@ -45,9 +46,23 @@ use tempfile::TempDir;
 const ISTIO_ZTUNNEL_DEFAULT: &str = "/work/shared/peers/istio-ztunnel/ztunnel";
 const ISTIO_ZTUNNEL_ENV: &str = "ISTIO_ZTUNNEL";
 
-const A_IP: Ipv4Addr = Ipv4Addr::new(10, 197, 0, 1);
-const B_IP: Ipv4Addr = Ipv4Addr::new(10, 197, 0, 2);
-const S_IP: Ipv4Addr = Ipv4Addr::new(10, 197, 0, 3);
+/// The three namespaces' addresses, from the test's leased block: `10.<octet>.0.1-3/24`.
+#[derive(Debug, Clone, Copy)]
+struct Ips {
+    a: Ipv4Addr,
+    b: Ipv4Addr,
+    s: Ipv4Addr,
+}
+
+impl Ips {
+    fn of(block: &Block) -> Self {
+        Self {
+            a: block.v4(0, 1),
+            b: block.v4(0, 2),
+            s: block.v4(0, 3),
+        }
+    }
+}
 const PREFIX_LEN: u8 = 24;
 /// A's end and B's end of the A-B link; B's end and S's end of the pod's link.
 const A_IF: &str = "iz-a";
@@ -70,7 +85,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const LOG_TAIL: usize = 60;
 
 /// Istio's static "XDS" state (`LOCAL_XDS_PATH`): the two pods, both HBONE.
-fn istio_local_xds() -> String {
+fn istio_local_xds(ips: Ips) -> String {
     let workload = |name: &str, ip: Ipv4Addr, node: &str| {
         format!(
             "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  \
@@ -80,13 +95,13 @@ fn istio_local_xds() -> String {
     };
     format!(
         "workloads:\n{}{}policies: []\nservices: []\n",
-        workload("client", A_IP, "node-a"),
-        workload("server", S_IP, "node-b"),
+        workload("client", ips.a, "node-a"),
+        workload("server", ips.s, "node-b"),
     )
 }
 
 /// The cluster as our ztunnel and the issuer read it (`--source manifests`).
-fn cluster_manifest() -> String {
+fn cluster_manifest(ips: Ips) -> String {
     let pod = |name: &str, ip: Ipv4Addr, node: &str, host: Ipv4Addr| {
         format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, uid: uid-{name}, \
@@ -97,8 +112,8 @@ fn cluster_manifest() -> String {
     format!(
         "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: \
          {{{DATAPLANE_MODE_LABEL}: {DATAPLANE_MODE_AMBIENT}}}}}\n{}{}",
-        pod("client", A_IP, "node-a", A_IP),
-        pod("server", S_IP, "node-b", B_IP),
+        pod("client", ips.a, "node-a", ips.a),
+        pod("server", ips.s, "node-b", ips.b),
     )
 }
 
@@ -166,6 +181,8 @@ struct Lab {
     s: NetNs,
     dir: TempDir,
     istio_bin: PathBuf,
+    ips: Ips,
+    _block: Block,
 }
 
 impl Drop for Lab {
@@ -188,16 +205,18 @@ impl Lab {
             .prefix("interop-")
             .tempdir()
             .unwrap();
+        let block = Block::lease();
+        let ips = Ips::of(&block);
         let a = NetNs::new("iz-a").unwrap();
         let b = NetNs::new("iz-b").unwrap();
         let s = NetNs::new("iz-s").unwrap();
         NetNs::veth_pair(
             &a,
             A_IF,
-            Some(&format!("{A_IP}/{PREFIX_LEN}")),
+            Some(&format!("{}/{PREFIX_LEN}", ips.a)),
             &b,
             B_IF,
-            Some(&format!("{B_IP}/{PREFIX_LEN}")),
+            Some(&format!("{}/{PREFIX_LEN}", ips.b)),
         )
         .unwrap();
         // The pod's link as the ptp plugin makes it: a /32 on each side (the node's address
@@ -206,15 +225,15 @@ impl Lab {
         NetNs::veth_pair(
             &b,
             B_POD_IF,
-            Some(&format!("{B_IP}/32")),
+            Some(&format!("{}/32", ips.b)),
             &s,
             S_IF,
-            Some(&format!("{S_IP}/32")),
+            Some(&format!("{}/32", ips.s)),
         )
         .unwrap();
-        let (s32, b_ip) = (format!("{S_IP}/32"), B_IP.to_string());
+        let (s32, b_ip) = (format!("{}/32", ips.s), ips.b.to_string());
         b.ip(&["route", "add", &s32, "dev", B_POD_IF]).unwrap();
-        s.ip(&["route", "add", &format!("{B_IP}/32"), "dev", S_IF])
+        s.ip(&["route", "add", &format!("{}/32", ips.b), "dev", S_IF])
             .unwrap();
         s.ip(&["route", "add", "default", "via", &b_ip, "dev", S_IF])
             .unwrap();
@@ -225,6 +244,8 @@ impl Lab {
             s,
             dir,
             istio_bin,
+            ips,
+            _block: block,
         }
     }
 
@@ -274,8 +295,12 @@ impl Lab {
             .arg(self.ca_dir()))
         .unwrap();
         std::fs::create_dir_all(self.manifest_dir()).unwrap();
-        std::fs::write(self.manifest_dir().join("cluster.yaml"), cluster_manifest()).unwrap();
-        std::fs::write(self.path("istio-local.yaml"), istio_local_xds()).unwrap();
+        std::fs::write(
+            self.manifest_dir().join("cluster.yaml"),
+            cluster_manifest(self.ips),
+        )
+        .unwrap();
+        std::fs::write(self.path("istio-local.yaml"), istio_local_xds(self.ips)).unwrap();
         for (token, args) in [
             (
                 "node-b.token",
@@ -328,7 +353,7 @@ impl Lab {
                 "--serving-ip",
                 "127.0.0.1",
                 "--serving-ip",
-                &A_IP.to_string(),
+                &self.ips.a.to_string(),
             ])
             .args(["--listen", &listen, "--metrics-listen", &metrics])
             .args(["--node-proxy-service-account", NODE_PROXY_SA])
@@ -398,7 +423,7 @@ impl Lab {
         .arg(self.manifest_dir())
         .args([
             "--ca-address",
-            &format!("https://{A_IP}:{ISSUER_GRPC_PORT}"),
+            &format!("https://{}:{ISSUER_GRPC_PORT}", self.ips.a),
         ])
         .arg("--ca-root")
         .arg(self.root_cert())
@@ -427,8 +452,8 @@ impl Lab {
         // Node-b's captures, as the node agent's: the server pod's connections to the app
         // port go to our 15001, HBONE addressed to the pod to our 15008.
         for (iface, dst, dport, to) in [
-            (B_POD_IF, A_IP, APP_PORT, OUTBOUND_PORT),
-            (B_IF, S_IP, HBONE_PORT, HBONE_PORT),
+            (B_POD_IF, self.ips.a, APP_PORT, OUTBOUND_PORT),
+            (B_IF, self.ips.s, HBONE_PORT, HBONE_PORT),
         ] {
             iptables(
                 &self.b,
@@ -557,7 +582,7 @@ fn istio_ztunnel_and_ours_talk_hbone_both_ways_with_certificates_from_the_issuer
     .unwrap_or_else(|e| panic!("our ztunnel's certificate for server: {e}"));
 
     // 1. Istio's ztunnel → ours: the client pod (A) to the server pod (S).
-    let server = SocketAddr::new(IpAddr::V4(S_IP), APP_PORT);
+    let server = SocketAddr::new(IpAddr::V4(lab.ips.s), APP_PORT);
     lab.echo_eventually(&lab.a, server, "istio-to-ours");
     let inbound = [
         ("reporter", "destination"),
@@ -597,7 +622,7 @@ fn istio_ztunnel_and_ours_talk_hbone_both_ways_with_certificates_from_the_issuer
     );
 
     // 2. Ours → Istio's ztunnel: the server pod (S) to the client pod (A).
-    let client = SocketAddr::new(IpAddr::V4(A_IP), APP_PORT);
+    let client = SocketAddr::new(IpAddr::V4(lab.ips.a), APP_PORT);
     lab.echo_eventually(&lab.s, client, "ours-to-istio");
     let outbound = [
         ("reporter", "source"),
@@ -736,7 +761,7 @@ fn istio_ztunnel_and_ours_talk_hbone_both_ways_with_certificates_from_the_issuer
     }
     // Our pool closes its connection to Istio's 15008 once it carried nothing for
     // --pool-idle-timeout.
-    let hbone_peer = format!("{A_IP}:{HBONE_PORT}");
+    let hbone_peer = format!("{}:{HBONE_PORT}", lab.ips.a);
     eventually(Duration::from_secs(15), || {
         let open = lab
             .b

@@ -4,15 +4,13 @@
 //! for its own pods; tokens of other service accounts, expired tokens and tokens for another
 //! audience get nothing; a pod that moves is signable only on its new node.
 //!
-//! Each test owns a cluster in 10.<octet>.0.0/16, octets 191-199. Run as root after
+//! Each test owns a cluster in a leased `10.<octet>.0.0/16` (`ambient_tests::addrs`). Run as root after
 //! `cargo build --workspace`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ambient_tests::cluster::{
-    test_cluster, test_pod, Addressing, Cluster, ClusterSpec, CA_TOKEN_FILE,
-};
+use ambient_tests::cluster::{test_cluster, test_pod, Cluster, ClusterSpec, CA_TOKEN_FILE};
 use ambient_tests::cni::Attach;
 use ambient_tests::issuer::{uri_sans, Answer, Ask};
 use ambient_tests::manifests;
@@ -50,7 +48,7 @@ fn refused_with(a: &Answer, code: tonic::Code, what: &str) {
 
 #[test]
 fn a_node_gets_certificates_only_for_its_own_pods() {
-    let mut c = test_cluster("is-own", 191, Attach::Bridge);
+    let mut c = test_cluster("is-own", Attach::Bridge);
     let web = test_pod(&mut c, 0, "ambient-demo", "web");
     let db = test_pod(&mut c, 1, "ambient-demo", "db");
     let (t1, t2) = (node_token(&c, 0), node_token(&c, 1));
@@ -149,7 +147,7 @@ fn a_node_gets_certificates_only_for_its_own_pods() {
 
 #[test]
 fn tokens_of_other_accounts_expired_or_for_another_audience_get_nothing() {
-    let mut c = test_cluster("is-tok", 192, Attach::Ptp);
+    let mut c = test_cluster("is-tok", Attach::Ptp);
     let web = test_pod(&mut c, 0, "ambient-demo", "web");
     let web_id = identity(&c, web);
 
@@ -247,7 +245,7 @@ fn tokens_of_other_accounts_expired_or_for_another_audience_get_nothing() {
 
 #[test]
 fn a_pod_that_moves_is_signable_only_on_its_new_node() {
-    let c = test_cluster("is-mv", 193, Attach::Bridge);
+    let c = test_cluster("is-mv", Attach::Bridge);
     let (t1, t2) = (node_token(&c, 0), node_token(&c, 1));
     // The Pod object alone, as the API server has it: scheduled on node-1, then deleted and
     // recreated with the same name on node-2 (a StatefulSet pod moving).
@@ -327,7 +325,7 @@ fn replace(path: &std::path::Path, text: &str) {
 /// idle timeout, mostly a new TLS handshake): not one may fail.
 #[test]
 fn roots_rotate_without_a_failed_connection() {
-    let mut spec = ClusterSpec::new("is-rot", 2, Attach::Bridge, Addressing::test(194));
+    let mut spec = ClusterSpec::leased("is-rot", 2, Attach::Bridge);
     spec.ztunnel_args
         .extend(["--cert-ttl", "10s", "--pool-idle-timeout", "200ms"].map(String::from));
     let mut c = Cluster::new(spec).unwrap();
@@ -415,7 +413,7 @@ fn roots_rotate_without_a_failed_connection() {
 /// and recovers by itself when the issuer is back.
 #[test]
 fn an_issuer_outage_keeps_held_identities_working_and_is_reported() {
-    let mut c = test_cluster("is-out", 195, Attach::Ptp);
+    let mut c = test_cluster("is-out", Attach::Ptp);
     let a = test_pod(&mut c, 0, "ambient-demo", "a");
     let b = test_pod(&mut c, 1, "ambient-demo", "b");
     c.connect(a, c.pods[b].echo_addr(), "before").unwrap();
@@ -465,7 +463,7 @@ fn an_issuer_outage_keeps_held_identities_working_and_is_reported() {
 /// (the issuer signs nothing more for it) and the pod's first connection works.
 #[test]
 fn a_scheduled_pod_is_certified_before_its_add() {
-    let mut c = test_cluster("is-pre", 196, Attach::Bridge);
+    let mut c = test_cluster("is-pre", Attach::Bridge);
     let b = test_pod(&mut c, 1, "ambient-demo", "b");
     let meta = PodMeta::new("ambient-demo", "early");
     let id = format!("spiffe://{}/ns/ambient-demo/sa/sa-early", c.trust_domain());

@@ -4,7 +4,7 @@
 //! label it selects or groups by is on that metric (or is one Prometheus adds to each
 //! target). A dashboard whose queries name a label ztunnel does not emit shows empty panels.
 //!
-//! One cluster in 10.140.0.0/16. Run as root after `cargo build --workspace`.
+//! One cluster in a leased `10.<octet>.0.0/16` (`ambient_tests::addrs`). Run as root after `cargo build --workspace`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -143,7 +143,7 @@ fn every_metric_and_label_the_dashboard_queries_is_in_a_scrape_after_traffic() {
     let exprs = queries(&dashboard);
     assert!(exprs.len() >= 10, "{exprs:?}");
 
-    let mut c = test_cluster("mon", 140, Attach::Bridge);
+    let mut c = test_cluster("mon", Attach::Bridge);
     let labels = [("app", "shop"), ("version", "v1")];
     let client = test_pod_labelled(&mut c, 0, "ambient-demo", "client", &labels);
     let web = test_pod_labelled(&mut c, 1, "ambient-demo", "web", &[("app", "web")]);

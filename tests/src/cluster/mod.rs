@@ -39,6 +39,7 @@ use std::fs::OpenOptions;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -51,6 +52,7 @@ pub use probes::{ambient_plaintext, finish_quiet, rss_kb, tail, UnderlaySummary}
 pub use services::ServiceDef;
 pub use state::{LabState, NodeState, PodState, STATE_FILE};
 
+use crate::addrs::Block;
 use crate::bins::{self, BinDir};
 use crate::capture::Capture;
 use crate::cni::Attach;
@@ -147,6 +149,9 @@ pub struct ClusterSpec {
     /// ztunnel binaries other than the workspace's, per node index (a previous release, for
     /// rollout tests).
     pub ztunnel_binaries: BTreeMap<usize, PathBuf>,
+    /// The address block [`addressing`](Self::addressing) was made from, held as long as the
+    /// spec (and so the cluster) lives; `None` for a fixed plan such as the lab's.
+    pub lease: Option<Arc<Block>>,
 }
 
 /// Where the cluster's ztunnels get their certificates.
@@ -161,7 +166,16 @@ pub enum CaMode {
 }
 
 impl ClusterSpec {
-    /// A test cluster: `nodes` nodes in 10.<octet>.0.0/16, short polling intervals.
+    /// A test cluster in a block leased from [`crate::addrs`] (see [`Addressing::test`]),
+    /// short polling intervals.
+    pub fn leased(tag: &str, nodes: usize, attach: Attach) -> Self {
+        let block = Block::lease();
+        let mut spec = Self::new(tag, nodes, attach, Addressing::test(block.octet()));
+        spec.lease = Some(Arc::new(block));
+        spec
+    }
+
+    /// A cluster of `nodes` nodes with the `addressing` plan, short polling intervals.
     pub fn new(tag: &str, nodes: usize, attach: Attach, addressing: Addressing) -> Self {
         let mut cni_extra = serde_json::Map::new();
         cni_extra.insert("timeoutMs".into(), json!(8000));
@@ -183,14 +197,15 @@ impl ClusterSpec {
             ztunnel_run_as: Some(ZTUNNEL_RUN_AS.into()),
             ca: CaMode::Issuer,
             ztunnel_binaries: BTreeMap::new(),
+            lease: None,
         }
     }
 }
 
-/// For tests: a two-node cluster in 10.<octet>.0.0/16 with the test defaults; panics with
-/// the reason (each test file owns a range of octets).
-pub fn test_cluster(tag: &str, octet: u8, attach: Attach) -> Cluster {
-    Cluster::new(ClusterSpec::new(tag, 2, attach, Addressing::test(octet)))
+/// For tests: a two-node cluster in a leased address block with the test defaults; panics
+/// with the reason.
+pub fn test_cluster(tag: &str, attach: Attach) -> Cluster {
+    Cluster::new(ClusterSpec::leased(tag, 2, attach))
         .unwrap_or_else(|e| panic!("cluster {tag}: {e}"))
 }
 
