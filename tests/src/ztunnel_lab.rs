@@ -107,14 +107,14 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    /// Two nodes joined by an underlay in 10.<octet>.0.0/24; pods of node i in
-    /// 10.<octet>.<i+1>.0/24. `pods` is (node index, name, namespace, ambient).
+    /// Two nodes joined by an underlay in `10.<octet>.0.0/24`; pods of node i in
+    /// `10.<octet>.<i+1>.0/24`. `pods` is (node index, name, namespace, ambient).
     pub fn new(tag: &str, pods: &[(usize, &str, &str, bool)]) -> Self {
         Self::build(tag, pods, false)
     }
 
-    /// Like [`Lab::new`], dual stack: also fd00:<octet hex>::/64 on the underlay and
-    /// fd00:<octet hex>:<node+1>::<n>/128 for pods.
+    /// Like [`Lab::new`], dual stack: also `fd00:<octet hex>::/64` on the underlay and
+    /// `fd00:<octet hex>:<node+1>::<n>/128` for pods.
     pub fn new_dual_stack(tag: &str, pods: &[(usize, &str, &str, bool)]) -> Self {
         Self::build(tag, pods, true)
     }

@@ -17,7 +17,8 @@ pub struct Addressing {
 }
 
 impl Addressing {
-    /// The lab's plan: pods 10.244.<node>.0/24, underlay 172.31.254.0/24, VIPs 10.244.250.0/24.
+    /// The lab's plan: pods `10.244.<node>.0/24`, underlay `172.31.254.0/24`, VIPs
+    /// `10.244.250.0/24`.
     pub fn lab() -> Self {
         Self {
             pod: [10, 244],
@@ -26,8 +27,8 @@ impl Addressing {
         }
     }
 
-    /// A test's plan inside 10.<octet>.0.0/16: pods 10.<octet>.<node>.0/24, underlay
-    /// 10.<octet>.0.0/24, VIPs 10.<octet>.250.0/24.
+    /// A test's plan inside `10.<octet>.0.0/16`: pods `10.<octet>.<node>.0/24`, underlay
+    /// `10.<octet>.0.0/24`, VIPs `10.<octet>.250.0/24`.
     pub fn test(octet: u8) -> Self {
         Self {
             pod: [10, octet],

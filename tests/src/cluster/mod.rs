@@ -6,8 +6,9 @@
 //! each, Services with EndpointSlices and kube-proxy-style DNAT rules.
 //!
 //! Addresses come from [`Addressing`]: pods of node `i` (1-based) in `<pod>.<i>.0/24`, the
-//! underlay in `<underlay>.0/24` (node `i` is `.i`), service VIPs in `<service>.0/24`. Tests
-//! give each cluster its own range, so clusters run in parallel.
+//! underlay in `<underlay>.0/24` (node `i` is `.i`), service VIPs in `<service>.0/24`. A test
+//! cluster's plan comes from a block leased from [`crate::addrs`] ([`ClusterSpec::leased`]),
+//! so clusters run in parallel.
 //!
 //! Dropping a [`Cluster`] deletes its pods through the chain (DEL), stops its processes and
 //! deletes its namespaces and files. [`Cluster::persist`] instead leaves everything running
