@@ -1159,17 +1159,7 @@ impl Cluster {
 
     /// Connects from pod `from` to `to`, sends `payload`, expects it echoed.
     pub fn connect(&self, from: usize, to: SocketAddr, payload: &str) -> Result<String, String> {
-        in_ns(&self.pods[from].ns().path(), || {
-            crate::probe::connect(
-                to,
-                payload.as_bytes(),
-                Some(payload.as_bytes()),
-                Duration::from_secs(3),
-            )
-        })
-        .map_err(|e| e.to_string())?
-        .map(|r| r.received)
-        .map_err(|e| ambient_common::error::chain(&e))
+        echo_in(self.pods[from].ns(), to, payload)
     }
 
     /// Connects from node `node`'s own namespace (a kubelet probe).
@@ -1179,17 +1169,7 @@ impl Cluster {
         to: SocketAddr,
         payload: &str,
     ) -> Result<String, String> {
-        in_ns(&self.nodes[node].ns().path(), || {
-            crate::probe::connect(
-                to,
-                payload.as_bytes(),
-                Some(payload.as_bytes()),
-                Duration::from_secs(3),
-            )
-        })
-        .map_err(|e| e.to_string())?
-        .map(|r| r.received)
-        .map_err(|e| ambient_common::error::chain(&e))
+        echo_in(self.nodes[node].ns(), to, payload)
     }
 
     /// A large echo transfer from pod `from` to `to`.
@@ -1272,6 +1252,21 @@ fn pid_alive(pid: u32) -> bool {
             rest.split_whitespace().next().map(|st| st != "Z")
         })
         .unwrap_or(false)
+}
+
+/// From inside `ns`: connects to `to`, sends `payload`, expects it echoed.
+fn echo_in(ns: &NetNs, to: SocketAddr, payload: &str) -> Result<String, String> {
+    in_ns(&ns.path(), || {
+        crate::probe::connect(
+            to,
+            payload.as_bytes(),
+            Some(payload.as_bytes()),
+            Duration::from_secs(3),
+        )
+    })
+    .map_err(|e| e.to_string())?
+    .map(|r| r.received)
+    .map_err(|e| ambient_common::error::chain(&e))
 }
 
 /// The host part of the issuer's underlay address (`<underlay>.254`).
