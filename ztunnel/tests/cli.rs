@@ -4,9 +4,13 @@
 use std::process::Command;
 use std::time::Duration;
 
+use ambient_tests::inns::http_get;
 use clap::Parser;
 use ztunnel::app::App;
 use ztunnel::config::{Config, RunArgs};
+
+/// How long an endpoint request may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 const BIN: &str = env!("CARGO_BIN_EXE_ztunnel");
 
@@ -99,17 +103,6 @@ fn loopback_config(ca: &std::path::Path, sock: &std::path::Path, source: &[&str]
     Config::from_args(&Cli::try_parse_from(argv).unwrap().run).unwrap()
 }
 
-fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
-
 #[test]
 fn app_binds_port_zero_serves_endpoints_and_drains() {
     let dir = tempfile::tempdir().unwrap();
@@ -143,11 +136,17 @@ fn app_binds_port_zero_serves_endpoints_and_drains() {
         .await
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while http_get(addrs.readiness, "/healthz/ready").map(|r| r.0) != Some(200) {
+    while http_get(addrs.readiness, "/healthz/ready", HTTP_TIMEOUT)
+        .ok()
+        .map(|r| r.0)
+        != Some(200)
+    {
         assert!(std::time::Instant::now() < deadline, "never ready");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (code, dump) = http_get(addrs.admin, "/config_dump").unwrap();
+    let (code, dump) = http_get(addrs.admin, "/config_dump", HTTP_TIMEOUT)
+        .ok()
+        .unwrap();
     assert_eq!(code, 200);
     assert!(
         dump.contains("\"workloads\"") && dump.contains("127.0.0.9"),
@@ -155,7 +154,8 @@ fn app_binds_port_zero_serves_endpoints_and_drains() {
     );
     // The local workload's certificate is issued ahead of any connection.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !http_get(addrs.admin, "/config_dump")
+    while !http_get(addrs.admin, "/config_dump", HTTP_TIMEOUT)
+        .ok()
         .unwrap()
         .1
         .contains("spiffe://cluster.local/ns/a/sa/s")
@@ -166,17 +166,28 @@ fn app_binds_port_zero_serves_endpoints_and_drains() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (code, metrics) = http_get(addrs.metrics, "/metrics").unwrap();
+    let (code, metrics) = http_get(addrs.metrics, "/metrics", HTTP_TIMEOUT)
+        .ok()
+        .unwrap();
     assert_eq!(code, 200);
     assert!(
         metrics.contains("istio_tcp_connections_opened"),
         "{metrics}"
     );
     assert_eq!(
-        http_get(addrs.admin, "/connections").unwrap().1.trim(),
+        http_get(addrs.admin, "/connections", HTTP_TIMEOUT)
+            .ok()
+            .unwrap()
+            .1
+            .trim(),
         "[]"
     );
-    assert_eq!(http_get(addrs.admin, "/nope").map(|r| r.0), Some(404));
+    assert_eq!(
+        http_get(addrs.admin, "/nope", HTTP_TIMEOUT)
+            .ok()
+            .map(|r| r.0),
+        Some(404)
+    );
     // A connection from an address that is no local workload is refused on outbound.
     {
         use std::io::Read;
@@ -190,7 +201,9 @@ fn app_binds_port_zero_serves_endpoints_and_drains() {
     rt.block_on(runner).unwrap();
     // After the drain: not ready any more (the proxy listeners are closed).
     assert_eq!(
-        http_get(addrs.readiness, "/healthz/ready").map(|r| r.0),
+        http_get(addrs.readiness, "/healthz/ready", HTTP_TIMEOUT)
+            .ok()
+            .map(|r| r.0),
         Some(503)
     );
 }
@@ -237,7 +250,10 @@ fn app_with_the_kube_source_is_ready_only_after_the_first_sync() {
     });
     // Listening, but not ready while a kind has never been listed.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while http_get(addrs.readiness, "/healthz/ready").is_none() {
+    while http_get(addrs.readiness, "/healthz/ready", HTTP_TIMEOUT)
+        .ok()
+        .is_none()
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "readiness never served"
@@ -246,18 +262,27 @@ fn app_with_the_kube_source_is_ready_only_after_the_first_sync() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        http_get(addrs.readiness, "/healthz/ready").map(|r| r.0),
+        http_get(addrs.readiness, "/healthz/ready", HTTP_TIMEOUT)
+            .ok()
+            .map(|r| r.0),
         Some(503)
     );
     api.set_served("pods", true);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while http_get(addrs.readiness, "/healthz/ready").map(|r| r.0) != Some(200) {
+    while http_get(addrs.readiness, "/healthz/ready", HTTP_TIMEOUT)
+        .ok()
+        .map(|r| r.0)
+        != Some(200)
+    {
         assert!(std::time::Instant::now() < deadline, "never ready");
         std::thread::sleep(Duration::from_millis(20));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let dump = http_get(addrs.admin, "/config_dump").unwrap().1;
+        let dump = http_get(addrs.admin, "/config_dump", HTTP_TIMEOUT)
+            .ok()
+            .unwrap()
+            .1;
         if dump.contains("127.0.0.9") && dump.contains("spiffe://cluster.local/ns/a/sa/s") {
             break;
         }

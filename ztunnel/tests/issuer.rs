@@ -221,6 +221,10 @@ fn metrics(m: &SecretManager) -> String {
 }
 
 use ambient_common::error::chain;
+use ambient_tests::inns::http_get;
+
+/// How long an endpoint request may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn issues_and_adopts_the_issuers_roots() {
@@ -360,17 +364,6 @@ async fn an_unreachable_issuer_fails_within_the_timeouts() {
     assert!(c.last_error().is_some());
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
-
 /// `ztunnel run --ca-address`: a local pod's certificate comes from the issuer; while the
 /// issuer refuses, readiness is 503 naming the error, and 200 again after the next success;
 /// `/config_dump` shows the issuer and the trust bundle.
@@ -436,20 +429,33 @@ fn app_with_issuer_reports_outage_in_readiness() {
         "503 naming the issuer's refusal",
         Duration::from_secs(15),
         || {
-            http_get(addrs.readiness, "/healthz/ready").is_some_and(|(code, body)| {
-                code == 503 && body.contains("certificate issuer") && body.contains("runs no pod")
-            })
+            http_get(addrs.readiness, "/healthz/ready", HTTP_TIMEOUT)
+                .ok()
+                .is_some_and(|(code, body)| {
+                    code == 503
+                        && body.contains("certificate issuer")
+                        && body.contains("runs no pod")
+                })
         },
     );
-    let (_, metrics) = http_get(addrs.metrics, "/metrics").unwrap();
+    let (_, metrics) = http_get(addrs.metrics, "/metrics", HTTP_TIMEOUT)
+        .ok()
+        .unwrap();
     assert!(metrics.contains("ztunnel_ca_healthy 0"), "{metrics}");
     lab.issuer.refuse.store(false, Ordering::SeqCst);
     wait_until(
         "ready after the retry succeeds",
         Duration::from_secs(15),
-        || http_get(addrs.readiness, "/healthz/ready").map(|r| r.0) == Some(200),
+        || {
+            http_get(addrs.readiness, "/healthz/ready", HTTP_TIMEOUT)
+                .ok()
+                .map(|r| r.0)
+                == Some(200)
+        },
     );
-    let (_, dump) = http_get(addrs.admin, "/config_dump").unwrap();
+    let (_, dump) = http_get(addrs.admin, "/config_dump", HTTP_TIMEOUT)
+        .ok()
+        .unwrap();
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["ca"]["source"]["mode"], "issuer");
     assert_eq!(
