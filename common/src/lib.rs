@@ -28,6 +28,8 @@ pub mod netlink;
 pub mod serve;
 pub mod spiffe;
 pub mod sync;
+#[cfg(feature = "manifests")]
+pub mod yaml;
 pub mod ztunnel_api;
 
 pub use net::{IpPrefix, ParseIpPrefixError};

@@ -24,12 +24,11 @@ pub enum ManifestError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: document {index} is not valid YAML: {source}")]
+    #[error("{path}: not valid YAML: {source}")]
     Yaml {
         path: PathBuf,
-        index: usize,
         #[source]
-        source: serde_yaml::Error,
+        source: Box<crate::yaml::Error>,
     },
     #[error("{path}: document {index} ({kind}) has invalid fields: {source}")]
     Object {
@@ -254,12 +253,12 @@ pub enum Object {
 /// Parses every document of one file's text. `path` is used in errors only.
 pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_json::Value::deserialize(doc).map_err(|source| ManifestError::Yaml {
+    let docs: Vec<serde_json::Value> =
+        crate::yaml::documents(text).map_err(|source| ManifestError::Yaml {
             path: path.to_owned(),
-            index,
-            source,
+            source: Box::new(source),
         })?;
+    for (index, value) in docs.into_iter().enumerate() {
         collect(path, index, value, &mut out)?;
     }
     Ok(out)

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use serde_yaml::Value;
+use serde_json::Value;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/chart");
 const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests");
@@ -48,14 +48,10 @@ fn helm(namespace: &str, args: &[&str]) -> Result<String, String> {
 /// The objects of a multi-document YAML stream, by (kind, namespace, name).
 fn objects(yaml: &str) -> BTreeMap<(String, String, String), Value> {
     let mut out = BTreeMap::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
-        if v.is_null() {
-            continue;
-        }
+    for mut v in ambient_common::yaml::documents::<Value>(yaml).unwrap() {
         let kind = v["kind"].as_str().unwrap().to_owned();
         if CLUSTER_SCOPED.contains(&kind.as_str()) {
-            if let Some(m) = v["metadata"].as_mapping_mut() {
+            if let Some(m) = v["metadata"].as_object_mut() {
                 m.remove("namespace");
             }
         }
@@ -90,7 +86,7 @@ fn get<'a>(
 /// Every container of a workload.
 fn containers(workload: &Value) -> Vec<&Value> {
     workload["spec"]["template"]["spec"]["containers"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .collect()
@@ -98,7 +94,7 @@ fn containers(workload: &Value) -> Vec<&Value> {
 
 fn host_path<'a>(ds: &'a Value, volume: &str) -> &'a str {
     ds["spec"]["template"]["spec"]["volumes"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .find(|v| v["name"] == volume)
@@ -184,7 +180,7 @@ fn every_value_reaches_the_objects_it_names() {
     for ds in [node, get(&objs, "DaemonSet", "ztunnel")] {
         let t = &ds["spec"]["template"]["spec"]["tolerations"];
         assert_eq!(t[0]["key"], "dedicated", "{t:?}");
-        assert_eq!(t.as_sequence().unwrap().len(), 1);
+        assert_eq!(t.as_array().unwrap().len(), 1);
     }
     let cm = &get(&objs, "ConfigMap", "ambient-config")["data"];
     assert_eq!(cm["AMBIENT_LOG_LEVEL"], "debug");

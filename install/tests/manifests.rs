@@ -39,10 +39,7 @@ fn manifest_files() -> Vec<PathBuf> {
 
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
+    ambient_common::yaml::documents(&text).unwrap()
 }
 
 fn all_objects() -> Vec<Value> {
@@ -173,9 +170,8 @@ fn kustomization_lists_every_manifest_and_kubectl_renders_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rendered: Vec<Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
+    let rendered: Vec<Value> =
+        ambient_common::yaml::documents(&String::from_utf8(out.stdout).unwrap()).unwrap();
     assert_eq!(rendered.len(), all_objects().len());
     for o in &rendered {
         check_kind(o);
@@ -1365,9 +1361,8 @@ fn monitors_scrape_ports_the_pods_declare() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rendered: Vec<Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
+    let rendered: Vec<Value> =
+        ambient_common::yaml::documents(&String::from_utf8(out.stdout).unwrap()).unwrap();
     let cm = rendered
         .iter()
         .find(|o| o["kind"] == "ConfigMap")
@@ -1408,8 +1403,9 @@ fn the_cleanup_daemonset_gets_the_same_image_override() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_yaml::Deserializer::from_slice(&out.stdout)
-            .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        ambient_common::yaml::documents::<Value>(&String::from_utf8(out.stdout).unwrap())
+            .unwrap()
+            .into_iter()
             .filter_map(|o| {
                 serde_json::from_value::<PodSpec>(o["spec"]["template"]["spec"].clone()).ok()
             })

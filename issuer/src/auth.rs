@@ -255,7 +255,7 @@ impl CredentialsFile {
         }
         let text = std::fs::read_to_string(&self.path).map_err(|e| unavailable(e.to_string()))?;
         let file: CredentialFile =
-            serde_yaml::from_str(&text).map_err(|e| unavailable(e.to_string()))?;
+            ambient_common::yaml::from_str(&text).map_err(|e| unavailable(e.to_string()))?;
         *cache = Some((mtime, file.clone()));
         Ok(file)
     }

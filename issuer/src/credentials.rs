@@ -55,7 +55,13 @@ pub enum CredentialError {
     Parse {
         path: PathBuf,
         #[source]
-        source: serde_yaml::Error,
+        source: Box<ambient_common::yaml::Error>,
+    },
+    #[error("cannot write {path}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: ambient_common::yaml::SerializeError,
     },
     #[error("no randomness for the token")]
     Random,
@@ -86,10 +92,10 @@ pub fn add(a: &AddArgs) -> Result<(), CredentialError> {
         .map_err(|_| CredentialError::Random)?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut file = match std::fs::read_to_string(&a.file) {
-        Ok(text) => serde_yaml::from_str::<CredentialFile>(&text).map_err(|source| {
+        Ok(text) => ambient_common::yaml::from_str::<CredentialFile>(&text).map_err(|source| {
             CredentialError::Parse {
                 path: a.file.clone(),
-                source,
+                source: Box::new(source),
             }
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => CredentialFile::default(),
@@ -116,10 +122,11 @@ pub fn add(a: &AddArgs) -> Result<(), CredentialError> {
         .open(&a.token_out)
         .map_err(io(&a.token_out))?;
     out.write_all(token.as_bytes()).map_err(io(&a.token_out))?;
-    let text = serde_yaml::to_string(&file).map_err(|source| CredentialError::Parse {
-        path: a.file.clone(),
-        source,
-    })?;
+    let text =
+        ambient_common::yaml::to_string(&file).map_err(|source| CredentialError::Encode {
+            path: a.file.clone(),
+            source,
+        })?;
     let tmp = a.file.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &a.file).map_err(io(&a.file))?;

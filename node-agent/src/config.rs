@@ -132,7 +132,7 @@ impl ConfigFile {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        serde_yaml::from_str(&text).map_err(|e| ConfigError::File {
+        ambient_common::yaml::from_str(&text).map_err(|e| ConfigError::File {
             path: path.to_owned(),
             reason: e.to_string(),
         })

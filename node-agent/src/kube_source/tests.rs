@@ -435,8 +435,9 @@ async fn rbac_grants_every_call_the_client_really_made() {
         "/../install/manifests/rbac.yaml"
     ))
     .unwrap();
-    let role: Value = serde_yaml::Deserializer::from_str(&rbac)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+    let role: Value = ambient_common::yaml::documents::<Value>(&rbac)
+        .unwrap()
+        .into_iter()
         .find(|v: &Value| v["kind"] == "ClusterRole" && v["metadata"]["name"] == "ambient-node")
         .expect("ClusterRole ambient-node");
     ambient_kube_watch::testing::check_rbac(&role, API_CALLS, &api.requests());

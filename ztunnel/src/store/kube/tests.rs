@@ -407,8 +407,9 @@ async fn rbac_grants_every_call_the_client_really_made_and_nothing_more() {
         "/../install/manifests/rbac.yaml"
     ))
     .unwrap();
-    let role: Value = serde_yaml::Deserializer::from_str(&rbac)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+    let role: Value = ambient_common::yaml::documents::<Value>(&rbac)
+        .unwrap()
+        .into_iter()
         .find(|v: &Value| v["kind"] == "ClusterRole" && v["metadata"]["name"] == "ztunnel")
         .expect("ClusterRole ztunnel");
     ambient_kube_watch::testing::check_rbac(&role, &api_calls(), &api.requests());
