@@ -930,16 +930,7 @@ impl Cluster {
     /// Whether node `node`'s ztunnel has `ip` in the mesh (`None`: unknown to it).
     pub fn ambient_on(&self, node: usize, ip: Ipv4Addr) -> Result<Option<bool>, String> {
         let dump = self.nodes[node].config_dump()?;
-        Ok(dump["workloads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|w| {
-                w["ips"]
-                    .as_array()
-                    .is_some_and(|ips| ips.iter().any(|a| a.as_str() == Some(&ip.to_string())))
-            })
-            .and_then(|w| w["ambient"].as_bool()))
+        Ok(workload_with(&dump, ip).and_then(|w| w["ambient"].as_bool()))
     }
 
     fn pod_stem(meta: &PodMeta) -> String {
@@ -1082,16 +1073,7 @@ impl Cluster {
     pub fn known_everywhere(&self, ip: Ipv4Addr, ambient: bool) -> Result<(), String> {
         for n in &self.nodes {
             let dump = n.config_dump()?;
-            let found = dump["workloads"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|w| {
-                    w["ips"]
-                        .as_array()
-                        .is_some_and(|ips| ips.iter().any(|a| a.as_str() == Some(&ip.to_string())))
-                });
-            match found {
+            match workload_with(&dump, ip) {
                 Some(w) if w["ambient"].as_bool() == Some(ambient) => {}
                 Some(w) => return Err(format!("{}: {ip} has ambient={}", n.name, w["ambient"])),
                 None => return Err(format!("{}: {ip} unknown to ztunnel", n.name)),
@@ -1252,6 +1234,16 @@ fn pid_alive(pid: u32) -> bool {
             rest.split_whitespace().next().map(|st| st != "Z")
         })
         .unwrap_or(false)
+}
+
+/// The workload of a ztunnel's `/config_dump` that has address `ip`.
+fn workload_with(dump: &Value, ip: Ipv4Addr) -> Option<&Value> {
+    let ip = ip.to_string();
+    dump["workloads"].as_array()?.iter().find(|w| {
+        w["ips"]
+            .as_array()
+            .is_some_and(|ips| ips.iter().any(|a| a.as_str() == Some(ip.as_str())))
+    })
 }
 
 /// From inside `ns`: connects to `to`, sends `payload`, expects it echoed.
