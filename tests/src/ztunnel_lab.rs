@@ -16,13 +16,13 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambient_rules::nft::{pod_elements, render_changes, Attachment, Element, RulesetParams};
 use ambient_rules::routing::{IpFamily, PolicyRouting};
 
 use crate::addrs::Block;
-use crate::netns::{run, NetNs};
+use crate::netns::{eventually, run, wait_until, NetNs};
 
 pub use crate::inns::{pattern, sha256_hex};
 pub use crate::netns::wait_for;
@@ -311,17 +311,17 @@ impl Lab {
         std::fs::write(&path, script).unwrap();
         ns_sh(ns, &["nft", "-f", path.to_str().unwrap()]);
         let routing = PolicyRouting::default();
+        let ip = |args: Vec<String>| {
+            let cmd: Vec<&str> = std::iter::once("ip")
+                .chain(args.iter().map(String::as_str))
+                .collect();
+            ns_sh(ns, &cmd);
+        };
         for family in IpFamily::BOTH {
             for rule in routing.rules() {
-                let args = rule.args(family, "add");
-                let mut cmd = vec!["ip"];
-                cmd.extend(args.iter().map(String::as_str));
-                ns_sh(ns, &cmd);
+                ip(rule.args(family, "add"));
             }
-            let args = routing.route_args(family);
-            let mut cmd = vec!["ip"];
-            cmd.extend(args.iter().map(String::as_str));
-            ns_sh(ns, &cmd);
+            ip(routing.route_args(family));
         }
     }
 
@@ -420,37 +420,37 @@ impl Lab {
         let child = cmd.spawn().expect("spawn ztunnel");
         let pid = child.id();
         self.children.lock().unwrap().push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::fs::read_to_string(&log_path)
-            .unwrap_or_default()
-            .contains("ztunnel ready")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "ztunnel on node {node} did not start; log:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        eventually(Duration::from_secs(20), || {
+            log()
+                .contains("ztunnel ready")
+                .then_some(())
+                .ok_or("not ready")
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "ztunnel on node {node} did not start ({e}); log:\n{}",
+                log()
+            )
+        });
         self.wait_ready(node);
         pid
     }
 
     pub fn wait_ready(&self, node: usize) {
         let ns = self.nodes[node].ns.clone();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(Duration::from_secs(20), || {
             let r = in_ns(&ns, || http_get("127.0.0.1:15021", "/healthz/ready"));
-            if r.is_some_and(|b| b.contains("ready") && !b.contains("not ready")) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ztunnel on node {node} not ready; log:\n{}",
+            r.is_some_and(|b| b.contains("ready") && !b.contains("not ready"))
+                .then_some(())
+                .ok_or("not ready")
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "ztunnel on node {node} not ready ({e}); log:\n{}",
                 self.log(node)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            )
+        });
     }
 
     /// SIGTERM to a ztunnel this lab started.
@@ -471,20 +471,13 @@ impl Lab {
 
     /// Waits for a ztunnel this lab started to exit.
     pub fn wait_exit(&self, pid: u32, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
+        wait_until(&format!("ztunnel {pid} to exit"), timeout, || {
             let mut children = self.children.lock().unwrap();
-            if let Some(c) = children.iter_mut().find(|c| c.id() == pid) {
-                if c.try_wait().unwrap().is_some() {
-                    return;
-                }
-            } else {
-                return;
-            }
-            drop(children);
-            assert!(Instant::now() < deadline, "ztunnel {pid} did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            children
+                .iter_mut()
+                .find(|c| c.id() == pid)
+                .is_none_or(|c| c.try_wait().unwrap().is_some())
+        });
     }
 
     pub fn metrics(&self, node: usize) -> String {
