@@ -56,6 +56,25 @@ mod tests {
         assert!(super::from_str::<Value>("a: [1\n").is_err());
     }
 
+    /// The budget is off (operator files can be large), but alias expansion keeps its
+    /// limit: nine levels of ten aliases (a billion leaves) are refused, not expanded.
+    #[test]
+    fn alias_expansion_is_bounded() {
+        let mut doc = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..=9 {
+            let p = i - 1;
+            doc.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let started = std::time::Instant::now();
+        assert!(
+            super::from_str::<Value>(&doc).is_err(),
+            "billion laughs expanded"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
+
     #[test]
     fn streams_skip_empty_documents_and_hold_many() {
         let docs: Vec<Value> = super::documents("---\na: 1\n---\n---\nb: 2\n").unwrap();
