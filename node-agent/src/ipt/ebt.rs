@@ -395,6 +395,20 @@ fn canonical(rule: &str) -> Opts {
     o
 }
 
+/// The entry chain as it is compared: its fixed rules in order, then its per-port jumps
+/// sorted. Ports enrolled one at a time append their jumps in arrival order, and each
+/// jump matches only its own `-i`, so their order means nothing; a duplicate still shows,
+/// and so does a jump placed before a fixed rule (the flag).
+fn entry_shape(rules: &[String]) -> (Vec<Opts>, Vec<Opts>, bool) {
+    let all: Vec<Opts> = rules.iter().map(|r| canonical(r)).collect();
+    let is_jump = |o: &Opts| o.contains_key("-i");
+    let first_jump = all.iter().position(is_jump).unwrap_or(all.len());
+    let ordered = all[first_jump..].iter().all(is_jump);
+    let (mut jumps, fixed): (Vec<Opts>, Vec<Opts>) = all.into_iter().partition(is_jump);
+    jumps.sort();
+    (fixed, jumps, ordered)
+}
+
 fn drift(names: &Names, s: &Saved, nd_saved: &[String], nd_jump: bool) -> Vec<String> {
     let elements = elements_of(names, s, nd_saved);
     let want = render_tables(names, &elements);
@@ -416,9 +430,11 @@ fn drift(names: &Names, s: &Saved, nd_saved: &[String], nd_jump: bool) -> Vec<St
             out.push(format!("chain bridge/nat/{chain} is missing"));
             continue;
         }
-        let same = if chain.starts_with(&names.chain("P-")) || *chain == base {
+        let same = if chain.starts_with(&names.chain("P-")) {
             got.iter().map(|r| canonical(r)).collect::<Vec<_>>()
                 == rules.iter().map(|r| canonical(r)).collect::<Vec<_>>()
+        } else if *chain == base {
+            entry_shape(&got) == entry_shape(rules)
         } else {
             got.iter().map(|r| canonical(r)).collect::<BTreeSet<_>>()
                 == rules.iter().map(|r| canonical(r)).collect::<BTreeSet<_>>()
@@ -842,6 +858,51 @@ mod tests {
         assert!(!elements_of(&names(), &saved, &[])
             .iter()
             .any(|e| matches!(e, Element::BrNdTarget(_))));
+    }
+
+    /// Ports enrolled one by one append their jumps to the entry chain in arrival order,
+    /// not in the rendering's sorted order; that order means nothing (each jump matches
+    /// its own `-i`), so it is not drift. The fixed rules before them keep their order.
+    #[test]
+    fn port_jumps_in_arrival_order_are_not_drift() {
+        let mut all = bridged("veth-b", 3);
+        all.extend(bridged("veth-a", 2));
+        let nd: Vec<String> = nd_rules(&all).into_iter().collect();
+        let mut tables = render_tables(&names(), &all);
+        let entry = tables.get_mut("AMBIENT").unwrap();
+        let n = entry.len();
+        entry.swap(n - 1, n - 2);
+        assert!(entry[n - 2].contains("veth-b"), "{entry:?}");
+        assert_eq!(
+            drift(&names(), &saved_from(&tables), &nd, true),
+            Vec::<String>::new()
+        );
+        // A fixed rule moved behind the port jumps is drift.
+        let entry = tables.get_mut("AMBIENT").unwrap();
+        let vlan = entry.remove(0);
+        entry.push(vlan);
+        assert_eq!(
+            drift(&names(), &saved_from(&tables), &nd, true),
+            vec!["chain bridge/nat/AMBIENT differs from the agent's rules".to_owned()]
+        );
+        // So is a port jump moved in front of the fixed rules.
+        let mut tables = render_tables(&names(), &all);
+        let entry = tables.get_mut("AMBIENT").unwrap();
+        let jump = entry.pop().unwrap();
+        entry.insert(0, jump);
+        assert_eq!(
+            drift(&names(), &saved_from(&tables), &nd, true),
+            vec!["chain bridge/nat/AMBIENT differs from the agent's rules".to_owned()]
+        );
+        // A port jump listed twice is drift.
+        let mut tables = render_tables(&names(), &all);
+        let entry = tables.get_mut("AMBIENT").unwrap();
+        let dup = entry.last().unwrap().clone();
+        entry.push(dup);
+        assert_eq!(
+            drift(&names(), &saved_from(&tables), &nd, true),
+            vec!["chain bridge/nat/AMBIENT differs from the agent's rules".to_owned()]
+        );
     }
 
     #[test]
