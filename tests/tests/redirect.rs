@@ -469,6 +469,18 @@ fn capture_matrix(tag: &str, attach: Attach) {
 
     // CHECK through the chain verifies the redirection.
     lab.pods[client].check().unwrap();
+    // Pods enrolled one at a time left nothing for the periodic check (every 500 ms here)
+    // to call drift and repair: the rules as applied are the rules as rendered.
+    let metrics = lab.http_get("/metrics");
+    assert!(
+        metrics.contains("ambient_agent_drift_repairs_total 0"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("drift"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // Fail closed: with nothing listening on the capture ports, the ambient pod's
     // connection is refused and the destination sees nothing.
