@@ -21,6 +21,12 @@
 //! project's rows are measured, with a note. `BENCH_SECS` (5) per measurement,
 //! `BENCH_ROUNDS` (4) interleaved rounds; the table holds the median of the rounds.
 //! `BENCH_ZT_ARGS` adds flags to this project's ztunnel (experiments).
+//!
+//! `BENCH_PROFILE=1` measures what each proxy spends instead of the table: `perf stat` on
+//! each instance during a 1-stream transfer, 64 B ping-pong and HTTP keep-alive on one
+//! connection (CPU, context switches, syscalls by kind per MiB, exchange or request);
+//! `BENCH_PROFILE=record` adds a flat `perf record` profile of each instance during the
+//! transfer.
 
 mod common;
 
@@ -571,6 +577,14 @@ fn main() {
     let mut t = Topology::new();
     write_config(&t);
     t.start_servers();
+    if let Ok(mode) = std::env::var("BENCH_PROFILE") {
+        if !common::perf::available() {
+            eprintln!("BENCH_PROFILE needs perf with syscall tracepoints (linux-perf)");
+            std::process::exit(1);
+        }
+        profile(&mut t, &proxies, &istio, secs, mode == "record");
+        return;
+    }
 
     // results[p][round], direct[round]
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); proxies.len()];
@@ -596,6 +610,118 @@ fn main() {
         eprintln!("round {round} direct: {:?}", direct[round]);
     }
     print_table(&proxies, &results, &direct, rounds, secs);
+}
+
+/// One load of the profile mode: what it runs and the unit its costs are divided by.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// iperf3, 1 stream, client -> server: per MiB relayed.
+    Stream,
+    /// 20,000 64 B exchanges on one connection: per exchange.
+    PingPong,
+    /// wrk on one keep-alive connection: per request.
+    KeepAlive,
+}
+
+impl Load {
+    fn name(self) -> &'static str {
+        match self {
+            Load::Stream => "1 stream, per MiB",
+            Load::PingPong => "64 B ping-pong, per exchange",
+            Load::KeepAlive => "HTTP keep-alive 1 conn, per request",
+        }
+    }
+
+    /// Runs the load through the mesh; returns how many units it moved.
+    fn run(self, t: &Topology, secs: u32) -> f64 {
+        let mesh = |p: u16| SocketAddr::new(IpAddr::V4(S_IP), p);
+        match self {
+            Load::Stream => {
+                let gbps = iperf(&t.c, mesh(IPERF.0), 1, secs, false);
+                gbps * 1e9 / 8.0 * f64::from(secs) / 1048576.0
+            }
+            Load::PingPong => {
+                rr(&t.c, mesh(ECHO.0), 20_000);
+                20_200.0
+            }
+            Load::KeepAlive => {
+                wrk_rps(&t.c, &format!("http://{}/", mesh(HTTP.0)), 1, 1, secs) * f64::from(secs)
+            }
+        }
+    }
+}
+
+/// BENCH_PROFILE: each proxy's costs per unit of work, per instance (client side = node a
+/// or the client pod, server side), from `perf stat`; with `record`, flat profiles.
+fn profile(t: &mut Topology, proxies: &[Proxy], istio: &Path, secs: u32, record: bool) {
+    use common::perf::{parse_stat, report, Attached, Costs};
+    let loads = [Load::Stream, Load::PingPong, Load::KeepAlive];
+    // costs[proxy][load] = (client side, server side, units)
+    let mut costs = vec![Vec::new(); proxies.len()];
+    let mut profiles = Vec::new();
+    for (i, &proxy) in proxies.iter().enumerate() {
+        let pids = start(t, proxy, istio, 0);
+        std::thread::sleep(Duration::from_millis(500));
+        for load in loads {
+            let a = Attached::stat(pids.0, &t.path(&format!("stat-{i}-a")));
+            let b = Attached::stat(pids.1, &t.path(&format!("stat-{i}-b")));
+            let units = load.run(t, secs);
+            let (ca, cb) = (
+                Costs::from_stat(&parse_stat(&a.finish())),
+                Costs::from_stat(&parse_stat(&b.finish())),
+            );
+            eprintln!(
+                "{} {}: {units:.0} units, {ca:?} {cb:?}",
+                proxy.name(),
+                load.name()
+            );
+            costs[i].push((ca.per(units), cb.per(units)));
+        }
+        if record {
+            let a = Attached::record(pids.0, &t.path(&format!("perf-{i}-a.data")));
+            let b = Attached::record(pids.1, &t.path(&format!("perf-{i}-b.data")));
+            Load::Stream.run(t, secs);
+            let (pa, pb) = (a.finish(), b.finish());
+            profiles.push((proxy, report(&pa, 1.0), report(&pb, 1.0)));
+        }
+        t.uncapture();
+        t.stop(pids.0);
+        t.stop(pids.1);
+    }
+    println!("\n## What each proxy spends ({secs} s per load; client side / server side)\n");
+    let mut header = "| load | cost |".to_owned();
+    let mut rule = "|---|---|".to_owned();
+    for p in proxies {
+        header.push_str(&format!(" {} |", p.name()));
+        rule.push_str("---:|");
+    }
+    println!("{header}\n{rule}");
+    type Get = fn(&Costs) -> f64;
+    let rows: [(&str, Get); 6] = [
+        ("CPU ms", |c| c.cpu_ms),
+        ("context switches", |c| c.switches),
+        ("reads (read, readv, recvfrom, recvmsg)", |c| c.reads),
+        ("writes (write, writev, sendto, sendmsg)", |c| c.writes),
+        ("epoll waits", |c| c.polls),
+        ("futex calls", |c| c.futex),
+    ];
+    for (l, load) in loads.iter().enumerate() {
+        for (label, get) in rows {
+            let mut line = format!("| {} | {label} |", load.name());
+            for per_proxy in &costs {
+                let (a, b) = per_proxy[l];
+                line.push_str(&format!(" {:.3} / {:.3} |", get(&a), get(&b)));
+            }
+            println!("{line}");
+        }
+    }
+    for (proxy, a, b) in profiles {
+        println!(
+            "\n### {} during the 1-stream transfer: client side\n\n```\n{a}\n```\n\n### {} server side\n\n```\n{b}\n```",
+            proxy.name(),
+            proxy.name()
+        );
+    }
 }
 
 fn med(v: &[Figures], f: impl Fn(&Figures) -> f64) -> f64 {

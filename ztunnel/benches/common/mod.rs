@@ -13,6 +13,8 @@ pub use ambient_tests::ztunnel_lab as support;
 
 use support::{in_ns, ns_sh, wait_for};
 
+pub mod perf;
+
 /// Resident memory of a process, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
