@@ -11,6 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// First buffer size.
@@ -18,9 +19,9 @@ const MIN: usize = 8 * 1024;
 
 pub struct LazyBufReader<T> {
     inner: T,
-    buf: Vec<u8>,
-    pos: usize,
-    filled: usize,
+    /// Read from `inner` and not yet handed out (no capacity outside a bulk transfer).
+    buf: BytesMut,
+    /// The next buffered read's size.
     size: usize,
     max: usize,
     /// The last fill filled the buffer (bulk: keep it).
@@ -31,9 +32,7 @@ impl<T> LazyBufReader<T> {
     pub fn new(inner: T, max: usize) -> Self {
         Self {
             inner,
-            buf: Vec::new(),
-            pos: 0,
-            filled: 0,
+            buf: BytesMut::new(),
             size: MIN.min(max),
             max,
             full: false,
@@ -45,9 +44,7 @@ impl<T> LazyBufReader<T> {
     }
 
     fn release(&mut self) {
-        self.buf = Vec::new();
-        self.pos = 0;
-        self.filled = 0;
+        self.buf = BytesMut::new();
         self.full = false;
     }
 }
@@ -59,7 +56,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for LazyBufReader<T> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos == this.filled {
+        if this.buf.is_empty() {
             if !this.full {
                 // Not in a bulk transfer: read straight into the caller's buffer (an idle
                 // connection waits here holding no buffer of ours). Filling it means more is
@@ -69,30 +66,28 @@ impl<T: AsyncRead + Unpin> AsyncRead for LazyBufReader<T> {
                 this.full = out.filled().len() > before && out.remaining() == 0;
                 return Poll::Ready(Ok(()));
             }
-            if this.buf.len() < this.size {
-                this.buf = vec![0; this.size];
-            }
-            let mut rb = ReadBuf::new(&mut this.buf);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    // The burst is over: wait without the buffer.
-                    this.release();
-                    return Poll::Pending;
-                }
-                Poll::Ready(r) => r?,
-            }
-            let n = rb.filled().len();
-            this.pos = 0;
-            this.filled = n;
-            this.full = n == this.buf.len();
+            // The buffer is empty: this reuses its allocation when nothing else holds it,
+            // and the read goes into uninitialised room (no zeroing of up to `max` bytes).
+            this.buf.reserve(this.size);
+            let room = this.buf.capacity();
+            let n =
+                match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
+                    Poll::Pending => {
+                        // The burst is over: wait without the buffer.
+                        this.release();
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(r) => r?,
+                };
+            this.full = n > 0 && n == room;
             if this.full {
                 this.size = (this.size * 2).min(this.max);
             }
         }
-        let n = (this.filled - this.pos).min(out.remaining());
-        out.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
-        if this.pos == this.filled && !this.full {
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        if this.buf.is_empty() && !this.full {
             this.release();
         }
         Poll::Ready(Ok(()))
@@ -143,8 +138,9 @@ mod tests {
         let mut small = [0u8; 4096];
         let n = r.read(&mut small).await.unwrap();
         assert_eq!(&small[..n], b"hello");
-        assert!(
-            r.buf.is_empty(),
+        assert_eq!(
+            r.buf.capacity(),
+            0,
             "drained after a short fill: no buffer held"
         );
         // Bulk: 300 KiB written, read back in 4 KiB reads.
@@ -166,7 +162,11 @@ mod tests {
         }
         w.await.unwrap();
         assert_eq!(got, data);
-        assert!(r.buf.is_empty());
+        assert_eq!(
+            r.buf.capacity(),
+            0,
+            "the end of the burst gave the buffer back"
+        );
         assert!(
             r.size > MIN && r.size <= 64 * 1024,
             "grew for the bulk reads"

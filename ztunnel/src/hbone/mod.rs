@@ -29,7 +29,11 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Largest socket read buffer under TLS (rustls itself reads 4 KiB at a time); see
 /// [`LazyBufReader`].
-pub const READ_BUFFER: usize = 64 * 1024;
+pub const READ_BUFFER: usize = 256 * 1024;
+/// Most TLS records (bytes) rustls queues for the socket before a write must wait. rustls's
+/// default, 64 KiB, splits every 128 KiB relay read into two or three socket writes; with
+/// room for two reads, each read leaves in one `writev`. Only queued data uses it.
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 /// Most concurrent streams the server accepts on one connection.
 pub const SERVER_MAX_STREAMS: u32 = 1000;
 

@@ -121,6 +121,10 @@ impl Dialer for TlsDialer {
                 addr: key.dst,
                 source,
             })?;
+            let mut tls = tls;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
             Ok(Box::new(tls) as Box<dyn Io>)
         })
     }

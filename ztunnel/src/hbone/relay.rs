@@ -46,26 +46,33 @@ impl ReadBuf {
         }
     }
 
-    /// Reads what `tcp` holds without waiting (call after readiness). `None` when the
-    /// readiness was spurious. The bytes read are at the end of `self.buf`.
-    fn try_read(&mut self, tcp: &TcpStream) -> std::io::Result<Option<usize>> {
+    /// Reads what `tcp` holds (call after readiness, so an idle connection waits without a
+    /// buffer). Through `poll_read`, which clears the socket's readiness after a short read:
+    /// the receive queue is drained, and the next read waits for epoll instead of making a
+    /// `recvfrom` that only says "would block" (one syscall per request-response exchange).
+    /// Pending when the readiness was spurious; the buffer is given back then.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        tcp: &mut TcpStream,
+    ) -> Poll<std::io::Result<usize>> {
         self.buf.reserve(self.size as usize);
         let room = self.buf.capacity() - self.buf.len();
-        match tcp.try_read_buf(&mut self.buf) {
-            Ok(n) => {
+        match tokio_util::io::poll_read_buf(Pin::new(tcp), cx, &mut self.buf) {
+            Poll::Ready(Ok(n)) => {
                 self.full = n == room;
                 if self.full {
                     self.size = (self.size * 2).min(MAX_CHUNK as u32);
                 } else {
                     self.size = (self.size / 2).max(MIN_CHUNK as u32);
                 }
-                Ok(Some(n))
+                Poll::Ready(Ok(n))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Poll::Pending => {
                 self.release();
-                Ok(None)
+                Poll::Pending
             }
-            Err(e) => Err(e),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
     }
 
@@ -149,7 +156,7 @@ impl ToH2 {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        tcp: &TcpStream,
+        tcp: &mut TcpStream,
         send: &mut SendStream<Bytes>,
         count: &AtomicU64,
     ) -> Poll<std::io::Result<()>> {
@@ -157,9 +164,8 @@ impl ToH2 {
             match self.phase {
                 Phase::Read => {
                     ready!(tcp.poll_read_ready(cx))?;
-                    let n = match self.rb.try_read(tcp) {
-                        Ok(Some(n)) => n,
-                        Ok(None) => continue,
+                    let n = match ready!(self.rb.poll_fill(cx, tcp)) {
+                        Ok(n) => n,
                         // Reset by the application: an end of stream like a FIN.
                         Err(e) if ungraceful(&e) => 0,
                         Err(e) => return Poll::Ready(Err(e)),
@@ -304,7 +310,7 @@ impl H2Relay {
         up: &AtomicU64,
         down: &AtomicU64,
     ) -> Poll<std::io::Result<()>> {
-        let a = self.up.poll(cx, &self.tcp, &mut self.send, up);
+        let a = self.up.poll(cx, &mut self.tcp, &mut self.send, up);
         if let Poll::Ready(Err(e)) = a {
             return Poll::Ready(Err(e));
         }
@@ -347,7 +353,7 @@ impl CopyHalf {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        rd: &TcpStream,
+        rd: &mut TcpStream,
         wr: &mut TcpStream,
         count: &AtomicU64,
     ) -> Poll<std::io::Result<()>> {
@@ -355,9 +361,8 @@ impl CopyHalf {
             match self.phase {
                 Phase::Read => {
                     ready!(rd.poll_read_ready(cx))?;
-                    let n = match self.rb.try_read(rd) {
-                        Ok(Some(n)) => n,
-                        Ok(None) => continue,
+                    let n = match ready!(self.rb.poll_fill(cx, rd)) {
+                        Ok(n) => n,
                         Err(e) if ungraceful(&e) => 0,
                         Err(e) => return Poll::Ready(Err(e)),
                     };
@@ -428,11 +433,11 @@ impl TcpRelay {
         a_to_b: &AtomicU64,
         b_to_a: &AtomicU64,
     ) -> Poll<std::io::Result<()>> {
-        let x = self.ab.poll(cx, &self.a, &mut self.b, a_to_b);
+        let x = self.ab.poll(cx, &mut self.a, &mut self.b, a_to_b);
         if let Poll::Ready(Err(e)) = x {
             return Poll::Ready(Err(e));
         }
-        let y = self.ba.poll(cx, &self.b, &mut self.a, b_to_a);
+        let y = self.ba.poll(cx, &mut self.b, &mut self.a, b_to_a);
         join(x, y)
     }
 }

@@ -10,6 +10,7 @@
 mod ca;
 mod issuer;
 mod manager;
+mod record;
 mod tls;
 
 pub use ca::{

@@ -40,11 +40,19 @@ pub enum TlsError {
     NoPeerCertificate,
 }
 
-/// The process-wide crypto provider (ring). Every config here uses it explicitly.
+/// The process-wide crypto provider. Every config here uses it explicitly: ring for the
+/// handshake (key exchange, signatures, HKDF), AWS-LC for the AES-GCM record layer that
+/// every relayed byte goes through (see [`super::record`]).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| {
+            let ring = rustls::crypto::ring::default_provider();
+            Arc::new(CryptoProvider {
+                cipher_suites: super::record::with_aws_lc_records(&ring.cipher_suites),
+                ..ring
+            })
+        })
         .clone()
 }
 

@@ -68,7 +68,7 @@ async fn inbound_connection(
         .fetch(&w.identity(p.td()))
         .await
         .map_err(ProxyError::Certificate)?;
-    let tls = match tokio::time::timeout_at(
+    let mut tls = match tokio::time::timeout_at(
         deadline,
         tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(
             crate::hbone::LazyBufReader::new(tcp, crate::hbone::READ_BUFFER),
@@ -83,6 +83,9 @@ async fn inbound_connection(
             return Err(e);
         }
     };
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::hbone::TLS_SEND_BUFFER));
     let client_id = Arc::new(peer_identity(tls.get_ref().1).map_err(ProxyError::PeerIdentity)?);
     // Authenticated: the place goes to the next client.
     drop(slot);
