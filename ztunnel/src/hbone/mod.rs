@@ -7,13 +7,11 @@
 //! a TCP socket and a stream (or another socket) with half-close and live byte counters;
 //! `pool` is the client side: pooled, multiplexed connections per [`PoolKey`].
 
-mod bufread;
 mod pool;
 mod relay;
 
 use std::net::{IpAddr, SocketAddr};
 
-pub use bufread::LazyBufReader;
 pub use pool::{Dialer, HboneStream, Io, Lease, Pool, PoolError, PoolKey, PoolStats, TlsDialer};
 pub use relay::{relay_h2, relay_tcp, H2Relay, TcpRelay};
 
@@ -27,9 +25,6 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest DATA frame either side sends.
 pub const MAX_FRAME: u32 = 1024 * 1024;
-/// Largest socket read buffer under TLS (rustls itself reads 4 KiB at a time); see
-/// [`LazyBufReader`].
-pub const READ_BUFFER: usize = 256 * 1024;
 /// Most TLS records (bytes) rustls queues for the socket before a write must wait. rustls's
 /// default, 64 KiB, splits every 128 KiB relay read into two or three socket writes; with
 /// room for two reads, each read leaves in one `writev`. Only queued data uses it.

@@ -101,9 +101,6 @@ impl Dialer for TlsDialer {
                 .connect(key.dst)
                 .await
                 .map_err(PoolError::Dial)?;
-            // rustls reads 4 KiB per call; a buffer below it turns those into one large
-            // socket read.
-            let tcp = super::LazyBufReader::new(tcp, super::READ_BUFFER);
             let tls = tokio::time::timeout(
                 self.sockets.connect_timeout,
                 tokio_rustls::TlsConnector::from(cfg)

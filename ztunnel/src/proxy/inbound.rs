@@ -70,9 +70,7 @@ async fn inbound_connection(
         .map_err(ProxyError::Certificate)?;
     let mut tls = match tokio::time::timeout_at(
         deadline,
-        tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(
-            crate::hbone::LazyBufReader::new(tcp, crate::hbone::READ_BUFFER),
-        ),
+        tokio_rustls::TlsAcceptor::from(held.server.clone()).accept(tcp),
     )
     .await
     {
