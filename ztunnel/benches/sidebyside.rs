@@ -20,7 +20,8 @@
 //! `ISTIO_ZTUNNEL`, else /work/shared/peers/istio-ztunnel/ztunnel; without it only this
 //! project's rows are measured, with a note. `BENCH_SECS` (5) per measurement,
 //! `BENCH_ROUNDS` (4) interleaved rounds; the table holds the median of the rounds.
-//! `BENCH_ZT_ARGS` adds flags to this project's ztunnel (experiments).
+//! `BENCH_ZT_ARGS` adds flags to this project's ztunnel, `BENCH_OURS_BIN` runs another build
+//! of it (experiments: an A/B of two commits).
 //!
 //! `BENCH_PROFILE=1` measures what each proxy spends instead of the table: `perf stat` on
 //! each instance during a 1-stream transfer, 64 B ping-pong and HTTP keep-alive on one
@@ -374,6 +375,11 @@ fn write_config(t: &Topology) {
     .unwrap();
 }
 
+/// This project's ztunnel: the bench's own build, or `BENCH_OURS_BIN`.
+fn ours_binary() -> String {
+    std::env::var("BENCH_OURS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ztunnel").to_owned())
+}
+
 /// Starts `proxy` on both nodes; returns the two PIDs once both are ready.
 fn start(t: &mut Topology, proxy: Proxy, istio: &Path, round: usize) -> (u32, u32) {
     let mut pids = Vec::new();
@@ -392,8 +398,9 @@ fn start(t: &mut Topology, proxy: Proxy, istio: &Path, round: usize) -> (u32, u3
         ));
         let pid = match proxy {
             Proxy::Ours => {
+                let ours = ours_binary();
                 let args: Vec<String> = [
-                    env!("CARGO_BIN_EXE_ztunnel"),
+                    ours.as_str(),
                     "run",
                     "--node-name",
                     node,
