@@ -101,7 +101,7 @@ impl Dialer for TlsDialer {
                 .connect(key.dst)
                 .await
                 .map_err(PoolError::Dial)?;
-            let tls = tokio::time::timeout(
+            let mut tls = tokio::time::timeout(
                 self.sockets.connect_timeout,
                 tokio_rustls::TlsConnector::from(cfg)
                     .connect(ServerName::IpAddress(key.dst.ip().into()), tcp),
@@ -118,7 +118,6 @@ impl Dialer for TlsDialer {
                 addr: key.dst,
                 source,
             })?;
-            let mut tls = tls;
             tls.get_mut()
                 .1
                 .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
